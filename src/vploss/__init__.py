@@ -1,0 +1,7 @@
+import importlib.metadata
+
+from ._readout import VPLinear as VPLinear
+from ._ridge import vploss_msereg as vploss_msereg
+
+
+__version__ = importlib.metadata.version("vploss")

@@ -1,0 +1,121 @@
+"""Input validation shared by every loss (SPEC section 5).
+
+Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
+`ValueError`/`TypeError`; values only known at run time are checked with `eqx.error_if`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
+
+
+def as_float_array(name: str, value: ArrayLike) -> Array:
+    """`value` as a JAX array of a real floating dtype, or a `TypeError`."""
+    try:
+        array = jnp.asarray(value)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be an array; got {type(value).__name__}.") from e
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a real floating-point dtype (float32 or float64); got "
+            f"dtype {array.dtype}. Convert it with `.astype(jnp.float32)`."
+        )
+    return array
+
+
+def as_batch(name: str, value: ArrayLike) -> Array:
+    """A batch-first floating array with at least one sample."""
+    array = as_float_array(name, value)
+    if array.ndim == 0:
+        raise ValueError(
+            f"`{name}` must be batch-first, of shape (N, ...); got a scalar."
+        )
+    if array.shape[0] == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {array.shape}); N must be >= 1.")
+    return array
+
+
+def as_targets(name: str, value: ArrayLike, num_samples: int) -> tuple[Array, bool]:
+    """Real-valued targets of shape `(N,)` or `(N, k)` as an `(N, k)` matrix, and whether
+    they were `(N,)`."""
+    try:
+        array = jnp.asarray(value)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be an array; got {type(value).__name__}.") from e
+    if not (
+        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
+    ):
+        raise TypeError(
+            f"`{name}` must have a real dtype (floating or integer); got dtype "
+            f"{array.dtype}."
+        )
+    if array.ndim not in (1, 2):
+        raise ValueError(
+            f"`{name}` must have shape (N,) or (N, k), batch first; got shape "
+            f"{array.shape}."
+        )
+    if array.shape[0] != num_samples:
+        raise ValueError(
+            f"`x` and `{name}` must have the same batch size N along axis 0; got "
+            f"N = {num_samples} from `x` and {array.shape[0]} from `{name}` (shape "
+            f"{array.shape})."
+        )
+    if array.ndim == 1:
+        return array[:, None], True
+    if array.shape[1] == 0:
+        raise ValueError(f"`{name}` has shape {array.shape}: k must be >= 1.")
+    return array, False
+
+
+def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
+    """A regularisation weight: a real scalar, `>= 0` (or `> 0` where `positive`).
+
+    Concrete values are checked now; traced values at run time through `eqx.error_if`.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a real number; got a bool.")
+    try:
+        array = jnp.asarray(value)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be a real number; got {type(value).__name__}.") from e
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(f"`{name}` must be a real number; got dtype {array.dtype}.")
+    if array.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}.")
+    array = array.astype(jnp.result_type(float))
+    expected = "> 0" if positive else ">= 0"
+    if isinstance(array, jax.core.Tracer):
+        bad = ~(array > 0) if positive else ~(array >= 0)
+        bad = bad | ~jnp.isfinite(array)
+        return eqx.error_if(array, bad, f"`{name}` must be finite and {expected}.")
+    concrete = float(array)
+    if not (concrete > 0 if positive else concrete >= 0) or not jnp.isfinite(concrete):
+        hint = (
+            " The inner problem needs a strictly positive readout penalty to be strictly "
+            "convex (with separable data its unpenalised minimiser is at infinity)."
+            if positive
+            else ""
+        )
+        raise ValueError(f"`{name}` must be finite and {expected}; got {concrete!r}.{hint}")
+    return array
+
+
+def as_flag(name: str, value: object) -> bool:
+    """A static Python bool (it changes shapes, so it cannot be traced)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a Python bool; got {value!r}.")
+    return value
+
+
+def check_finite(value: Scalar, solution: PyTree[Array], what: str) -> Scalar:
+    """A runtime error when the loss or the fitted readout is not finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]
+    ok = jnp.isfinite(value) & jnp.all(jnp.stack(leaves))
+    return eqx.error_if(
+        value,
+        ~ok,
+        f"{what} is not finite: the features `model(x)` or the targets contain NaN or "
+        "inf (check the data and the model's parameters).",
+    )
+

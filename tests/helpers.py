@@ -1,0 +1,91 @@
+"""Shared fixtures for the tests: small models, data and derivative checks."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mlp(in_size=3, width=8, depth=2, features=6, *, dtype=jnp.float64, seed=0):
+    """A small tanh MLP feature map `in_size → width → ... → features`."""
+    model = eqx.nn.MLP(
+        in_size,
+        features,
+        width,
+        depth,
+        activation=jnp.tanh,
+        final_activation=jnp.tanh,
+        key=jax.random.PRNGKey(seed),
+    )
+    return cast(model, dtype)
+
+
+def cast(tree, dtype):
+    """Casts the floating-point array leaves of `tree` to `dtype`."""
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def random_direction(tree, seed=1):
+    """A random perturbation with the structure of the inexact leaves of `tree`."""
+    params = eqx.filter(tree, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+
+def tree_dot(a, b):
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
+    return sum(jnp.vdot(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def flatten(tree):
+    """The inexact leaves of `tree` as one float64 NumPy vector."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+
+def along(tree, direction, h):
+    """`tree + h * direction` on the inexact leaves."""
+    return eqx.apply_updates(tree, jax.tree.map(lambda d: h * d, direction))
+
+
+def directional_derivative_check(loss_fn, model, *, seed=1, h=1e-6):
+    """Central finite difference of `loss_fn` along a random direction, and the
+    directional derivative from `eqx.filter_grad`. Returns `(fd, ad)`."""
+    direction = random_direction(model, seed)
+    grad = eqx.filter_grad(loss_fn)(model)
+    ad = float(tree_dot(grad, direction))
+    fd = float((loss_fn(along(model, direction, h)) - loss_fn(along(model, direction, -h))) / (2 * h))
+    return fd, ad
+
+
+def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-2, halvings=4):
+    """`|L(θ + h v) − L(θ) − h ⟨∇L, v⟩|` for `h = h0, h0/2, ...`. For the true gradient
+    these fall as O(h²): a ratio of about 4 per halving."""
+    direction = random_direction(model, seed)
+    grad = eqx.filter_grad(loss_fn)(model)
+    slope = tree_dot(grad, direction)
+    base = loss_fn(model)
+    hs = [h0 / 2**i for i in range(halvings)]
+    return np.array([abs(float(loss_fn(along(model, direction, h)) - base - h * slope)) for h in hs])
+
+
+def ridge_reference(features, targets, alpha2, use_bias=True):
+    """The ridge readout and loss from `numpy.linalg.lstsq` on the stacked system
+    `[F̂/√N; √alpha2 I] Ŵᵀ ≈ [Y/√N; 0]` (float64). Returns `(loss, coef)`."""
+    features = np.asarray(features, np.float64)
+    targets = np.asarray(targets, np.float64)
+    if targets.ndim == 1:
+        targets = targets[:, None]
+    n = features.shape[0]
+    if use_bias:
+        features = np.concatenate([features, np.ones((n, 1))], axis=1)
+    p = features.shape[1]
+    a = np.concatenate([features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)])
+    b = np.concatenate([targets / np.sqrt(n), np.zeros((p, targets.shape[1]))])
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    loss = 0.5 * np.sum((a @ coef - b) ** 2)
+    return loss, coef
