@@ -1,5 +1,6 @@
 import importlib.metadata
 
+from ._diagnostics import InnerStats as InnerStats
 from ._readout import VPLinear as VPLinear
 from ._ridge import vploss_msereg as vploss_msereg
 

@@ -2,6 +2,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._diagnostics import InnerStats
 from ._misc import matmul
 
 
@@ -17,11 +18,14 @@ class VPLinear(eqx.Module):
     - `bias`: the offset $b$, shape `(k,)`, or `None` when fitted with `use_bias=False`.
     - `scalar_output`: whether the targets were `(N,)`, so that a prediction is a
         scalar rather than a `(1,)` vector (static).
+    - `stats`: the diagnostics of the inner solve (`vploss.InnerStats`) for losses
+        with an iterative inner solver, else `None`. They do not affect predictions.
     """
 
     weight: Float[Array, "k m"]
     bias: Float[Array, " k"] | None
     scalar_output: bool = eqx.field(static=True, default=False)
+    stats: InnerStats | None = None
 
     def __check_init__(self):
         if jnp.ndim(self.weight) != 2:
@@ -78,10 +82,25 @@ class VPLinear(eqx.Module):
 
 
 def readout_from_coefficients(
-    coef: Float[Array, "p k"], use_bias: bool, scalar_output: bool
+    coef: Float[Array, "p k"],
+    use_bias: bool,
+    scalar_output: bool,
+    stats: InnerStats | None = None,
 ) -> VPLinear:
     """Splits the stacked coefficients `[W, b]ᵀ` (rows: features, then the bias) of the
     augmented features `[F, 1]` into a `VPLinear`."""
     if use_bias:
-        return VPLinear(coef[:-1].T, coef[-1], scalar_output)
-    return VPLinear(coef.T, None, scalar_output)
+        return VPLinear(coef[:-1].T, coef[-1], scalar_output, stats)
+    return VPLinear(coef.T, None, scalar_output, stats)
+
+
+def coefficients_from_readout(readout: VPLinear, use_bias: bool) -> Float[Array, "p k"]:
+    """The inverse of `readout_from_coefficients`: `[W, b]ᵀ`, e.g. for a warm start."""
+    if use_bias != (readout.bias is not None):
+        raise ValueError(
+            f"The readout passed as a warm start has bias={readout.bias is not None}, "
+            f"but the loss was called with use_bias={use_bias}."
+        )
+    if use_bias:
+        return jnp.concatenate([readout.weight.T, readout.bias[None, :]], axis=0)
+    return readout.weight.T
