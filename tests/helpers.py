@@ -62,7 +62,7 @@ def directional_derivative_check(loss_fn, model, *, seed=1, h=1e-6):
     return fd, ad
 
 
-def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-2, halvings=4):
+def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-3, halvings=4):
     """`|L(θ + h v) − L(θ) − h ⟨∇L, v⟩|` for `h = h0, h0/2, ...`. For the true gradient
     these fall as O(h²): a ratio of about 4 per halving."""
     direction = random_direction(model, seed)

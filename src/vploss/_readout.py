@@ -55,7 +55,10 @@ class VPLinear(eqx.Module):
         return jnp.shape(self.weight)[0]
 
     def __call__(
-        self, features: Float[Array, " m"], *, key: PRNGKeyArray | None = None
+        self,
+        features: Float[Array, " m"] | Float[Array, ""],
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, " k"] | Float[Array, ""]:
         """**Arguments:**
 

@@ -2,9 +2,10 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-from jaxtyping import Array, ArrayLike, Float, Real, Scalar
+from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 
 from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite
 from ._envelope import envelope_minimise
@@ -128,9 +129,18 @@ RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
 _RIDGE_SOLVERS = ("auto", "svd", "cholesky", "dual")
 
 
-def _ridge_solver(name: str, num_samples: int, num_coefficients: int) -> eqx.Module:
+def _ridge_solver(
+    name: str, num_samples: int, num_coefficients: int, unregularised: bool
+) -> eqx.Module:
     if name == "auto":
-        name = "dual" if num_samples < num_coefficients else "cholesky"
+        if unregularised:
+            # Only the SVD tells the null space apart from rounding noise, which the
+            # minimum-norm (pseudo-inverse) readout needs.
+            name = "svd"
+        elif num_samples < num_coefficients:
+            name = "dual"
+        else:
+            name = "cholesky"
     if name == "cholesky":
         return CholeskyRidge()
     if name == "dual":
@@ -142,13 +152,13 @@ def _ridge_solver(name: str, num_samples: int, num_coefficients: int) -> eqx.Mod
 
 def vploss_msereg(
     model: Callable[..., Any],
-    x: Real[ArrayLike, "N ..."],
-    y: Real[ArrayLike, "_N *k"],
+    x: Shaped[ArrayLike, "N ..."],
+    y: Shaped[ArrayLike, "_N *k"],
     *,
-    alpha1: Real[ArrayLike, ""] = 0.0,
-    alpha2: Real[ArrayLike, ""] = DEFAULT_RIDGE_ALPHA2,
+    alpha1: ArrayLike = 0.0,
+    alpha2: ArrayLike = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
-    solver: RidgeSolverName = "auto",
+    solver: RidgeSolverName | str = "auto",
 ) -> tuple[Float[Array, ""], VPLinear]:
     r"""Variable projection loss for least squares with a ridge-penalised affine readout.
 
@@ -178,10 +188,14 @@ def vploss_msereg(
         `N < m + 1` (overparameterised features).
     - `"svd"`: the regularised SVD of the tall matrix $\hat F/\sqrt N$; with
         `alpha2 = 0`, singular values below a relative cut-off are dropped.
-    - `"auto"` (default): `"dual"` when `N < m + 1`, else `"cholesky"`.
+    - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
+        when `N < m + 1`, else `"cholesky"`.
 
-    With `alpha2 = 0` and rank-deficient features every solver returns the
-    minimum-norm (pseudo-inverse) readout, finite values and finite gradients.
+    With `alpha2 = 0` and rank-deficient features every solver gives the least-squares
+    value and finite gradients, never a NaN; `"svd"` (and so `"auto"`) and `"dual"`
+    return the minimum-norm (pseudo-inverse) readout, while `"cholesky"` returns a
+    least-squares readout whose component in the null space of $\hat F$ is set by
+    rounding (the Gram matrix cannot tell that null space from noise).
 
     **Default `alpha2 = 1e-6`.** Small enough not to bias the fit of features of order
     one (it shrinks a direction of $\hat F^\top \hat F/N$ with eigenvalue $\lambda$ by
@@ -199,7 +213,8 @@ def vploss_msereg(
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
     - `alpha2`: penalty weight on the readout, `>= 0`.
     - `use_bias`: whether the readout has a bias $b$ (a column of ones in $\hat F$).
-    - `solver`: `"auto"`, `"cholesky"`, `"dual"` or `"svd"`, as above.
+    - `solver`: `"auto"`, `"cholesky"`, `"dual"` or `"svd"`, as above. A traced
+        `alpha2` (a JAX array under `jit`) counts as non-zero for `"auto"`.
 
     **Returns:**
 
@@ -222,7 +237,8 @@ def vploss_msereg(
     features = evaluate_features(model, x)
     dtype = jnp.result_type(features.dtype, targets.dtype)
     features = augment(features.astype(dtype), use_bias)
-    inner_solver = _ridge_solver(solver, num_samples, features.shape[1])
+    unregularised = not isinstance(alpha2, jax.core.Tracer) and float(alpha2) == 0
+    inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised)
     value, coef, _ = envelope_minimise(
         ridge_objective,
         inner_solver,

@@ -1,0 +1,288 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vploss import vploss_msereg, VPLinear
+
+from .helpers import (
+    cast,
+    directional_derivative_check,
+    flatten,
+    mlp,
+    ridge_reference,
+    taylor_remainders,
+)
+
+
+SOLVERS = ["auto", "cholesky", "svd", "dual"]
+N, IN, M = 40, 3, 6
+
+
+def _data(n=N, k=None, seed=0, dtype=jnp.float64):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (n, IN), dtype)
+    shape = (n,) if k is None else (n, k)
+    y = jnp.sin(3 * x[:, :1]).reshape(n, -1)[:, :1] + 0.1 * jax.random.normal(ky, shape, dtype).reshape(n, -1)
+    return x, y.reshape(shape)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_loss_and_readout_against_lstsq(solver, k, use_bias):
+    model = mlp(IN, features=M)
+    x, y = _data(k=k)
+    alpha2 = 1e-3
+    loss, readout = vploss_msereg(model, x, y, alpha2=alpha2, use_bias=use_bias, solver=solver)
+    features = jax.vmap(model)(x)
+    ref_loss, ref_coef = ridge_reference(features, y, alpha2, use_bias)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(readout.weight, ref_coef[:M].T, rtol=1e-8, atol=1e-10)
+    if use_bias:
+        np.testing.assert_allclose(readout.bias, ref_coef[M], rtol=1e-8, atol=1e-10)
+    else:
+        assert readout.bias is None
+    # The readout predicts one sample, shaped like one row of y.
+    pred = jax.vmap(lambda xi: readout(model(xi)))(x)
+    assert pred.shape == y.shape
+    ref_pred = np.asarray(features) @ ref_coef[:M] + (ref_coef[M] if use_bias else 0.0)
+    np.testing.assert_allclose(pred, ref_pred.reshape(y.shape), rtol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_loss_equals_objective_at_readout(solver):
+    """The loss is J at the returned readout, with alpha1 over the model's leaves."""
+    model = mlp(IN, features=M)
+    x, y = _data(k=2)
+    alpha1, alpha2 = 0.3, 1e-2
+    loss, readout = vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2, solver=solver)
+    pred = jax.vmap(lambda xi: readout(model(xi)))(x)
+    theta = flatten(model)
+    expected = (
+        0.5 * np.mean(np.sum((np.asarray(pred) - np.asarray(y)) ** 2, axis=1))
+        + 0.5 * alpha2 * (np.sum(np.asarray(readout.weight) ** 2) + np.sum(np.asarray(readout.bias) ** 2))
+        + 0.5 * alpha1 * theta @ theta
+    )
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "svd", "dual"])
+def test_gradient_finite_differences_and_taylor(solver):
+    model = mlp(IN, features=M)
+    n = 4 if solver == "dual" else N  # the dual form is for N < m + 1
+    x, y = _data(n=n, k=2)
+    loss_fn = lambda m: vploss_msereg(m, x, y, alpha1=1e-2, alpha2=1e-3, solver=solver)[0]  # noqa: E731
+    fd, ad = directional_derivative_check(loss_fn, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
+    remainders = taylor_remainders(loss_fn, model)
+    ratios = remainders[:-1] / remainders[1:]
+    np.testing.assert_allclose(ratios, 4.0, rtol=0.15)
+
+
+def test_gradients_in_targets_and_alpha2_are_envelope_gradients():
+    model = mlp(IN, features=M)
+    x, y = _data(k=2)
+    alpha2 = jnp.asarray(1e-2)
+
+    def loss_fn(y, alpha2):
+        return vploss_msereg(model, x, y, alpha2=alpha2)[0]
+
+    g_y, g_alpha2 = jax.grad(loss_fn, argnums=(0, 1))(y, alpha2)
+    _, readout = vploss_msereg(model, x, y, alpha2=alpha2)
+    coef = np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]])
+    # dL/dalpha2 = ½‖Ŵ*‖², dL/dY = −(F̂Ŵ* − Y)/N.
+    np.testing.assert_allclose(g_alpha2, 0.5 * np.sum(coef**2), rtol=1e-10)
+    pred = jax.vmap(lambda xi: readout(model(xi)))(x)
+    np.testing.assert_allclose(g_y, -(pred - y) / N, rtol=1e-8, atol=1e-14)
+    h = 1e-6
+    fd = (loss_fn(y, alpha2 + h) - loss_fn(y, alpha2 - h)) / (2 * h)
+    np.testing.assert_allclose(g_alpha2, fd, rtol=1e-6)
+
+
+def test_forward_mode_matches_reverse_mode():
+    model = mlp(IN, features=M)
+    x, y = _data()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss_fn = lambda p: vploss_msereg(eqx.combine(p, static), x, y, alpha2=1e-3)[0]  # noqa: E731
+    direction = jax.tree.map(jnp.ones_like, params)
+    _, jvp = jax.jvp(loss_fn, (params,), (direction,))
+    grad = jax.grad(loss_fn)(params)
+    vjp = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(jvp, vjp, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_rank_deficient_features_give_the_pseudo_inverse(solver):
+    """Duplicated and all-zero feature columns with alpha2 = 0: the minimum-norm
+    readout, finite loss and gradients."""
+
+    def model(xi):
+        f = jnp.tanh(xi @ jnp.arange(1.0, 1.0 + 2 * IN).reshape(IN, 2))
+        return jnp.stack([f[0], f[1], f[0], jnp.zeros(()), 2 * f[1]])
+
+    n = 3 if solver == "dual" else N
+    x, y = _data(n=n)
+    loss, readout = vploss_msereg(model, x, y, alpha2=0.0, solver=solver)
+    features = np.c_[np.asarray(jax.vmap(model)(x)), np.ones(n)]
+    pinv_coef = np.linalg.pinv(features) @ np.asarray(y)
+    ref_loss = 0.5 * np.mean((features @ pinv_coef - np.asarray(y)) ** 2)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-8, atol=1e-14)
+    coef = np.r_[np.asarray(readout.weight)[0], np.asarray(readout.bias)]
+    if solver == "cholesky":
+        # A least-squares solution: the normal equations hold.
+        normal = features.T @ (features @ coef - np.asarray(y))
+        np.testing.assert_allclose(normal, 0.0, atol=1e-10)
+    else:
+        np.testing.assert_allclose(coef, pinv_coef, rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda x: vploss_msereg(model, x, y, alpha2=0.0, solver=solver)[0])(x)
+    assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_repeated_singular_values_are_finite(solver):
+    """Orthonormal features with equal singular values: no NaN in values or gradients."""
+    x = jnp.eye(8)[:, :4] * jnp.sqrt(8.0)  # F̂ᵀF̂/N has a repeated eigenvalue
+
+    def model(xi):
+        return xi
+
+    y = jnp.arange(8.0)
+    loss, _ = vploss_msereg(model, x, y, alpha2=0.0, use_bias=False, solver=solver)
+    grad = jax.grad(lambda x: vploss_msereg(model, x, y, alpha2=0.0, use_bias=False, solver=solver)[0])(x)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
+    ref_loss, _ = ridge_reference(x, y, 0.0, use_bias=False)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["auto", "cholesky", "svd"])
+def test_float32_matches_float64(solver):
+    model = mlp(IN, features=M)
+    x, y = _data(n=200, k=2)
+    grad64 = flatten(eqx.filter_grad(lambda m: vploss_msereg(m, x, y, alpha2=1e-4, solver=solver)[0])(model))
+    m32, x32, y32 = cast(model, jnp.float32), x.astype(jnp.float32), y.astype(jnp.float32)
+    loss32, readout32 = vploss_msereg(m32, x32, y32, alpha2=1e-4, solver=solver)
+    assert loss32.dtype == jnp.float32 and readout32.weight.dtype == jnp.float32
+    grad32 = flatten(eqx.filter_grad(lambda m: vploss_msereg(m, x32, y32, alpha2=1e-4, solver=solver)[0])(m32))
+    assert np.linalg.norm(grad32 - grad64) <= 1e-4 * np.linalg.norm(grad64)
+
+
+def test_dual_equals_primal_when_overparameterised():
+    model = mlp(IN, features=12)
+    x, y = _data(n=5, k=2)
+    for alpha2 in (1e-3, 0.0):
+        primal = vploss_msereg(model, x, y, alpha2=alpha2, solver="svd")
+        dual = vploss_msereg(model, x, y, alpha2=alpha2, solver="dual")
+        auto = vploss_msereg(model, x, y, alpha2=alpha2)
+        for loss, readout in (dual, auto):
+            np.testing.assert_allclose(loss, primal[0], rtol=1e-8, atol=1e-14)
+            np.testing.assert_allclose(readout.weight, primal[1].weight, rtol=1e-6, atol=1e-8)
+
+
+def test_scalar_model_output_and_numpy_inputs():
+    """A model returning a scalar counts as m = 1; NumPy inputs are accepted."""
+    x = np.linspace(-1.0, 1.0, 20)[:, None]
+    y = 3.0 * np.tanh(x[:, 0]) - 1.0
+    loss, readout = vploss_msereg(lambda xi: jnp.tanh(xi[0]), x, y, alpha2=0.0)
+    np.testing.assert_allclose(readout.weight, [[3.0]], rtol=1e-10)
+    np.testing.assert_allclose(readout.bias, [-1.0], rtol=1e-10)
+    assert float(loss) < 1e-20
+    assert readout(jnp.tanh(0.5)).shape == ()
+
+
+def test_jit_and_vmap_over_problems():
+    model = mlp(IN, features=M)
+    xs = jnp.stack([_data(seed=s)[0] for s in range(3)])
+    ys = jnp.stack([_data(seed=s)[1] for s in range(3)])
+    loss_fn = lambda x, y: vploss_msereg(model, x, y, alpha2=1e-3)  # noqa: E731
+    batched_loss, batched_readout = jax.vmap(loss_fn)(xs, ys)
+    jitted = jax.jit(loss_fn)
+    for i in range(3):
+        loss, readout = jitted(xs[i], ys[i])
+        np.testing.assert_allclose(batched_loss[i], loss, rtol=1e-10)
+        np.testing.assert_allclose(batched_readout.weight[i], readout.weight, rtol=1e-8)
+    grads = jax.vmap(jax.grad(lambda x, y: loss_fn(x, y)[0]))(xs, ys)
+    assert grads.shape == xs.shape and np.all(np.isfinite(grads))
+
+
+def test_traced_alpha2_under_filter_jit():
+    model = mlp(IN, features=M)
+    x, y = _data()
+    step = eqx.filter_jit(eqx.filter_value_and_grad(vploss_msereg, has_aux=True))
+    (loss, _), _ = step(model, x, y, alpha2=jnp.asarray(1e-3))
+    np.testing.assert_allclose(loss, vploss_msereg(model, x, y, alpha2=1e-3)[0], rtol=1e-12)
+    with pytest.raises(Exception, match="alpha2"):
+        step(model, x, y, alpha2=jnp.asarray(-1.0))
+
+
+def test_optax_training_loop_decreases_the_loss():
+    model = mlp(2, width=16, features=16, dtype=jnp.float32)
+    x = jax.random.uniform(jax.random.PRNGKey(3), (128, 2), jnp.float32, -2, 2)
+    y = jnp.sin(2 * x[:, 0]) * jnp.cos(x[:, 1])
+    optimiser = optax.adam(1e-2)
+    state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        (loss, readout), grads = eqx.filter_value_and_grad(vploss_msereg, has_aux=True)(model, x, y)
+        updates, state = optimiser.update(grads, state, model)
+        return eqx.apply_updates(model, updates), state, loss
+
+    losses = []
+    for _ in range(60):
+        model, state, loss = step(model, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"y": jnp.ones(7)}, ValueError, r"same batch size.*N = 40.*7"),
+        ({"y": jnp.ones((N, 2, 2))}, ValueError, r"shape \(N,\) or \(N, k\).*\(40, 2, 2\)"),
+        ({"x": jnp.ones((N, IN), jnp.int32)}, TypeError, r"`x` must have a real floating-point dtype.*int32"),
+        ({"x": jnp.ones((N, IN), jnp.complex64)}, TypeError, r"`x` must have a real floating-point dtype"),
+        ({"x": jnp.ones((0, IN)), "y": jnp.ones(0)}, ValueError, r"empty batch"),
+        ({"alpha2": -1.0}, ValueError, r"`alpha2` must be finite and >= 0; got -1.0"),
+        ({"alpha1": -0.5}, ValueError, r"`alpha1` must be finite and >= 0; got -0.5"),
+        ({"alpha2": jnp.ones(2)}, ValueError, r"`alpha2` must be a scalar"),
+        ({"alpha2": float("nan")}, ValueError, r"`alpha2` must be finite"),
+        ({"solver": "qr"}, ValueError, r"`solver` must be one of .*'qr'"),
+        ({"use_bias": 1}, TypeError, r"use_bias"),
+    ],
+)
+def test_bad_input_raises_clear_errors(kwargs, error, match):
+    args = {"x": _data()[0], "y": _data()[1]}
+    args.update(kwargs)
+    x, y = args.pop("x"), args.pop("y")
+    with pytest.raises(error, match=match):
+        vploss_msereg(mlp(IN, features=M), x, y, **args)
+
+
+def test_model_returning_a_matrix_is_rejected():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"shape \(m,\) or a scalar; got shape \(2, 3\)"):
+        vploss_msereg(lambda xi: jnp.ones((2, 3)), x, y)
+
+
+def test_non_finite_data_raise_at_run_time():
+    model = mlp(IN, features=M)
+    x, y = _data()
+    with pytest.raises(Exception, match="not finite"):
+        vploss_msereg(model, x.at[3, 0].set(jnp.nan), y)
+    with pytest.raises(Exception, match="not finite"):
+        eqx.filter_jit(vploss_msereg)(model, x, y.at[0].set(jnp.inf))
+
+
+def test_readout_validation():
+    # (Under the test suite's jaxtyping hook the annotations catch these first.)
+    with pytest.raises((ValueError, TypeError), match=r"weight"):
+        VPLinear(jnp.ones(3), None)
+    with pytest.raises((ValueError, TypeError), match=r"bias"):
+        VPLinear(jnp.ones((2, 3)), jnp.ones(3))
+    readout = VPLinear(jnp.ones((2, 3)), jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"features of one sample, shape \(3,\)"):
+        readout(jnp.ones(4))
+    np.testing.assert_allclose(readout(jnp.ones(3)), [3.0, 3.0])
