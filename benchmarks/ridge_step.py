@@ -10,8 +10,9 @@ jitted `value_and_grad` step of
 and prints the ratio of the median step times (VarPro / plain). It then prints the
 relative error of each solver's float32 gradient against the float64 gradient at two
 readout penalties, and the step ratios of an overparameterised problem (N = 256
-samples, m = 1024 features), where `solver="auto"` picks the dual form. The whole script runs twice, with OpenBLAS single-threaded and with
-its default threading, because LAPACK on tall matrices is very sensitive to it.
+samples, m = 1024 features), where `solver="auto"` picks the dual form. The whole
+script runs twice, with OpenBLAS single-threaded and with its default threading,
+because LAPACK on tall matrices is very sensitive to it.
 
     python benchmarks/ridge_step.py [--repeats 50] [--sizes 1024 4096 16384]
 """
@@ -152,7 +153,16 @@ def main():
         env.pop("OPENBLAS_NUM_THREADS", None)
         if threads is not None:
             env["OPENBLAS_NUM_THREADS"] = threads
-        cmd = [sys.executable, __file__, "--child", "speed", "--repeats", str(args.repeats), "--sizes", *map(str, args.sizes)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "speed",
+            "--repeats",
+            str(args.repeats),
+            "--sizes",
+            *map(str, args.sizes),
+        ]
         subprocess.run(cmd, env=env, check=True)
         print()
     subprocess.run([sys.executable, __file__, "--child", "accuracy"], check=True)

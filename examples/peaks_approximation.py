@@ -57,7 +57,9 @@ def train_plain(key, data, steps, lr, width, record):
 
     @eqx.filter_jit
     def step(params, state):
-        loss, grads = eqx.filter_value_and_grad(lambda p: 0.5 * jnp.mean((predict(p, x) - y) ** 2))(params)
+        loss, grads = eqx.filter_value_and_grad(lambda p: 0.5 * jnp.mean((predict(p, x) - y) ** 2))(
+            params
+        )
         updates, state = optimiser.update(grads, state, params)
         return eqx.apply_updates(params, updates), state
 
@@ -105,7 +107,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: small data, few steps")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."), help="folder for the figure")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("."), help="folder for the figure"
+    )
     parser.add_argument("--alpha2", type=float, default=1e-6, help="VarPro readout penalty")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -130,7 +134,8 @@ def main():
         lr = min((lr for m, lr in runs if m == method), key=lambda lr: runs[(method, lr)][1][steps])
         best[method] = (lr, *runs[(method, lr)])
 
-    print(f"\nTest relative error on peaks (N = {n_train} training points, MLP 2→{width}→{width}→{width}, Adam)")
+    network = f"MLP 2→{width}→{width}→{width}"
+    print(f"\nTest relative error on peaks (N = {n_train} training points, {network}, Adam)")
     header = f"{'steps':>7} " + " ".join(f"{f'{m} (lr={best[m][0]:g})':>22}" for m in best)
     print(header)
     for s in record:

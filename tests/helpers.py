@@ -31,7 +31,7 @@ def random_direction(tree, seed=1):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
     )
 
 
@@ -58,7 +58,9 @@ def directional_derivative_check(loss_fn, model, *, seed=1, h=1e-6):
     direction = random_direction(model, seed)
     grad = eqx.filter_grad(loss_fn)(model)
     ad = float(tree_dot(grad, direction))
-    fd = float((loss_fn(along(model, direction, h)) - loss_fn(along(model, direction, -h))) / (2 * h))
+    fd = float(
+        (loss_fn(along(model, direction, h)) - loss_fn(along(model, direction, -h))) / (2 * h)
+    )
     return fd, ad
 
 
@@ -70,7 +72,9 @@ def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-3, halvings=4):
     slope = tree_dot(grad, direction)
     base = loss_fn(model)
     hs = [h0 / 2**i for i in range(halvings)]
-    return np.array([abs(float(loss_fn(along(model, direction, h)) - base - h * slope)) for h in hs])
+    return np.array(
+        [abs(float(loss_fn(along(model, direction, h)) - base - h * slope)) for h in hs]
+    )
 
 
 def ridge_reference(features, targets, alpha2, use_bias=True):
@@ -89,3 +93,46 @@ def ridge_reference(features, targets, alpha2, use_bias=True):
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     loss = 0.5 * np.sum((a @ coef - b) ** 2)
     return loss, coef
+
+
+def logistic_reference(features, labels, alpha2, softmax=False, use_bias=True):
+    """The logistic (sigmoid, or softmax with `softmax=True`) readout and loss by a
+    dense NumPy Newton method with step halving, float64, to a gradient of 1e-14,
+    written independently of the library. `labels` are `(N, k)` probabilities (rows
+    summing to 1 for softmax). Returns `(loss, coef)`."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels, np.float64)
+    n = features.shape[0]
+    if use_bias:
+        features = np.concatenate([features, np.ones((n, 1))], axis=1)
+    p, k = features.shape[1], labels.shape[1]
+
+    def value_grad_hess(coef):
+        z = features @ coef
+        if softmax:
+            zmax = z.max(axis=1, keepdims=True)
+            lse = zmax[:, 0] + np.log(np.sum(np.exp(z - zmax), axis=1))
+            data = np.sum(lse - np.sum(labels * z, axis=1)) / n
+            s = np.exp(z - lse[:, None])
+            curvature = np.einsum("ja,ab->jab", s, np.eye(k)) - np.einsum("ja,jb->jab", s, s)
+        else:
+            data = np.sum(np.logaddexp(0, z) - labels * z) / n
+            s = 1 / (1 + np.exp(-z))
+            curvature = np.einsum("ja,ab->jab", s * (1 - s), np.eye(k))
+        value = data + 0.5 * alpha2 * np.sum(coef**2)
+        grad = features.T @ (s - labels) / n + alpha2 * coef
+        hess = np.einsum("jp,jab,jq->paqb", features, curvature, features) / n
+        hess = hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
+        return value, grad, hess
+
+    coef = np.zeros((p, k))
+    for _ in range(200):
+        value, grad, hess = value_grad_hess(coef)
+        if np.max(np.abs(grad)) <= 1e-14:
+            break
+        step = np.linalg.solve(hess, grad.ravel()).reshape(p, k)
+        t = 1.0
+        while value_grad_hess(coef - t * step)[0] > value and t > 1e-10:
+            t /= 2
+        coef = coef - t * step
+    return value_grad_hess(coef)[0], coef

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from vploss import vploss_msereg, VPLinear
+from vploss import VPLinear, vploss_msereg
 
 from .helpers import (
     cast,
@@ -25,7 +25,9 @@ def _data(n=N, k=None, seed=0, dtype=jnp.float64):
     kx, ky = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.normal(kx, (n, IN), dtype)
     shape = (n,) if k is None else (n, k)
-    y = jnp.sin(3 * x[:, :1]).reshape(n, -1)[:, :1] + 0.1 * jax.random.normal(ky, shape, dtype).reshape(n, -1)
+    y = jnp.sin(3 * x[:, :1]).reshape(n, -1)[:, :1] + 0.1 * jax.random.normal(
+        ky, shape, dtype
+    ).reshape(n, -1)
     return x, y.reshape(shape)
 
 
@@ -63,7 +65,9 @@ def test_loss_equals_objective_at_readout(solver):
     theta = flatten(model)
     expected = (
         0.5 * np.mean(np.sum((np.asarray(pred) - np.asarray(y)) ** 2, axis=1))
-        + 0.5 * alpha2 * (np.sum(np.asarray(readout.weight) ** 2) + np.sum(np.asarray(readout.bias) ** 2))
+        + 0.5
+        * alpha2
+        * (np.sum(np.asarray(readout.weight) ** 2) + np.sum(np.asarray(readout.bias) ** 2))
         + 0.5 * alpha1 * theta @ theta
     )
     np.testing.assert_allclose(float(loss), expected, rtol=1e-10)
@@ -110,7 +114,10 @@ def test_forward_mode_matches_reverse_mode():
     direction = jax.tree.map(jnp.ones_like, params)
     _, jvp = jax.jvp(loss_fn, (params,), (direction,))
     grad = jax.grad(loss_fn)(params)
-    vjp = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    vjp = sum(
+        jnp.vdot(g, d)
+        for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction), strict=True)
+    )
     np.testing.assert_allclose(jvp, vjp, rtol=1e-10)
 
 
@@ -151,7 +158,9 @@ def test_repeated_singular_values_are_finite(solver):
 
     y = jnp.arange(8.0)
     loss, _ = vploss_msereg(model, x, y, alpha2=0.0, use_bias=False, solver=solver)
-    grad = jax.grad(lambda x: vploss_msereg(model, x, y, alpha2=0.0, use_bias=False, solver=solver)[0])(x)
+    grad = jax.grad(
+        lambda x: vploss_msereg(model, x, y, alpha2=0.0, use_bias=False, solver=solver)[0]
+    )(x)
     assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
     ref_loss, _ = ridge_reference(x, y, 0.0, use_bias=False)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-10)
@@ -161,11 +170,15 @@ def test_repeated_singular_values_are_finite(solver):
 def test_float32_matches_float64(solver):
     model = mlp(IN, features=M)
     x, y = _data(n=200, k=2)
-    grad64 = flatten(eqx.filter_grad(lambda m: vploss_msereg(m, x, y, alpha2=1e-4, solver=solver)[0])(model))
+    grad64 = flatten(
+        eqx.filter_grad(lambda m: vploss_msereg(m, x, y, alpha2=1e-4, solver=solver)[0])(model)
+    )
     m32, x32, y32 = cast(model, jnp.float32), x.astype(jnp.float32), y.astype(jnp.float32)
     loss32, readout32 = vploss_msereg(m32, x32, y32, alpha2=1e-4, solver=solver)
     assert loss32.dtype == jnp.float32 and readout32.weight.dtype == jnp.float32
-    grad32 = flatten(eqx.filter_grad(lambda m: vploss_msereg(m, x32, y32, alpha2=1e-4, solver=solver)[0])(m32))
+    grad32 = flatten(
+        eqx.filter_grad(lambda m: vploss_msereg(m, x32, y32, alpha2=1e-4, solver=solver)[0])(m32)
+    )
     assert np.linalg.norm(grad32 - grad64) <= 1e-4 * np.linalg.norm(grad64)
 
 
@@ -242,8 +255,16 @@ def test_optax_training_loop_decreases_the_loss():
     [
         ({"y": jnp.ones(7)}, ValueError, r"same batch size.*N = 40.*7"),
         ({"y": jnp.ones((N, 2, 2))}, ValueError, r"shape \(N,\) or \(N, k\).*\(40, 2, 2\)"),
-        ({"x": jnp.ones((N, IN), jnp.int32)}, TypeError, r"`x` must have a real floating-point dtype.*int32"),
-        ({"x": jnp.ones((N, IN), jnp.complex64)}, TypeError, r"`x` must have a real floating-point dtype"),
+        (
+            {"x": jnp.ones((N, IN), jnp.int32)},
+            TypeError,
+            r"`x` must have a real floating-point dtype.*int32",
+        ),
+        (
+            {"x": jnp.ones((N, IN), jnp.complex64)},
+            TypeError,
+            r"`x` must have a real floating-point dtype",
+        ),
         ({"x": jnp.ones((0, IN)), "y": jnp.ones(0)}, ValueError, r"empty batch"),
         ({"alpha2": -1.0}, ValueError, r"`alpha2` must be finite and >= 0; got -1.0"),
         ({"alpha1": -0.5}, ValueError, r"`alpha1` must be finite and >= 0; got -0.5"),

@@ -28,9 +28,7 @@ def as_batch(name: str, value: ArrayLike) -> Array:
     """A batch-first floating array with at least one sample."""
     array = as_float_array(name, value)
     if array.ndim == 0:
-        raise ValueError(
-            f"`{name}` must be batch-first, of shape (N, ...); got a scalar."
-        )
+        raise ValueError(f"`{name}` must be batch-first, of shape (N, ...); got a scalar.")
     if array.shape[0] == 0:
         raise ValueError(f"`{name}` is an empty batch (shape {array.shape}); N must be >= 1.")
     return array
@@ -43,17 +41,13 @@ def as_targets(name: str, value: ArrayLike, num_samples: int) -> tuple[Array, bo
         array = jnp.asarray(value)
     except TypeError as e:
         raise TypeError(f"`{name}` must be an array; got {type(value).__name__}.") from e
-    if not (
-        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
-    ):
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(
-            f"`{name}` must have a real dtype (floating or integer); got dtype "
-            f"{array.dtype}."
+            f"`{name}` must have a real dtype (floating or integer); got dtype {array.dtype}."
         )
     if array.ndim not in (1, 2):
         raise ValueError(
-            f"`{name}` must have shape (N,) or (N, k), batch first; got shape "
-            f"{array.shape}."
+            f"`{name}` must have shape (N,) or (N, k), batch first; got shape {array.shape}."
         )
     if array.shape[0] != num_samples:
         raise ValueError(
@@ -118,4 +112,3 @@ def check_finite(value: Scalar, solution: PyTree[Array], what: str) -> Scalar:
         f"{what} is not finite: the features `model(x)` or the targets contain NaN or "
         "inf (check the data and the model's parameters).",
     )
-

@@ -28,9 +28,11 @@ def _envelope_minimise_jvp(primals, tangents, *, objective, solver):
     # factorisation inside it) are never differentiated, to any order.
     solution, stats = solver(_stop_gradient(args), _stop_gradient(init))
     value, t_value = _partial_jvp(lambda a: objective(solution, a), args, t_args)
-    # The minimiser is returned with a zero tangent: only the optimal value carries the
+    # The minimiser and the diagnostics are returned with zero tangents (a `None` per
+    # leaf, as equinox expects for a pytree): only the optimal value carries the
     # envelope derivative.
-    return (value, solution, stats), (t_value, None, None)
+    no_tangent = jtu.tree_map(lambda _: None, (solution, stats))
+    return (value, solution, stats), (t_value, *no_tangent)
 
 
 def _stop_gradient(tree):
@@ -51,7 +53,7 @@ def _partial_jvp(fn, args, t_args):
 
     def fn_of_differentiated(*diff_leaves):
         full = list(leaves)
-        for i, leaf in zip(index, diff_leaves):
+        for i, leaf in zip(index, diff_leaves, strict=True):
             full[i] = leaf
         return fn(jtu.tree_unflatten(treedef, full))
 

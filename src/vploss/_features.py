@@ -21,13 +21,11 @@ def evaluate_features(model: Callable[[Array], Array], x: Array) -> Float[Array,
         raise
     if not isinstance(features, jax.Array):
         raise TypeError(
-            "`model(x[j])` must return one array of features; got "
-            f"{type(features).__name__}."
+            f"`model(x[j])` must return one array of features; got {type(features).__name__}."
         )
     if not jnp.issubdtype(features.dtype, jnp.floating):
         raise TypeError(
-            f"`model(x[j])` must return real floating-point features; got dtype "
-            f"{features.dtype}."
+            f"`model(x[j])` must return real floating-point features; got dtype {features.dtype}."
         )
     if features.ndim == 1:
         features = features[:, None]

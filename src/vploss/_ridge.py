@@ -97,9 +97,7 @@ class DualRidge(eqx.Module):
             return (targets - matmul(features, matmul(features.T, dual))) / n - alpha2 * dual
 
         kernel = matmul(features, features.T) / n
-        dual = _refined_cholesky_solve(
-            kernel, alpha2, targets / n, residual, self.refine_steps
-        )
+        dual = _refined_cholesky_solve(kernel, alpha2, targets / n, residual, self.refine_steps)
         return matmul(features.T, dual), None
 
 
@@ -153,7 +151,7 @@ def _ridge_solver(
 def vploss_msereg(
     model: Callable[..., Any],
     x: Shaped[ArrayLike, "N ..."],
-    y: Shaped[ArrayLike, "_N *k"],
+    y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
     alpha2: ArrayLike = DEFAULT_RIDGE_ALPHA2,
