@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vploss._envelope import envelope_minimise
 
@@ -92,3 +93,10 @@ def test_warm_start_is_used():
     _, w2, warm = envelope_minimise(quartic_objective, NewtonWhileLoop(), (a, s), w)
     np.testing.assert_allclose(w2, w, rtol=1e-12)
     assert int(warm) < int(cold)
+
+
+def test_second_derivatives_raise_instead_of_being_wrong():
+    """d²L/ds² needs dw*/ds, which the envelope rule does not provide: a clear error."""
+    a = jnp.array([1.0, -2.0, 0.5])
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        jax.hessian(lambda s: reduced(a, s)[0])(jnp.asarray(0.7))

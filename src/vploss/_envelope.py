@@ -2,6 +2,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
@@ -14,6 +15,13 @@ Objective: TypeAlias = Callable[[Params, Args], Scalar]
 InnerSolver: TypeAlias = Callable[[Args, Params | None], tuple[Params, Stats]]
 
 
+_SECOND_ORDER = (
+    "vploss: a reduced loss has first derivatives only (the envelope rule). Its second "
+    "derivative needs the derivative of the fitted readout, which is not available; "
+    "differentiate it once (grad, jvp, vjp, jacfwd or jacrev), not twice."
+)
+
+
 @eqx.filter_custom_jvp
 def _envelope_minimise(args, init, *, objective, solver):
     solution, stats = solver(args, init)
@@ -24,19 +32,19 @@ def _envelope_minimise(args, init, *, objective, solver):
 def _envelope_minimise_jvp(primals, tangents, *, objective, solver):
     args, init = primals
     t_args, _ = tangents
-    # The inner solve is a function of the primal data only: its iterations (and any
-    # factorisation inside it) are never differentiated, to any order.
-    solution, stats = solver(_stop_gradient(args), _stop_gradient(init))
+    # The inner solve is never differentiated. A second derivative would need the
+    # derivative of the minimiser, which this rule does not provide: it raises rather
+    # than silently dropping that term.
+    solution, stats = solver(
+        eqxi.nondifferentiable(args, msg=_SECOND_ORDER),
+        eqxi.nondifferentiable(init, msg=_SECOND_ORDER),
+    )
     value, t_value = _partial_jvp(lambda a: objective(solution, a), args, t_args)
     # The minimiser and the diagnostics are returned with zero tangents (a `None` per
     # leaf, as equinox expects for a pytree): only the optimal value carries the
     # envelope derivative.
     no_tangent = jtu.tree_map(lambda _: None, (solution, stats))
     return (value, solution, stats), (t_value, *no_tangent)
-
-
-def _stop_gradient(tree):
-    return jtu.tree_map(lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
 def _partial_jvp(fn, args, t_args):
@@ -101,6 +109,8 @@ def envelope_minimise(
     **Returns:**
 
     `(value, w_star, stats)`: the optimal value (carrying the envelope derivative), the
-    minimiser (carrying a zero tangent) and the solver's diagnostics.
+    minimiser (carrying a zero tangent) and the solver's diagnostics. Differentiating
+    twice raises an error instead of returning a second derivative without the
+    minimiser's dependence on the data.
     """
     return _envelope_minimise(args, init, objective=objective, solver=solver)
