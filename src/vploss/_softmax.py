@@ -1,0 +1,193 @@
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
+
+from ._checks import as_batch
+from ._misc import matmul
+from ._newton import block_gram, fit_readout, hessian_operator, SolverName
+from ._readout import VPLinear
+
+
+SoftmaxArgs: TypeAlias = tuple[Float[Array, "N p"], Float[Array, "N K"], Scalar]
+
+
+def ce_objective(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Scalar:
+    r"""$J(\hat W) = \frac1N\sum_j[\operatorname{logsumexp}(z_j) - \langle y_j,
+    z_j\rangle] + \frac{\alpha_2}{2}\|\hat W\|^2$ with $Z = \hat F \hat W^\top$, `coef`
+    $=\hat W^\top$."""
+    features, labels, alpha2 = args
+    logits = matmul(features, coef)
+    log_partition = jax.nn.logsumexp(logits, axis=1)
+    data = jnp.sum(log_partition - jnp.sum(labels * logits, axis=1)) / features.shape[0]
+    return data + 0.5 * alpha2 * jnp.sum(coef**2)
+
+
+def ce_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearOperator:
+    r"""The exact Hessian $\frac1N\sum_j (\operatorname{diag}(s_j) - s_j s_j^\top)
+    \otimes \hat f_j \hat f_j^\top + \alpha_2 I$, $s_j = \operatorname{softmax}(z_j)$:
+    its block-diagonal part and its rank-N part from one matmul over samples."""
+    features, _, alpha2 = args
+    num_samples, p = features.shape
+    k = coef.shape[1]
+    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
+    diagonal, weighted = block_gram(features, probabilities)
+    outer = matmul(weighted.T, weighted).reshape(p, k, p, k) / num_samples
+    return hessian_operator(diagonal - outer, alpha2)
+
+
+def as_class_labels(
+    y: ArrayLike, num_samples: int, num_classes: int | None
+) -> tuple[Float[Array, "N K"], Bool[Array, ""], str]:
+    """Integer labels `(N,)` (with `num_classes`) or probability rows `(N, K)` as
+    probability rows, a flag that is true when a label is invalid, and the message
+    that says how to fix it."""
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+    ):
+        raise ValueError(f"`num_classes` must be a Python int >= 2; got {num_classes!r}.")
+    try:
+        labels = jnp.asarray(y)
+    except TypeError as e:
+        raise TypeError(f"`y` must be an array; got {type(y).__name__}.") from e
+    if labels.ndim not in (1, 2) or labels.shape[0] != num_samples:
+        raise ValueError(
+            f"`y` must be integer labels of shape (N,) or probabilities of shape (N, K) "
+            f"with N = {num_samples} (the batch size of `x`); got shape {labels.shape}."
+        )
+    if labels.ndim == 1:
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise TypeError(
+                f"`y` of shape (N,) must hold integer class labels; got dtype "
+                f"{labels.dtype}. Convert it with `.astype(int)`, or pass probability "
+                "rows of shape (N, K)."
+            )
+        if num_classes is None:
+            raise ValueError(
+                "`vploss_ce` with integer labels needs `num_classes` (the number of "
+                "classes K; labels are in [0, K))."
+            )
+        invalid = ~jnp.all((labels >= 0) & (labels < num_classes))
+        message = (
+            f"`vploss_ce`: integer labels `y` must be in [0, num_classes) = [0, "
+            f"{num_classes}); relabel the classes as 0, ..., K - 1 or raise "
+            "`num_classes`."
+        )
+        return jax.nn.one_hot(labels, num_classes), invalid, message
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"`y` of shape (N, K) must hold class probabilities (floating point); got "
+            f"dtype {labels.dtype}. For integer labels pass shape (N,)."
+        )
+    if labels.shape[1] < 2:
+        raise ValueError(f"`y` must have K >= 2 classes; got shape {labels.shape}.")
+    if num_classes is not None and num_classes != labels.shape[1]:
+        raise ValueError(
+            f"`num_classes` = {num_classes} does not match the {labels.shape[1]} columns "
+            "of the probability labels `y`."
+        )
+    tolerance = jnp.sqrt(jnp.finfo(labels.dtype).eps) * labels.shape[1]
+    invalid = ~(
+        jnp.all((labels >= 0) & (labels <= 1))
+        & jnp.all(jnp.abs(jnp.sum(labels, axis=1) - 1) <= tolerance)
+    )
+    message = (
+        "`vploss_ce`: probability labels `y` must have entries in [0, 1] and rows that "
+        "sum to 1; normalise them with `y / y.sum(axis=1, keepdims=True)`, or pass "
+        "integer labels with `num_classes`."
+    )
+    return labels, invalid, message
+
+
+def vploss_ce(
+    model: Callable[..., Any],
+    x: Real[ArrayLike, "N ..."],
+    y: Real[ArrayLike, " _N *K"],
+    *,
+    alpha1: Real[ArrayLike, ""] = 0.0,
+    alpha2: Real[ArrayLike, ""],
+    num_classes: int | None = None,
+    use_bias: bool = True,
+    solver: SolverName | optx.AbstractMinimiser = "auto",
+    gtol: float | None = None,
+    max_steps: int = 100,
+    throw: bool = True,
+    init: VPLinear | None = None,
+) -> tuple[Float[Array, ""], VPLinear]:
+    r"""Variable projection loss for multinomial logistic regression (softmax
+    cross-entropy) with an affine readout, K classes.
+
+    With features $F = $ `jax.vmap(model)(x)` of shape `(N, m)`, $\hat F = [F, 1]$,
+    logits $z_j = \hat W \hat f_j \in \mathbb R^K$ and label rows $y_j$ (one-hot or
+    probabilities),
+
+    $$L(\theta) = \min_{\hat W}\ \frac1N\sum_{j=1}^N
+    \big[\operatorname{logsumexp}(z_j) - \langle y_j, z_j\rangle\big]
+    + \frac{\alpha_2}{2}\|\hat W\|_F^2 + \frac{\alpha_1}{2}\|\theta\|^2,$$
+
+    the mean of `optax.softmax_cross_entropy` plus penalties. `alpha2 > 0` is required
+    (strict convexity; it also fixes the shift invariance of the logits). The inner
+    problem is solved to `gtol` and checked, and the gradient is the envelope
+    gradient, exactly as in `vploss_bce`.
+
+    **Solvers** (`solver=`): as in `vploss_bce`. The exact Hessian
+    $\frac1N\sum_j(\operatorname{diag}(s_j) - s_j s_j^\top)\otimes\hat f_j\hat
+    f_j^\top + \alpha_2 I$ has $(K(m+1))^2$ entries and costs $O(N K^2 m^2)$ per
+    step, so `"auto"` uses `"newton"` while $K(m+1) \le$ `MAX_EXACT_NEWTON_SIZE =
+    1024` and Newton-CG on Hessian-vector products ($O(N K m)$ each) beyond. (Newton-CG
+    is far cheaper per step but, in float32 with `alpha2 <= 1e-4`, was measured to stop
+    without converging; it then raises, or reports `converged=False`.) Warm
+    starts (`init`) matter most here: from the previous training step's readout one
+    or two Newton steps usually suffice.
+
+    **Arguments:**
+
+    - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
+        features, shape `(m,)` or a scalar.
+    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `y`: integer class labels of shape `(N,)` in `[0, num_classes)`, or class
+        probabilities of shape `(N, K)` whose rows sum to 1.
+    - `alpha1`: penalty weight on the model's parameters, `>= 0`.
+    - `alpha2`: penalty weight on the readout (bias included), `> 0`.
+    - `num_classes`: K; required with integer labels.
+    - `use_bias`: whether the readout has a bias $b$.
+    - `solver`, `gtol`, `max_steps`, `throw`, `init`: as in `vploss_bce`.
+
+    **Returns:**
+
+    `(loss, readout)`: the reduced loss and the fitted `VPLinear` (weight `(K, m)`),
+    whose `readout(model(x[j]))` are the K logits of sample `j`, with
+    `readout.stats` a `vploss.InnerStats`. Only the loss is differentiable.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` at trace time for wrong shapes, dtypes, label kinds or
+    hyperparameters (e.g. integer labels without `num_classes`); a runtime error
+    (`eqx.error_if`) for labels outside `[0, K)`, probability rows that are not
+    distributions, non-finite features, or (with `throw=True`) a solve that did not
+    converge.
+    """
+    x = as_batch("x", x)
+    labels, invalid, message = as_class_labels(y, x.shape[0], num_classes)
+    return fit_readout(
+        "the softmax loss `vploss_ce`",
+        ce_objective,
+        ce_hessian,
+        model,
+        x,
+        labels,
+        label_error=(invalid, message),
+        scalar_output=False,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        use_bias=use_bias,
+        solver=solver,
+        gtol=gtol,
+        max_steps=max_steps,
+        throw=throw,
+        init=init,
+    )

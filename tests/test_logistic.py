@@ -1,0 +1,192 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optimistix as optx
+import pytest
+
+from vploss import vploss_bce
+
+from .helpers import (
+    directional_derivative_check,
+    logistic_reference,
+    mlp,
+    taylor_remainders,
+)
+
+
+N = 60
+
+
+def _data(k=None, soft=False, seed=0):
+    x = jax.random.normal(jax.random.PRNGKey(seed), (N, 3))
+    shape = (N,) if k is None else (N, k)
+    score = jnp.sin(2 * x[:, :1] + x[:, 1:2]) + 0.3 * jax.random.normal(
+        jax.random.PRNGKey(seed + 1), (N, k or 1)
+    )
+    y = jax.nn.sigmoid(3 * score) if soft else (score > 0).astype(jnp.float64)
+    return x, y.reshape(shape)
+
+
+@pytest.mark.parametrize(
+    "k, soft, use_bias",
+    [(None, False, True), (None, True, True), (3, False, True), (2, True, False)],
+)
+def test_matches_numpy_newton(k, soft, use_bias):
+    model = mlp()
+    x, y = _data(k, soft)
+    loss, readout = vploss_bce(model, x, y, alpha2=1e-3, use_bias=use_bias, gtol=1e-10)
+    features = jax.vmap(model)(x)
+    labels = y[:, None] if k is None else y
+    ref_loss, ref_coef = logistic_reference(features, labels, 1e-3, use_bias=use_bias)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(
+        readout.weight, ref_coef[: features.shape[1]].T, rtol=1e-8, atol=1e-10
+    )
+    if use_bias:
+        np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+    assert readout.scalar_output == (k is None)
+    pred = jax.vmap(lambda xi: readout(model(xi)))(x)
+    assert pred.shape == y.shape
+    assert bool(readout.stats.converged)
+
+
+@pytest.mark.parametrize("solver", ["newton-cg", "bfgs", optx.BFGS(rtol=1e-10, atol=1e-10)])
+def test_other_solvers_agree(solver):
+    model = mlp()
+    x, y = _data()
+    ref, _ = vploss_bce(model, x, y, alpha2=1e-2)
+    loss, readout = vploss_bce(model, x, y, alpha2=1e-2, solver=solver, gtol=1e-7, max_steps=500)
+    np.testing.assert_allclose(loss, ref, rtol=1e-9)
+    assert bool(readout.stats.converged)
+
+
+def test_envelope_gradient_float64():
+    model = mlp()
+    x, y = _data(soft=True)
+    loss_fn = eqx.filter_jit(lambda m: vploss_bce(m, x, y, alpha2=1e-3, alpha1=1e-3)[0])
+    fd, ad = directional_derivative_check(loss_fn, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
+    remainders = taylor_remainders(loss_fn, model)
+    np.testing.assert_allclose(remainders[:-1] / remainders[1:], 4.0, rtol=0.15)
+
+
+def test_gradient_wrt_alpha2_and_labels():
+    model = mlp()
+    x, y = _data(soft=True)
+    loss_fn = jax.jit(lambda a, t: vploss_bce(model, x, t, alpha2=a)[0])
+    alpha2 = jnp.asarray(1e-2)
+    g_alpha, g_y = jax.grad(loss_fn, argnums=(0, 1))(alpha2, y)
+    _, readout = vploss_bce(model, x, y, alpha2=alpha2)
+    norm2 = jnp.sum(readout.weight**2) + jnp.sum(readout.bias**2)
+    np.testing.assert_allclose(g_alpha, 0.5 * norm2, rtol=1e-10)
+    h = 1e-6
+    fd = (loss_fn(alpha2, y.at[0].add(h)) - loss_fn(alpha2, y.at[0].add(-h))) / (2 * h)
+    np.testing.assert_allclose(g_y[0], fd, rtol=1e-6)
+
+
+def test_float32_gradient_close_to_float64():
+    x, y = _data()
+    grads = []
+    for dtype in (jnp.float64, jnp.float32):
+        model = mlp(dtype=dtype)
+        xd, yd = x.astype(dtype), y.astype(dtype)
+        g = eqx.filter_grad(lambda m, xd=xd, yd=yd: vploss_bce(m, xd, yd, alpha2=1e-2)[0])(model)
+        grads.append(jnp.concatenate([a.ravel().astype(jnp.float64) for a in jax.tree.leaves(g)]))
+    # Float32 with its default tolerance (sqrt(eps) on the inner gradient).
+    assert jnp.linalg.norm(grads[1] - grads[0]) <= 5e-3 * jnp.linalg.norm(grads[0])
+
+
+def test_separable_small_alpha2_cold_start():
+    x = jax.random.normal(jax.random.PRNGKey(3), (N, 2))
+    y = (x[:, 0] > 0).astype(jnp.float64)
+    model = lambda xi: xi
+    loss, readout = vploss_bce(model, x, y, alpha2=1e-6)
+    assert bool(readout.stats.converged)
+    assert jnp.all(jnp.isfinite(readout.weight)) and float(loss) < 1e-2
+    # The separating direction dominates.
+    assert abs(float(readout.weight[0, 0])) > 10 * abs(float(readout.weight[0, 1]))
+
+
+def test_warm_start_saves_steps():
+    model = mlp()
+    x, y = _data()
+    _, cold = vploss_bce(model, x, y, alpha2=1e-4)
+    moved = eqx.apply_updates(
+        model, jax.tree.map(lambda a: 1e-3 * a, eqx.filter(model, eqx.is_inexact_array))
+    )
+    _, warm = vploss_bce(moved, x, y, alpha2=1e-4, init=cold)
+    _, again = vploss_bce(moved, x, y, alpha2=1e-4)
+    assert int(warm.stats.num_steps) < int(again.stats.num_steps)
+    np.testing.assert_allclose(warm.weight, again.weight, rtol=1e-8, atol=1e-10)
+
+
+def test_non_convergence():
+    model = mlp()
+    x, y = _data()
+    _, readout = vploss_bce(model, x, y, alpha2=1e-4, max_steps=1, throw=False)
+    assert not bool(readout.stats.converged)
+    assert int(readout.stats.num_steps) == 1
+    with pytest.raises(Exception, match="did not converge"):
+        vploss_bce(model, x, y, alpha2=1e-4, max_steps=1)
+
+
+def test_label_and_argument_errors():
+    model = mlp()
+    x, y = _data()
+    with pytest.raises(Exception, match=r"labels `y` must be in \[0, 1\].*\(y \+ 1\) / 2"):
+        vploss_bce(model, x, 2 * y - 1, alpha2=1e-2)
+    with pytest.raises(ValueError, match="alpha2"):
+        vploss_bce(model, x, y, alpha2=0.0)
+    with pytest.raises(ValueError, match="batch size"):
+        vploss_bce(model, x, y[:-1], alpha2=1e-2)
+    with pytest.raises(TypeError, match="solver"):
+        vploss_bce(model, x, y, alpha2=1e-2, solver="gauss")
+    with pytest.raises(ValueError, match="max_steps"):
+        vploss_bce(model, x, y, alpha2=1e-2, max_steps=0)
+    with pytest.raises(ValueError, match="gtol"):
+        vploss_bce(model, x, y, alpha2=1e-2, gtol=-1.0)
+    _, readout = vploss_bce(model, x, y, alpha2=1e-2)
+    with pytest.raises(ValueError, match="use_bias"):
+        vploss_bce(model, x, y, alpha2=1e-2, init=readout, use_bias=False)
+    with pytest.raises(TypeError, match="init"):
+        vploss_bce(model, x, y, alpha2=1e-2, init=readout.weight)
+    with pytest.raises(Exception, match="alpha2"):
+        jax.jit(lambda a: vploss_bce(model, x, y, alpha2=a)[0])(jnp.asarray(-1.0))
+
+
+def test_transforms():
+    model = mlp()
+    x, y = _data()
+    loss = lambda m, x, y: vploss_bce(m, x, y, alpha2=1e-2)[0]
+    expected = loss(model, x, y)
+    np.testing.assert_allclose(eqx.filter_jit(loss)(model, x, y), expected, rtol=1e-12)
+    xs = jnp.stack([x, 2 * x])
+    ys = jnp.stack([y, 1 - y])
+    batched = jax.vmap(lambda x, y: loss(model, x, y))(xs, ys)
+    np.testing.assert_allclose(batched[0], expected, rtol=1e-10)
+    np.testing.assert_allclose(batched[1], loss(model, 2 * x, 1 - y), rtol=1e-10)
+
+
+def test_optax_loop_decreases_loss():
+    model = mlp(in_size=3, features=4)
+    x, y = _data()
+    optimiser = optax.adam(1e-2)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = optimiser.init(params)
+
+    @eqx.filter_jit
+    def step(params, state, init):
+        (loss, readout), grads = jax.value_and_grad(
+            lambda p: vploss_bce(eqx.combine(p, static), x, y, alpha2=1e-3, init=init), has_aux=True
+        )(params)
+        updates, state = optimiser.update(grads, state)
+        return eqx.apply_updates(params, updates), state, loss, readout
+
+    _, readout = vploss_bce(model, x, y, alpha2=1e-3)
+    losses = []
+    for _ in range(15):
+        params, state, loss, readout = step(params, state, readout)
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0]

@@ -1,0 +1,97 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vploss import vploss_ce
+
+from .helpers import directional_derivative_check, logistic_reference, mlp, taylor_remainders
+
+
+N, K = 60, 3
+
+
+def _data(seed=0):
+    x = jax.random.normal(jax.random.PRNGKey(seed), (N, 3))
+    y = (jnp.floor(2 * x[:, 0]) + (x[:, 1] > 0)).astype(jnp.int32) % K
+    return x, y
+
+
+@pytest.mark.parametrize("kind, alpha2", [("integer", 1e-3), ("probabilities", 1e-2)])
+def test_matches_numpy_newton(kind, alpha2):
+    model = mlp()
+    x, y = _data()
+    onehot = jax.nn.one_hot(y, K, dtype=jnp.float64)
+    if kind == "integer":
+        labels, targets = y, onehot
+        loss, readout = vploss_ce(model, x, labels, alpha2=alpha2, num_classes=K, gtol=1e-10)
+    else:
+        targets = 0.8 * onehot + 0.2 / K
+        loss, readout = vploss_ce(model, x, targets, alpha2=alpha2, gtol=1e-10)
+    features = jax.vmap(model)(x)
+    ref_loss, ref_coef = logistic_reference(features, targets, alpha2, softmax=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+    assert jax.vmap(lambda xi: readout(model(xi)))(x).shape == (N, K)
+
+
+def test_newton_cg_agrees():
+    model = mlp()
+    x, y = _data()
+    ref, _ = vploss_ce(model, x, y, alpha2=1e-2, num_classes=K)
+    loss, readout = vploss_ce(model, x, y, alpha2=1e-2, num_classes=K, solver="newton-cg")
+    np.testing.assert_allclose(loss, ref, rtol=1e-9)
+    assert bool(readout.stats.converged)
+
+
+def test_envelope_gradient_float64():
+    model = mlp()
+    x, y = _data()
+    loss_fn = eqx.filter_jit(lambda m: vploss_ce(m, x, y, alpha2=1e-3, num_classes=K)[0])
+    fd, ad = directional_derivative_check(loss_fn, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
+    remainders = taylor_remainders(loss_fn, model)
+    np.testing.assert_allclose(remainders[:-1] / remainders[1:], 4.0, rtol=0.15)
+
+
+def test_warm_start_and_non_convergence():
+    model = mlp()
+    x, y = _data()
+    _, cold = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K)
+    _, warm = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, init=cold)
+    assert int(warm.stats.num_steps) < int(cold.stats.num_steps)
+    _, readout = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, max_steps=1, throw=False)
+    assert not bool(readout.stats.converged)
+    with pytest.raises(Exception, match="did not converge"):
+        vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, max_steps=1)
+
+
+def test_label_errors():
+    model = mlp()
+    x, y = _data()
+    with pytest.raises(Exception, match=r"must be in \[0, num_classes\)"):
+        vploss_ce(model, x, y + 1, alpha2=1e-2, num_classes=K)
+    with pytest.raises(ValueError, match="num_classes"):
+        vploss_ce(model, x, y, alpha2=1e-2)
+    with pytest.raises(ValueError, match="num_classes"):
+        vploss_ce(model, x, y, alpha2=1e-2, num_classes=1)
+    with pytest.raises(TypeError, match="integer class labels"):
+        vploss_ce(model, x, y.astype(jnp.float64), alpha2=1e-2, num_classes=K)
+    probabilities = jax.nn.one_hot(y, K, dtype=jnp.float64)
+    with pytest.raises(Exception, match="sum to 1"):
+        vploss_ce(model, x, 2 * probabilities, alpha2=1e-2)
+    with pytest.raises(ValueError, match="does not match"):
+        vploss_ce(model, x, probabilities, alpha2=1e-2, num_classes=K + 1)
+    with pytest.raises(ValueError, match="alpha2"):
+        vploss_ce(model, x, y, alpha2=-1.0, num_classes=K)
+
+
+def test_jit_and_vmap():
+    model = mlp()
+    x, y = _data()
+    loss = lambda x, y: vploss_ce(model, x, y, alpha2=1e-2, num_classes=K)[0]
+    batched = jax.jit(jax.vmap(loss))(jnp.stack([x, -x]), jnp.stack([y, y]))
+    np.testing.assert_allclose(batched[0], loss(x, y), rtol=1e-10)
+    np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
