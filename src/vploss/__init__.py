@@ -1,8 +1,17 @@
 import importlib.metadata
 
+from ._barrier import (
+    barrier_minimise as barrier_minimise,
+    BarrierStats as BarrierStats,
+    LogBarrier as LogBarrier,
+)
+from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
 from ._diagnostics import InnerStats as InnerStats
+from ._icnn import ICNN as ICNN
+from ._logistic import vploss_bce as vploss_bce
 from ._readout import VPLinear as VPLinear
 from ._ridge import vploss_msereg as vploss_msereg
+from ._softmax import vploss_ce as vploss_ce
 
 
 __version__ = importlib.metadata.version("vploss")

@@ -1,0 +1,143 @@
+"""The log-barrier solver on problems with known answers."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+import vploss
+
+
+def least_squares(w, args):
+    a, b = args
+    return 0.5 * jnp.sum((a @ w - b) ** 2)
+
+
+def shifted_least_squares(params, args):
+    """Least squares with an unconstrained offset: `‖A w + s − b‖²/2`."""
+    w, shift = params
+    a, b = args
+    return 0.5 * jnp.sum((a @ w + shift - b) ** 2)
+
+
+def bounded_above(w, args):
+    """`(w − 2)² − log(1 − w)`: its domain `w < 1` is known only to the objective."""
+    (target,) = args
+    value = jnp.sum((w - target) ** 2 - jnp.log1p(-w))
+    return jnp.where(jnp.all(w < 1), value, jnp.inf)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(20, 8)), rng.normal(size=20)
+
+
+SOLVER = vploss.LogBarrier(gap_tol=1e-12)
+solve = eqx.filter_jit(vploss.barrier_minimise)
+
+
+def test_nonnegative_least_squares_matches_scipy(problem):
+    a, b = problem
+    value, w, stats = solve(least_squares, (a, b), jnp.ones(8), constrained=True, solver=SOLVER)
+    reference, residual = scipy.optimize.nnls(a, b)
+    assert bool(stats.converged)
+    assert float(stats.duality_gap) <= 1e-12
+    # Some constraints are active, so the test exercises the barrier.
+    assert np.sum(reference == 0) >= 2
+    np.testing.assert_allclose(w, reference, atol=1e-9)
+    assert 0 <= float(value) - 0.5 * residual**2 <= float(stats.duality_gap) + 1e-12
+    # KKT at the barrier point: feasibility and w_i ∂J/∂w_i = 1/t, up to the centering
+    # tolerance.
+    t = 8 / float(stats.duality_gap)
+    gradient = a.T @ (a @ np.asarray(w) - b)
+    assert np.all(np.asarray(w) > 0)
+    np.testing.assert_allclose(t * np.asarray(w) * gradient, 1, rtol=1e-2)
+
+
+def test_envelope_gradient_in_the_data(problem):
+    a, b = problem
+
+    def value(b):
+        return solve(least_squares, (a, b), jnp.ones(8), constrained=True, solver=SOLVER)[0]
+
+    reference, _ = scipy.optimize.nnls(a, b)
+    grad = jax.grad(value)(jnp.asarray(b))
+    np.testing.assert_allclose(grad, b - a @ reference, atol=1e-9)
+
+
+def test_mask_leaves_free_entries_unconstrained(problem):
+    a, b = problem
+    b = b - 3.0  # the free offset must go negative
+    _, (w, shift), stats = solve(
+        shifted_least_squares,
+        (a, b),
+        (jnp.ones(8), jnp.zeros(())),
+        constrained=(True, False),
+        solver=SOLVER,
+    )
+    design = np.concatenate([a, np.ones((20, 1))], axis=1)
+    lower = np.concatenate([np.zeros(8), [-np.inf]])
+    reference = scipy.optimize.lsq_linear(design, b, bounds=(lower, np.inf), tol=1e-14).x
+    assert bool(stats.converged)
+    assert float(shift) < 0
+    np.testing.assert_allclose(np.append(w, shift), reference, atol=1e-7)
+
+
+def test_domain_of_the_objective_is_respected():
+    # min (w − 2)² − log(1 − w) over w ≥ 0: 2w² − 6w + 3 = 0 on [0, 1).
+    value, w, stats = solve(bounded_above, (jnp.array(2.0),), jnp.array([0.5]), constrained=True)
+    assert bool(stats.converged)
+    np.testing.assert_allclose(w, [(3 - np.sqrt(3)) / 2], atol=1e-7)
+
+
+def test_unconstrained_problem_is_one_newton_solve(problem):
+    a, b = problem
+    _, w, stats = solve(least_squares, (a, b), jnp.zeros(8), constrained=False)
+    assert bool(stats.converged) and float(stats.duality_gap) == 0
+    np.testing.assert_allclose(w, np.linalg.lstsq(a, b, rcond=None)[0], atol=1e-10)
+
+
+def test_vmap_over_problems(problem):
+    a, b = problem
+    bs = jnp.stack([b, -b, b + 1])
+    batched = jax.vmap(
+        lambda b: vploss.barrier_minimise(
+            least_squares, (a, b), jnp.ones(8), constrained=True, solver=SOLVER
+        )
+    )
+    _, ws, stats = jax.jit(batched)(bs)
+    assert np.all(stats.converged)
+    for w, bj in zip(ws, bs, strict=True):
+        np.testing.assert_allclose(w, scipy.optimize.nnls(a, np.asarray(bj))[0], atol=1e-9)
+
+
+def test_non_convergence_is_reported(problem):
+    a, b = problem
+    _, _, stats = solve(
+        least_squares,
+        (a, b),
+        jnp.ones(8),
+        constrained=True,
+        solver=vploss.LogBarrier(max_steps=3),
+    )
+    assert not bool(stats.converged) and int(stats.num_steps) == 3
+
+
+def test_infeasible_start_is_reported(problem):
+    a, b = problem
+    _, _, stats = solve(least_squares, (a, b), -jnp.ones(8), constrained=True)
+    assert not bool(stats.converged)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="weight_factor"):
+        vploss.LogBarrier(weight_factor=1.0)
+    with pytest.raises(ValueError, match="initial_weight"):
+        vploss.LogBarrier(initial_weight=0.0)
+    with pytest.raises(TypeError, match="constrained"):
+        vploss.barrier_minimise(
+            least_squares, (jnp.eye(2), jnp.ones(2)), jnp.ones(2), constrained=1
+        )
