@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
 from ._checks import as_alpha, as_batch, as_flag, check_finite
 from ._diagnostics import check_converged
-from ._features import parameter_penalty
+from ._features import feature_map, parameter_penalty
 from ._misc import matmul
 
 
@@ -67,29 +67,6 @@ def _feature_derivatives(
         return jnp.moveaxis(jac, 0, -1), jnp.moveaxis(hessian, 0, -1)
 
     return jax.vmap(one_sample)(x)
-
-
-def _check_model(model: Any, x: Array) -> Callable[[Array], Array]:
-    """The model as a map `(n,) → (m,)`, with its output checked at trace time."""
-    if not callable(model):
-        raise TypeError(
-            f"`model` must be callable on one sample, `model(x[j])`; got {type(model).__name__}."
-        )
-    out = jax.eval_shape(model, x[0])
-    if not isinstance(out, jax.ShapeDtypeStruct):
-        raise TypeError(
-            f"`model(x[j])` must return one array of features; got {type(out).__name__}."
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(
-            f"`model(x[j])` must return real floating-point features; got dtype {out.dtype}."
-        )
-    if out.ndim > 1 or out.size == 0:
-        raise ValueError(
-            "`model(x[j])` must return the features of one sample, shape (m,) with "
-            f"m >= 1 (e.g. a `vploss.ICNN`); got shape {out.shape} per sample."
-        )
-    return lambda v: jnp.reshape(model(v), (-1,))
 
 
 def _convexity_violation(hessians: Float[Array, "N n n m"]) -> Array:
@@ -325,7 +302,7 @@ def vploss_cpflow(
     solver = LogBarrier() if solver is None else solver
     if not isinstance(solver, LogBarrier):
         raise TypeError(f"`solver` must be a vploss.LogBarrier; got {solver!r}.")
-    features = _check_model(model, x)
+    features = feature_map(model, x)
     jacobians, hessians = _feature_derivatives(features, x)
     dtype = jnp.result_type(jacobians.dtype, x.dtype)
     n, m = jacobians.shape[1:]

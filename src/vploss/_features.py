@@ -7,36 +7,35 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 
-def evaluate_features(model: Callable[[Array], Array], x: Array) -> Float[Array, "N m"]:
-    """`F = jax.vmap(model)(x)`, checked to be one real feature vector per sample."""
-    try:
-        features = jax.vmap(model)(x)
-    except TypeError as e:
-        # Report a model that is not callable on one sample in terms of the convention.
-        if not callable(model):
-            raise TypeError(
-                f"`model` must be callable on one sample, `model(x[j])`; got "
-                f"{type(model).__name__}."
-            ) from e
-        raise
-    if not isinstance(features, jax.Array):
+def feature_map(model: Callable[[Array], Array], x: Array) -> Callable[[Array], Array]:
+    """`model` as a map from one sample to its feature vector, shape `(m,)` (a scalar
+    output counts as `m = 1`), with its output checked at trace time on `x[0]`."""
+    if not callable(model):
         raise TypeError(
-            f"`model(x[j])` must return one array of features; got {type(features).__name__}."
+            f"`model` must be callable on one sample, `model(x[j])`; got {type(model).__name__}."
         )
-    if not jnp.issubdtype(features.dtype, jnp.floating):
+    out = jax.eval_shape(model, x[0])
+    if not isinstance(out, jax.ShapeDtypeStruct):
         raise TypeError(
-            f"`model(x[j])` must return real floating-point features; got dtype {features.dtype}."
+            f"`model(x[j])` must return one array of features; got {type(out).__name__}."
         )
-    if features.ndim == 1:
-        features = features[:, None]
-    elif features.ndim != 2:
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"`model(x[j])` must return real floating-point features; got dtype {out.dtype}."
+        )
+    if out.ndim > 1:
         raise ValueError(
             "`model(x[j])` must return the features of one sample, shape (m,) or a "
-            f"scalar; got shape {features.shape[1:]} per sample."
+            f"scalar; got shape {out.shape} per sample."
         )
-    if features.shape[1] == 0:
+    if out.size == 0:
         raise ValueError("`model(x[j])` returned no features (m = 0).")
-    return features
+    return lambda sample: jnp.reshape(model(sample), (-1,))
+
+
+def evaluate_features(model: Callable[[Array], Array], x: Array) -> Float[Array, "N m"]:
+    """`F = jax.vmap(model)(x)`, checked to be one real feature vector per sample."""
+    return jax.vmap(feature_map(model, x))(x)
 
 
 def augment(features: Float[Array, "N m"], use_bias: bool) -> Float[Array, "N p"]:
