@@ -9,7 +9,7 @@ import pytest
 import scipy.optimize
 
 import vploss
-from vploss._cpflow import cpflow_objective
+from vploss._cpflow import _cholesky_diagonal, cpflow_objective
 
 from .helpers import directional_derivative_check, taylor_remainders
 
@@ -204,3 +204,14 @@ def test_non_convex_model_is_detected(data):
 def test_non_finite_data(model, data):
     with pytest.raises(Exception, match="not finite"):
         loss_and_flow(model, data.at[3, 1].set(jnp.nan), solver=SOLVER)
+
+
+def test_cholesky_diagonal_matches_lapack_and_flags_indefinite():
+    for n in (1, 2, 4):
+        a = jax.random.normal(jax.random.PRNGKey(n), (5, n, n))
+        spd = a @ jnp.swapaxes(a, -1, -2) + 0.1 * jnp.eye(n)
+        expected = jnp.diagonal(jnp.linalg.cholesky(spd), axis1=-2, axis2=-1)
+        np.testing.assert_allclose(_cholesky_diagonal(spd), expected, rtol=1e-12)
+    indefinite = jnp.array([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
+    diagonal = np.asarray(_cholesky_diagonal(indefinite))
+    assert np.isnan(diagonal[0, 1]) and np.all(np.isfinite(diagonal[1]))

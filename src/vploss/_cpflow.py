@@ -29,14 +29,37 @@ _CONSTRAINED = (True, True, False)
 _WARM_START_MIX = 0.05
 
 
+def _cholesky_diagonal(matrices: Float[Array, "*batch n n"]) -> Float[Array, "*batch n"]:
+    """The diagonal of the Cholesky factor of each symmetric matrix in a batch, NaN
+    from the first non-positive pivot on (not positive definite).
+
+    A column-by-column factorisation in array operations over the batch rather than
+    `jnp.linalg.cholesky`: inside the barrier's `while_loop` under differentiation,
+    LAPACK's batched Cholesky deadlocked the XLA CPU runtime at random (measured: 1 run
+    in 3 never returned at N = 768), and for the small n of a flow this is also ~4x
+    faster. Cost O(N n³) elementwise operations.
+    """
+    n = matrices.shape[-1]
+    rows = jnp.arange(n)
+    factor = jnp.zeros_like(matrices)
+    for j in range(n):
+        # Column j of L: (A[:, j] − L[:, :j] L[j, :j]ᵀ) / L[j, j]; the entries of L at
+        # and right of column j are still zero, so full-width products are exact.
+        column = matrices[..., :, j] - jnp.sum(factor * factor[..., j : j + 1, :], axis=-1)
+        pivot = jnp.sqrt(column[..., j])  # NaN for a non-positive pivot
+        column = jnp.where(rows > j, column / pivot[..., None], 0.0)
+        column = column.at[..., j].set(pivot)
+        factor = factor.at[..., :, j].set(column)
+    return jnp.diagonal(factor, axis1=-2, axis2=-1)
+
+
 def _negative_log_likelihood(
     transport: Float[Array, "*batch n"], hessian: Float[Array, "*batch n n"]
 ) -> Float[Array, " *batch"]:
     r"""$\ell = \frac12\|\nabla\Phi\|^2 - \log\det\nabla^2\Phi + \frac n2 \log 2\pi$,
     `+inf` where the Hessian is not positive definite (its Cholesky factor is NaN)."""
     n = transport.shape[-1]
-    factor = jnp.linalg.cholesky(hessian)
-    log_det = 2 * jnp.sum(jnp.log(jnp.diagonal(factor, axis1=-2, axis2=-1)), axis=-1)
+    log_det = 2 * jnp.sum(jnp.log(_cholesky_diagonal(hessian)), axis=-1)
     value = 0.5 * jnp.sum(transport**2, axis=-1) - log_det + 0.5 * n * math.log(2 * math.pi)
     return jnp.where(jnp.isnan(value), jnp.inf, value)
 
