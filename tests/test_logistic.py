@@ -62,6 +62,26 @@ def test_other_solvers_agree(solver):
     assert bool(readout.stats.converged)
 
 
+def test_newton_cg_multi_output_matches_numpy_newton():
+    model = mlp()
+    x, y = _data(k=3, soft=True)
+    loss, readout = vploss_bce(model, x, y, alpha2=1e-3, solver="newton-cg", gtol=1e-10)
+    ref_loss, ref_coef = logistic_reference(jax.vmap(model)(x), y, 1e-3)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+
+
+def test_newton_cg_float32_small_alpha2():
+    model = mlp(in_size=2, width=16, features=12, dtype=jnp.float32)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (512, 2), jnp.float32, minval=-2, maxval=2)
+    radius = jnp.sum(x**2, axis=1, keepdims=True)
+    y = (radius < jnp.asarray([[0.5, 1.0, 2.0]])).astype(jnp.float32)
+    for alpha2 in (1e-4, 1e-6):
+        _, readout = vploss_bce(model, x, y, alpha2=alpha2, solver="newton-cg", throw=False)
+        assert bool(readout.stats.converged), (alpha2, readout.stats)
+
+
 def test_envelope_gradient_float64():
     model = mlp()
     x, y = _data(soft=True)

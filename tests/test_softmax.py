@@ -37,13 +37,42 @@ def test_matches_numpy_newton(kind, alpha2):
     assert jax.vmap(lambda xi: readout(model(xi)))(x).shape == (N, K)
 
 
-def test_newton_cg_agrees():
+@pytest.mark.parametrize("alpha2", [1e-3, 1e-5])
+def test_newton_cg_matches_numpy_newton(alpha2):
     model = mlp()
     x, y = _data()
-    ref, _ = vploss_ce(model, x, y, alpha2=1e-2, num_classes=K)
-    loss, readout = vploss_ce(model, x, y, alpha2=1e-2, num_classes=K, solver="newton-cg")
-    np.testing.assert_allclose(loss, ref, rtol=1e-9)
+    loss, readout = vploss_ce(
+        model, x, y, alpha2=alpha2, num_classes=K, solver="newton-cg", gtol=1e-10
+    )
+    targets = jax.nn.one_hot(y, K, dtype=jnp.float64)
+    ref_loss, ref_coef = logistic_reference(jax.vmap(model)(x), targets, alpha2, softmax=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
     assert bool(readout.stats.converged)
+
+
+@pytest.mark.parametrize("alpha2", [1e-2, 1e-4, 1e-6])
+def test_newton_cg_float32_converges(alpha2):
+    # Nearly separable classes: at small alpha2 the readout is large and the Hessian
+    # ill-conditioned, where unpreconditioned float32 CG broke down.
+    model = mlp(in_size=2, width=16, features=12, dtype=jnp.float32)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (512, 2), jnp.float32, minval=-2, maxval=2)
+    angle = jnp.floor((jnp.arctan2(x[:, 1], x[:, 0]) / jnp.pi + 1) * 2)
+    y = angle.astype(jnp.int32) % 4
+    solve = eqx.filter_jit(
+        lambda m, init: vploss_ce(
+            m, x, y, alpha2=alpha2, num_classes=4, solver="newton-cg", init=init, throw=False
+        )
+    )
+    _, cold = solve(model, None)
+    assert cold.weight.dtype == jnp.float32
+    assert bool(cold.stats.converged), cold.stats
+    moved = eqx.apply_updates(
+        model, jax.tree.map(lambda a: 1e-3 * a, eqx.filter(model, eqx.is_inexact_array))
+    )
+    _, warm = solve(moved, cold)
+    assert bool(warm.stats.converged), warm.stats
 
 
 def test_envelope_gradient_float64():

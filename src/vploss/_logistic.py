@@ -3,13 +3,21 @@ from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Real, Scalar
 
 from ._checks import as_batch, as_targets
 from ._misc import matmul
-from ._newton import block_gram, fit_readout, hessian_operator, SolverName
+from ._newton import (
+    block_gram,
+    Curvature,
+    fit_readout,
+    glm_hessian_product,
+    hessian_operator,
+    SolverName,
+)
 from ._readout import VPLinear
 
 
@@ -31,9 +39,29 @@ def bce_hessian(coef: Float[Array, "p k"], args: LogisticArgs) -> lx.PyTreeLinea
     (block diagonal over outputs), $D_c = \operatorname{diag}(\sigma(z_c)(1 -
     \sigma(z_c)))$."""
     features, _, alpha2 = args
-    probabilities = jax.nn.sigmoid(matmul(features, coef))
-    gram, _ = block_gram(features, probabilities * (1 - probabilities))
+    gram, _ = block_gram(features, _sigmoid_curvature(coef, features))
     return hessian_operator(gram, alpha2)
+
+
+def _sigmoid_curvature(coef, features):
+    probabilities = jax.nn.sigmoid(matmul(features, coef))
+    return probabilities * (1 - probabilities)
+
+
+def bce_hessian_product(coef: Float[Array, "p k"], args: LogisticArgs) -> lx.FunctionLinearOperator:
+    r"""The same Hessian as products $\hat F^\top(D \odot \hat F V)/N + \alpha_2
+    V$, $D_{jc} = \sigma(z_{jc})(1 - \sigma(z_{jc}))$."""
+    features, _, alpha2 = args
+    curvature = jtu.Partial(jnp.multiply, _sigmoid_curvature(coef, features))
+    return glm_hessian_product(features, alpha2, curvature, coef)
+
+
+def bce_mean_curvature(coef: Float[Array, "p k"], args: LogisticArgs) -> Float[Array, "k k"]:
+    r"""$\operatorname{diag}(\frac1N\sum_j D_j)$ (the outputs are independent)."""
+    return jnp.diag(jnp.mean(_sigmoid_curvature(coef, args[0]), axis=0))
+
+
+_BCE_CURVATURE = Curvature(bce_hessian, bce_hessian_product, bce_mean_curvature)
 
 
 def as_binary_labels(y: ArrayLike, num_samples: int) -> tuple[Array, bool, Scalar]:
@@ -82,9 +110,14 @@ def vploss_bce(
         Hessian $\hat F^\top D_c \hat F/N + \alpha_2 I$ (one matmul per accepted
         step), solved by `lineax.Cholesky`. Quadratic convergence: about 5-12 steps
         from a cold start, 1-3 from a warm start.
-    - `"newton-cg"`: the same with the Newton step from `lineax.CG` on
-        Hessian-vector products (the Hessian is never formed). In float32 lineax's CG
-        may break down for `alpha2` below about 1e-3.
+    - `"newton-cg"`: truncated Newton: the same line search with the Newton step from
+        `lineax.CG` on closed-form Hessian-vector products (two matmuls over samples,
+        $O(N(m+1)k)$ each; the Hessian is never formed): at most
+        5 CG iterations per step (20 for `gtol < 1e-5`), stopped at the relative
+        residual `min(0.5, max(sqrt(|g|), gtol/(2|g|)))`, preconditioned by
+        $(\bar A \otimes \hat F^\top\hat F/N + \alpha_2 I)^{-1}$ with $\bar A$
+        the mean curvature in the logits (one Gram matrix per call). Converges in
+        float32 down to `alpha2 = 1e-6`, in more steps than `"newton"`, each cheaper.
     - `"bfgs"`, `"lbfgs"`: `optimistix.BFGS` / `optimistix.LBFGS`. Their Armijo line
         search cannot resolve the objective's last digits, so they often stall above
         the default `gtol`: pass a larger `gtol`.
@@ -92,7 +125,7 @@ def vploss_bce(
         as it is, with its own stopping rule; it counts as converged when it reports
         success and the gradient is below `gtol`.
     - `"auto"` (default): `"newton"` while the readout has at most
-        `MAX_EXACT_NEWTON_SIZE = 1024` coefficients $(m+1)k$, else `"newton-cg"`.
+        `MAX_EXACT_NEWTON_SIZE = 256` coefficients $(m+1)k$, else `"newton-cg"`.
 
     **Arguments:**
 
@@ -132,7 +165,7 @@ def vploss_bce(
     return fit_readout(
         "the logistic loss `vploss_bce`",
         bce_objective,
-        bce_hessian,
+        _BCE_CURVATURE,
         model,
         x,
         labels,

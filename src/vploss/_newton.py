@@ -1,6 +1,7 @@
 """The inner solver of the logistic and softmax losses: optimistix minimisers that stop
-on the gradient norm of the inner objective, and a damped Newton method on its exact
-Hessian."""
+on the gradient norm of the inner objective, a damped Newton method on its exact
+Hessian, and a truncated Newton method with preconditioned CG on Hessian-vector
+products."""
 
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, PyTree, Scalar
+from jaxtyping import Array, Bool, Float, PyTree, Real, Scalar
 
 from ._checks import as_alpha, as_flag, check_finite
 from ._diagnostics import check_converged, InnerStats
@@ -26,11 +27,41 @@ SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
 _SOLVER_NAMES = ("auto", "newton", "newton-cg", "bfgs", "lbfgs")
 
 #: `solver="auto"` uses the exact Newton method while the readout has at most this
-#: many coefficients `p·k`, and Newton–CG beyond (see `select_minimiser`). Newton–CG
-#: is much cheaper per step, but in float32 at small `alpha2` it was measured to stop
-#: after one step without converging (K = 10, m = 64, alpha2 <= 1e-4), so the exact
-#: method is kept up to this size, where its `(p·k)²` Hessian still fits easily.
-MAX_EXACT_NEWTON_SIZE = 1024
+#: many coefficients `p·k`, and Newton–CG beyond (see `select_minimiser`). Measured
+#: (float32, N = 4096, jitted `value_and_grad` step, alpha2 = 1e-4 and 1e-6): exact
+#: Newton is faster up to about 200 coefficients (1.5-2x at 33 and 99), even at 195,
+#: and slower from 325 on (1.7x at alpha2 = 1e-4, even at 1e-6; 4-5x at 650).
+MAX_EXACT_NEWTON_SIZE = 256
+
+
+def newton_cg_max_steps(gtol: float) -> int:
+    """The CG iterations per Newton–CG step at most (truncated Newton: the line search
+    accepts any CG iterate, each a descent direction): 5 for tolerances like float32's
+    default (3.5e-4), 20 below 1e-5 (float64's default 1.5e-8).
+
+    Measured in float32 (K = 10, m = 64, N = 4096, after 300 Adam steps; caps 5, 7,
+    10, 14): 5 gave the fastest warm-started steps (the training loop's case; 2.0x and
+    2.8x a plain softmax head at alpha2 = 1e-4 and 1e-6, against 2.6x and 3.7x with
+    10), for more Newton steps from a cold start (14 against 6 at 1e-4). In float64 at
+    alpha2 = 1e-6 (K = 4, separable), caps 5, 10, 20 took 187, 59, 16 Newton steps."""
+    return 5 if gtol >= 1e-5 else 20
+
+
+class Curvature(eqx.Module):
+    """The second-order information of a generalised linear model's inner objective,
+    each a function of `(coef, args)` with `args = (features (N, p), labels (N, k),
+    alpha2)`:
+
+    - `hessian`: the exact Hessian as a matrix operator (`"newton"`);
+    - `hessian_product`: the Hessian as Hessian-vector products, never formed
+        (`"newton-cg"`);
+    - `mean_curvature`: the `(k, k)` mean over samples of the per-sample curvature of
+        the loss in the logits (the Kronecker preconditioner's output factor).
+    """
+
+    hessian: Hessian
+    hessian_product: Hessian
+    mean_curvature: Callable[[Float[Array, "p k"], Args], Float[Array, "k k"]]
 
 
 def default_gtol(dtype: Any) -> float:
@@ -53,7 +84,7 @@ class DampedNewton(optx.AbstractQuasiNewton):
     """
 
     hessian: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
-    descent: optx.NewtonDescent
+    descent: optx.AbstractDescent
     search: optx.BacktrackingArmijo = optx.BacktrackingArmijo()
     rtol: float = 0.0
     atol: float = 0.0
@@ -130,18 +161,6 @@ class _AtData(eqx.Module):
         return self.hessian(coef, self.args)
 
 
-def autodiff_hessian(objective: Objective) -> Hessian:
-    """The Hessian of `objective` in `coef` as an operator of Hessian-vector products
-    (forward over reverse mode; the linearisation is computed once per iterate)."""
-    return jtu.Partial(_autodiff_hessian, objective)
-
-
-def _autodiff_hessian(objective, coef, args):
-    gradient = lambda c, a: jax.grad(objective)(c, a)
-    jacobian = lx.JacobianLinearOperator(gradient, coef, args, tags=lx.positive_semidefinite_tag)
-    return lx.linearise(jacobian)
-
-
 def block_gram(
     features: Float[Array, "N p"], weights: Float[Array, "N k"]
 ) -> tuple[Float[Array, "p k p k"], Float[Array, "N pk"]]:
@@ -165,6 +184,26 @@ def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTr
         jax.ShapeDtypeStruct((p, k), matrix.dtype),
         lx.positive_semidefinite_tag,
     )
+
+
+def glm_hessian_product(
+    features: Float[Array, "N p"],
+    alpha2: Scalar,
+    logit_curvature: Callable[[Float[Array, "N k"]], Float[Array, "N k"]],
+    coef: Float[Array, "p k"],
+) -> lx.FunctionLinearOperator:
+    r"""The Hessian $V \mapsto \hat F^\top C(\hat F V)/N + \alpha_2 V$ of a
+    generalised linear model at `coef`, as a product that is never formed:
+    `logit_curvature` $C$ applies each sample's curvature in the logits (at `coef`)
+    to the rows of an `(N, k)` matrix. Two matmuls over samples, $O(Npk)$."""
+    apply = jtu.Partial(_glm_hessian_product, features, alpha2, logit_curvature)
+    structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+    return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+
+def _glm_hessian_product(features, alpha2, logit_curvature, vector):
+    curved = logit_curvature(matmul(features, vector))
+    return matmul(features.T, curved) / features.shape[0] + alpha2 * vector
 
 
 class InnerMinimise(eqx.Module):
@@ -198,19 +237,115 @@ class InnerMinimise(eqx.Module):
         return coef, InnerStats(solution.stats["num_steps"], gradient_norm, converged)
 
 
-#: Relative residual at which Newton–CG stops its inner CG iterations (a fixed forcing
-#: term: the outer iteration then converges linearly with about this rate).
-NEWTON_CG_RTOL = 1e-2
+class _TruncatedNewtonState(eqx.Module):
+    newton: Float[Array, "p k"]
+
+
+class TruncatedNewtonDescent(optx.AbstractDescent):
+    """The Newton direction from preconditioned CG (`lx.CG`) on the Hessian operator,
+    stopped early (inexact Newton): at the relative residual
+    `eta = min(0.5, max(sqrt(|g|), 0.5 gtol/|g|))`, superlinear far from `gtol` and no
+    tighter than the last step needs, or after `max_cg_steps` iterations. Any CG
+    iterate is a descent direction, so the line search accepts a truncated one.
+
+    `preconditioner(y)` gives a positive definite approximation of the inverse
+    Hessian at `y`. Without one, float32 CG breaks down at small `alpha2` (the
+    Hessian's condition number exceeds lineax's breakdown test); if it still does,
+    the preconditioned gradient is used."""
+
+    preconditioner: Callable[[Float[Array, "p k"]], lx.AbstractLinearOperator]
+    gtol: float
+    max_cg_steps: int
+
+    def init(self, y, f_info_struct):
+        del f_info_struct
+        return _TruncatedNewtonState(y)
+
+    def query(self, y, f_info, state):
+        del state
+        gradient = f_info.grad
+        gradient_norm = optx.max_norm(gradient)
+
+        def solve():
+            preconditioner = self.preconditioner(y)
+            # `atol` makes lineax's elementwise test a max-norm one (no division by
+            # tiny gradient entries).
+            forcing = jnp.minimum(
+                0.5, jnp.maximum(jnp.sqrt(gradient_norm), 0.5 * self.gtol / gradient_norm)
+            )
+            cg = lx.CG(rtol=forcing, atol=forcing * gradient_norm, max_steps=self.max_cg_steps)
+            options = {"preconditioner": preconditioner}
+            # A truncated solve is a valid step here, so CG's `max_steps_reached` is
+            # not an error.
+            solution = lx.linear_solve(f_info.hessian, gradient, cg, options=options, throw=False)
+            finite = jnp.all(jnp.isfinite(solution.value))
+            return jnp.where(finite, solution.value, preconditioner.mv(gradient))
+
+        # At the last accepted iterate the minimiser stops: no direction is needed.
+        newton = jax.lax.cond(gradient_norm <= self.gtol, jnp.zeros_like, lambda _: solve(), y)
+        return _TruncatedNewtonState(newton)
+
+    def step(self, step_size, state):
+        return -step_size * state.newton, optx.RESULTS.successful
+
+
+class KroneckerPreconditioner(eqx.Module):
+    r"""$(\bar A \otimes G + \alpha_2 I)^{-1}$, an approximate inverse Hessian of a
+    generalised linear model, with the Gram matrix $G = \hat F^\top\hat F/N$ (one
+    matmul and one `(p, p)` eigendecomposition per solve) and the `(k, k)` mean
+    curvature $\bar A$ in the logits at the current iterate (a `(k, k)`
+    eigendecomposition per step). Exact when all samples share one curvature (e.g.
+    at a zero readout), and exact on the softmax's shift direction, where
+    $\bar A$ has a zero eigenvalue like the Hessian. Applying it costs four small
+    matmuls, none over samples."""
+
+    mean_curvature: Callable[[Float[Array, "p k"], Args], Float[Array, "k k"]]
+    args: Args
+    gram_eigenvalues: Float[Array, " p"]
+    gram_eigenvectors: Float[Array, "p p"]
+
+    def __init__(self, mean_curvature, args):
+        features, _, _ = args
+        gram = matmul(features.T, features) / features.shape[0]
+        eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
+        # Rounding may leave tiny negative eigenvalues of these positive semidefinite
+        # matrices; the preconditioner must stay positive definite.
+        self.gram_eigenvalues = jnp.maximum(eigenvalues, 0)
+        self.mean_curvature = mean_curvature
+        self.args = args
+
+    def __call__(self, coef: Float[Array, "p k"]) -> lx.FunctionLinearOperator:
+        eigenvalues, eigenvectors = jnp.linalg.eigh(self.mean_curvature(coef, self.args))
+        scale = 1 / (
+            self.gram_eigenvalues[:, None] * jnp.maximum(eigenvalues, 0)[None, :] + self.args[2]
+        )
+        apply = jtu.Partial(_kronecker_solve, self.gram_eigenvectors, eigenvectors, scale)
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+
+def _kronecker_solve(left, right, scale, vector):
+    return matmul(matmul(left, scale * matmul(matmul(left.T, vector), right)), right.T)
 
 
 class _Newton(eqx.Module):
     hessian: Hessian
-    linear_solver: lx.AbstractLinearSolver
     gtol: float
 
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        descent = optx.NewtonDescent(linear_solver=self.linear_solver)
+        descent = optx.NewtonDescent(linear_solver=lx.Cholesky())
         newton = DampedNewton(_AtData(self.hessian, args), descent)
+        return GradientNormTermination(newton, self.gtol)
+
+
+class _NewtonCG(eqx.Module):
+    curvature: Curvature
+    gtol: float
+
+    def __call__(self, args: Args) -> optx.AbstractMinimiser:
+        preconditioner = KroneckerPreconditioner(self.curvature.mean_curvature, args)
+        descent = TruncatedNewtonDescent(preconditioner, self.gtol, newton_cg_max_steps(self.gtol))
+        newton = DampedNewton(_AtData(self.curvature.hessian_product, args), descent)
         return GradientNormTermination(newton, self.gtol)
 
 
@@ -224,8 +359,7 @@ class _Given(eqx.Module):
 
 def select_minimiser(
     solver: SolverName | optx.AbstractMinimiser,
-    objective: Objective,
-    hessian: Hessian,
+    curvature: Curvature,
     gtol: float,
     num_coefficients: int,
 ) -> Callable[[Args], optx.AbstractMinimiser]:
@@ -236,10 +370,9 @@ def select_minimiser(
     if solver == "auto":
         solver = "newton" if num_coefficients <= MAX_EXACT_NEWTON_SIZE else "newton-cg"
     if solver == "newton":
-        return _Newton(hessian, lx.Cholesky(), gtol)
+        return _Newton(curvature.hessian, gtol)
     if solver == "newton-cg":
-        cg = lx.CG(rtol=NEWTON_CG_RTOL, atol=gtol)
-        return _Newton(autodiff_hessian(objective), cg, gtol)
+        return _NewtonCG(curvature, gtol)
     # Cauchy criteria off: `GradientNormTermination` stops them.
     if solver == "bfgs":
         return _Given(GradientNormTermination(optx.BFGS(rtol=0.0, atol=0.0), gtol))
@@ -254,10 +387,10 @@ def select_minimiser(
 def fit_readout(
     what: str,
     objective: Objective,
-    hessian: Hessian,
+    curvature: Curvature,
     model: Callable[..., Any],
     x: Array,
-    labels: Float[Array, "N k"],
+    labels: Real[Array, "N k"],
     *,
     label_error: tuple[Bool[Array, ""], str],
     scalar_output: bool,
@@ -301,7 +434,7 @@ def fit_readout(
                 f"per output; this problem has {shape[1]} and {shape[0]}."
             )
         init = init.astype(dtype)
-    minimiser = select_minimiser(solver, objective, hessian, float(gtol), shape[0] * shape[1])
+    minimiser = select_minimiser(solver, curvature, float(gtol), shape[0] * shape[1])
     value, coef, stats = envelope_minimise(
         objective,
         InnerMinimise(objective, minimiser, float(gtol), max_steps),

@@ -3,13 +3,21 @@ from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
 
 from ._checks import as_batch
 from ._misc import matmul
-from ._newton import block_gram, fit_readout, hessian_operator, SolverName
+from ._newton import (
+    block_gram,
+    Curvature,
+    fit_readout,
+    glm_hessian_product,
+    hessian_operator,
+    SolverName,
+)
 from ._readout import VPLinear
 
 
@@ -40,12 +48,37 @@ def ce_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearO
     return hessian_operator(diagonal - outer, alpha2)
 
 
+def ce_hessian_product(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.FunctionLinearOperator:
+    r"""The same Hessian as products $\hat F^\top(S \odot U - S \odot
+    (S \odot U)\mathbf 1\mathbf 1^\top)/N + \alpha_2 V$, $U = \hat F V$."""
+    features, _, alpha2 = args
+    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
+    curvature = jtu.Partial(_softmax_curvature, probabilities)
+    return glm_hessian_product(features, alpha2, curvature, coef)
+
+
+def _softmax_curvature(probabilities, directions):
+    weighted = probabilities * directions
+    return weighted - probabilities * jnp.sum(weighted, axis=1, keepdims=True)
+
+
+def ce_mean_curvature(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Float[Array, "K K"]:
+    r"""$\frac1N\sum_j \operatorname{diag}(s_j) - s_j s_j^\top$."""
+    features = args[0]
+    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
+    outer = matmul(probabilities.T, probabilities)
+    return (jnp.diag(jnp.sum(probabilities, axis=0)) - outer) / features.shape[0]
+
+
+_CE_CURVATURE = Curvature(ce_hessian, ce_hessian_product, ce_mean_curvature)
+
+
 def as_class_labels(
     y: ArrayLike, num_samples: int, num_classes: int | None
-) -> tuple[Float[Array, "N K"], Bool[Array, ""], str]:
+) -> tuple[Real[Array, "N K"], Bool[Array, ""], str]:
     """Integer labels `(N,)` (with `num_classes`) or probability rows `(N, K)` as
-    probability rows, a flag that is true when a label is invalid, and the message
-    that says how to fix it."""
+    rows of class probabilities (integer one-hot rows for integer labels), a flag
+    that is true when a label is invalid, and the message that says how to fix it."""
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
     ):
@@ -77,7 +110,8 @@ def as_class_labels(
             f"{num_classes}); relabel the classes as 0, ..., K - 1 or raise "
             "`num_classes`."
         )
-        return jax.nn.one_hot(labels, num_classes), invalid, message
+        # Integer rows take the features' dtype (float ones would promote float32).
+        return jax.nn.one_hot(labels, num_classes, dtype=jnp.int32), invalid, message
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         raise TypeError(
             f"`y` of shape (N, K) must hold class probabilities (floating point); got "
@@ -138,11 +172,14 @@ def vploss_ce(
     $\frac1N\sum_j(\operatorname{diag}(s_j) - s_j s_j^\top)\otimes\hat f_j\hat
     f_j^\top + \alpha_2 I$ has $(K(m+1))^2$ entries and costs $O(N K^2 m^2)$ per
     step, so `"auto"` uses `"newton"` while $K(m+1) \le$ `MAX_EXACT_NEWTON_SIZE =
-    1024` and Newton-CG on Hessian-vector products ($O(N K m)$ each) beyond. (Newton-CG
-    is far cheaper per step but, in float32 with `alpha2 <= 1e-4`, was measured to stop
-    without converging; it then raises, or reports `converged=False`.) Warm
-    starts (`init`) matter most here: from the previous training step's readout one
-    or two Newton steps usually suffice.
+    256` and `"newton-cg"` beyond: Hessian-vector products $\hat F^\top(S \odot U -
+    S \odot (S \odot U)\mathbf 1\mathbf 1^\top)/N + \alpha_2 V$, $U = \hat F V$
+    ($O(N K m)$ each), preconditioned by the Kronecker factors of the mean curvature
+    $\frac1N\sum_j(\operatorname{diag}(s_j) - s_j s_j^\top)$ and the Gram matrix.
+    Measured in float32 at K = 10, m = 64, N = 4096, converged at `alpha2` = 1e-4
+    and 1e-6: a warm-started step (`init`, after 300 training steps) costs 2.2x a
+    plain softmax head (exact Newton 13x), a cold one 7-20x. Pass `init`: warm
+    starts save most of the work.
 
     **Arguments:**
 
@@ -176,7 +213,7 @@ def vploss_ce(
     return fit_readout(
         "the softmax loss `vploss_ce`",
         ce_objective,
-        ce_hessian,
+        _CE_CURVATURE,
         model,
         x,
         labels,
