@@ -11,7 +11,7 @@ The density is `p(x) = N(∇Φ(x); 0, I) det ∇²Φ(x)` with the potential
 - Adam→L-BFGS-VarPro: the same for half the budget, then `optax.lbfgs` on the full
   training set.
 
-Each method's Adam learning rate is chosen from {1e-2, 3e-2, 1e-1} by the validation
+Each method's Adam learning rate is chosen from {1e-2, 3e-2, 1e-1, 3e-1, 1} by the validation
 NLL on the first seed (Adam→L-BFGS-VarPro uses Adam-VarPro's). All get the same work,
 counted in units of one forward and backward pass of one
 sample (the inner solves of VarPro are not counted: they act on the `m + n + 1`
@@ -173,7 +173,7 @@ def train_varpro(model, x_train, work, key, lr, lbfgs_fraction=0.0):
     return model, fit_readout(model, x_train), history
 
 
-def tune_learning_rate(train, x_train, x_val, work, learning_rates=(1e-2, 3e-2, 1e-1)):
+def tune_learning_rate(train, x_train, x_val, work, learning_rates=(1e-2, 3e-2, 1e-1, 3e-1, 1.0)):
     """The Adam learning rate of `train` with the best validation NLL on the first
     seed."""
     init_key, data_key, _ = jax.random.split(jax.random.PRNGKey(0), 3)
