@@ -102,6 +102,22 @@ def as_flag(name: str, value: object) -> bool:
     return value
 
 
+def check_finite_inputs(value: Scalar, **inputs: Array) -> Scalar:
+    """A runtime error naming the input (`x=...`, `y=...`) that holds NaN or inf.
+
+    A saturating model (e.g. `tanh`) can map an infinite input to finite features, so
+    checking the loss alone would let such data through silently. The check reduces
+    each input to one flag and attaches it to the scalar `value`, so a sharded batch
+    stays sharded."""
+    for name, array in inputs.items():
+        value = eqx.error_if(
+            value,
+            ~jnp.all(jnp.isfinite(array)),
+            f"`{name}` is not finite: it contains NaN or inf; clean or mask the data.",
+        )
+    return value
+
+
 def check_finite(value: Scalar, solution: PyTree[Array], what: str) -> Scalar:
     """A runtime error when the loss or the fitted readout is not finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]

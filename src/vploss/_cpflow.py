@@ -9,7 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._checks import as_alpha, as_batch, as_flag, check_finite
+from ._checks import as_alpha, as_batch, as_flag, check_finite, check_finite_inputs
 from ._diagnostics import check_converged
 from ._features import feature_map, parameter_penalty
 from ._misc import matmul
@@ -341,6 +341,7 @@ def vploss_cpflow(
             "`model` is not convex in x: a feature Hessian has a negative eigenvalue at "
             "a sample. `vploss_cpflow` needs input-convex features, e.g. `vploss.ICNN`.",
         )
+    value = check_finite_inputs(value, x=x)
     value = check_finite(value, (weight, quadratic, linear), "The flow loss `vploss_cpflow`")
     value = check_converged(value, stats, throw, "`vploss_cpflow`")
     loss = value + parameter_penalty(model, alpha1.astype(dtype))

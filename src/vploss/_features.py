@@ -14,7 +14,15 @@ def feature_map(model: Callable[[Array], Array], x: Array) -> Callable[[Array], 
         raise TypeError(
             f"`model` must be callable on one sample, `model(x[j])`; got {type(model).__name__}."
         )
-    out = jax.eval_shape(model, x[0])
+    try:
+        out = jax.eval_shape(model, x[0])
+    except (TypeError, ValueError) as e:
+        # The model's own error (often from deep inside a matmul) does not say that the
+        # sample it was given has the wrong shape or dtype.
+        raise ValueError(
+            f"`model(x[j])` failed on one sample of shape {x.shape[1:]} and dtype "
+            f"{x.dtype} (`x` has shape {x.shape}, batch first): {e}"
+        ) from e
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise TypeError(
             f"`model(x[j])` must return one array of features; got {type(out).__name__}."

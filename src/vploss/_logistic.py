@@ -138,9 +138,13 @@ def vploss_bce(
     - `alpha2`: penalty weight on the readout (bias included), `> 0`.
     - `use_bias`: whether the readout has a bias $b$.
     - `solver`: as above.
-    - `gtol`: tolerance on the max-norm of the gradient of the inner objective;
+    - `gtol`: tolerance on the max-norm of the gradient of the inner objective, each
+        coefficient row divided by $\min(1, \sqrt{\frac1N\sum_j \hat f_{jp}^2 +
+        \alpha_2})$ (so that features of size 1e-6 are solved as accurately as
+        features of size 1; larger features are held to the plain max-norm);
         default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
-        Newton's last step usually lands far below it).
+        Newton's last step usually lands far below it). `readout.stats.gradient_norm`
+        is measured the same way.
     - `max_steps`: the step budget of the inner solver.
     - `throw`: if `True`, an inner solve that did not converge raises a runtime error
         (`eqx.error_if`); if `False`, read `readout.stats.converged`.

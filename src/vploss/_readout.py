@@ -71,13 +71,14 @@ class VPLinear(eqx.Module):
         The prediction, shape `(k,)`, or a scalar when `scalar_output` is set.
         """
         del key
-        features = jnp.reshape(features, (-1,))
-        if features.shape[0] != self.in_features:
+        # A batch must not be flattened into one sample of the same total size.
+        if jnp.ndim(features) > 1 or jnp.size(features) != self.in_features:
             raise ValueError(
                 f"VPLinear expects the features of one sample, shape "
-                f"({self.in_features},); got shape {features.shape}. Apply it with "
+                f"({self.in_features},); got shape {jnp.shape(features)}. Apply it with "
                 "`jax.vmap` to a batch."
             )
+        features = jnp.reshape(features, (-1,))
         out = matmul(self.weight, features)
         if self.bias is not None:
             out = out + self.bias

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite
+from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite, check_finite_inputs
 from ._envelope import envelope_minimise
 from ._features import augment, evaluate_features, parameter_penalty
 from ._misc import matmul
@@ -52,7 +52,9 @@ def _refined_cholesky_solve(
     """
     n = gram.shape[0]
     eps = jnp.finfo(gram.dtype).eps
-    shift = jnp.maximum(alpha2, eps * jnp.trace(gram))
+    # `tiny` keeps the factor finite for all-zero features with alpha2 = 0 (then the
+    # right-hand side is zero too, and so is the solution).
+    shift = jnp.maximum(jnp.maximum(alpha2, eps * jnp.trace(gram)), jnp.finfo(gram.dtype).tiny)
     factor = jnp.linalg.cholesky(gram + shift * jnp.eye(n, dtype=gram.dtype))
     solve = lambda b: jsl.cho_solve((factor, True), b)  # noqa: E731
     solution = solve(rhs)
@@ -223,8 +225,8 @@ def vploss_msereg(
     **Raises:**
 
     `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or
-    hyperparameters; a runtime error (`eqx.error_if`) when the features or targets are
-    not finite.
+    hyperparameters; a runtime error (`eqx.error_if`) when `x`, `y`, the features or the
+    loss are not finite.
     """
     x = as_batch("x", x)
     num_samples = x.shape[0]
@@ -242,6 +244,7 @@ def vploss_msereg(
         inner_solver,
         (features, targets.astype(dtype), alpha2.astype(dtype)),
     )
+    value = check_finite_inputs(value, x=x, y=targets)
     value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
     loss = value + parameter_penalty(model, alpha1.astype(dtype))
     return loss, readout_from_coefficients(coef, use_bias, scalar_output)

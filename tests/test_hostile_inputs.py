@@ -1,0 +1,377 @@
+"""Walks the table of hostile and edge inputs in docs/hostile_inputs.md: each row is one
+case, asserting either the exact error (type and a message fragment naming the problem)
+or a finite answer checked against an independent reference."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vploss
+
+from .helpers import logistic_reference, mlp, ridge_reference
+
+
+N = 30
+X = jax.random.normal(jax.random.PRNGKey(0), (N, 3))
+# Fixed features, passed through the identity model, so the references see them exactly.
+F = jnp.tanh(X @ jnp.array([[1.0, 0.5, -0.3, 0.2], [0.2, -1.0, 0.4, 0.1], [0.3, 0.3, 1.0, -0.5]]))
+Y = jnp.sin(X[:, 0])
+Y_BINARY = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(jnp.float64)
+Y_CLASS = jnp.argmax(X, axis=1)
+ONE_HOT = jax.nn.one_hot(Y_CLASS, 3)
+# Classes separated by the sign of the first feature.
+SEPARABLE = (F[:, 0] > 0).astype(jnp.float64)
+
+
+def identity(features):
+    return features
+
+
+def icnn():
+    return vploss.ICNN(2, 5, 6, 2, key=jax.random.PRNGKey(0))
+
+
+ridge = vploss.vploss_msereg
+
+
+def bce(x, y, **kwargs):
+    return vploss.vploss_bce(identity, x, y, **{"alpha2": 1e-3, **kwargs})
+
+
+def ce(x, y, **kwargs):
+    return vploss.vploss_ce(identity, x, y, **{"alpha2": 1e-3, **kwargs})
+
+
+def cpflow(x, model=None, **kwargs):
+    return vploss.vploss_cpflow(icnn() if model is None else model, x, **{"alpha2": 1e-3, **kwargs})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: `call()` either raises `error` with `fragment` in its
+    message, or returns a result that `check(result)` verifies."""
+
+    call: Callable[[], object]
+    error: type[BaseException] | None = None
+    fragment: str = ""
+    check: Callable[[object], None] | None = None
+
+
+def close(value, reference, rtol=1e-9, atol=1e-12):
+    np.testing.assert_allclose(np.asarray(value, np.float64), reference, rtol=rtol, atol=atol)
+
+
+def ridge_matches(features, y, alpha2, use_bias=True, rtol=1e-9):
+    def check(result):
+        loss, readout = result
+        ref_loss, ref_coef = ridge_reference(features, y, alpha2, use_bias)
+        close(loss, ref_loss, rtol)
+        close(readout.weight, ref_coef[: features.shape[1]].T, rtol=1e-6, atol=1e-8)
+
+    return check
+
+
+def logistic_matches(features, labels, alpha2, softmax=False, rtol=1e-9):
+    labels = np.asarray(labels, np.float64)
+    labels = labels[:, None] if labels.ndim == 1 else labels
+
+    def check(result):
+        loss, readout = result
+        close(loss, logistic_reference(features, labels, alpha2, softmax)[0], rtol)
+        assert bool(readout.stats.converged)
+
+    return check
+
+
+def scale_equivariant(loss_fn, scale, alpha2, labels, **kwargs):
+    """Features scaled by `s` with `alpha2` scaled by `s²` (no bias): the same loss,
+    the readout scaled by `1/s`. Checked against the unscaled problem."""
+
+    def check(result):
+        loss, readout = result
+        ref_loss, ref_readout = loss_fn(
+            identity, F, labels, alpha2=alpha2, use_bias=False, **kwargs
+        )
+        close(loss, float(ref_loss), rtol=1e-8)
+        close(readout.weight * scale, ref_readout.weight, rtol=1e-6, atol=1e-9)
+
+    return check
+
+
+def all_zero_features_fit_the_mean(use_bias):
+    def check(result):
+        loss, _ = result
+        centred = Y - jnp.mean(Y) if use_bias else Y
+        close(loss, 0.5 * float(jnp.mean(centred**2)))
+
+    return check
+
+
+def finite_and_not_converged(result):
+    loss, readout = result
+    assert bool(jnp.isfinite(loss)) and not bool(readout.stats.converged)
+
+
+def same_as_unsharded(result):
+    loss, _ = result
+    close(loss, float(ridge(identity, F, Y)[0]), rtol=1e-12)
+
+
+def repeated_singular_values(result):
+    loss, grad = result
+    q = np.linalg.qr(np.asarray(F))[0] * np.sqrt(N)
+    close(loss, ridge_reference(q, Y, 0.0, use_bias=False)[0])
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def ridge_loss_and_feature_gradient(features, **kwargs):
+    return eqx.filter_value_and_grad(lambda f: ridge(identity, f, Y, **kwargs)[0])(features)
+
+
+# Orthogonal columns of equal norm: all singular values equal.
+EQUAL_SINGULAR_VALUES = jnp.linalg.qr(F)[0] * jnp.sqrt(N)
+DUPLICATED = jnp.concatenate([F, F], axis=1)
+SINGLE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+RUNTIME = eqx.EquinoxRuntimeError
+F32 = F.astype(jnp.float32)
+
+ROWS = {
+    # vploss_msereg
+    "ridge-y-batch-mismatch": Row(lambda: ridge(identity, F, Y[:7]), ValueError, "same batch size"),
+    "ridge-y-rank-3": Row(lambda: ridge(identity, F, Y[:, None, None]), ValueError, "(N, k)"),
+    "ridge-x-integer": Row(
+        lambda: ridge(identity, F.astype(jnp.int32), Y), TypeError, "real floating-point dtype"
+    ),
+    "ridge-y-complex": Row(
+        lambda: ridge(identity, F, Y.astype(jnp.complex128)), TypeError, "got dtype complex128"
+    ),
+    "ridge-y-bool": Row(lambda: ridge(identity, F, Y > 0), TypeError, "got dtype bool"),
+    "ridge-empty-batch": Row(lambda: ridge(identity, F[:0], Y[:0]), ValueError, "empty batch"),
+    "ridge-N-1": Row(
+        lambda: ridge(identity, F[:1], Y[:1]), check=ridge_matches(F[:1], Y[:1], 1e-6)
+    ),
+    "ridge-N-1-alpha2-0": Row(
+        lambda: ridge(identity, F[:1], Y[:1], alpha2=0.0), check=ridge_matches(F[:1], Y[:1], 0.0)
+    ),
+    "ridge-x-nan": Row(
+        lambda: ridge(identity, F.at[3, 1].set(jnp.nan), Y), RUNTIME, "`x` is not finite"
+    ),
+    "ridge-x-inf-saturating-model": Row(
+        lambda: ridge(mlp(3, features=4), X.at[0, 0].set(jnp.inf), Y), RUNTIME, "`x` is not finite"
+    ),
+    "ridge-y-inf": Row(
+        lambda: ridge(identity, F, Y.at[0].set(jnp.inf)), RUNTIME, "`y` is not finite"
+    ),
+    "ridge-alpha2-negative": Row(
+        lambda: ridge(identity, F, Y, alpha2=-1.0), ValueError, "`alpha2` must be finite and >= 0"
+    ),
+    "ridge-alpha2-negative-traced": Row(
+        lambda: eqx.filter_jit(ridge)(identity, F, Y, alpha2=jnp.asarray(-1.0)), RUNTIME, "`alpha2`"
+    ),
+    "ridge-alpha1-negative": Row(
+        lambda: ridge(identity, F, Y, alpha1=-0.5), ValueError, "`alpha1`"
+    ),
+    "ridge-duplicated-features-alpha2-0": Row(
+        lambda: ridge(identity, DUPLICATED, Y, alpha2=0.0), check=ridge_matches(DUPLICATED, Y, 0.0)
+    ),
+    "ridge-zero-features-alpha2-0-cholesky": Row(
+        lambda: ridge(identity, 0 * F, Y, alpha2=0.0, solver="cholesky", use_bias=False),
+        check=all_zero_features_fit_the_mean(use_bias=False),
+    ),
+    "ridge-zero-features-alpha2-0-dual": Row(
+        lambda: ridge(identity, 0 * F, Y, alpha2=0.0, solver="dual", use_bias=False),
+        check=all_zero_features_fit_the_mean(use_bias=False),
+    ),
+    "ridge-repeated-singular-values": Row(
+        lambda: ridge_loss_and_feature_gradient(EQUAL_SINGULAR_VALUES, alpha2=0.0, use_bias=False),
+        check=repeated_singular_values,
+    ),
+    "ridge-features-scaled-1e6": Row(
+        lambda: ridge(identity, 1e6 * F, Y, alpha2=1e-3 * 1e12, use_bias=False),
+        check=scale_equivariant(ridge, 1e6, 1e-3, Y),
+    ),
+    "ridge-features-scaled-1e-6": Row(
+        lambda: ridge(identity, 1e-6 * F, Y, alpha2=1e-3 * 1e-12, use_bias=False),
+        check=scale_equivariant(ridge, 1e-6, 1e-3, Y),
+    ),
+    "ridge-mixed-f32-features-f64-targets": Row(
+        lambda: ridge(identity, F32, Y, alpha2=1e-3),
+        check=ridge_matches(F32, Y, 1e-3, rtol=1e-6),
+    ),
+    "ridge-model-returns-matrix": Row(
+        lambda: ridge(lambda f: jnp.outer(f, f), F, Y), ValueError, "shape (m,) or a scalar"
+    ),
+    "ridge-model-fails-on-sample-shape": Row(
+        lambda: ridge(mlp(3, features=4), X[:, :2], Y),
+        ValueError,
+        "failed on one sample of shape (2,)",
+    ),
+    "ridge-vmap-one-bad-member": Row(
+        lambda: jax.vmap(lambda f: ridge(identity, f, Y)[0])(
+            jnp.stack([F, F.at[0, 0].set(jnp.nan)])
+        ),
+        RUNTIME,
+        "not finite",
+    ),
+    "ridge-sharded-single-device": Row(
+        lambda: ridge(identity, jax.device_put(F, SINGLE_DEVICE), jax.device_put(Y, SINGLE_DEVICE)),
+        check=same_as_unsharded,
+    ),
+    # vploss_bce
+    "bce-labels-plus-minus-one": Row(lambda: bce(F, 2 * Y_BINARY - 1), RUNTIME, "(y + 1) / 2"),
+    "bce-labels-nan": Row(
+        lambda: bce(F, Y_BINARY.at[0].set(jnp.nan)), RUNTIME, "must be in [0, 1]"
+    ),
+    "bce-alpha2-zero": Row(
+        lambda: bce(F, Y_BINARY, alpha2=0.0), ValueError, "must be finite and > 0"
+    ),
+    "bce-x-nan": Row(lambda: bce(F.at[2, 2].set(jnp.nan), Y_BINARY), RUNTIME, "`x` is not finite"),
+    "bce-empty-batch": Row(lambda: bce(F[:0], Y_BINARY[:0]), ValueError, "empty batch"),
+    "bce-N-1": Row(
+        lambda: bce(F[:1], Y_BINARY[:1]), check=logistic_matches(F[:1], Y_BINARY[:1], 1e-3)
+    ),
+    "bce-integer-labels": Row(
+        lambda: bce(F, Y_BINARY.astype(jnp.int32)), check=logistic_matches(F, Y_BINARY, 1e-3)
+    ),
+    "bce-separable-alpha2-1e-8": Row(
+        lambda: bce(F, SEPARABLE, alpha2=1e-8),
+        check=logistic_matches(F, SEPARABLE, 1e-8, rtol=1e-7),
+    ),
+    "bce-duplicated-features": Row(
+        lambda: bce(DUPLICATED, Y_BINARY, alpha2=1e-4),
+        check=logistic_matches(DUPLICATED, Y_BINARY, 1e-4),
+    ),
+    "bce-zero-features": Row(
+        lambda: bce(0 * F, Y_BINARY, alpha2=1e-4), check=logistic_matches(0 * F, Y_BINARY, 1e-4)
+    ),
+    "bce-features-scaled-1e6": Row(
+        lambda: bce(1e6 * F, Y_BINARY, alpha2=1e-2), check=logistic_matches(1e6 * F, Y_BINARY, 1e-2)
+    ),
+    "bce-features-scaled-1e-6": Row(
+        lambda: bce(1e-6 * F, Y_BINARY, alpha2=1e-5),
+        check=logistic_matches(1e-6 * F, Y_BINARY, 1e-5),
+    ),
+    "bce-features-scaled-1e-6-no-bias": Row(
+        lambda: bce(1e-6 * F, Y_BINARY, alpha2=1e-3 * 1e-12, use_bias=False),
+        check=scale_equivariant(vploss.vploss_bce, 1e-6, 1e-3, Y_BINARY),
+    ),
+    "bce-features-scaled-1e6-no-bias": Row(
+        # The gradient grows with the features, beyond the absolute tolerance `gtol`.
+        lambda: bce(1e6 * F, Y_BINARY, alpha2=1e-3 * 1e12, use_bias=False),
+        RUNTIME,
+        "did not converge",
+    ),
+    "bce-max-steps-1": Row(lambda: bce(F, Y_BINARY, max_steps=1), RUNTIME, "did not converge"),
+    "bce-max-steps-1-throw-false": Row(
+        lambda: bce(F, Y_BINARY, max_steps=1, throw=False), check=finite_and_not_converged
+    ),
+    "bce-vmap-one-bad-member": Row(
+        lambda: jax.vmap(lambda y: bce(F, y)[0])(jnp.stack([Y_BINARY, Y_BINARY.at[0].set(2.0)])),
+        RUNTIME,
+        "must be in [0, 1]",
+    ),
+    # vploss_ce
+    "ce-num-classes-too-small": Row(
+        lambda: ce(F, Y_CLASS, num_classes=2), RUNTIME, "[0, num_classes) = [0, 2)"
+    ),
+    "ce-negative-label": Row(
+        lambda: ce(F, Y_CLASS.at[0].set(-1), num_classes=3), RUNTIME, "[0, num_classes)"
+    ),
+    "ce-num-classes-1": Row(lambda: ce(F, Y_CLASS, num_classes=1), ValueError, ">= 2; got 1"),
+    "ce-integer-labels-without-num-classes": Row(
+        lambda: ce(F, Y_CLASS), ValueError, "needs `num_classes`"
+    ),
+    "ce-float-labels-of-shape-N": Row(
+        lambda: ce(F, Y_CLASS.astype(jnp.float64), num_classes=3), TypeError, "integer class labels"
+    ),
+    "ce-integer-one-hot-rows": Row(
+        lambda: ce(F, ONE_HOT.astype(jnp.int32)), TypeError, "must hold class probabilities"
+    ),
+    "ce-rows-not-summing-to-one": Row(lambda: ce(F, 0.5 * ONE_HOT), RUNTIME, "sum to 1"),
+    "ce-num-classes-mismatch": Row(
+        lambda: ce(F, ONE_HOT, num_classes=4), ValueError, "does not match"
+    ),
+    "ce-alpha2-negative": Row(lambda: ce(F, ONE_HOT, alpha2=-1e-3), ValueError, "> 0; got -0.001"),
+    "ce-N-1": Row(
+        lambda: ce(F[:1], Y_CLASS[:1], num_classes=3),
+        check=logistic_matches(F[:1], ONE_HOT[:1], 1e-3, softmax=True),
+    ),
+    "ce-separable-alpha2-1e-6": Row(
+        lambda: ce(F, jax.nn.one_hot(SEPARABLE, 2), alpha2=1e-6),
+        check=logistic_matches(F, jax.nn.one_hot(SEPARABLE, 2), 1e-6, softmax=True, rtol=1e-7),
+    ),
+    "ce-features-scaled-1e-6-no-bias": Row(
+        lambda: ce(1e-6 * F, ONE_HOT, alpha2=1e-3 * 1e-12, use_bias=False),
+        check=scale_equivariant(vploss.vploss_ce, 1e-6, 1e-3, ONE_HOT),
+    ),
+    "ce-features-scaled-1e6-no-bias": Row(
+        # The gradient grows with the features, beyond the absolute tolerance `gtol`.
+        lambda: ce(1e6 * F, ONE_HOT, alpha2=1e-3 * 1e12, use_bias=False),
+        RUNTIME,
+        "did not converge",
+    ),
+    "ce-f32-features-int-labels": Row(
+        lambda: ce(F32, Y_CLASS, num_classes=3),
+        check=logistic_matches(F, ONE_HOT, 1e-3, softmax=True, rtol=1e-4),
+    ),
+    "ce-vmap-one-bad-member": Row(
+        lambda: jax.vmap(lambda y: ce(F, y, num_classes=3)[0])(
+            jnp.stack([Y_CLASS, Y_CLASS.at[0].set(5)])
+        ),
+        RUNTIME,
+        "[0, num_classes)",
+    ),
+    # vploss_cpflow
+    "cpflow-x-rank-1": Row(lambda: cpflow(X[:, 0]), ValueError, "shape (N, n)"),
+    "cpflow-x-integer": Row(
+        lambda: cpflow(X[:, :2].astype(jnp.int32)), TypeError, "real floating-point"
+    ),
+    "cpflow-alpha2-zero": Row(lambda: cpflow(X[:, :2], alpha2=0.0), ValueError, "> 0; got 0.0"),
+    "cpflow-x-nan": Row(lambda: cpflow(X[:, :2].at[0, 0].set(jnp.nan)), RUNTIME, "not finite"),
+    "cpflow-model-wrong-input-dimension": Row(
+        lambda: cpflow(X), ValueError, "failed on one sample of shape (3,)"
+    ),
+    "cpflow-max-steps-1": Row(
+        lambda: cpflow(X[:, :2], solver=vploss.LogBarrier(max_steps=1)), RUNTIME, "did not converge"
+    ),
+    # VPLinear
+    "readout-wrong-feature-count": Row(
+        lambda: vploss.VPLinear(jnp.ones((2, 3)), jnp.zeros(2))(jnp.ones(4)),
+        ValueError,
+        "shape (3,)",
+    ),
+    "readout-batch-of-features": Row(
+        # A (2, 3) batch has the 6 entries a (1, 6) readout expects of ONE sample.
+        lambda: vploss.VPLinear(jnp.ones((1, 6)), jnp.zeros(1))(jnp.ones((2, 3))),
+        TypeError,
+        "features",
+    ),
+    "readout-scalar-output-with-k-2": Row(
+        lambda: vploss.VPLinear(jnp.ones((2, 3)), None, scalar_output=True), ValueError, "(1, m)"
+    ),
+}
+
+
+@pytest.mark.parametrize("row", ROWS.values(), ids=ROWS.keys())
+def test_hostile_input(row):
+    if row.error is not None:
+        with pytest.raises(row.error) as info:
+            row.call()
+        assert row.fragment in str(info.value)
+    else:
+        row.check(row.call())
+
+
+def test_readout_rejects_a_batch_without_the_type_checker():
+    """The readout's own check (the jaxtyping hook catches the case above first)."""
+    readout = vploss.VPLinear(jnp.ones((1, 6)), jnp.zeros(1))
+    unchecked_call = getattr(vploss.VPLinear.__call__, "__wrapped__", vploss.VPLinear.__call__)
+    with pytest.raises(
+        ValueError, match=r"features of one sample, shape \(6,\); got shape \(2, 3\)"
+    ):
+        unchecked_call(readout, jnp.ones((2, 3)))

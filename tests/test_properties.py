@@ -1,0 +1,187 @@
+"""Property-based tests of every loss with `hypothesis`: for drawn data, scales and
+penalties within the documented ranges, the loss and its gradient are finite, the loss
+is at most the objective at a trivial readout, and float32 agrees with float64.
+
+The default run draws a few examples per loss; the slow run (`python -m pytest -m slow`)
+draws 1000 per loss. Shapes come from a short fixed list, so each loss compiles once per
+shape and dtype; hypothesis draws the data, the scale and the penalties.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import vploss
+from vploss._cpflow import _feature_derivatives, cpflow_objective
+
+from .helpers import cast, mlp
+
+
+# (N, n, m, k): samples, input size, features, outputs (classes for `vploss_ce`).
+SHAPES = [(8, 2, 3, 1), (24, 3, 5, 3)]
+# The quick run keeps to the first shape: compiling dominates its time.
+EXAMPLES = [
+    pytest.param(6, id="quick"),
+    pytest.param(1000, id="slow", marks=pytest.mark.slow),
+]
+# An open defect the slow run finds: in float64, with features of size 5-10 and
+# alpha2 of 0.1-1, the exact Newton method's Armijo search stalls at a gradient just
+# above the default `gtol` (1.8e-8 against 1.5e-8: the last decrease is below the
+# rounding of the objective), so the solve reports non-convergence.
+NEWTON_STALL = pytest.mark.xfail(
+    raises=eqx.EquinoxRuntimeError, strict=False, reason="Armijo stall above the default gtol"
+)
+EXAMPLES_LOGISTIC = [
+    pytest.param(6, id="quick"),
+    pytest.param(1000, id="slow", marks=[pytest.mark.slow, NEWTON_STALL]),
+]
+
+
+@st.composite
+def problems(draw, shapes=SHAPES):
+    """A shape from `shapes`, a seed, a feature scale and penalties in their documented
+    ranges (`alpha2` down to 1e-4, where float32 still resolves the readout)."""
+    return {
+        "shape": draw(st.sampled_from(shapes)),
+        "seed": draw(st.integers(0, 2**16)),
+        "scale": 10 ** draw(st.floats(-1, 1)),
+        "alpha2": 10 ** draw(st.floats(-4, 0)),
+        "alpha1": draw(st.sampled_from([0.0, 1e-3])),
+    }
+
+
+class Scaled(eqx.Module):
+    """A feature map multiplied by a scale. The scale is an array leaf (penalised and
+    differentiated like the others), so drawing a new one does not recompile."""
+
+    model: eqx.Module
+    scale: jax.Array
+
+    def __call__(self, x):
+        return self.scale * self.model(x)
+
+
+def _value_and_grad(loss):
+    return eqx.filter_jit(eqx.filter_value_and_grad(loss))
+
+
+def _ridge(model, x, y, alpha1, alpha2):
+    return vploss.vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+
+
+def _bce(model, x, y, alpha1, alpha2):
+    return vploss.vploss_bce(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+
+
+def _ce(model, x, y, alpha1, alpha2):
+    return vploss.vploss_ce(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+
+
+def _cpflow(model, x, alpha1, alpha2):
+    return vploss.vploss_cpflow(model, x, alpha1=alpha1, alpha2=alpha2)[0]
+
+
+RIDGE, BCE, CE, CPFLOW = map(_value_and_grad, (_ridge, _bce, _ce, _cpflow))
+
+
+def _parameter_penalty(model, alpha1):
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    return 0.5 * alpha1 * sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in leaves)
+
+
+def _check(value_and_grad, model, data, bound, alpha1, alpha2):
+    """Runs the loss in float64 and float32 and checks the four properties."""
+    losses = {}
+    for dtype in (jnp.float64, jnp.float32):
+        cast_model, cast_data = cast(model, dtype), cast(data, dtype)
+        loss, grads = value_and_grad(
+            cast_model, *cast_data, jnp.asarray(alpha1, dtype), jnp.asarray(alpha2, dtype)
+        )
+        assert loss.dtype == dtype
+        assert np.isfinite(float(loss))
+        leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+        losses[dtype] = float(loss)
+        # The minimum over readouts is at most the value at the trivial one.
+        assert losses[dtype] <= bound + 1e-6 * (1 + abs(bound))
+    assert abs(losses[jnp.float32] - losses[jnp.float64]) <= 2e-3 * (1 + abs(losses[jnp.float64]))
+
+
+def _inputs(problem):
+    num_samples, in_size, features, outputs = problem["shape"]
+    keys = jax.random.split(jax.random.PRNGKey(problem["seed"]), 3)
+    model = Scaled(
+        mlp(in_size, width=6, depth=1, features=features, seed=problem["seed"]),
+        jnp.asarray(problem["scale"]),
+    )
+    x = jax.random.normal(keys[0], (num_samples, in_size))
+    return model, x, keys[1], outputs
+
+
+def _run(examples, check):
+    settings(max_examples=examples, deadline=None, derandomize=examples < 100)(
+        given(problems())(check)
+    )()
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_ridge_properties(examples):
+    def check(problem):
+        model, x, key, outputs = _inputs(problem)
+        y = jax.random.normal(key, (x.shape[0], outputs))
+        penalty = _parameter_penalty(model, problem["alpha1"])
+        bound = 0.5 * float(jnp.mean(jnp.sum(y**2, axis=1))) + penalty
+        _check(RIDGE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+
+    _run(examples, check)
+
+
+@pytest.mark.parametrize("examples", EXAMPLES_LOGISTIC)
+def test_bce_properties(examples):
+    def check(problem):
+        model, x, key, outputs = _inputs(problem)
+        y = jax.random.uniform(key, (x.shape[0], outputs))
+        bound = outputs * math.log(2) + _parameter_penalty(model, problem["alpha1"])
+        _check(BCE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+
+    _run(examples, check)
+
+
+@pytest.mark.parametrize("examples", EXAMPLES_LOGISTIC)
+def test_ce_properties(examples):
+    def check(problem):
+        model, x, key, outputs = _inputs(problem)
+        classes = outputs + 1
+        y = jax.nn.softmax(3 * jax.random.normal(key, (x.shape[0], classes)), axis=1)
+        bound = math.log(classes) + _parameter_penalty(model, problem["alpha1"])
+        _check(CE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+
+    _run(examples, check)
+
+
+@eqx.filter_jit
+def _cpflow_objective_at_centre(model, x, alpha2):
+    """The inner objective at the barrier's start `w = 1/m, c = 1, a = 0`."""
+    jacobians, hessians = _feature_derivatives(model, x)
+    m = jacobians.shape[-1]
+    centre = (jnp.full((m,), 1 / m), jnp.ones(()), jnp.zeros(x.shape[1]))
+    return cpflow_objective(centre, (jacobians, hessians, x, alpha2))
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_cpflow_properties(examples):
+    def check(problem):
+        _, in_size, features, _ = problem["shape"]
+        x = problem["scale"] * jax.random.normal(jax.random.PRNGKey(problem["seed"]), (16, in_size))
+        model = vploss.ICNN(in_size, 4, features, 2, key=jax.random.PRNGKey(problem["seed"]))
+        alpha1, alpha2 = problem["alpha1"], problem["alpha2"]
+        centre = _cpflow_objective_at_centre(model, x, jnp.asarray(alpha2))
+        bound = float(centre) + _parameter_penalty(model, alpha1)
+        _check(CPFLOW, model, (x,), bound, alpha1, alpha2)
+
+    _run(examples, check)
