@@ -39,18 +39,20 @@ def peaks(x):
     )
 
 
-def feature_map(key, width):
-    return eqx.nn.MLP(2, width, width, 2, activation=jnp.tanh, final_activation=jnp.tanh, key=key)
+def feature_map(key, width, depth=2):
+    return eqx.nn.MLP(
+        2, width, width, depth, activation=jnp.tanh, final_activation=jnp.tanh, key=key
+    )
 
 
 def relative_error(pred, y):
     return jnp.linalg.norm(pred - y) / jnp.linalg.norm(y)
 
 
-def train_plain(key, data, steps, lr, width, record):
+def train_plain(key, data, steps, lr, width, record, depth=2):
     x, y, x_test, y_test = data
     fkey, hkey = jax.random.split(key)
-    params = (feature_map(fkey, width), eqx.nn.Linear(width, "scalar", key=hkey))
+    params = (feature_map(fkey, width, depth), eqx.nn.Linear(width, "scalar", key=hkey))
     predict = lambda p, x: jax.vmap(lambda xi: p[1](p[0](xi)))(x)  # noqa: E731
     optimiser = optax.adam(lr)
     state = optimiser.init(eqx.filter(params, eqx.is_inexact_array))
@@ -67,9 +69,9 @@ def train_plain(key, data, steps, lr, width, record):
     return _loop(step, params, state, steps, record, test_error, f"plain lr={lr:g}")
 
 
-def train_varpro(key, data, steps, lr, width, alpha2, record):
+def train_varpro(key, data, steps, lr, width, alpha2, record, depth=2):
     x, y, x_test, y_test = data
-    model = feature_map(key, width)
+    model = feature_map(key, width, depth)
     optimiser = optax.adam(lr)
     state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
     loss_fn = lambda m: vploss_msereg(m, x, y, alpha2=alpha2)  # noqa: E731

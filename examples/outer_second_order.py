@@ -1,0 +1,494 @@
+# %% [markdown]
+# # Outer second-order training: Levenberg–Marquardt on the VarPro residual
+#
+# MATLAB's `peaks` surface, 2000 training points on [-3, 3]², a tanh MLP feature map
+# 2→32→32 (1,152 parameters, plus the 33 of the affine readout), float64. Four methods,
+# the first two from `examples/peaks_approximation.py`:
+#
+# 1. **Adam, plain head**: θ and the head `(w, b)` trained together on the mean squared
+#    error (best of three learning rates).
+# 2. **Adam, VarPro**: θ trained on the reduced loss `vploss_msereg` (best of three).
+# 3. **LM, VarPro**: `optimistix.LevenbergMarquardt` on `vploss.vpresidual_msereg`, the
+#    reduced residual `r(θ) = [(F̂Ŵ*(θ) − Y)/√N ; √alpha2·Ŵ*(θ)]`, whose derivative
+#    (Golub–Pereyra) includes the derivative of the fitted readout `dŴ*/dθ`.
+# 4. **LM, full network**: the same optimistix solver on the plain residual
+#    `(ŷ − y)/√N` of θ and the head together.
+#
+# When the optional package `nlls-gram` (a Levenberg–Marquardt with geodesic acceleration
+# and a Gram/dual linear algebra for overparameterised systems) is importable, it is run
+# on both residuals as well.
+#
+#     python examples/outer_second_order.py            # ~15 minutes on 2 busy CPU cores
+#     python examples/outer_second_order.py --quick    # under a minute
+#
+# RESULTS
+
+# %%
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+import equinox as eqx
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import lineax as lx  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optimistix as optx  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+# The peaks data, the feature map and the Adam baselines are shared with the Adam-only
+# example; inside a notebook the working directory is `examples/` already.
+sys.path.insert(0, str(pathlib.Path(globals().get("__file__", "x")).resolve().parent))
+from peaks_approximation import (  # noqa: E402
+    feature_map,
+    peaks,
+    relative_error,
+    train_plain,
+    train_varpro,
+)
+
+import vploss  # noqa: E402
+
+
+try:
+    import nlls_gram
+except ImportError:  # optional: the curves that need it are skipped
+    nlls_gram = None
+
+# %%
+parser = argparse.ArgumentParser(description="Levenberg–Marquardt on the VarPro residual")
+parser.add_argument("--quick", action="store_true", help="small data, few steps")
+parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
+parser.add_argument("--seeds", type=int, default=3, help="median over this many seeds")
+parser.add_argument("--adam-steps", type=int, default=5000)
+parser.add_argument("--lm-steps", type=int, default=400)
+parser.add_argument("--lm-seconds", type=float, default=120.0, help="time budget of one LM run")
+parser.add_argument("--alpha2", type=float, default=1e-6, help="readout penalty")
+# `parse_known_args`: a notebook kernel passes arguments of its own.
+args, _ = parser.parse_known_args()
+
+if args.quick:
+    n_train, width, seeds = 300, 16, 1
+    adam_steps, lm_steps, lm_seconds = 200, 20, 10.0
+    learning_rates = (1e-2,)
+else:
+    n_train, width, seeds = 2000, 32, args.seeds
+    adam_steps, lm_steps, lm_seconds = args.adam_steps, args.lm_steps, args.lm_seconds
+    learning_rates = (3e-3, 1e-2, 3e-2)
+depth = 1  # 2 → width → width
+alpha2 = args.alpha2
+
+
+def make_data(seed):
+    key_data, key_test, key_model = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.uniform(key_data, (n_train, 2), minval=-3.0, maxval=3.0)
+    x_test = jax.random.uniform(key_test, (4096, 2), minval=-3.0, maxval=3.0)
+    return (x, peaks(x), x_test, peaks(x_test)), key_model
+
+
+# %% [markdown]
+# ## The Jacobian
+#
+# Each Levenberg–Marquardt step needs the Jacobian `J` of the residual (`N + 33` rows,
+# 1,152 columns). Automatic differentiation forms it column by column (forward mode,
+# `options={"jac": "fwd"}`, optimistix's default) or row by row (`"bwd"`); both work on
+# `vpresidual_msereg`, whose readout carries its exact derivative. But each forward-mode
+# column pushes a tangent through the whole batch: the feature tangents alone are an
+# `N × m × n` array (590 MB here), and a step takes seconds. Reverse mode is no better.
+#
+# The chain rule splits the reduced residual `r(θ) = r(θ, Ŵ*(θ))` into two cheap parts:
+#
+#     J = ∂r/∂θ |_Ŵ*  +  ∂r/∂Ŵ · dŴ*/dθ.
+#
+# The first is the Jacobian with the readout frozen: row j is the gradient of ONE
+# sample's prediction `Ŵ*·f̂_θ(x_j)` (a per-sample gradient, `jax.vmap` over samples of
+# `jax.grad`, about the cost of three forward passes in all). The second is a product of
+# the known matrix `[F̂/√N ; √alpha2·I]` with `dŴ*/dθ`, which `jax.jacrev` of the
+# readout returned by `vpresidual_msereg` gives in 33 reverse passes (it is the
+# implicit-function derivative, a linear solve with the ridge Cholesky factor). The same
+# per-sample trick gives the plain network's Jacobian (only its first part), so both LM
+# methods below use it. `dense_jacobian` hands such a Jacobian to any solver through a
+# custom JVP rule: the linearisation that optimistix (or nlls-gram) takes is then the
+# matrix–vector product with the precomputed `J`.
+
+
+# %%
+def flat(tree):
+    return ravel_pytree(tree)[0]
+
+
+def per_sample_rows(predict, params, x):
+    """The Jacobian of `predict(params, x_j)` in `params`, one block of rows per sample:
+    shape `(N·k, n)` (`k` outputs per sample)."""
+
+    def rows(xj):
+        jac = jax.jacrev(lambda p: jnp.atleast_1d(predict(p, xj)))(params)
+        return jax.vmap(flat)(jac)
+
+    per_sample = jax.vmap(rows)(x)
+    return per_sample.reshape(-1, per_sample.shape[-1])
+
+
+def varpro_residual(params, static, x, y):
+    return vploss.vpresidual_msereg(eqx.combine(params, static), x, y, alpha2=alpha2)
+
+
+def varpro_jacobian(params, static, x, y):
+    """The Golub–Pereyra Jacobian of `vpresidual_msereg`, as `(N·k + rest, n)`."""
+    residual, readout = varpro_residual(params, static, x, y)
+    num_rows = y.size
+    scale = jnp.sqrt(jnp.asarray(x.shape[0], residual.dtype))
+    frozen = per_sample_rows(lambda p, xj: readout(eqx.combine(p, static)(xj)), params, x)
+
+    def fitted_readout(p):
+        fitted = varpro_residual(p, static, x, y)[1]
+        return fitted.weight, fitted.bias
+
+    d_weight, d_bias = jax.jacrev(fitted_readout)(params)  # dŴ*/dθ
+    d_weight = jax.vmap(jax.vmap(flat))(d_weight)  # (k, m, n)
+    d_bias = jax.vmap(flat)(d_bias)  # (k, n)
+    features = jax.vmap(eqx.combine(params, static))(x).reshape(x.shape[0], -1)
+    through_readout = jnp.einsum("jm,kmn->jkn", features, d_weight) + d_bias
+    data_rows = (frozen + through_readout.reshape(num_rows, -1)) / scale
+    # The penalty rows (√alpha2·Ŵ*, and √alpha1·θ if used) depend on θ only through
+    # few outputs: reverse mode on those rows alone.
+    tail = jax.jacrev(lambda p: varpro_residual(p, static, x, y)[0][num_rows:])(params)
+    return jnp.concatenate([data_rows, jax.vmap(flat)(tail)]), (residual, readout)
+
+
+def plain_residual(params, static, x, y):
+    features, head = eqx.combine(params, static)
+    pred = jax.vmap(lambda xi: head(features(xi)))(x)
+    return (pred - y) / jnp.sqrt(jnp.asarray(x.shape[0], pred.dtype)), None
+
+
+def plain_jacobian(params, static, x, y):
+    def predict(p, xj):
+        features, head = eqx.combine(p, static)
+        return head(features(xj))
+
+    scale = jnp.sqrt(jnp.asarray(x.shape[0], y.dtype))
+    return per_sample_rows(predict, params, x) / scale, plain_residual(params, static, x, y)
+
+
+def dense_jacobian(residual, jacobian):
+    """`params, static, x, y -> (r, aux)` whose derivative in `params` is the matrix
+    `jac` of `jacobian(params, static, x, y) = (jac, (r, aux))`, formed once per
+    linearisation (the auxiliary output is not differentiated)."""
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def wrapped(params, static, x, y):
+        return residual(params, static, x, y)
+
+    @wrapped.defjvp
+    def wrapped_jvp(static, primals, tangents):
+        params, x, y = primals
+        jac, (out, aux) = jacobian(params, static, x, y)
+        return (out, aux), (jac @ flat(tangents[0]), jax.tree_util.tree_map(jnp.zeros_like, aux))
+
+    return wrapped
+
+
+# %% [markdown]
+# A check of the assembled Jacobian against plain forward-mode differentiation of
+# `vpresidual_msereg` (a small batch, so that the slow way is quick).
+
+
+# %%
+def check_jacobian(seed=0):
+    (x, y, _, _), key = make_data(seed)
+    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
+    x, y = x[:64], y[:64]
+    theta, unflatten = ravel_pytree(params)
+    reference = jax.jacfwd(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
+    reverse = jax.jacrev(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
+    assembled, _ = varpro_jacobian(params, static, x, y)
+    scale = jnp.max(jnp.abs(reference))
+    print(
+        "Jacobian of vpresidual_msereg, max relative deviation from jacfwd: "
+        f"jacrev {jnp.max(jnp.abs(reverse - reference)) / scale:.1e}, "
+        f"assembled {jnp.max(jnp.abs(assembled - reference)) / scale:.1e}"
+    )
+    assert jnp.allclose(assembled, reference, rtol=1e-6, atol=1e-8 * scale)
+
+
+check_jacobian()
+
+
+# %% [markdown]
+# ## Levenberg–Marquardt runs
+#
+# The optimistix solver is stepped by hand (`init`/`step`) to record the test error
+# after every step; the error evaluation is not timed. `lx.Normal(lx.Cholesky())` solves
+# the damped step by the normal equations of `[J; √λ I]` (an `n × n` Cholesky factor)
+# instead of QR of the tall stacked matrix.
+
+
+# %%
+def evaluate_varpro(params, static, x, y, x_test, y_test):
+    model = eqx.combine(params, static)
+    _, readout = vploss.vpresidual_msereg(model, x, y, alpha2=alpha2)
+    return relative_error(jax.vmap(lambda xi: readout(model(xi)))(x_test), y_test)
+
+
+def evaluate_plain(params, static, x, y, x_test, y_test):
+    features, head = eqx.combine(params, static)
+    return relative_error(jax.vmap(lambda xi: head(features(xi)))(x_test), y_test)
+
+
+def optimistix_stepper(fn, params, static, x, y, linear_solver=None, jac="fwd"):
+    solver = optx.LevenbergMarquardt(
+        rtol=0.0, atol=0.0, linear_solver=linear_solver or lx.Normal(lx.Cholesky())
+    )
+    problem = lambda p, args: fn(p, static, x, y)  # noqa: E731
+    options = {"jac": jac}
+    f_struct, aux_struct = jax.eval_shape(lambda: problem(params, None))
+    state = solver.init(problem, params, None, options, f_struct, aux_struct, frozenset())
+
+    @eqx.filter_jit
+    def step(params, state):
+        params, state, _ = solver.step(problem, params, None, options, state, frozenset())
+        return params, state
+
+    return step, state
+
+
+def nlls_gram_stepper(fn, params, static, x, y):
+    solver = nlls_gram.LevenbergMarquardt(lambda p: fn(p, static, x, y), has_aux=True)
+    state = solver.init(params)
+
+    @jax.jit
+    def step(params, state):
+        params, state, _ = solver.update(params, state)
+        return params, state
+
+    return step, state
+
+
+def run_lm(make_stepper, fn, evaluate, params, static, data, max_steps, max_seconds):
+    x, y, x_test, y_test = data
+    step, state = make_stepper(fn, params, static, x, y)
+    error = eqx.filter_jit(lambda p: evaluate(p, static, *data))
+    jax.block_until_ready(step(params, state))  # compile outside the timed loop
+    errors, times, elapsed = [float(error(params))], [0.0], 0.0
+    for _ in range(max_steps):
+        start = time.perf_counter()
+        params, state = step(params, state)
+        jax.block_until_ready(params)
+        elapsed += time.perf_counter() - start
+        errors.append(float(error(params)))
+        times.append(elapsed)
+        if elapsed > max_seconds or errors[-1] < 1e-7:
+            break
+    return np.arange(len(errors)), np.array(errors), np.array(times)
+
+
+# %% [markdown]
+# ## Timing the options
+#
+# One LM step on `vpresidual_msereg` (and on the plain residual) with each way of forming
+# the Jacobian and each linear solver: compile, then the fastest of two steps.
+
+
+# %%
+def time_steps(make_stepper, fn, params, static, x, y, repeats=2):
+    step, state = make_stepper(fn, params, static, x, y)
+    jax.block_until_ready(step(params, state))
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        params, state = step(params, state)
+        jax.block_until_ready(params)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def timing_study(seed=0):
+    (x, y, _, _), key = make_data(seed)
+    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
+    plain_params, plain_static = eqx.partition(
+        (feature_map(key, width, depth), eqx.nn.Linear(width, "scalar", key=key)),
+        eqx.is_inexact_array,
+    )
+    normal, qr = lx.Normal(lx.Cholesky()), lx.QR()
+    stepper = lambda **kw: functools.partial(optimistix_stepper, **kw)  # noqa: E731
+    assembled_varpro = dense_jacobian(varpro_residual, varpro_jacobian)
+    assembled_plain = dense_jacobian(plain_residual, plain_jacobian)
+    rows = [
+        ("VarPro", "jac='fwd'", "QR", stepper(jac="fwd", linear_solver=qr), varpro_residual),
+        ("VarPro", "jac='fwd'", "Normal(Cholesky)", stepper(linear_solver=normal), varpro_residual),
+        ("VarPro", "jac='bwd'", "Normal(Cholesky)", stepper(jac="bwd", linear_solver=normal),
+         varpro_residual),
+        ("VarPro", "assembled", "QR", stepper(linear_solver=qr), assembled_varpro),
+        ("VarPro", "assembled", "Normal(Cholesky)", stepper(linear_solver=normal),
+         assembled_varpro),
+        ("full", "jac='fwd'", "Normal(Cholesky)", stepper(linear_solver=normal), plain_residual),
+        ("full", "per-sample", "Normal(Cholesky)", stepper(linear_solver=normal), assembled_plain),
+    ]  # fmt: skip
+    if nlls_gram is not None:
+        rows += [
+            ("VarPro", "assembled", "nlls-gram", nlls_gram_stepper, assembled_varpro),
+            ("full", "own (fwd)", "nlls-gram", nlls_gram_stepper, plain_residual),
+        ]
+    if args.quick:  # each row compiles a solver: a few rows only
+        rows = [rows[4]]
+    print(f"\nSeconds per LM step (N = {n_train}, {count(params)} parameters)")
+    print(f"{'residual':>8} {'Jacobian':>12} {'linear solver':>18} {'s/step':>8}")
+    results = {}
+    for residual, jacobian, solver, make_stepper, fn in rows:
+        p, s = (params, static) if residual == "VarPro" else (plain_params, plain_static)
+        seconds = time_steps(make_stepper, fn, p, s, x, y)
+        results[(residual, jacobian, solver)] = seconds
+        print(f"{residual:>8} {jacobian:>12} {solver:>18} {seconds:8.3f}", flush=True)
+    return results
+
+
+def count(params):
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+step_times = timing_study()
+
+
+# %% [markdown]
+# ## The comparison
+#
+# Each method from the same initialisation per seed; the Adam methods at each learning
+# rate, the best one (lowest final test error, median over seeds) kept.
+
+
+# %%
+def run_all(seed):
+    data, key = make_data(seed)
+    record = sorted(
+        {int(s) for s in np.geomspace(1, adam_steps, 40)} | {s for s in (2000,) if s <= adam_steps}
+    )
+    adam = {
+        "Adam, plain head": lambda lr: train_plain(key, data, adam_steps, lr, width, record, depth),
+        "Adam, VarPro": lambda lr: train_varpro(
+            key, data, adam_steps, lr, width, alpha2, record, depth
+        ),
+    }
+    runs = {}
+    for lr in learning_rates:
+        for name, train in adam.items():
+            _, errors, times = train(lr)
+            runs[(name, lr)] = (
+                np.array(record),
+                np.array([errors[s] for s in record]),
+                np.array([times[s] for s in record]),
+            )
+    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
+    hkey = jax.random.split(key)[1]
+    plain_params, plain_static = eqx.partition(
+        (feature_map(key, width, depth), eqx.nn.Linear(width, "scalar", key=hkey)),
+        eqx.is_inexact_array,
+    )
+    lm = functools.partial(run_lm, max_steps=lm_steps, max_seconds=lm_seconds)
+    assembled_varpro = dense_jacobian(varpro_residual, varpro_jacobian)
+    assembled_plain = dense_jacobian(plain_residual, plain_jacobian)
+    runs[("LM, VarPro", None)] = lm(
+        optimistix_stepper, assembled_varpro, evaluate_varpro, params, static, data
+    )
+    runs[("LM, full network", None)] = lm(
+        optimistix_stepper, assembled_plain, evaluate_plain, plain_params, plain_static, data
+    )
+    if nlls_gram is not None:
+        runs[("nlls-gram, VarPro", None)] = lm(
+            nlls_gram_stepper, assembled_varpro, evaluate_varpro, params, static, data
+        )
+        runs[("nlls-gram, full network", None)] = lm(
+            nlls_gram_stepper, plain_residual, evaluate_plain, plain_params, plain_static, data
+        )
+    return runs
+
+
+all_runs = [run_all(seed) for seed in range(seeds)]
+
+
+# %% [markdown]
+# ## Medians over seeds and the table
+
+
+# %%
+def median_curve(curves):
+    """Median over seeds of error and time, on the steps all runs reached."""
+    length = min(len(c[0]) for c in curves)
+    steps = curves[0][0][:length]
+    errors = np.median([c[1][:length] for c in curves], axis=0)
+    times = np.median([c[2][:length] for c in curves], axis=0)
+    return steps, errors, times
+
+
+def first_reaching(curve, level):
+    """(steps, seconds) when the error first falls to `level`, else (nan, nan)."""
+    steps, errors, times = curve
+    hit = np.nonzero(errors <= level)[0]
+    return (steps[hit[0]], times[hit[0]]) if hit.size else (np.nan, np.nan)
+
+
+medians = {}
+for name, lr in all_runs[0]:
+    medians[(name, lr)] = median_curve([runs[(name, lr)] for runs in all_runs])
+best = {}
+for name, lr in medians:
+    if name not in best or medians[(name, lr)][1][-1] < medians[(name, best[name])][1][-1]:
+        best[name] = lr
+curves = {name: medians[(name, lr)] for name, lr in best.items()}
+
+plain_steps, plain_errors, _ = curves["Adam, plain head"]
+adam_mark = 2000 if adam_steps >= 2000 else adam_steps
+adam_level = plain_errors[np.searchsorted(plain_steps, adam_mark)]
+print(
+    f"\nTest relative error on peaks (N = {n_train}, MLP 2→{width}→{width}, float64, "
+    f"median of {seeds} seed{'s' * (seeds > 1)}; times on a shared machine)"
+)
+header = (
+    f"{'method':>24} {'lr':>6} {'steps':>6} {'s/step':>7} {'final':>9} "
+    f"{'steps→Adam@' + str(adam_mark):>15} {'s→1e-3':>8} {'s→1e-5':>8}"
+)
+print(header)
+table = {}
+for name, lr in best.items():
+    steps, errors, times = curves[name]
+    per_step = times[-1] / steps[-1]
+    to_adam, _ = first_reaching(curves[name], adam_level)
+    _, to_3 = first_reaching(curves[name], 1e-3)
+    _, to_5 = first_reaching(curves[name], 1e-5)
+    table[name] = (lr, steps[-1], per_step, errors[-1], to_adam, to_3, to_5)
+    print(
+        f"{name:>24} {'' if lr is None else f'{lr:g}':>6} {steps[-1]:6d} {per_step:7.3f} "
+        f"{errors[-1]:9.2e} {to_adam:15.0f} {to_3:8.1f} {to_5:8.1f}"
+    )
+print(f"(plain Adam's error at step {adam_mark}: {adam_level:.2e})")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+for name, (steps, errors, times) in curves.items():
+    style = "--" if name.startswith("Adam") else "-"
+    axes[0].loglog(np.maximum(steps, 1), errors, style, label=name)
+    axes[1].loglog(np.maximum(times, 1e-3), errors, style, label=name)
+axes[0].set_xlabel("steps")
+axes[1].set_xlabel("training wall time (s)")
+for ax in axes:
+    ax.set_ylabel("test relative error")
+    ax.grid(True, which="both", alpha=0.3)
+axes[0].legend()
+fig.suptitle(f"peaks, N = {n_train}, median of {seeds} seed{'s' * (seeds > 1)}")
+fig.tight_layout()
+args.out.mkdir(parents=True, exist_ok=True)
+path = args.out / "outer_second_order.png"
+fig.savefig(path, dpi=120)
+print(f"saved {path}")
