@@ -210,3 +210,20 @@ def test_optax_loop_decreases_loss():
         params, state, loss, readout = step(params, state, readout)
         losses.append(float(loss))
     assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("solver", ["newton", "newton-cg"])
+def test_validation_loss_through_the_readout(solver):
+    """The readout carries dŴ*/dθ (implicit function theorem with the inner Hessian):
+    the gradient of a validation loss computed from it matches central differences."""
+    model = mlp()
+    x, y = _data(k=2)
+    x_val, y_val = _data(k=2, seed=5)
+
+    def validation_loss(m):
+        _, readout = vploss_bce(m, x, y, alpha2=1e-2, solver=solver, gtol=1e-12)
+        logits = jax.vmap(lambda s: readout(m(s)))(x_val)
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y_val))
+
+    fd, ad = directional_derivative_check(validation_loss, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)

@@ -8,10 +8,12 @@ import pytest
 from vploss import VPLinear, vploss_msereg
 
 from .helpers import (
+    along,
     cast,
     directional_derivative_check,
     flatten,
     mlp,
+    random_direction,
     ridge_reference,
     taylor_remainders,
 )
@@ -307,3 +309,55 @@ def test_readout_validation():
     with pytest.raises(ValueError, match=r"features of one sample, shape \(3,\)"):
         readout(jnp.ones(4))
     np.testing.assert_allclose(readout(jnp.ones(3)), [3.0, 3.0])
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "svd", "dual"])
+def test_validation_loss_through_the_readout(solver):
+    """The readout carries dŴ*/dθ (implicit function theorem): the gradient of a
+    validation error computed from it matches central differences."""
+    model = mlp(IN, features=M)
+    n = 5 if solver == "dual" else N  # the dual form is for N < m + 1
+    x, y = _data(n=n, k=2)
+    x_val, y_val = _data(n=15, k=2, seed=3)
+
+    def validation_loss(m):
+        _, readout = vploss_msereg(m, x, y, alpha2=1e-3, solver=solver)
+        return jnp.mean((jax.vmap(lambda s: readout(m(s)))(x_val) - y_val) ** 2)
+
+    fd, ad = directional_derivative_check(validation_loss, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
+    # Forward mode agrees with reverse mode.
+    direction = random_direction(model)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    _, jvp = jax.jvp(lambda p: validation_loss(eqx.combine(p, static)), (params,), (direction,))
+    np.testing.assert_allclose(jvp, ad, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "svd", "dual"])
+def test_readout_jacobian_in_targets_is_the_hat_map(solver):
+    """dŴ*ᵀ/dY = (F̂ᵀF̂/N + alpha2 I)⁻¹F̂ᵀ/N, a closed form."""
+    model = mlp(IN, features=M)
+    x, y = _data(n=N)
+    features = np.concatenate([np.asarray(jax.vmap(model)(x)), np.ones((N, 1))], axis=1)
+    alpha2 = 1e-2
+    expected = np.linalg.solve(features.T @ features / N + alpha2 * np.eye(M + 1), features.T / N)
+    weight = lambda y: vploss_msereg(model, x, y, alpha2=alpha2, solver=solver)[1].weight  # noqa: E731
+    np.testing.assert_allclose(jax.jacrev(weight)(y)[0], expected[:M], rtol=1e-9, atol=1e-12)
+
+
+def test_second_derivative_of_the_loss():
+    """A Hessian-vector product of the reduced loss (forward over reverse) against
+    central differences of its gradient: it needs the readout's derivative."""
+    model = mlp(IN, features=M)
+    x, y = _data(n=N, k=2)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    grad = jax.grad(lambda p: vploss_msereg(eqx.combine(p, static), x, y, alpha2=1e-3)[0])
+    direction = random_direction(model)
+    _, hvp = jax.jvp(grad, (params,), (direction,))
+    h = 1e-6
+    fd = jax.tree.map(
+        lambda a, b: (a - b) / (2 * h),
+        grad(along(params, direction, h)),
+        grad(along(params, direction, -h)),
+    )
+    np.testing.assert_allclose(flatten(hvp), flatten(fd), rtol=1e-6, atol=1e-8)

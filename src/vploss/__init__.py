@@ -10,6 +10,7 @@ from ._diagnostics import InnerStats as InnerStats
 from ._icnn import ICNN as ICNN
 from ._logistic import vploss_bce as vploss_bce
 from ._readout import VPLinear as VPLinear
+from ._residual import vpresidual_msereg as vpresidual_msereg
 from ._ridge import vploss_msereg as vploss_msereg
 from ._softmax import vploss_ce as vploss_ce
 

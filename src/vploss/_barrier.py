@@ -9,7 +9,14 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree, Scalar
 
 from ._diagnostics import InnerStats
-from ._envelope import Args, envelope_minimise, Objective, Params
+from ._envelope import (
+    AbstractInnerSolver,
+    Args,
+    dense_hessian_solve,
+    envelope_minimise,
+    Objective,
+    Params,
+)
 
 
 class BarrierStats(InnerStats):
@@ -110,12 +117,7 @@ class LogBarrier(eqx.Module):
         """
         flat_init, unravel = jfu.ravel_pytree(init)
         dtype = flat_init.dtype
-        mask = np.concatenate(
-            [
-                np.full(np.size(leaf), flag, bool)
-                for leaf, flag in zip(jtu.tree_leaves(init), constrained, strict=True)
-            ]
-        )
+        mask = _constraint_mask(init, constrained)
         num_constraints = int(mask.sum())
         eps = float(jnp.finfo(dtype).eps)
         gap_tol = np.sqrt(eps) if self.gap_tol is None else self.gap_tol
@@ -195,8 +197,20 @@ class LogBarrier(eqx.Module):
         return unravel(w), stats
 
 
-class _BarrierInnerSolver(eqx.Module):
-    """Adapts `LogBarrier` to the `solver(args, init)` protocol of `envelope_minimise`."""
+def _constraint_mask(params: Params, constrained: tuple[bool, ...]) -> np.ndarray:
+    """One bool per entry of `ravel_pytree(params)`: whether it is constrained."""
+    return np.concatenate(
+        [
+            np.full(np.size(leaf), flag, bool)
+            for leaf, flag in zip(jtu.tree_leaves(params), constrained, strict=True)
+        ]
+    )
+
+
+class _BarrierInnerSolver(AbstractInnerSolver):
+    r"""Adapts `LogBarrier` to `envelope_minimise`. The minimiser's derivative is that
+    of the barrier solution $w_t$: the Hessian is that of $J - \frac1t \sum_{i \in C}
+    \log w_i$, with $1/t$ recovered from the duality gap $|C|/t$."""
 
     barrier: LogBarrier
     objective: Objective
@@ -204,6 +218,14 @@ class _BarrierInnerSolver(eqx.Module):
 
     def __call__(self, args: Args, init: Params) -> tuple[Params, BarrierStats]:
         return self.barrier.solve(self.objective, self.constrained, args, init)
+
+    def hessian_solve(self, objective, solution, stats, args):
+        flat, unravel = jfu.ravel_pytree(solution)
+        mask = _constraint_mask(solution, self.constrained)
+        inverse_weight = stats.duality_gap / max(int(mask.sum()), 1)
+        hessian = jax.hessian(lambda v: objective(unravel(v), args))(flat)
+        barrier_curvature = jnp.where(mask, inverse_weight / jnp.where(mask, flat, 1) ** 2, 0)
+        return dense_hessian_solve(hessian + jnp.diag(barrier_curvature), unravel)
 
 
 def barrier_minimise(
@@ -255,7 +277,8 @@ def barrier_minimise(
     **Returns:**
 
     `(value, solution, stats)`: $J(w_t; a)$ (carrying the envelope derivative), $w_t$
-    (no derivative) and the `BarrierStats`. Check `stats.converged`.
+    (with the implicit derivative of $w_t$) and the `BarrierStats`. Check
+    `stats.converged`.
     """
     flags = jtu.tree_map(lambda flag, sub: jtu.tree_map(lambda _: flag, sub), constrained, init)
     flags = tuple(jtu.tree_leaves(flags))

@@ -1,25 +1,72 @@
+import abc
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, PyTree, Scalar
+import lineax as lx
+from jaxtyping import Array, Float, PyTree, Scalar
 
 
 Args: TypeAlias = PyTree[Any]
 Params: TypeAlias = PyTree[Array]
 Stats: TypeAlias = PyTree[Array]
 Objective: TypeAlias = Callable[[Params, Args], Scalar]
-InnerSolver: TypeAlias = Callable[[Args, Params | None], tuple[Params, Stats]]
+Tangent: TypeAlias = PyTree[Array | None]
 
 
-_SECOND_ORDER = (
-    "vploss: a reduced loss has first derivatives only (the envelope rule). Its second "
-    "derivative needs the derivative of the fitted readout, which is not available; "
-    "differentiate it once (grad, jvp, vjp, jacfwd or jacrev), not twice."
-)
+class AbstractInnerSolver(eqx.Module):
+    r"""An inner solver for `envelope_minimise`: it minimises a convex objective
+    $J(w; a)$ over $w$, and says how its minimiser moves with the data $a$.
+
+    Subclasses implement `__call__`, and may replace `hessian_solve` (the default
+    forms the dense Hessian of $J$ by autodiff, fine for a few hundred unknowns) or
+    `solution_jvp` (the default is the implicit function theorem with
+    `hessian_solve`) by something that exploits the problem's structure.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, args: Args, init: Params | None) -> tuple[Params, Stats]:
+        """Returns `(w_star, stats)`: the minimiser, from the warm start `init` (or a
+        default start when `None`), and diagnostics (a pytree of arrays)."""
+
+    def hessian_solve(
+        self, objective: Objective, solution: Params, stats: Stats, args: Args
+    ) -> Callable[[Params], Params]:
+        r"""A function $r \mapsto H^{-1} r$ for the Hessian $H = \partial_w^2 J(w^*; a)$
+        of the objective the solver minimised (positive definite)."""
+        del stats
+        flat, unravel = jfu.ravel_pytree(solution)
+        hessian = jax.hessian(lambda v: objective(unravel(v), args))(flat)
+        return dense_hessian_solve(hessian, unravel)
+
+    def solution_jvp(
+        self, objective: Objective, solution: Params, stats: Stats, args: Args, t_args: Tangent
+    ) -> Params:
+        r"""The tangent of the minimiser, $\dot w = -H^{-1}\,\partial_a \nabla_w
+        J(w^*; a)\,\dot a$ (implicit function theorem applied to $\nabla_w J(w^*(a);
+        a) = 0$)."""
+        _, mixed = partial_jvp(lambda a: jax.grad(objective)(solution, a), args, t_args)
+        if mixed is None:
+            return jtu.tree_map(jnp.zeros_like, solution)
+        solve = self.hessian_solve(objective, solution, stats, args)
+        return jtu.tree_map(jnp.negative, solve(mixed))
+
+
+def dense_hessian_solve(
+    hessian: Float[Array, "n n"], unravel: Callable[[Float[Array, " n"]], Params]
+) -> Callable[[Params], Params]:
+    """`rhs ↦ hessian⁻¹ rhs` by Cholesky, for parameters flattened by `ravel_pytree`."""
+    operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
+
+    def solve(rhs):
+        flat_rhs, _ = jfu.ravel_pytree(rhs)
+        return unravel(lx.linear_solve(operator, flat_rhs, lx.Cholesky(), throw=False).value)
+
+    return solve
 
 
 @eqx.filter_custom_jvp
@@ -32,23 +79,24 @@ def _envelope_minimise(args, init, *, objective, solver):
 def _envelope_minimise_jvp(primals, tangents, *, objective, solver):
     args, init = primals
     t_args, _ = tangents
-    # The inner solve is never differentiated. A second derivative would need the
-    # derivative of the minimiser, which this rule does not provide: it raises rather
-    # than silently dropping that term.
-    solution, stats = solver(
-        eqxi.nondifferentiable(args, msg=_SECOND_ORDER),
-        eqxi.nondifferentiable(init, msg=_SECOND_ORDER),
+    # Recursive: when this rule is differentiated again (a second derivative), the
+    # minimiser carries its own implicit tangent, so `t_value` below (a function of
+    # it) differentiates correctly. The warm start never affects the minimiser.
+    _, solution, stats = _envelope_minimise(
+        args, jax.lax.stop_gradient(init), objective=objective, solver=solver
     )
-    value, t_value = _partial_jvp(lambda a: objective(solution, a), args, t_args)
-    # The minimiser and the diagnostics are returned with zero tangents (a `None` per
-    # leaf, as equinox expects for a pytree): only the optimal value carries the
-    # envelope derivative.
-    no_tangent = jtu.tree_map(lambda _: None, (solution, stats))
-    return (value, solution, stats), (t_value, *no_tangent)
+    # The envelope theorem: ∂_w J(w*) = 0, so the value moves only through the data.
+    # It does not involve the minimiser's tangent, so when only the loss is
+    # differentiated, the implicit solve below is dead code and is never run.
+    value, t_value = partial_jvp(lambda a: objective(solution, a), args, t_args)
+    t_solution = solver.solution_jvp(objective, solution, stats, args, t_args)
+    t_stats = jtu.tree_map(lambda _: None, stats)
+    return (value, solution, stats), (t_value, t_solution, t_stats)
 
 
-def _partial_jvp(fn, args, t_args):
-    """`jax.jvp(fn, (args,), (t_args,))`, where `t_args` has `None` for symbolic zeros.
+def partial_jvp(fn: Callable[[Args], Any], args: Args, t_args: Tangent) -> tuple[Any, Any]:
+    """`jax.jvp(fn, (args,), (t_args,))`, where `t_args` has `None` for symbolic zeros;
+    the tangent is `None` when every leaf's is.
 
     Only the leaves with a tangent are differentiated, so no zero tangent is ever
     materialised (the backward pass of a large batch would otherwise carry N×m zeros).
@@ -74,43 +122,52 @@ def _partial_jvp(fn, args, t_args):
 
 def envelope_minimise(
     objective: Objective,
-    solver: InnerSolver,
+    solver: AbstractInnerSolver,
     args: Args,
     init: Params | None = None,
 ) -> tuple[Scalar, Params, Stats]:
-    r"""The reduced objective $L(a) = \min_w J(w; a)$ with its envelope derivative.
+    r"""The reduced objective $L(a) = \min_w J(w; a)$ with its envelope derivative,
+    and the minimiser $w^*(a)$ with its implicit derivative.
 
     This is the one mechanism behind every `vploss_*` function. Given a convex objective
     $J(w; a)$ of the readout parameters $w$ and the data $a$ (features, targets,
     hyperparameters) and an inner solver returning $w^* = \operatorname{argmin}_w J(w; a)$,
     it returns $L(a) = J(w^*; a)$ together with $w^*$.
 
-    Its derivative is given by a custom JVP rule, so it serves forward and reverse mode
-    alike. By the envelope theorem ($\partial_w J(w^*; a) = 0$),
+    Derivatives are given by a custom JVP rule, so they serve forward and reverse mode
+    alike, and the solver's iterations are never differentiated:
 
-    $$\mathrm{d}L = \partial_a J(w^*; a)\,\mathrm{d}a,$$
+    - the value, by the envelope theorem ($\partial_w J(w^*; a) = 0$):
+        $\mathrm{d}L = \partial_a J(w^*; a)\,\mathrm{d}a$, one Jacobian-vector product
+        of $J$ in the data at the fixed minimiser;
+    - the minimiser, by the implicit function theorem applied to $\nabla_w J(w^*(a);
+        a) = 0$: $\mathrm{d}w^* = -H^{-1}\,\partial_a\nabla_w J(w^*; a)\,\mathrm{d}a$ with
+        the Hessian $H = \partial^2_w J(w^*; a)$ (the solver's `solution_jvp`).
 
-    the partial derivative of $J$ in the data at the fixed minimiser: the backward pass
-    costs one vector-Jacobian product of $J$ in $a$, and the solver is never
-    differentiated. The rule holds for constrained problems too when $J$ is the barrier
-    objective the solver minimised.
+    The two are independent: when only the value is differentiated (the training
+    loop's case), the linear solve with $H$ is dead code, removed when traced
+    (`jax.grad`, `jax.linearize`) or compiled. Second derivatives of $L$ are exact:
+    the rule is differentiated through its own minimiser, whose tangent is the
+    implicit one.
+
+    The rule holds for constrained problems too when the solver minimises a barrier
+    objective $J - \frac1t\sum\log w_i$ whose barrier term does not depend on $a$ (its
+    `hessian_solve` includes the barrier's curvature).
 
     **Arguments:**
 
     - `objective`: `objective(w, args) -> scalar`, convex in `w`. Must be hashable (a
         module-level function or an `eqx.Module`), since it is part of the static
         structure of the computation.
-    - `solver`: `solver(args, init) -> (w_star, stats)`; `init` is `None` or a pytree like
-        `w_star` to warm-start from. `stats` is any pytree of arrays (diagnostics), passed
-        through without derivative.
+    - `solver`: an `AbstractInnerSolver`: `solver(args, init) -> (w_star, stats)`;
+        `init` is `None` or a pytree like `w_star` to warm-start from. `stats` is any
+        pytree of arrays (diagnostics), passed through without derivative.
     - `args`: the data, a pytree. Its floating-point array leaves are differentiable.
     - `init`: an optional warm start for the solver.
 
     **Returns:**
 
     `(value, w_star, stats)`: the optimal value (carrying the envelope derivative), the
-    minimiser (carrying a zero tangent) and the solver's diagnostics. Differentiating
-    twice raises an error instead of returning a second derivative without the
-    minimiser's dependence on the data.
+    minimiser (carrying its implicit derivative) and the solver's diagnostics.
     """
     return _envelope_minimise(args, init, objective=objective, solver=solver)

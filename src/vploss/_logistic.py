@@ -156,7 +156,8 @@ def vploss_bce(
     `(loss, readout)`: the reduced loss (a scalar) and the fitted `VPLinear`, whose
     `readout(model(x[j]))` are the logits of `y[j]` (apply `jax.nn.sigmoid` for
     probabilities), and whose `readout.stats` is a `vploss.InnerStats` (`num_steps`,
-    `gradient_norm`, `converged`). Only the loss is differentiable.
+    `gradient_norm`, `converged`). The loss carries its envelope gradient, the readout its
+    implicit derivative (a solve with the inner Hessian; free when unused).
 
     **Raises:**
 

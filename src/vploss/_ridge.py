@@ -8,7 +8,7 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 
 from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite, check_finite_inputs
-from ._envelope import envelope_minimise
+from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, Tangent
 from ._features import augment, evaluate_features, parameter_penalty
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
@@ -63,47 +63,95 @@ def _refined_cholesky_solve(
     return solution
 
 
-class CholeskyRidge(eqx.Module):
+def _hessian_residual(features, alpha2, rhs):
+    """`x ↦ rhs − (F̂ᵀF̂/N + alpha2 I) x`, evaluated with the tall features."""
+    n = features.shape[0]
+    return lambda x: rhs - matmul(features.T, matmul(features, x)) / n - alpha2 * x
+
+
+class CholeskyRidge(AbstractInnerSolver):
     """Primal normal equations: the `(p, p)` Gram matrix `F̂ᵀF̂/N` (one matmul, a sum
     over samples), a shifted Cholesky factor and `refine_steps` steps of iterative
-    refinement. Cost `O(N p² + p³)`; memory `O(N p + p²)`."""
+    refinement. Cost `O(N p² + p³)`; memory `O(N p + p²)`. The readout's derivative
+    solves with the same Hessian `F̂ᵀF̂/N + alpha2 I`, the same way."""
 
     refine_steps: int = 2
 
     def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
         del init
         features, targets, alpha2 = args
-        n = features.shape[0]
+        rhs = matmul(features.T, targets) / features.shape[0]
+        return self.hessian_solve(ridge_objective, None, None, args)(rhs), None
 
-        def residual(coef):
-            return matmul(features.T, targets - matmul(features, coef)) / n - alpha2 * coef
+    def hessian_solve(
+        self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs
+    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
+        del objective, solution, stats
+        features, _, alpha2 = args
+        gram = matmul(features.T, features) / features.shape[0]
 
-        gram = matmul(features.T, features) / n
-        rhs = matmul(features.T, targets) / n
-        return _refined_cholesky_solve(gram, alpha2, rhs, residual, self.refine_steps), None
+        def solve(rhs):
+            residual = _hessian_residual(features, alpha2, rhs)
+            return _refined_cholesky_solve(gram, alpha2, rhs, residual, self.refine_steps)
+
+        return solve
 
 
-class DualRidge(eqx.Module):
-    """Dual (kernel) form for `N < p`: `Ŵᵀ = F̂ᵀ C` with `(F̂F̂ᵀ/N + alpha2 I) C = Y/N`,
-    solved like `CholeskyRidge` on the `(N, N)` kernel matrix. Cost `O(N² p + N³)`;
-    memory `O(N p + N²)`."""
+class DualRidge(AbstractInnerSolver):
+    r"""Dual (kernel) form for `N < p`: `Ŵᵀ = F̂ᵀ C` with `(F̂F̂ᵀ/N + alpha2 I) C = Y/N`,
+    solved like `CholeskyRidge` on the `(N, N)` kernel matrix $K$. Cost `O(N² p + N³)`;
+    memory `O(N p + N²)`.
+
+    The readout's derivative is that of the dual formula, $\dot C = K^{-1}(\dot Y/N -
+    \dot K C)$, $\dot W^	op = \dot F^	op C + \hat F^	op \dot C$, with the same
+    kernel solve: the primal Hessian $\hat F^	op\hat F/N + lpha_2 I$ is
+    `(p, p)` and, for small `alpha2`, nearly singular off the span of the samples."""
 
     refine_steps: int = 2
 
     def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
         del init
-        features, targets, alpha2 = args
-        n = features.shape[0]
-
-        def residual(dual):
-            return (targets - matmul(features, matmul(features.T, dual))) / n - alpha2 * dual
-
-        kernel = matmul(features, features.T) / n
-        dual = _refined_cholesky_solve(kernel, alpha2, targets / n, residual, self.refine_steps)
+        features, targets, _ = args
+        dual = self._kernel_solve(args)(targets / features.shape[0])
         return matmul(features.T, dual), None
 
+    def _kernel_solve(self, args: RidgeArgs) -> Callable[[Array], Array]:
+        features, _, alpha2 = args
+        n = features.shape[0]
+        kernel = matmul(features, features.T) / n
 
-class SVDRidge(eqx.Module):
+        def solve(rhs):
+            def residual(dual):
+                return rhs - matmul(features, matmul(features.T, dual)) / n - alpha2 * dual
+
+            return _refined_cholesky_solve(kernel, alpha2, rhs, residual, self.refine_steps)
+
+        return solve
+
+    def solution_jvp(
+        self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs, t_args: Tangent
+    ) -> Float[Array, "p k"]:
+        del objective, solution, stats
+        features, targets, _ = args
+        t_features, t_targets, t_alpha2 = t_args
+        n = features.shape[0]
+        solve = self._kernel_solve(args)
+        dual = solve(targets / n)
+        rhs = jnp.zeros_like(dual) if t_targets is None else t_targets / n
+        if t_features is not None:
+            t_kernel_dual = matmul(t_features, matmul(features.T, dual)) + matmul(
+                features, matmul(t_features.T, dual)
+            )
+            rhs = rhs - t_kernel_dual / n
+        if t_alpha2 is not None:
+            rhs = rhs - t_alpha2 * dual
+        t_coef = matmul(features.T, solve(rhs))
+        if t_features is not None:
+            t_coef = t_coef + matmul(t_features.T, dual)
+        return t_coef
+
+
+class SVDRidge(AbstractInnerSolver):
     r"""The regularised SVD solution: with `F̂/√N = U S Vᵀ`,
     `Ŵᵀ = V diag(s/(s² + alpha2)) Uᵀ Y/√N`. With `alpha2 = 0`, singular values below
     `eps·max(N, p)·s_max` are dropped (the pseudo-inverse, as `numpy.linalg.lstsq`). The most
@@ -114,15 +162,35 @@ class SVDRidge(eqx.Module):
         del init
         features, targets, alpha2 = args
         scale = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
-        u, s, vt = jnp.linalg.svd(features / scale, full_matrices=False)
-        # Only an unregularised problem needs a cut-off: with alpha2 > 0 the filter
-        # s/(s² + alpha2) is bounded, and cutting would discard real directions.
-        eps = jnp.finfo(features.dtype).eps
-        cutoff = jnp.where(alpha2 > 0, 0, eps * max(features.shape) * s[0])
-        safe_s = jnp.where(s > cutoff, s, 1)
-        filtered = jnp.where(s > cutoff, safe_s / (safe_s**2 + alpha2), 0)
+        u, s, vt, kept = _regularised_svd(features / scale, alpha2)
+        safe_s = jnp.where(kept, s, 1)
+        filtered = jnp.where(kept, safe_s / (safe_s**2 + alpha2), 0)
         coef = matmul(vt.T, filtered[:, None] * matmul(u.T, targets / scale))
         return coef, None
+
+    def hessian_solve(
+        self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs
+    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
+        r"""$V \operatorname{diag}(1/(s^2 + lpha_2)) V^	op$ on the kept singular
+        directions: with `alpha2 = 0` and rank-deficient features, the readout's
+        derivative is taken within the row space of $\hat F$ (the derivative of the
+        pseudo-inverse has further terms across the null space, not included)."""
+        del objective, solution, stats
+        features, _, alpha2 = args
+        scale = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
+        _, s, vt, kept = _regularised_svd(features / scale, alpha2)
+        inverse = jnp.where(kept, 1 / jnp.where(kept, s**2 + alpha2, 1), 0)
+        return lambda rhs: matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
+
+
+def _regularised_svd(matrix, alpha2):
+    """The thin SVD of `matrix` and the singular values to keep: all when `alpha2 > 0`
+    (the filter s/(s² + alpha2) is bounded, and cutting would discard real
+    directions), those above `eps·max(N, p)·s_max` otherwise (as `numpy.linalg.lstsq`)."""
+    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+    eps = jnp.finfo(matrix.dtype).eps
+    cutoff = jnp.where(alpha2 > 0, 0, eps * max(matrix.shape) * s[0])
+    return u, s, vt, s > cutoff
 
 
 RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
@@ -131,7 +199,7 @@ _RIDGE_SOLVERS = ("auto", "svd", "cholesky", "dual")
 
 def _ridge_solver(
     name: str, num_samples: int, num_coefficients: int, unregularised: bool
-) -> eqx.Module:
+) -> AbstractInnerSolver:
     if name == "auto":
         if unregularised:
             # Only the SVD tells the null space apart from rounding noise, which the
@@ -172,9 +240,17 @@ def vploss_msereg(
     the model's inexact-array leaves. The minimiser is
     $\hat W^{*\top} = (\hat F^\top \hat F/N + \alpha_2 I)^{+}\hat F^\top Y/N$.
 
-    The gradient is the envelope gradient $\nabla L = \partial_\theta J(\theta, \hat
-    W^*)$ (a custom JVP rule, forward and reverse mode): it costs one vector-Jacobian
-    product of the model and never differentiates the solver.
+    **Derivatives** (a custom JVP rule: forward and reverse mode, `jit`, `vmap`; the
+    solver is never differentiated):
+
+    - the loss: the envelope gradient $\nabla L = \partial_\theta J(\theta, \hat W^*)$,
+        one vector-Jacobian product of the model;
+    - the readout: $\dot{\hat W}^{*} = -H^{-1}\partial_\theta\nabla_{\hat W}J\,\dot\theta$
+        with $H = \hat F^\top\hat F/N + \alpha_2 I$ (implicit function theorem), solved
+        like the readout itself (the dual solver differentiates its kernel formula), so
+        that a loss computed from the readout (a validation error, a meta-objective)
+        has its exact gradient. It costs nothing when only the loss is differentiated
+        (the solve is dead code). Second derivatives of the loss are exact too.
 
     **Solvers** (`solver=`):
 
@@ -219,8 +295,9 @@ def vploss_msereg(
     **Returns:**
 
     `(loss, readout)`: the reduced loss (a scalar) and the fitted `VPLinear`, so that
-    `readout(model(x[j]))` predicts `y[j]`. The readout carries no derivative: only the
-    loss is differentiable.
+    `readout(model(x[j]))` predicts `y[j]`. Both are differentiable: the loss by the
+    envelope theorem, the readout by the implicit function theorem (see "Derivatives"
+    above).
 
     **Raises:**
 
@@ -228,6 +305,39 @@ def vploss_msereg(
     hyperparameters; a runtime error (`eqx.error_if`) when `x`, `y`, the features or the
     loss are not finite.
     """
+    fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
+    loss = fit.value + parameter_penalty(model, fit.alpha1)
+    return loss, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output)
+
+
+class RidgeFit(eqx.Module):
+    """What `fit_ridge` computed: the ridge objective's optimal value `value` (without
+    the `alpha1` penalty) and minimiser `coef` (`[W, b]ᵀ`), both differentiable, the
+    augmented `features` and the `targets` in the working dtype, the checked penalty
+    weights, and the static flags."""
+
+    value: Scalar
+    coef: Float[Array, "p k"]
+    features: Float[Array, "N p"]
+    targets: Float[Array, "N k"]
+    alpha1: Scalar
+    alpha2: Scalar
+    use_bias: bool = eqx.field(static=True)
+    scalar_output: bool = eqx.field(static=True)
+
+
+def fit_ridge(
+    model: Callable[..., Any],
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    alpha1: ArrayLike,
+    alpha2: ArrayLike,
+    use_bias: bool,
+    solver: str,
+) -> RidgeFit:
+    """The body shared by `vploss_msereg` and `vpresidual_msereg`: checks, features,
+    the inner solve through `envelope_minimise`, runtime checks."""
     x = as_batch("x", x)
     num_samples = x.shape[0]
     targets, scalar_output = as_targets("y", y, num_samples)
@@ -237,14 +347,13 @@ def vploss_msereg(
     features = evaluate_features(model, x)
     dtype = jnp.result_type(features.dtype, targets.dtype)
     features = augment(features.astype(dtype), use_bias)
+    targets = targets.astype(dtype)
+    alpha2 = alpha2.astype(dtype)
     unregularised = not isinstance(alpha2, jax.core.Tracer) and float(alpha2) == 0
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised)
-    value, coef, _ = envelope_minimise(
-        ridge_objective,
-        inner_solver,
-        (features, targets.astype(dtype), alpha2.astype(dtype)),
-    )
+    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, alpha2))
     value = check_finite_inputs(value, x=x, y=targets)
     value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
-    loss = value + parameter_penalty(model, alpha1.astype(dtype))
-    return loss, readout_from_coefficients(coef, use_bias, scalar_output)
+    return RidgeFit(
+        value, coef, features, targets, alpha1.astype(dtype), alpha2, use_bias, scalar_output
+    )

@@ -198,7 +198,8 @@ def vploss_ce(
 
     `(loss, readout)`: the reduced loss and the fitted `VPLinear` (weight `(K, m)`),
     whose `readout(model(x[j]))` are the K logits of sample `j`, with
-    `readout.stats` a `vploss.InnerStats`. Only the loss is differentiable.
+    `readout.stats` a `vploss.InnerStats`. The loss carries its envelope gradient, the
+    readout its implicit derivative (a solve with the inner Hessian; free when unused).
 
     **Raises:**
 

@@ -1,0 +1,96 @@
+"""`vpresidual_msereg`: the reduced residual of the ridge loss and its full
+(Golub–Pereyra) Jacobian, for Gauss–Newton and Levenberg–Marquardt."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+import pytest
+
+from vploss import vploss_msereg, vpresidual_msereg
+
+from .helpers import along, flatten, mlp, random_direction
+
+
+N, IN, M = 30, 2, 5
+
+
+def _data(seed=0):
+    x = jax.random.normal(jax.random.PRNGKey(seed), (N, IN))
+    return x, jnp.stack([jnp.sin(2 * x[:, 0]) * x[:, 1], jnp.cos(x[:, 1])], axis=1)
+
+
+@pytest.mark.parametrize(
+    "alpha1, alpha2, extra",
+    [(0.0, 1e-3, (M + 1) * 2), (1e-2, 1e-3, (M + 1) * 2), (0.0, 0.0, 0), (1e-2, 0.0, 0)],
+)
+def test_half_squared_norm_is_the_loss(alpha1, alpha2, extra):
+    model = mlp(IN, features=M)
+    x, y = _data()
+    residual, readout = vpresidual_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)
+    loss, expected = vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)
+    num_params = flatten(model).size if alpha1 else 0
+    assert residual.shape == (N * 2 + extra + num_params,)
+    np.testing.assert_allclose(0.5 * jnp.sum(residual**2), loss, rtol=1e-12)
+    np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-12)
+
+
+def test_jacobian_against_finite_differences_both_modes():
+    """J v (forward mode) and vᵀ J (reverse mode) against central differences of the
+    residual: the full Jacobian, with the readout moving with the model."""
+    model = mlp(IN, features=M)
+    x, y = _data()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def residual(p):
+        return vpresidual_msereg(eqx.combine(p, static), x, y, alpha1=1e-2, alpha2=1e-3)[0]
+
+    direction = random_direction(model)
+    h = 1e-6
+    fd = (residual(along(params, direction, h)) - residual(along(params, direction, -h))) / (2 * h)
+    _, jvp = jax.jvp(residual, (params,), (direction,))
+    np.testing.assert_allclose(jvp, fd, rtol=1e-6, atol=1e-9)
+    cotangent = jax.random.normal(jax.random.PRNGKey(7), jvp.shape)
+    _, vjp_fn = jax.vjp(residual, params)
+    (vjp,) = vjp_fn(cotangent)
+    np.testing.assert_allclose(
+        float(jnp.vdot(flatten(vjp), flatten(direction))), float(jnp.vdot(cotangent, fd)), rtol=1e-6
+    )
+    # The partial Jacobian at a fixed readout would differ: the readout's motion matters.
+    readout = vpresidual_msereg(model, x, y, alpha2=1e-3)[1]
+    fixed = lambda p: jax.vmap(lambda s: readout(eqx.combine(p, static)(s)))(x)  # noqa: E731
+    _, partial = jax.jvp(fixed, (params,), (direction,))
+    assert float(jnp.max(jnp.abs(partial.ravel() / np.sqrt(N) - jvp[: 2 * N]))) > 1e-3
+
+
+@pytest.mark.parametrize("jac", ["fwd", "bwd"])
+def test_levenberg_marquardt_lowers_the_loss(jac):
+    model = mlp(IN, features=M)
+    x, y = _data()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def residual(p, args):
+        return vpresidual_msereg(eqx.combine(p, static), x, y, alpha2=1e-6)
+
+    solution = optx.least_squares(
+        residual,
+        optx.LevenbergMarquardt(rtol=1e-8, atol=1e-8),
+        params,
+        has_aux=True,
+        options={"jac": jac},
+        max_steps=20,
+        throw=False,
+    )
+    before = vploss_msereg(model, x, y, alpha2=1e-6)[0]
+    after = vploss_msereg(eqx.combine(solution.value, static), x, y, alpha2=1e-6)[0]
+    assert float(after) < 0.2 * float(before)
+
+
+def test_errors_are_those_of_the_loss():
+    model = mlp(IN, features=M)
+    x, y = _data()
+    with pytest.raises(ValueError, match="`y`"):
+        vpresidual_msereg(model, x, y[:-1])
+    with pytest.raises(ValueError, match="alpha2"):
+        vpresidual_msereg(model, x, y, alpha2=-1.0)
