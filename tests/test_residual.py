@@ -32,6 +32,9 @@ def test_half_squared_norm_is_the_loss(alpha1, alpha2, extra):
     loss, expected = vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)
     num_params = flatten(model).size if alpha1 else 0
     assert residual.shape == (N * 2 + extra + num_params,)
+    # The same blocks under `jit` (where arrays made inside the trace are tracers).
+    jitted = eqx.filter_jit(lambda m: vpresidual_msereg(m, x, y, alpha1=alpha1, alpha2=alpha2))
+    assert jitted(model)[0].shape == residual.shape
     np.testing.assert_allclose(0.5 * jnp.sum(residual**2), loss, rtol=1e-12)
     np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-12)
 

@@ -68,9 +68,12 @@ def vpresidual_msereg(
         jnp.asarray(num_samples, fit.coef.dtype)
     )
     blocks = [data.ravel()]
-    if _maybe_nonzero(fit.alpha2):
+    # Decided on the caller's arguments (checked by `fit_ridge`), not on `fit.alpha*`:
+    # under `jit` every array computed inside the trace is a tracer, so a concrete zero
+    # would count as non-zero and the residual's length would depend on `jit`.
+    if _maybe_nonzero(alpha2):
         blocks.append(jnp.sqrt(fit.alpha2) * fit.coef.ravel())
-    if _maybe_nonzero(fit.alpha1):
+    if _maybe_nonzero(alpha1):
         params, _ = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
         blocks.append(jnp.sqrt(fit.alpha1) * params.astype(fit.coef.dtype))
     # `fit.value` carries the runtime checks (finite data, features and readout).
@@ -79,6 +82,6 @@ def vpresidual_msereg(
     return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output)
 
 
-def _maybe_nonzero(alpha: Array) -> bool:
+def _maybe_nonzero(alpha: ArrayLike) -> bool:
     """Whether a penalty weight may be non-zero: traced weights count as non-zero."""
     return isinstance(alpha, jax.core.Tracer) or float(alpha) != 0
