@@ -76,6 +76,7 @@ parser.add_argument("--adam-steps", type=int, default=5000)
 parser.add_argument("--lm-steps", type=int, default=400)
 parser.add_argument("--lm-seconds", type=float, default=100.0, help="time budget of one LM run")
 parser.add_argument("--stop-error", type=float, default=1e-5, help="LM runs stop at this error")
+parser.add_argument("--no-timing", action="store_true", help="skip the LM timing study")
 parser.add_argument("--alpha2", type=float, default=1e-6, help="readout penalty")
 # `parse_known_args`: a notebook kernel passes arguments of its own.
 args, _ = parser.parse_known_args()
@@ -300,20 +301,20 @@ def run_lm(make_stepper, fn, evaluate, params, static, data, max_steps, max_seco
 # ## Timing the options
 #
 # One LM step on `vpresidual_msereg` (and on the plain residual) with each way of forming
-# the Jacobian and each linear solver: compile, then the fastest of two steps.
+# the Jacobian and each linear solver: the mean of three steps after the first (which
+# compiles). nlls-gram keeps the Jacobian after a rejected step, so its mean depends on
+# how many of the three were rejected; the runs below give its cost over a whole run.
 
 
 # %%
-def time_steps(make_stepper, fn, params, static, x, y, repeats=2):
+def time_steps(make_stepper, fn, params, static, x, y, steps=3):
     step, state = make_stepper(fn, params, static, x, y)
-    jax.block_until_ready(step(params, state))
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
+    params, state = jax.block_until_ready(step(params, state))  # compiles
+    start = time.perf_counter()
+    for _ in range(steps):
         params, state = step(params, state)
-        jax.block_until_ready(params)
-        best = min(best, time.perf_counter() - start)
-    return best
+    jax.block_until_ready(params)
+    return (time.perf_counter() - start) / steps
 
 
 def timing_study(seed=0):
@@ -360,7 +361,8 @@ def count(params):
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
-step_times = timing_study()
+if not args.no_timing:
+    timing_study()
 
 
 # %% [markdown]
@@ -376,7 +378,8 @@ step_times = timing_study()
 def run_all(seed, learning_rates):
     data, key = make_data(seed)
     record = sorted(
-        {int(s) for s in np.geomspace(1, adam_steps, 40)} | {s for s in (2000,) if s <= adam_steps}
+        {int(s) for s in np.geomspace(1, adam_steps, 40)}
+        | {s for s in (30, 100, 2000) if s <= adam_steps}
     )
     adam = {
         "Adam, plain head": lambda lr: train_plain(key, data, adam_steps, lr, width, record, depth),
@@ -452,8 +455,10 @@ def first_reaching(curve, level):
 
 
 def error_at(curve, step):
+    """The error after `step` steps, nan if the run did not record it."""
     steps, errors, _ = curve
-    return errors[step] if step < len(steps) and steps[step] == step else np.nan
+    hit = np.nonzero(steps == step)[0]
+    return errors[hit[0]] if hit.size else np.nan
 
 
 best = {name: tuned.get(name) for name, _ in all_runs[-1]}
