@@ -1,3 +1,34 @@
+"""Outer second-order training on MATLAB's `peaks`: Levenberg–Marquardt on the VarPro
+residual `vpresidual_msereg`, against Adam and against Levenberg–Marquardt on the whole
+network.
+
+    python examples/outer_second_order.py            # ~30 minutes on 2 busy CPU cores
+    python examples/outer_second_order.py --quick    # under a minute
+
+Measured (2000 training points, MLP 2→32→32 tanh features, 1,152 parameters, float64;
+medians of 3 seeds; a 2-core CPU shared with other jobs, load about 10, so the times are
+inflated, compare them within the table):
+
+    method                  s/step  error@30  error@100  seconds to 1e-3  steps to Adam@2000
+    Adam, plain head        0.0016                       not reached      2000 (1.4e-2)
+    Adam, VarPro            0.0023                       not reached       700
+    LM, VarPro (optimistix)   0.65    7.4e-3     8.0e-4             63      21
+    LM, full network          0.73    2.7e-2          -             75      35
+    nlls-gram, VarPro         0.44    1.3e-3     9.5e-4             29      14
+    nlls-gram, full network   1.81    1.5e-2          -             86      31
+
+After 5000 steps Adam reaches 8.6e-3 (plain) and 3.4e-3 (VarPro). No method reached 1e-5
+within its 100-second budget: with the default `alpha2 = 1e-6` the VarPro runs level off
+near 7e-4 (the ridge penalty shrinks the feature directions with eigenvalues below
+alpha2, which the last digits of the fit need), while the full-network LM runs were still
+falling when their budget ran out.
+
+The Jacobian decides the cost of a step. optimistix's automatic Jacobian works on
+`vpresidual_msereg` in both modes, `options={"jac": "fwd"}` (its default) and `"bwd"`,
+at 4.9 s and 4.5 s a step (with `lx.Normal(lx.Cholesky())`; 5.9 s with the default
+`lx.QR()`); the Jacobian assembled by the chain rule below takes 0.56 s (0.92 s with QR).
+"""
+
 # %% [markdown]
 # # Outer second-order training: Levenberg–Marquardt on the VarPro residual
 #
@@ -15,13 +46,8 @@
 #    `(ŷ − y)/√N` of θ and the head together.
 #
 # When the optional package `nlls-gram` (a Levenberg–Marquardt with geodesic acceleration
-# and a Gram/dual linear algebra for overparameterised systems) is importable, it is run
-# on both residuals as well.
-#
-#     python examples/outer_second_order.py            # ~15 minutes on 2 busy CPU cores
-#     python examples/outer_second_order.py --quick    # under a minute
-#
-# RESULTS
+# and a Gram/dual linear algebra for overparameterised systems) is importable, it runs on
+# both residuals as well (not in `--quick` mode).
 
 # %%
 import argparse
@@ -68,7 +94,7 @@ except ImportError:  # optional: the curves that need it are skipped
     nlls_gram = None
 
 # %%
-parser = argparse.ArgumentParser(description="Levenberg–Marquardt on the VarPro residual")
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="small data, few steps")
 parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
 parser.add_argument("--seeds", type=int, default=3, help="median over this many seeds")
@@ -217,13 +243,14 @@ def check_jacobian(seed=0):
     reference = jax.jacfwd(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
     reverse = jax.jacrev(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
     assembled, _ = varpro_jacobian(params, static, x, y)
-    scale = jnp.max(jnp.abs(reference))
+    deviation = lambda jac: jnp.max(jnp.abs(jac - reference)) / jnp.max(jnp.abs(reference))  # noqa: E731
     print(
-        "Jacobian of vpresidual_msereg, max relative deviation from jacfwd: "
-        f"jacrev {jnp.max(jnp.abs(reverse - reference)) / scale:.1e}, "
-        f"assembled {jnp.max(jnp.abs(assembled - reference)) / scale:.1e}"
+        "Jacobian of vpresidual_msereg, max deviation from jacfwd relative to its largest "
+        f"entry: jacrev {deviation(reverse):.1e}, assembled {deviation(assembled):.1e}"
     )
-    assert jnp.allclose(assembled, reference, rtol=1e-6, atol=1e-8 * scale)
+    # The readout's derivative is a solve with the ridge matrix, whose condition number
+    # grows like 1/alpha2: a looser bound than rounding for small alpha2.
+    assert deviation(assembled) < 1e-5
 
 
 check_jacobian()
