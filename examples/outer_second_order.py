@@ -24,6 +24,13 @@ alpha2, which the last digits of the fit need), while the full-network LM runs w
 falling when their budget ran out. With `--alpha2 1e-10` (one seed, 150 s) the VarPro
 runs keep falling: nlls-gram 5.0e-4 after 30 steps (18 s), 5.6e-5 after 100 (57 s),
 2.2e-5 after 268; optimistix 1.5e-3 after 100 steps, 1.9e-4 after 294.
+A longer single-seed run (`--seeds 1 --adam-steps 2000 --lm-seconds 240`, on a less
+loaded machine) settles the deep end for the whole network: nlls-gram reaches 1e-5 after
+about 180 steps (106 s), optimistix 6.1e-5 after 611 steps (240 s), while both VarPro runs
+with `alpha2 = 1e-6` turn back up after about 1e-3 (their test error rises while the
+training residual still falls). In that run, with the learning rates tuned for 2000
+steps (1e-2 plain, 3e-2 VarPro), VarPro-Adam reached plain Adam's step-2000 error (1.3e-2)
+after 284 steps, a seventh; tuned for 5000 steps (3e-3 for both) it took 700, a third.
 
 The Jacobian decides the cost of a step. optimistix's automatic Jacobian works on
 `vpresidual_msereg` in both modes, `options={"jac": "fwd"}` (its default) and `"bwd"`,
