@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import pytest
 
 from vploss import vploss_ce
@@ -124,3 +125,24 @@ def test_jit_and_vmap():
     batched = jax.jit(jax.vmap(loss))(jnp.stack([x, -x]), jnp.stack([y, y]))
     np.testing.assert_allclose(batched[0], loss(x, y), rtol=1e-10)
     np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
+
+
+def test_outer_bfgs_trains_the_model_full_batch():
+    """Full-batch quasi-Newton training of θ on the reduced loss (optimistix BFGS on
+    the envelope gradient): its line search needs exact gradients of the reduced loss,
+    and it reaches a stationary point of it."""
+    model = mlp()
+    x, y = _data()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def reduced_loss(p, args):
+        return vploss_ce(eqx.combine(p, static), x, y, alpha2=1e-2, num_classes=K)[0]
+
+    gradient_norm = lambda p: optx.max_norm(jax.grad(reduced_loss)(p, None))  # noqa: E731
+    solution = optx.minimise(
+        reduced_loss, optx.BFGS(rtol=1e-6, atol=1e-6), params, max_steps=150, throw=False
+    )
+    # Its Cauchy stopping test (on steps in θ and in the loss) is slower to trigger
+    # than the gradient is to vanish: check the gradient.
+    assert float(reduced_loss(solution.value, None)) < 0.7 * float(reduced_loss(params, None))
+    assert float(gradient_norm(solution.value)) < 1e-4 * float(gradient_norm(params))
