@@ -105,12 +105,13 @@ class RoundingArmijo(optx.AbstractSearch):
     objective's dtype and `rounding` $\rho$ (16). With $\tau = 0$ this is `armijo`'s
     own test, which runs first and whose step sizes are kept.
 
-    Why: the objectives are means of per-sample terms of order 1 computed with
-    cancellation ($\operatorname{softplus}(z) - yz$), so the computed $J$ carries a
-    rounding error of a few $\varepsilon$ even when $J$ is small, and of a few
-    $\varepsilon|J|$ when it is large (measured in float64 over perturbations of
-    1e-13 at the minimum: a spread of 7 $\varepsilon|J|$ at $J = 0.1$, of $0.01
-    \varepsilon$ at $J = 5\cdot 10^{-5}$). The Newton step $d = -H^{-1}g$ predicts
+    Why: the objectives are means of per-sample terms computed with cancellation
+    ($\operatorname{softplus}(z) - yz$), so the rounding error of the computed $J$
+    is a few $\varepsilon|J|$ for $J$ of order 1 but many $\varepsilon|J|$ for a
+    small $J$, still below $\varepsilon$ (measured in float64, the spread of $J$
+    over perturbations of 1e-13 at the minimum: 7 $\varepsilon|J|$ at $J = 0.1$,
+    260 $\varepsilon|J| = 0.01\varepsilon$ at $J = 5\cdot 10^{-5}$); $\tau$ bounds
+    both. The Newton step $d = -H^{-1}g$ predicts
     the change $\nabla J^\top d = -\lambda^2$, $\lambda^2 = g^\top H^{-1}g \ge
     |g|^2/\lambda_{\max}(H)$. Once $\lambda^2$ is below the rounding, $J(y + d) -
     J(y)$ is rounding noise: the plain test ($\tau = 0$) rejects the step and every
@@ -130,9 +131,9 @@ class RoundingArmijo(optx.AbstractSearch):
     - a step is accepted for it only when the whole remaining decrease, $J(y) - J^*
         \approx \lambda^2/2$ for Newton's method, is within a few roundings: deep in
         the region where the full Newton step converges quadratically ($\lambda$
-        small against the self-concordance scale $\sqrt{\alpha_2}/\max_j|\hat
-        f_j|$ of the regularised logistic loss), so the next gradient is of order
-        $|g|^2$;
+        small against $\sqrt{\alpha_2}/\max_j|\hat f_j|$, the scale of the
+        regularised logistic loss's generalised self-concordance), so the next
+        gradient is of order $|g|^2$;
     - convergence is certified by the gradient alone (`GradientNormTermination`),
         never by this test, so a step accepted in vain cannot stop a solve early.
 
