@@ -38,6 +38,21 @@ def test_matches_numpy_newton(kind, alpha2):
     assert jax.vmap(lambda xi: readout(model(xi)))(x).shape == (N, K)
 
 
+def test_newton_last_step_below_rounding():
+    """As in `vploss_bce`: features of size 5-10, alpha2 = 1, a last Newton step
+    below the rounding of the objective (the plain Armijo search stalled at a gradient
+    of 2.0e-8, above the default `gtol`)."""
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    features = 8 * jnp.tanh(jax.random.normal(kx, (20, 4)))
+    targets = jax.nn.softmax(3 * jax.random.normal(ky, (20, K)), axis=1)
+    loss, readout = vploss_ce(lambda f: f, features, targets, alpha2=1.0)
+    ref_loss, ref_coef = logistic_reference(features, targets, 1.0, softmax=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+    assert float(readout.stats.gradient_norm) <= 1.5e-8
+
+
 @pytest.mark.parametrize("alpha2", [1e-3, 1e-5])
 def test_newton_cg_matches_numpy_newton(alpha2):
     model = mlp()
