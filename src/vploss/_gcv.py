@@ -72,9 +72,9 @@ class _Spectrum(eqx.Module):
         lam = self.eigenvalues
         shrink = alpha / (lam + alpha)  # α/(λ+α), the part of each direction not fitted
         if self.dual:
-            # (I − H) = α(K + αI)⁻¹: sums of non-negative terms, no cancellation, so
-            # N − tr H = Σ α/(λ_i + α) stays accurate even as the fit interpolates (N ≤ p,
-            # α → 0), where the primal form would cancel N against tr H ≈ N.
+            # (I − H) = α(K + αI)⁻¹: sums of non-negative terms, no cancellation, so both
+            # stay accurate as the fit interpolates (N ≤ p, α → 0), where the primal
+            # residual below would be the difference of two nearly equal numbers.
             residual = jnp.sum(shrink**2 * self.weights, axis=-1)
             slack = jnp.sum(shrink, axis=-1)
         else:
