@@ -138,8 +138,9 @@ def test_jit_and_vmap():
 
 def test_float32_chooses_the_float64_penalty():
     """In float32 the eigenvalues of the Gram matrix carry absolute errors of about
-    `eps·λ_max`; for a penalty far above that (here about 1e-3·λ_max) the float32 choice
-    is within 2% of the float64 one and its GCV value (in float64) within 1e-6."""
+    `eps·λ_max`; for a penalty far above that (here about 2e-3·λ_max) the float32 choice
+    is within 1% of the float64 one (measured: 0.12%) and its GCV value (in float64)
+    within 1e-7 (measured: 9e-9)."""
     features, targets = _problem(200, 20, 1, 1.0)
     _, readout64 = vploss_msereg(identity, features, targets, alpha2="gcv")
     _, readout32 = vploss_msereg(
@@ -147,9 +148,9 @@ def test_float32_chooses_the_float64_penalty():
     )
     assert readout32.stats.alpha2.dtype == jnp.float32
     alpha64, alpha32 = float(readout64.stats.alpha2), float(readout32.stats.alpha2)
-    np.testing.assert_allclose(alpha32, alpha64, rtol=2e-2)
+    np.testing.assert_allclose(alpha32, alpha64, rtol=1e-2)
     values, _, _ = brute_force_gcv(features, targets, [alpha32, alpha64], use_bias=True)
-    assert values[0] <= values[1] * (1 + 1e-6)
+    assert values[0] <= values[1] * (1 + 1e-7)
 
 
 @pytest.mark.parametrize("bad", ["GCV", "loocv", ""])
