@@ -88,8 +88,9 @@ class _Spectrum(eqx.Module):
             # N − tr H = (N − p) + Σ α/(λ_i + α), exact for every α > 0.
             slack = (self.num_samples - self.num_coefficients) + jnp.sum(shrink, axis=-1)
         slack = slack / self.num_samples
-        # Only α → 0 with p ≥ N drives N − tr H to zero; there GCV is not computable
-        # (0/0 in floating point), so such an α counts as +inf, never as a NaN.
+        # N − tr H > 0 for every α > 0 (a sum of positive terms, plus N − p > 0 in the
+        # primal form), but it underflows as α/λ_max → 0 with N ≤ p; such an α counts as
+        # +inf (GCV is then 0/0), never as a NaN.
         ok = slack > 0
         gcv = jnp.where(ok, residual / jnp.where(ok, slack, 1) ** 2, jnp.inf)
         return gcv, self.num_samples * (1 - slack)
