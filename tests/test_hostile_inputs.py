@@ -78,6 +78,20 @@ def ridge_matches(features, y, alpha2, use_bias=True, rtol=1e-9):
     return check
 
 
+def gcv_matches(features, y, use_bias=True):
+    """The loss and readout of `alpha2="gcv"` are those of the ridge problem at the chosen
+    penalty, which is finite and positive."""
+
+    def check(result):
+        _, readout = result
+        alpha2 = float(readout.stats.alpha2)
+        assert np.isfinite(alpha2) and alpha2 > 0
+        assert np.isfinite(float(readout.stats.gcv))
+        ridge_matches(features, y, alpha2, use_bias)(result)
+
+    return check
+
+
 def logistic_matches(features, labels, alpha2, softmax=False, rtol=1e-9):
     labels = np.asarray(labels, np.float64)
     labels = labels[:, None] if labels.ndim == 1 else labels
@@ -174,6 +188,19 @@ ROWS = {
     ),
     "ridge-alpha2-negative-traced": Row(
         lambda: eqx.filter_jit(ridge)(identity, F, Y, alpha2=jnp.asarray(-1.0)), RUNTIME, "`alpha2`"
+    ),
+    "ridge-alpha2-unknown-string": Row(
+        lambda: ridge(identity, F, Y, alpha2="loocv"), ValueError, 'or the string "gcv"'
+    ),
+    "ridge-gcv-N-1": Row(
+        lambda: ridge(identity, F[:1], Y[:1], alpha2="gcv"), check=gcv_matches(F[:1], Y[:1])
+    ),
+    "ridge-gcv-duplicated-features": Row(
+        lambda: ridge(identity, DUPLICATED, Y, alpha2="gcv"), check=gcv_matches(DUPLICATED, Y)
+    ),
+    "ridge-gcv-zero-features": Row(
+        lambda: ridge(identity, 0 * F, Y, alpha2="gcv", use_bias=False),
+        check=all_zero_features_fit_the_mean(use_bias=False),
     ),
     "ridge-alpha1-negative": Row(
         lambda: ridge(identity, F, Y, alpha1=-0.5), ValueError, "`alpha1`"

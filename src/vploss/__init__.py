@@ -7,6 +7,7 @@ from ._barrier import (
 )
 from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
 from ._diagnostics import InnerStats as InnerStats
+from ._gcv import GCVStats as GCVStats
 from ._icnn import ICNN as ICNN
 from ._logistic import vploss_bce as vploss_bce
 from ._readout import VPLinear as VPLinear

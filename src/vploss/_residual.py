@@ -18,7 +18,7 @@ def vpresidual_msereg(
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
-    alpha2: ArrayLike = DEFAULT_RIDGE_ALPHA2,
+    alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
     solver: RidgeSolverName | str = "auto",
 ) -> tuple[Float[Array, " R"], VPLinear]:
@@ -60,7 +60,9 @@ def vpresidual_msereg(
 
     **Returns:**
 
-    `(residual, readout)`: the residual vector and the fitted `VPLinear`.
+    `(residual, readout)`: the residual vector and the fitted `VPLinear` (with
+    `alpha2="gcv"`, the chosen penalty is in `readout.stats`; it is held fixed in the
+    derivative).
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
     num_samples = fit.features.shape[0]
@@ -68,17 +70,21 @@ def vpresidual_msereg(
         jnp.asarray(num_samples, fit.coef.dtype)
     )
     blocks = [data.ravel()]
-    if _maybe_nonzero(fit.alpha2):
+    # Decided on the caller's arguments (checked by `fit_ridge`), not on `fit.alpha*`:
+    # under `jit` every array computed inside the trace is a tracer, so a concrete zero
+    # would count as non-zero and the residual's length would depend on `jit`.
+    if _maybe_nonzero(alpha2):
         blocks.append(jnp.sqrt(fit.alpha2) * fit.coef.ravel())
-    if _maybe_nonzero(fit.alpha1):
+    if _maybe_nonzero(alpha1):
         params, _ = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
         blocks.append(jnp.sqrt(fit.alpha1) * params.astype(fit.coef.dtype))
     # `fit.value` carries the runtime checks (finite data, features and readout).
     residual = jnp.concatenate(blocks)
     residual = eqx.error_if(residual, ~jnp.isfinite(fit.value), "the ridge loss is not finite")
-    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output)
+    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
 
 
-def _maybe_nonzero(alpha: Array) -> bool:
-    """Whether a penalty weight may be non-zero: traced weights count as non-zero."""
-    return isinstance(alpha, jax.core.Tracer) or float(alpha) != 0
+def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
+    """Whether a penalty weight may be non-zero: traced weights and `"gcv"` count as
+    non-zero."""
+    return isinstance(alpha, (jax.core.Tracer, str)) or float(alpha) != 0
