@@ -3,6 +3,7 @@ from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
@@ -131,7 +132,7 @@ _RIDGE_SOLVERS = ("auto", "svd", "cholesky", "dual")
 
 def _ridge_solver(
     name: str, num_samples: int, num_coefficients: int, unregularised: bool
-) -> eqx.Module:
+) -> CholeskyRidge | DualRidge | SVDRidge:
     if name == "auto":
         if unregularised:
             # Only the SVD tells the null space apart from rounding noise, which the
