@@ -119,11 +119,12 @@ for (i, pl, pa), (_, vl, va) in zip(results["plain"][0], results["varpro"][0], s
     print(f"{i:>6} {pl:11.4f} {pa:10.3f} {vl:12.4f} {va:11.3f}")
 
 # %% [markdown]
-# The two losses are not the same function: the VarPro loss is the cross-entropy at the
-# best readout for the current features (plus its small penalty), the plain loss at
-# the readout Adam has reached. At every checkpoint the VarPro loss is the lower one
-# for its features by construction; what the table compares is how fast each method
-# finds features that separate the classes.
+# The two losses are not the same function. The VarPro loss includes the readout
+# penalty $\frac{\alpha_2}{2}\|(w, b)\|^2$, which on separable data keeps the fitted
+# readout finite and the loss above zero, while the plain network's unpenalised
+# cross-entropy keeps falling as its head grows. Compare the test accuracies instead: on
+# this easy problem, in the run stored here, both classifiers are at about 99% from the
+# first checkpoint (125 steps) on.
 #
 # ## Decision boundaries
 #

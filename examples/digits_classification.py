@@ -149,3 +149,13 @@ out = pathlib.Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 fig.savefig(out / "digits_classification.png", dpi=100, bbox_inches="tight")
 print(f"saved {out / 'digits_classification.png'}")
+
+# %% [markdown]
+# ## Results
+#
+# In the run stored here both networks reach 96–97% test accuracy within 300 steps and
+# stay there: on this small problem the plain softmax head, trained by the same Adam, does
+# as well as the VarPro readout (the plain run ends at 97.4%, VarPro at 96.1%, within the
+# fluctuation of either over its last few hundred steps). The step times were measured on
+# a busy shared machine and do not compare the costs reliably; the benchmarks page has
+# controlled ratios.

@@ -323,3 +323,13 @@ for name in methods:
     row = "".join(f"{c:>16}" for c in cells)
     print(f"{name:<22}{row}{timings[name] / seeds:>10.1f}")
 print(f"\nFigure saved to {path}")
+
+# %% [markdown]
+# ## Results
+#
+# In the run stored here, at equal work, both VarPro trainings reach a test NLL about
+# 0.2 nats lower than full Adam (1.28 against 1.48), with a much smaller spread over the
+# seeds, and their training loss falls faster from the start. L-BFGS on the full
+# training set in the second half matches Adam-VarPro here but does not improve on it.
+# The extra wall time of VarPro is the barrier solve on every batch, which the work
+# count leaves out: full Adam's steps are the cheapest per sample.

@@ -216,3 +216,14 @@ args.out.mkdir(parents=True, exist_ok=True)
 path = args.out / "peaks_approximation.png"
 fig.savefig(path, dpi=120)
 print(f"saved {path}")
+
+# %% [markdown]
+# ## Results
+#
+# In the run stored here both methods did best at the learning rate $10^{-2}$. After
+# 3000 steps the VarPro network's test error is $8.5\cdot10^{-4}$ against
+# $5.6\cdot10^{-3}$ for the plain network, and VarPro was ahead at every checkpoint, by
+# a factor of ten or more over the first hundred steps. A VarPro step cost about twice a
+# plain one on this machine, and at equal wall time VarPro is still ahead: it passed the
+# plain network's final error within about 2 s of training, against 11 s for the plain
+# network's 3000 steps.
