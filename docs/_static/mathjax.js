@@ -1,16 +1,12 @@
-// MathJax 3 configuration: the maths of the Markdown pages (pymdownx.arithmatex, generic
-// mode, class "arithmatex") and of the notebooks' Markdown cells ($...$ and $$...$$ in
-// "jp-MarkdownOutput"); nothing else on a page is scanned.
+// MathJax 3 configuration: the maths of the Markdown pages (pymdownx.arithmatex in
+// generic mode writes \( \) and \[ \]) and of the notebooks' Markdown cells ($...$ and
+// $$...$$). Code blocks and notebook outputs (<pre>, <code>) are skipped by default.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
     displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
-  },
-  options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex|jp-MarkdownOutput",
   },
 };
 
