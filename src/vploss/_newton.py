@@ -214,6 +214,8 @@ class GradientNormTermination(optx.AbstractMinimiser):
     gtol: float
     scale: Float[Array, "p 1"]
 
+    # The abstract `rtol`, `atol`, `norm` are properties here, not fields; pyright
+    # counts them as constructor arguments, hence the ignores where this is built.
     @property
     def rtol(self):
         return self.minimiser.rtol
@@ -390,7 +392,8 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
                 0.5, jnp.maximum(jnp.sqrt(gradient_norm), 0.5 * self.gtol / gradient_norm)
             )
             atol = forcing * optx.max_norm(gradient)
-            cg = lx.CG(rtol=forcing, atol=atol, max_steps=self.max_cg_steps)
+            # lineax annotates the tolerances as floats; traced scalars work the same.
+            cg = lx.CG(rtol=forcing, atol=atol, max_steps=self.max_cg_steps)  # pyright: ignore[reportArgumentType]
             options = {"preconditioner": preconditioner}
             # A truncated solve is a valid step here, so CG's `max_steps_reached` is
             # not an error.
@@ -451,8 +454,8 @@ class _Newton(eqx.Module):
 
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
         descent = optx.NewtonDescent(linear_solver=lx.Cholesky())
-        newton = DampedNewton(_AtData(self.hessian, args), descent)
-        return GradientNormTermination(newton, self.gtol, gradient_scale(args))
+        newton = DampedNewton(hessian=_AtData(self.hessian, args), descent=descent)
+        return GradientNormTermination(newton, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
 
 
 class _NewtonCG(eqx.Module):
@@ -464,8 +467,10 @@ class _NewtonCG(eqx.Module):
         descent = TruncatedNewtonDescent(
             preconditioner, self.gtol, gradient_scale(args), newton_cg_max_steps(self.gtol)
         )
-        newton = DampedNewton(_AtData(self.curvature.hessian_product, args), descent)
-        return GradientNormTermination(newton, self.gtol, gradient_scale(args))
+        newton = DampedNewton(
+            hessian=_AtData(self.curvature.hessian_product, args), descent=descent
+        )
+        return GradientNormTermination(newton, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
 
 
 class _QuasiNewton(eqx.Module):
@@ -473,7 +478,7 @@ class _QuasiNewton(eqx.Module):
     gtol: float
 
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        return GradientNormTermination(self.minimiser, self.gtol, gradient_scale(args))
+        return GradientNormTermination(self.minimiser, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
 
 
 class _Given(eqx.Module):

@@ -107,6 +107,6 @@ def coefficients_from_readout(readout: VPLinear, use_bias: bool) -> Float[Array,
             f"The readout passed as a warm start has bias={readout.bias is not None}, "
             f"but the loss was called with use_bias={use_bias}."
         )
-    if use_bias:
+    if readout.bias is not None:
         return jnp.concatenate([readout.weight.T, readout.bias[None, :]], axis=0)
     return readout.weight.T
