@@ -3,8 +3,10 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from ._misc import matmul
@@ -87,4 +89,6 @@ def vpresidual_msereg(
 def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
     """Whether a penalty weight may be non-zero: traced weights and `"gcv"` count as
     non-zero."""
-    return isinstance(alpha, (jax.core.Tracer, str)) or float(alpha) != 0
+    if isinstance(alpha, (jax.core.Tracer, str)):
+        return True
+    return float(np.asarray(alpha)) != 0

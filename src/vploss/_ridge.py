@@ -368,25 +368,28 @@ def fit_ridge(
     targets, scalar_output = as_targets("y", y, num_samples)
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
-    gcv = isinstance(alpha2, str)
-    if gcv:
+    if isinstance(alpha2, str):
         if alpha2 != "gcv":
             raise ValueError(f'`alpha2` must be a number >= 0 or the string "gcv"; got {alpha2!r}.')
+        given_penalty = None
     else:
-        alpha2 = as_alpha("alpha2", alpha2, positive=False)
+        given_penalty = as_alpha("alpha2", alpha2, positive=False)
     features = evaluate_features(model, x)
     dtype = jnp.result_type(features.dtype, targets.dtype)
     features = augment(features.astype(dtype), use_bias)
     targets = targets.astype(dtype)
-    stats = None
-    if gcv:
+    if given_penalty is None:
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
-        alpha2, stats = gcv_penalty(jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets))
-    alpha2 = alpha2.astype(dtype)
-    unregularised = not gcv and not isinstance(alpha2, jax.core.Tracer) and float(alpha2) == 0
+        penalty, stats = gcv_penalty(
+            jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets)
+        )
+        unregularised = False
+    else:
+        penalty, stats = given_penalty.astype(dtype), None
+        unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised)
-    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, alpha2))
+    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, penalty))
     value = check_finite_inputs(value, x=x, y=targets)
     value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
     return RidgeFit(
@@ -395,7 +398,7 @@ def fit_ridge(
         features,
         targets,
         alpha1.astype(dtype),
-        alpha2,
+        penalty.astype(dtype),
         stats,
         use_bias,
         scalar_output,
