@@ -12,6 +12,7 @@ from ._logistic import vploss_bce as vploss_bce
 from ._readout import VPLinear as VPLinear
 from ._ridge import vploss_msereg as vploss_msereg
 from ._softmax import vploss_ce as vploss_ce
+from ._streaming import refit_readout as refit_readout
 
 
 __version__ = importlib.metadata.version("vploss")
