@@ -165,6 +165,7 @@ def _bad_inputs():
             ValueError,
             "`init` has 2 output",
         ),
+        (dict(loss=vploss.vploss_bce, batches=pairs, init="warm"), TypeError, "VPLinear"),
     ]
 
 

@@ -172,6 +172,15 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
             f"({type(batches).__name__})."
         )
 
+    # The shapes and dtype of the problem, from the first batch.
+    _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
+    features = jax.eval_shape(lambda x, y: _batch_features(model, x, y, use_bias)[0], x, y)
+    dtype = features.dtype
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, y.dtype)
+    first = (y.shape[1], scalar_output)
+    shape = (features.shape[1], y.shape[1])
+
     def evaluate(coef):
         """One pass: the objective, its gradient and Hessian at `coef`, and the
         stopping scale."""
@@ -195,19 +204,13 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
             _gradient_scale(squares, alpha2),
         )
 
-    # The shapes and dtype of the problem, from the first batch.
-    _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
-    features = jax.eval_shape(lambda x, y: _batch_features(model, x, y, use_bias)[0], x, y)
-    dtype = features.dtype
-    if jnp.issubdtype(y.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, y.dtype)
-    first = (y.shape[1], scalar_output)
-    shape = (features.shape[1], y.shape[1])
     alpha2 = alpha2.astype(dtype)
     gtol = default_gtol(dtype) if gtol is None else gtol
     if init is None:
         coef = jnp.zeros(shape, dtype)
     else:
+        if not isinstance(init, VPLinear):
+            raise TypeError(f"`init` must be a `VPLinear` or None; got {type(init).__name__}.")
         coef = coefficients_from_readout(init, use_bias).astype(dtype)
         if coef.shape != shape:
             raise ValueError(
