@@ -14,6 +14,7 @@ from ._readout import VPLinear as VPLinear
 from ._residual import vpresidual_msereg as vpresidual_msereg
 from ._ridge import vploss_msereg as vploss_msereg
 from ._softmax import vploss_ce as vploss_ce
+from ._streaming import refit_readout as refit_readout
 
 
 __version__ = importlib.metadata.version("vploss")

@@ -263,9 +263,11 @@ def vploss_msereg(
         against float64), at the cost of one Gram matrix, and it avoids LAPACK on the
         tall matrix altogether.
     - `"dual"`: the same on the `(N, N)` kernel matrix $\hat F\hat F^\top/N$, for
-        `N < m + 1` (overparameterised features).
+        `N < m + 1` (overparameterised features). It couples all samples, so a batch
+        sharded over devices is gathered: use `"cholesky"` there.
     - `"svd"`: the regularised SVD of the tall matrix $\hat F/\sqrt N$; with
-        `alpha2 = 0`, singular values below a relative cut-off are dropped.
+        `alpha2 = 0`, singular values below a relative cut-off are dropped. It gathers
+        a sharded batch too.
     - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
         when `N < m + 1`, else `"cholesky"`.
 
