@@ -6,7 +6,7 @@ Times, interleaved, one jitted `value_and_grad` step (median over repeats) of
   unit circle) against the same MLP with a plain trainable logistic head, and against
   a seed-style baseline: the readout from `jax.scipy.optimize.minimize` (BFGS, 256
   iterations, from zero with the identity as initial inverse Hessian, sum loss with
-  ±1 labels) under `stop_gradient`, at alpha2 = 1e-6 as in the trial of issue 3. The
+  ±1 labels) under `stop_gradient`, at alpha2 = 1e-6. The
   iterations and the inner gradient norm (of the same mean objective) of each method
   are printed.
 - `vploss_ce` (MLP 2 → 64 → 64 → m = 64, K = 10 classes by angle and radius) against
@@ -23,14 +23,13 @@ and warm (from the readout fitted before the last Adam step, as in a training lo
 
 import argparse
 import functools
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.scipy.optimize
-import numpy as np
 import optax
+from _common import adam_steps, angle_classes, feature_mlp, inside_circle, interleaved_medians
 
 from vploss import vploss_bce, vploss_ce
 
@@ -40,47 +39,12 @@ N = 4096
 
 def _problem(width, num_classes, seed=0):
     mkey, hkey, xkey = jax.random.split(jax.random.PRNGKey(seed), 3)
-    model = eqx.nn.MLP(2, width, 64, 2, activation=jnp.tanh, final_activation=jnp.tanh, key=mkey)
+    model = feature_mlp(width, key=mkey)
     x = jax.random.uniform(xkey, (N, 2), minval=-2.0, maxval=2.0)
-    inside = jnp.sum(x**2, axis=1) < 1
     if num_classes is None:
-        return model, eqx.nn.Linear(width, "scalar", key=hkey), x, inside.astype(jnp.float32)
-    angle = jnp.floor((jnp.arctan2(x[:, 1], x[:, 0]) / jnp.pi + 1) * num_classes / 2)
-    y = (angle.astype(jnp.int32) + inside) % num_classes
+        return model, eqx.nn.Linear(width, "scalar", key=hkey), x, inside_circle(x)
+    y = angle_classes(x, num_classes)
     return model, eqx.nn.Linear(width, num_classes, key=hkey), x, y
-
-
-def _interleaved(steps, repeats):
-    for step in steps.values():
-        jax.block_until_ready(step())
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step())
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
-def _adam_steps(model, loss, num_steps, learning_rate=1e-3):
-    """`num_steps` Adam steps of VarPro training on `loss(model, init) -> (loss,
-    readout)`, warm started. Returns the model and the readout fitted before the
-    last step (the next step's warm start)."""
-    optimiser = optax.adam(learning_rate)
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    @eqx.filter_jit
-    def step(params, state, init):
-        grad_fn = jax.value_and_grad(lambda p: loss(eqx.combine(p, static), init), has_aux=True)
-        (_, readout), grads = grad_fn(params)
-        updates, state = optimiser.update(grads, state)
-        return eqx.apply_updates(params, updates), state, readout
-
-    state = optimiser.init(params)
-    readout = None
-    for _ in range(num_steps):
-        params, state, readout = step(params, state, readout)
-    return eqx.combine(params, static), readout
 
 
 def seed_style_readout(features, y, alpha2):
@@ -131,8 +95,8 @@ def bce(repeats, alpha2, train_steps):
         (f"after {train_steps} Adam steps", train_steps),
     ):
         # The warm start is the readout before the last Adam step.
-        moved, previous = _adam_steps(model, varpro, num_steps)
-        times = _interleaved(
+        moved, previous = adam_steps(model, varpro, num_steps)
+        times = interleaved_medians(
             {
                 "plain": functools.partial(plain_step, (moved, head)),
                 "vploss_bce cold": functools.partial(vp_step, moved, None),
@@ -176,14 +140,14 @@ def ce(repeats, alphas, train_steps, num_classes=10):
         for alpha2 in alphas:
             # The warm start is the readout before the last Adam step.
             loss = functools.partial(varpro, alpha2=alpha2)
-            moved, previous = _adam_steps(model, loss, num_steps)
+            moved, previous = adam_steps(model, loss, num_steps)
             steps = {"plain": functools.partial(plain_step, (moved, head))}
             for solver in ("newton-cg", "newton"):
                 for name, init in (("cold", None), ("warm", previous)):
                     steps[f"{solver} {name}"] = functools.partial(
                         vp_step, moved, init, alpha2, solver
                     )
-            times = _interleaved(steps, repeats)
+            times = interleaved_medians(steps, repeats)
             title = f"vploss_ce, K = {num_classes}, m = 64, N = {N}, {point}, alpha2 = {alpha2:g}"
             _report(title, times)
             for name, step in steps.items():

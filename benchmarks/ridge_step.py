@@ -27,40 +27,24 @@ SOLVERS = ("cholesky", "svd")
 WIDE_SOLVERS = ("dual", "cholesky", "svd")
 
 
-def _peaks(x):
-    import jax.numpy as jnp
-
-    a, b = x[..., 0], x[..., 1]
-    return (
-        3 * (1 - a) ** 2 * jnp.exp(-(a**2) - (b + 1) ** 2)
-        - 10 * (a / 5 - a**3 - b**5) * jnp.exp(-(a**2) - b**2)
-        - jnp.exp(-((a + 1) ** 2) - b**2) / 3
-    )
-
-
 def _problem(n, dtype, seed=0, width=64):
     import equinox as eqx
     import jax
-    import jax.numpy as jnp
+    from _common import feature_mlp, peaks
 
     mkey, hkey, xkey = jax.random.split(jax.random.PRNGKey(seed), 3)
-    model = eqx.nn.MLP(2, width, 64, 2, activation=jnp.tanh, final_activation=jnp.tanh, key=mkey)
-    head = eqx.nn.Linear(width, "scalar", key=hkey)
+    head = eqx.nn.Linear(width, "scalar", key=hkey, dtype=dtype)
     x = jax.random.uniform(xkey, (n, 2), minval=-3.0, maxval=3.0)
-    cast = lambda t: jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, t)  # noqa: E731
-    return cast(model), cast(head), x.astype(dtype), _peaks(x).astype(dtype)
-
-
-def _median_ms(times):
-    import numpy as np
-
-    return 1e3 * float(np.median(times))
+    return feature_mlp(width, key=mkey, dtype=dtype), head, x.astype(dtype), peaks(x).astype(dtype)
 
 
 def run(sizes, repeats):
+    import functools
+
     import equinox as eqx
     import jax
     import jax.numpy as jnp
+    from _common import interleaved_medians
 
     from vploss import vploss_msereg
 
@@ -79,9 +63,12 @@ def run(sizes, repeats):
         model, head, x, y = _problem(n, jnp.float32, width=width)
         steps = {"plain": (plain_step, (model, head))}
         steps.update({s: (vp_step(s), model) for s in solvers})
-        times = _interleaved_times(steps, x, y, repeats)
-        base = _median_ms(times["plain"])
-        cells = " ".join(f"{_median_ms(times[s]) / base:9.3f}" for s in solvers)
+        times = interleaved_medians(
+            {name: functools.partial(step, params, x, y) for name, (step, params) in steps.items()},
+            repeats,
+        )
+        base = times["plain"]
+        cells = " ".join(f"{times[s] / base:9.3f}" for s in solvers)
         print(f"{n:>6} {width:>5} {base:9.3f} {cells}")
 
     print(f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '(default)')}")
@@ -91,22 +78,6 @@ def run(sizes, repeats):
         table_row(n, 64, SOLVERS)
     print(f"{'N':>6} {'m':>5} {'plain ms':>9} " + " ".join(f"{s:>9}" for s in WIDE_SOLVERS))
     table_row(256, 1024, WIDE_SOLVERS)
-
-
-def _interleaved_times(steps, x, y, repeats):
-    import time
-
-    import jax
-
-    for step, params in steps.values():
-        jax.block_until_ready(step(params, x, y))
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, (step, params) in steps.items():
-            start = time.perf_counter()
-            jax.block_until_ready(step(params, x, y))
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def accuracy(n):

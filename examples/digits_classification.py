@@ -1,22 +1,37 @@
-"""Handwritten digits (scikit-learn's bundled 8×8 images, 10 classes): `vploss_ce`
-against a plain softmax network.
+# %% [markdown]
+# # Handwritten digits: softmax VarPro against a plain network
+#
+# scikit-learn's bundled 8×8 digit images (1797 of them, 10 classes; 70% for training,
+# 30% for testing), pixels scaled to $[0, 1]$. Both runs train the same tanh MLP
+# feature map $f_\theta: \mathbb R^{64} \to \mathbb R^{16}$ with Adam
+# ($3\cdot 10^{-3}$) on the same mini-batches of 128 images.
+#
+# - **Plain**: a softmax head $(W, b)$, $W \in \mathbb R^{10\times 16}$, trained by
+#   Adam with $\theta$ on the mean softmax cross-entropy.
+# - **VarPro**: `vploss.vploss_ce` fits the head exactly on each mini-batch,
+#
+# $$L(\theta) = \min_{W, b}\ \frac1N\sum_{j=1}^N \big[\operatorname{logsumexp}(z_j)
+# - z_{j, y_j}\big] + \frac{\alpha_2}{2}\|[W, b]\|_F^2, \qquad z_j = W f_\theta(x_j)
+# + b,$$
+#
+# ($\alpha_2 = 10^{-3}$), warm-started from the previous step's readout, and Adam
+# trains only $\theta$. The readout has $10 \times 17 = 170$ coefficients, so the
+# inner solver is exact Newton (Newton–CG takes over above 256).
+#
+# As a script: `python examples/digits_classification.py [--quick] [--out DIR]`. The
+# outputs stored with this notebook were computed on a 2-core CPU shared with other
+# jobs: the wall times are indicative only.
 
-Both runs train the same tanh MLP feature map with Adam on the same mini-batches. The
-plain network also trains its softmax head by gradient descent; the VarPro run fits the
-head exactly inside the loss, warm-started from the previous step's readout. Prints the
-test accuracy against steps and wall time and saves `digits_classification.png`.
-
-    python examples/digits_classification.py [--quick] [--out DIR]
-"""
-
+# %%
 import argparse
 import pathlib
+import sys
 import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
@@ -26,15 +41,20 @@ from tqdm import tqdm
 from vploss import vploss_ce
 
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
 ALPHA2 = 1e-3
 NUM_CLASSES = 10
 WIDTH = 16
 
 
+# %% [markdown]
+# ## Training loop
+#
+# The VarPro readout is fitted on the first mini-batch before training, then carried
+# from step to step as the warm start, and predicts the test set. Only the training
+# steps are timed, after one compiling call.
+
+
+# %%
 def train(kind, data, steps, batch, evaluate_every, key):
     x, y, x_test, y_test = data
     fkey, hkey, bkey = jax.random.split(key, 3)
@@ -84,41 +104,58 @@ def train(kind, data, steps, batch, evaluate_every, key):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few seconds' run")
-    parser.add_argument("--out", default=".", help="folder for the figure")
-    args = parser.parse_args()
-    steps, every = (30, 10) if args.quick else (1500, 100)
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=0.3, random_state=0
-    )
-    data = tuple(map(jnp.asarray, (x_train, y_train, x_test, y_test)))
-    key = jax.random.PRNGKey(0)
-    results = {kind: train(kind, data, steps, 128, every, key) for kind in ("plain", "varpro")}
+# %% [markdown]
+# ## Training
+#
+# 1500 steps, evaluated every 100 (30 steps with `--quick`). In a notebook kernel the
+# defaults are used.
 
-    print(f"{'step':>6} {'plain s':>8} {'plain acc':>10} {'varpro s':>9} {'varpro acc':>11}")
-    for (i, pt, _, pa), (_, vt, _, va) in zip(results["plain"], results["varpro"], strict=True):
-        print(f"{i:>6} {pt:8.2f} {pa:10.3f} {vt:9.2f} {va:11.3f}")
+# %%
+parser = argparse.ArgumentParser(description="Handwritten digits with vploss_ce.")
+parser.add_argument("--quick", action="store_true", help="a few seconds' run")
+parser.add_argument("--out", default=".", help="folder for the figure")
+args = parser.parse_args([] if "ipykernel" in sys.modules else None)
+steps, every = (30, 10) if args.quick else (1500, 100)
+digits = load_digits()
+x = (digits.data / 16.0).astype(np.float32)
+x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.3, random_state=0)
+data = tuple(map(jnp.asarray, (x_train, y_train, x_test, y_test)))
+key = jax.random.PRNGKey(0)
+results = {kind: train(kind, data, steps, 128, every, key) for kind in ("plain", "varpro")}
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, rows in results.items():
-        rows = np.array(rows)
-        axes[0].plot(rows[:, 0], rows[:, 3], marker="o", label=kind)
-        axes[1].plot(rows[:, 1], rows[:, 3], marker="o", label=kind)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall time of the training steps (s)")
-    for ax in axes:
-        ax.set_ylabel("test accuracy")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "digits_classification.png", dpi=100, bbox_inches="tight")
-    print(f"saved {out / 'digits_classification.png'}")
+print(f"{'step':>6} {'plain s':>8} {'plain acc':>10} {'varpro s':>9} {'varpro acc':>11}")
+for (i, pt, _, pa), (_, vt, _, va) in zip(results["plain"], results["varpro"], strict=True):
+    print(f"{i:>6} {pt:8.2f} {pa:10.3f} {vt:9.2f} {va:11.3f}")
 
+# %% [markdown]
+# ## Accuracy against steps and time
+#
+# Each VarPro step solves a 170-unknown convex problem by Newton's method, so it costs
+# more than a plain step; the right panel compares the two at equal training time.
 
-if __name__ == "__main__":
-    main()
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+for kind, rows in results.items():
+    rows = np.array(rows)
+    axes[0].plot(rows[:, 0], rows[:, 3], marker="o", label=kind)
+    axes[1].plot(rows[:, 1], rows[:, 3], marker="o", label=kind)
+axes[0].set_xlabel("step")
+axes[1].set_xlabel("wall time of the training steps (s)")
+for ax in axes:
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+out = pathlib.Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+fig.savefig(out / "digits_classification.png", dpi=100, bbox_inches="tight")
+print(f"saved {out / 'digits_classification.png'}")
+
+# %% [markdown]
+# ## Results
+#
+# In the run stored here both networks reach 96–97% test accuracy within 300 steps and
+# stay there: on this small problem the plain softmax head, trained by the same Adam, does
+# as well as the VarPro readout (the plain run ends at 97.4%, VarPro at 96.1%, within the
+# fluctuation of either over its last few hundred steps). The step times were measured on
+# a busy shared machine and do not compare the costs reliably; the benchmarks page has
+# controlled ratios.

@@ -62,6 +62,22 @@ def test_other_solvers_agree(solver):
     assert bool(readout.stats.converged)
 
 
+def test_newton_last_step_below_rounding():
+    """Features of size 5-10 and alpha2 = 1: the last Newton step predicts a decrease
+    below the rounding of the objective (the plain Armijo search rejected it forever
+    at a gradient of 1.9e-8, above the default `gtol` 1.5e-8); the default tolerance
+    is met and the readout matches the reference."""
+    kx, ky = jax.random.split(jax.random.PRNGKey(9))
+    features = 8 * jnp.tanh(jax.random.normal(kx, (20, 4)))
+    y = jax.random.uniform(ky, (20, 2))
+    loss, readout = vploss_bce(lambda f: f, features, y, alpha2=1.0)
+    ref_loss, ref_coef = logistic_reference(features, y, 1.0)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+    assert float(readout.stats.gradient_norm) <= 1.5e-8
+
+
 def test_newton_cg_multi_output_matches_numpy_newton():
     model = mlp()
     x, y = _data(k=3, soft=True)

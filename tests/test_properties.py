@@ -29,17 +29,6 @@ EXAMPLES = [
     pytest.param(6, id="quick"),
     pytest.param(1000, id="slow", marks=pytest.mark.slow),
 ]
-# An open defect the slow run finds: in float64, with features of size 5-10 and
-# alpha2 of 0.1-1, the exact Newton method's Armijo search stalls at a gradient just
-# above the default `gtol` (1.8e-8 against 1.5e-8: the last decrease is below the
-# rounding of the objective), so the solve reports non-convergence.
-NEWTON_STALL = pytest.mark.xfail(
-    raises=eqx.EquinoxRuntimeError, strict=False, reason="Armijo stall above the default gtol"
-)
-EXAMPLES_LOGISTIC = [
-    pytest.param(6, id="quick"),
-    pytest.param(1000, id="slow", marks=[pytest.mark.slow, NEWTON_STALL]),
-]
 
 
 @st.composite
@@ -141,7 +130,7 @@ def test_ridge_properties(examples):
     _run(examples, check)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES_LOGISTIC)
+@pytest.mark.parametrize("examples", EXAMPLES)
 def test_bce_properties(examples):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
@@ -152,7 +141,7 @@ def test_bce_properties(examples):
     _run(examples, check)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES_LOGISTIC)
+@pytest.mark.parametrize("examples", EXAMPLES)
 def test_ce_properties(examples):
     def check(problem):
         model, x, key, outputs = _inputs(problem)

@@ -97,3 +97,14 @@ def test_errors_are_those_of_the_loss():
         vpresidual_msereg(model, x, y[:-1])
     with pytest.raises(ValueError, match="alpha2"):
         vpresidual_msereg(model, x, y, alpha2=-1.0)
+
+
+def test_gcv_penalty():
+    """With `alpha2="gcv"`, the residual uses the penalty GCV chose (in the stats)."""
+    model = mlp(IN, features=M)
+    x, y = _data()
+    residual, readout = vpresidual_msereg(model, x, y, alpha2="gcv")
+    loss, expected = vploss_msereg(model, x, y, alpha2=readout.stats.alpha2)
+    assert residual.shape == (N * 2 + (M + 1) * 2,)
+    np.testing.assert_allclose(0.5 * jnp.sum(residual**2), loss, rtol=1e-10)
+    np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-10)

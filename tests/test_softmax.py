@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import pytest
 
 from vploss import vploss_ce
@@ -35,6 +36,21 @@ def test_matches_numpy_newton(kind, alpha2):
     np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
     assert jax.vmap(lambda xi: readout(model(xi)))(x).shape == (N, K)
+
+
+def test_newton_last_step_below_rounding():
+    """As in `vploss_bce`: features of size 5-10, alpha2 = 1, a last Newton step
+    below the rounding of the objective (the plain Armijo search stalled at a gradient
+    of 2.0e-8, above the default `gtol`)."""
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    features = 8 * jnp.tanh(jax.random.normal(kx, (20, 4)))
+    targets = jax.nn.softmax(3 * jax.random.normal(ky, (20, K)), axis=1)
+    loss, readout = vploss_ce(lambda f: f, features, targets, alpha2=1.0)
+    ref_loss, ref_coef = logistic_reference(features, targets, 1.0, softmax=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-8)
+    np.testing.assert_allclose(readout.weight, ref_coef[:-1].T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
+    assert float(readout.stats.gradient_norm) <= 1.5e-8
 
 
 @pytest.mark.parametrize("alpha2", [1e-3, 1e-5])
@@ -124,3 +140,24 @@ def test_jit_and_vmap():
     batched = jax.jit(jax.vmap(loss))(jnp.stack([x, -x]), jnp.stack([y, y]))
     np.testing.assert_allclose(batched[0], loss(x, y), rtol=1e-10)
     np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
+
+
+def test_outer_bfgs_trains_the_model_full_batch():
+    """Full-batch quasi-Newton training of θ on the reduced loss (optimistix BFGS on
+    the envelope gradient): its line search needs exact gradients of the reduced loss,
+    and it reaches a stationary point of it."""
+    model = mlp()
+    x, y = _data()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def reduced_loss(p, args):
+        return vploss_ce(eqx.combine(p, static), x, y, alpha2=1e-2, num_classes=K)[0]
+
+    gradient_norm = lambda p: optx.max_norm(jax.grad(reduced_loss)(p, None))  # noqa: E731
+    solution = optx.minimise(
+        reduced_loss, optx.BFGS(rtol=1e-6, atol=1e-6), params, max_steps=150, throw=False
+    )
+    # Its Cauchy stopping test (on steps in θ and in the loss) is slower to trigger
+    # than the gradient is to vanish: check the gradient.
+    assert float(reduced_loss(solution.value, None)) < 0.7 * float(reduced_loss(params, None))
+    assert float(gradient_norm(solution.value)) < 1e-4 * float(gradient_norm(params))

@@ -6,6 +6,7 @@ Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 

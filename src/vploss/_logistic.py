@@ -108,8 +108,10 @@ def vploss_bce(
 
     - `"newton"`: Newton's method with a backtracking Armijo line search on the exact
         Hessian $\hat F^\top D_c \hat F/N + \alpha_2 I$ (one matmul per accepted
-        step), solved by `lineax.Cholesky`. Quadratic convergence: about 5-12 steps
-        from a cold start, 1-3 from a warm start.
+        step), solved by `lineax.Cholesky`. The search tolerates changes of the
+        objective within its rounding, so a last step whose decrease is below it is
+        taken, not refused. Quadratic convergence: about 5-12 steps from a cold
+        start, 1-3 from a warm start.
     - `"newton-cg"`: truncated Newton: the same line search with the Newton step from
         `lineax.CG` on closed-form Hessian-vector products (two matmuls over samples,
         $O(N(m+1)k)$ each; the Hessian is never formed): at most
@@ -144,7 +146,10 @@ def vploss_bce(
         features of size 1; larger features are held to the plain max-norm);
         default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
         Newton's last step usually lands far below it). `readout.stats.gradient_norm`
-        is measured the same way.
+        is measured the same way. The loss is then within about $|\nabla J|^2 /
+        (2\alpha_2)$ of the minimum: at a tiny `alpha2` with separable classes,
+        where the loss itself is tiny, pass a smaller `gtol` for more relative
+        digits (e.g. 1e-10 in float64 at `alpha2 = 1e-8`).
     - `max_steps`: the step budget of the inner solver.
     - `throw`: if `True`, an inner solve that did not converge raises a runtime error
         (`eqx.error_if`); if `False`, read `readout.stats.converged`.

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._diagnostics import InnerStats
+from ._gcv import GCVStats
 from ._misc import matmul
 
 
@@ -19,13 +20,14 @@ class VPLinear(eqx.Module):
     - `scalar_output`: whether the targets were `(N,)`, so that a prediction is a
         scalar rather than a `(1,)` vector (static).
     - `stats`: the diagnostics of the inner solve (`vploss.InnerStats`) for losses
-        with an iterative inner solver, else `None`. They do not affect predictions.
+        with an iterative inner solver, the chosen penalty (`vploss.GCVStats`) for
+        `vploss_msereg(..., alpha2="gcv")`, else `None`. They do not affect predictions.
     """
 
     weight: Float[Array, "k m"]
     bias: Float[Array, " k"] | None
     scalar_output: bool = eqx.field(static=True, default=False)
-    stats: InnerStats | None = None
+    stats: InnerStats | GCVStats | None = None
 
     def __check_init__(self):
         if jnp.ndim(self.weight) != 2:
@@ -89,7 +91,7 @@ def readout_from_coefficients(
     coef: Float[Array, "p k"],
     use_bias: bool,
     scalar_output: bool,
-    stats: InnerStats | None = None,
+    stats: InnerStats | GCVStats | None = None,
 ) -> VPLinear:
     """Splits the stacked coefficients `[W, b]ᵀ` (rows: features, then the bias) of the
     augmented features `[F, 1]` into a `VPLinear`."""
@@ -105,6 +107,6 @@ def coefficients_from_readout(readout: VPLinear, use_bias: bool) -> Float[Array,
             f"The readout passed as a warm start has bias={readout.bias is not None}, "
             f"but the loss was called with use_bias={use_bias}."
         )
-    if use_bias:
+    if readout.bias is not None:
         return jnp.concatenate([readout.weight.T, readout.bias[None, :]], axis=0)
     return readout.weight.T

@@ -3,8 +3,10 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from ._misc import matmul
@@ -18,7 +20,7 @@ def vpresidual_msereg(
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
-    alpha2: ArrayLike = DEFAULT_RIDGE_ALPHA2,
+    alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
     solver: RidgeSolverName | str = "auto",
 ) -> tuple[Float[Array, " R"], VPLinear]:
@@ -60,7 +62,9 @@ def vpresidual_msereg(
 
     **Returns:**
 
-    `(residual, readout)`: the residual vector and the fitted `VPLinear`.
+    `(residual, readout)`: the residual vector and the fitted `VPLinear` (with
+    `alpha2="gcv"`, the chosen penalty is in `readout.stats`; it is held fixed in the
+    derivative).
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
     num_samples = fit.features.shape[0]
@@ -79,9 +83,12 @@ def vpresidual_msereg(
     # `fit.value` carries the runtime checks (finite data, features and readout).
     residual = jnp.concatenate(blocks)
     residual = eqx.error_if(residual, ~jnp.isfinite(fit.value), "the ridge loss is not finite")
-    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output)
+    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
 
 
-def _maybe_nonzero(alpha: ArrayLike) -> bool:
-    """Whether a penalty weight may be non-zero: traced weights count as non-zero."""
-    return isinstance(alpha, jax.core.Tracer) or float(alpha) != 0
+def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
+    """Whether a penalty weight may be non-zero: traced weights and `"gcv"` count as
+    non-zero."""
+    if isinstance(alpha, (jax.core.Tracer, str)):
+        return True
+    return float(np.asarray(alpha)) != 0

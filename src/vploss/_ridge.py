@@ -3,6 +3,7 @@ from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
@@ -10,6 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite, check_finite_inputs
 from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, Tangent
 from ._features import augment, evaluate_features, parameter_penalty
+from ._gcv import gcv_penalty, GCVStats
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
 
@@ -224,7 +226,7 @@ def vploss_msereg(
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
-    alpha2: ArrayLike = DEFAULT_RIDGE_ALPHA2,
+    alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
     solver: RidgeSolverName | str = "auto",
 ) -> tuple[Float[Array, ""], VPLinear]:
@@ -261,9 +263,11 @@ def vploss_msereg(
         against float64), at the cost of one Gram matrix, and it avoids LAPACK on the
         tall matrix altogether.
     - `"dual"`: the same on the `(N, N)` kernel matrix $\hat F\hat F^\top/N$, for
-        `N < m + 1` (overparameterised features).
+        `N < m + 1` (overparameterised features). It couples all samples, so a batch
+        sharded over devices is gathered: use `"cholesky"` there.
     - `"svd"`: the regularised SVD of the tall matrix $\hat F/\sqrt N$; with
-        `alpha2 = 0`, singular values below a relative cut-off are dropped.
+        `alpha2 = 0`, singular values below a relative cut-off are dropped. It gathers
+        a sharded batch too.
     - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
         when `N < m + 1`, else `"cholesky"`.
 
@@ -280,6 +284,26 @@ def vploss_msereg(
     1e-3 of the float64 one (measured; see `benchmarks/`), well inside mini-batch
     noise. Raise it (1e-4) for more float32 accuracy or as a genuine regulariser.
 
+    **`alpha2="gcv"`** chooses the penalty by generalised cross-validation (Golub, Heath
+    & Wahba, 1979): with the hat matrix $H_\alpha = \hat F(\hat F^\top\hat F/N + \alpha
+    I)^{-1}\hat F^\top/N$ of the ridge readout,
+
+    $$\alpha^* = \operatorname{argmin}_{\alpha > 0}\ \mathrm{GCV}(\alpha) =
+    \frac{N\,\|(I - H_\alpha)Y\|_F^2}{(N - \mathrm{tr}\,H_\alpha)^2},$$
+
+    a rotation-invariant estimate of the leave-one-out prediction error. One
+    eigendecomposition of the `(p, p)` Gram matrix $\hat F^\top\hat F/N$ (of the `(N, N)`
+    kernel matrix when $N \le p$), at the cost of the Cholesky solver, makes GCV cheap
+    for every $\alpha$; it is minimised over a grid of $\log\alpha$ from
+    $\varepsilon\lambda_{\max}$ to $100\lambda_{\max}$ and refined by golden-section
+    search. The loss is then the ridge loss at $\alpha^*$, solved by `solver`, and
+    $\alpha^*$ is held fixed: the gradient is the envelope gradient at $\alpha^*$,
+    with no term for $\mathrm{d}\alpha^*/\mathrm{d}\theta$ (the loss is not minimised
+    over $\alpha$). The choice is in `readout.stats`, a `vploss.GCVStats` (the penalty,
+    the GCV value and $\mathrm{tr}\,H_{\alpha^*}$). In float32 the penalty cannot be
+    resolved below about $\varepsilon\lambda_{\max} \approx 10^{-7}\lambda_{\max}$,
+    where the float64 choice may lie for features that fit the targets well.
+
     **Arguments:**
 
     - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
@@ -287,7 +311,8 @@ def vploss_msereg(
     - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
     - `y`: the targets, shape `(N,)` or `(N, k)`.
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
-    - `alpha2`: penalty weight on the readout, `>= 0`.
+    - `alpha2`: penalty weight on the readout, `>= 0`, or `"gcv"` to choose it by
+        generalised cross-validation, as above.
     - `use_bias`: whether the readout has a bias $b$ (a column of ones in $\hat F$).
     - `solver`: `"auto"`, `"cholesky"`, `"dual"` or `"svd"`, as above. A traced
         `alpha2` (a JAX array under `jit`) counts as non-zero for `"auto"`.
@@ -307,14 +332,15 @@ def vploss_msereg(
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
     loss = fit.value + parameter_penalty(model, fit.alpha1)
-    return loss, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output)
+    return loss, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
 
 
 class RidgeFit(eqx.Module):
     """What `fit_ridge` computed: the ridge objective's optimal value `value` (without
     the `alpha1` penalty) and minimiser `coef` (`[W, b]ᵀ`), both differentiable, the
     augmented `features` and the `targets` in the working dtype, the checked penalty
-    weights, and the static flags."""
+    weights (`alpha2` as chosen, with `alpha2="gcv"`), the diagnostics of that choice
+    (else `None`), and the static flags."""
 
     value: Scalar
     coef: Float[Array, "p k"]
@@ -322,6 +348,7 @@ class RidgeFit(eqx.Module):
     targets: Float[Array, "N k"]
     alpha1: Scalar
     alpha2: Scalar
+    stats: GCVStats | None
     use_bias: bool = eqx.field(static=True)
     scalar_output: bool = eqx.field(static=True)
 
@@ -332,7 +359,7 @@ def fit_ridge(
     y: ArrayLike,
     *,
     alpha1: ArrayLike,
-    alpha2: ArrayLike,
+    alpha2: ArrayLike | str,
     use_bias: bool,
     solver: str,
 ) -> RidgeFit:
@@ -343,17 +370,38 @@ def fit_ridge(
     targets, scalar_output = as_targets("y", y, num_samples)
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
-    alpha2 = as_alpha("alpha2", alpha2, positive=False)
+    if isinstance(alpha2, str):
+        if alpha2 != "gcv":
+            raise ValueError(f'`alpha2` must be a number >= 0 or the string "gcv"; got {alpha2!r}.')
+        given_penalty = None
+    else:
+        given_penalty = as_alpha("alpha2", alpha2, positive=False)
     features = evaluate_features(model, x)
     dtype = jnp.result_type(features.dtype, targets.dtype)
     features = augment(features.astype(dtype), use_bias)
     targets = targets.astype(dtype)
-    alpha2 = alpha2.astype(dtype)
-    unregularised = not isinstance(alpha2, jax.core.Tracer) and float(alpha2) == 0
+    if given_penalty is None:
+        # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
+        # the envelope gradient at alpha* (no derivative of the eigendecomposition).
+        penalty, stats = gcv_penalty(
+            jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets)
+        )
+        unregularised = False
+    else:
+        penalty, stats = given_penalty.astype(dtype), None
+        unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised)
-    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, alpha2))
+    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, penalty))
     value = check_finite_inputs(value, x=x, y=targets)
     value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
     return RidgeFit(
-        value, coef, features, targets, alpha1.astype(dtype), alpha2, use_bias, scalar_output
+        value,
+        coef,
+        features,
+        targets,
+        alpha1.astype(dtype),
+        penalty.astype(dtype),
+        stats,
+        use_bias,
+        scalar_output,
     )

@@ -1,0 +1,251 @@
+"""Benchmark suite: step time, memory and compile time of every loss over a grid of sizes.
+
+For each loss (`vploss_msereg`, `vploss_bce`, `vploss_ce` with K = 10 classes), batch
+size N and feature count m, the feature map is an MLP 2 → 64 → 64 → m (tanh, float32,
+CPU) and the script compiles one `value_and_grad` step of
+
+- the VarPro loss (`solver="auto"`), after 100 Adam steps of VarPro training on
+  mini-batches of 1024 samples, the logistic losses warm started from the readout of
+  the last of those steps (fitted on another batch, as in a training loop), and
+- the baseline: the same MLP with a plain trainable head (mean squared error, sigmoid
+  or softmax cross-entropy) on the same features,
+
+and prints, per (N, m): the median step times (interleaved, in the same run) and their
+ratio, the peak memory of each compiled step (`memory_analysis()`: arguments + outputs
++ temporaries), whether the compiled VarPro step holds an N×N array, the time to trace
+and compile the VarPro step, and the steps and convergence of its inner solve. Below
+each table, the fitted exponent a of time ∝ N^a for each m. Then the ridge solvers at
+two shapes: overparameterised (N = 256, m = 4096), where `"auto"` picks the dual form,
+and tall (N = 4096, m = 256), where it picks the primal Cholesky form.
+
+    python benchmarks/suite.py            # N in {1k, 4k, 16k, 64k}, m in {16, 64, 256}
+    python benchmarks/suite.py --quick    # N in {1k, 4k}, m in {16, 64}, fewer repeats
+
+OpenBLAS is single-threaded unless `OPENBLAS_NUM_THREADS` is set (see `ridge_step.py`).
+"""
+
+import os
+
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before JAX loads
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from _common import (  # noqa: E402
+    adam_steps,
+    angle_classes,
+    feature_mlp,
+    inside_circle,
+    interleaved_medians,
+    peaks,
+)
+
+from vploss import vploss_bce, vploss_ce, vploss_msereg  # noqa: E402
+
+
+SIZES = (1024, 4096, 16384, 65536)
+WIDTHS = (16, 64, 256)
+QUICK_SIZES = (1024, 4096)
+QUICK_WIDTHS = (16, 64)
+NUM_CLASSES = 10
+RIDGE_ALPHA2 = 1e-6
+LOGISTIC_ALPHA2 = 1e-4
+WARMUP_STEPS = 100
+WARMUP_BATCH = 1024
+
+
+class _Loss:
+    """One benchmarked loss: its labels, its VarPro call and its plain-head baseline."""
+
+    def __init__(self, name, labels, outputs, varpro, plain, warm):
+        self.name, self.labels, self.outputs = name, labels, outputs
+        self.varpro, self.plain, self.warm = varpro, plain, warm
+
+
+LOSSES = {
+    "msereg": _Loss(
+        "vploss_msereg",
+        peaks,
+        "scalar",
+        lambda m, x, y, init: vploss_msereg(m, x, y, alpha2=RIDGE_ALPHA2),
+        lambda pred, y: 0.5 * jnp.mean((pred - y) ** 2),
+        warm=False,
+    ),
+    "bce": _Loss(
+        "vploss_bce",
+        inside_circle,
+        "scalar",
+        lambda m, x, y, init: vploss_bce(m, x, y, alpha2=LOGISTIC_ALPHA2, init=init, throw=False),
+        lambda logits, y: jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)),
+        warm=True,
+    ),
+    "ce": _Loss(
+        "vploss_ce",
+        functools.partial(angle_classes, num_classes=NUM_CLASSES),
+        NUM_CLASSES,
+        lambda m, x, y, init: vploss_ce(
+            m, x, y, alpha2=LOGISTIC_ALPHA2, num_classes=NUM_CLASSES, init=init, throw=False
+        ),
+        lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
+        warm=True,
+    ),
+}
+
+
+def _compile(loss_fn, model, *args, has_aux):
+    """`value_and_grad` of `loss_fn(model, *args)` in the model's inexact leaves,
+    traced and compiled now. Returns the step as a zero-argument callable, the seconds
+    spent tracing and compiling, and the compiled executable."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def step(params, *args):
+        return jax.value_and_grad(
+            lambda p: loss_fn(eqx.combine(p, static), *args), has_aux=has_aux
+        )(params)
+
+    start = time.perf_counter()
+    compiled = jax.jit(step).lower(params, *args).compile()
+    seconds = time.perf_counter() - start
+    return functools.partial(compiled, params, *args), seconds, compiled
+
+
+def _peak_bytes(compiled):
+    memory = compiled.memory_analysis()
+    return memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+
+
+@functools.cache
+def _trained(name, m):
+    """The model after `WARMUP_STEPS` Adam steps of VarPro training on mini-batches of
+    `WARMUP_BATCH` samples, and the readout of the last one: the next step's warm start,
+    fitted on another batch, as in a training loop. The same for every N."""
+    loss = LOSSES[name]
+    model = feature_mlp(m, key=jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (WARMUP_BATCH, 2), minval=-2.0, maxval=2.0)
+    y = loss.labels(x)
+    return adam_steps(model, lambda mdl, init: loss.varpro(mdl, x, y, init), WARMUP_STEPS)
+
+
+def _cell(name, n, m, repeats):
+    loss = LOSSES[name]
+    model, init = _trained(name, m)
+    init = init if loss.warm else None
+    hkey, xkey = jax.random.split(jax.random.PRNGKey(2))
+    head = eqx.nn.Linear(m, loss.outputs, key=hkey)
+    x = jax.random.uniform(xkey, (n, 2), minval=-2.0, maxval=2.0)
+    y = loss.labels(x)
+
+    def plain(model_and_head, x, y):
+        features_to_output = lambda xj: model_and_head[1](model_and_head[0](xj))
+        return loss.plain(jax.vmap(features_to_output)(x), y)
+
+    vp_step, compile_s, vp_compiled = _compile(loss.varpro, model, x, y, init, has_aux=True)
+    plain_step, _, plain_compiled = _compile(plain, (model, head), x, y, has_aux=False)
+    times = interleaved_medians({"plain": plain_step, "varpro": vp_step}, repeats)
+    stats = vp_step()[0][1].stats
+    square = f"[{n},{n}]" in vp_compiled.as_text()
+    return {
+        "plain_ms": times["plain"],
+        "varpro_ms": times["varpro"],
+        "ratio": times["varpro"] / times["plain"],
+        "varpro_mib": _peak_bytes(vp_compiled) / 2**20,
+        "plain_mib": _peak_bytes(plain_compiled) / 2**20,
+        "square": square,
+        "compile_s": compile_s,
+        "inner": "-" if stats is None else f"{int(stats.num_steps)} {bool(stats.converged)}",
+    }
+
+
+def _growth_exponent(sizes, times):
+    """The least-squares slope of log(time) against log(N)."""
+    return float(np.polyfit(np.log(sizes), np.log(times), 1)[0])
+
+
+def run_loss(name, sizes, widths, repeats):
+    loss = LOSSES[name]
+    warm = ", warm started" if loss.warm else ""
+    print(f"\n### `{loss.name}` (float32, CPU{warm})\n")
+    header = (
+        "| N | m | plain ms | VarPro ms | ratio | VarPro MiB | plain MiB | N×N | compile s "
+        "| inner steps, converged |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    exponents = {}
+    for m in widths:
+        rows = []
+        for n in sizes:
+            cell = _cell(name, n, m, repeats)
+            rows.append(cell)
+            print(
+                f"| {n} | {m} | {cell['plain_ms']:.2f} | {cell['varpro_ms']:.2f} | "
+                f"{cell['ratio']:.2f} | {cell['varpro_mib']:.1f} | {cell['plain_mib']:.1f} | "
+                f"{'yes' if cell['square'] else 'no'} | {cell['compile_s']:.2f} | "
+                f"{cell['inner']} |",
+                flush=True,
+            )
+        if len(sizes) > 1:
+            exponents[m] = (
+                _growth_exponent(sizes, [r["varpro_ms"] for r in rows]),
+                _growth_exponent(sizes, [r["plain_ms"] for r in rows]),
+            )
+    print()
+    for m, (varpro, plain) in exponents.items():
+        print(f"- m = {m}: time ∝ N^{varpro:.2f} (plain head N^{plain:.2f})")
+
+
+def ridge_shapes(repeats):
+    print("\n### Ridge solvers by shape (float32, CPU)\n")
+    print("| N | m | plain ms | `auto` picks | dual / plain | cholesky / plain |")
+    print("|---|---|---|---|---|---|")
+    loss = LOSSES["msereg"]
+    for n, m in ((256, 4096), (4096, 256)):
+        mkey, hkey, xkey = jax.random.split(jax.random.PRNGKey(0), 3)
+        model = feature_mlp(m, key=mkey)
+        head = eqx.nn.Linear(m, "scalar", key=hkey)
+        x = jax.random.uniform(xkey, (n, 2), minval=-2.0, maxval=2.0)
+        y = loss.labels(x)
+
+        def plain(model_and_head, x, y):
+            features_to_output = lambda xj: model_and_head[1](model_and_head[0](xj))
+            return loss.plain(jax.vmap(features_to_output)(x), y)
+
+        steps = {"plain": _compile(plain, (model, head), x, y, has_aux=False)[0]}
+        for solver in ("dual", "cholesky"):
+            ridge = lambda mdl, x, y, s=solver: vploss_msereg(mdl, x, y, alpha2=1e-6, solver=s)
+            steps[solver] = _compile(ridge, model, x, y, has_aux=True)[0]
+        times = interleaved_medians(steps, repeats)
+        auto = "dual" if n < m + 1 else "cholesky"
+        print(
+            f"| {n} | {m} | {times['plain']:.2f} | `{auto}` | "
+            f"{times['dual'] / times['plain']:.2f} | {times['cholesky'] / times['plain']:.2f} |",
+            flush=True,
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid, fewer repeats")
+    parser.add_argument("--repeats", type=int, help="timed calls per step (default 10, quick 5)")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    parser.add_argument("--skip-shapes", action="store_true", help="skip the ridge shapes")
+    args = parser.parse_args()
+    sizes, widths = (QUICK_SIZES, QUICK_WIDTHS) if args.quick else (SIZES, WIDTHS)
+    repeats = args.repeats or (5 if args.quick else 10)
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, repeats {repeats}, ", end="")
+    print(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    for name in args.losses:
+        run_loss(name, sizes, widths, repeats)
+    if not args.skip_shapes:
+        ridge_shapes(repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+r"""Generalised cross-validation (GCV) for the readout penalty of the ridge loss.
+
+For the ridge readout with penalty $\frac{\alpha}{2}\|\hat W\|_F^2$ the fitted values are
+$H_\alpha Y$ with the hat matrix $H_\alpha = \hat F(\hat F^\top\hat F/N + \alpha I)^{-1}
+\hat F^\top/N$, and (Golub, Heath & Wahba, 1979)
+
+$$\mathrm{GCV}(\alpha) = \frac{N\,\|(I - H_\alpha)Y\|_F^2}{(N - \mathrm{tr}\,H_\alpha)^2}.$$
+
+One symmetric eigendecomposition makes it cheap for every $\alpha$: `O(p)` per value.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+from ._misc import matmul
+
+
+#: Points of the log-spaced grid over the penalty (see `gcv_penalty`).
+_GRID_POINTS = 64
+#: The grid spans `[eps·λ_max, _GRID_TOP·λ_max]`.
+_GRID_TOP = 1e2
+#: Golden-section steps of the refinement: each shrinks the bracket by 0.618, so 40 steps
+#: take the two grid cells around the best point (under 0.6 decades) to a relative
+#: precision of about 1e-8 in `alpha`.
+_REFINE_STEPS = 40
+_INV_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class GCVStats(eqx.Module):
+    r"""The readout penalty chosen by generalised cross-validation, carried by the readout
+    of `vploss_msereg(..., alpha2="gcv")` as `readout.stats`.
+
+    **Fields:**
+
+    - `alpha2`: the chosen penalty $\alpha^*$, the minimiser of $\mathrm{GCV}$.
+    - `gcv`: the minimal value $\mathrm{GCV}(\alpha^*) = N\|(I - H_{\alpha^*})Y\|_F^2 /
+        (N - \mathrm{tr}\,H_{\alpha^*})^2$.
+    - `dof`: the effective number of parameters (per output) $\mathrm{tr}\,H_{\alpha^*}$,
+        between 0 and $\min(N, p)$.
+    """
+
+    alpha2: Float[Array, ""]
+    gcv: Float[Array, ""]
+    dof: Float[Array, ""]
+
+
+class _Spectrum(eqx.Module):
+    r"""What GCV needs of $(\hat F, Y)$, from the eigendecomposition of the smaller of the
+    Gram matrix $\hat F^\top\hat F/N$ (when $N > p$) and the kernel matrix $\hat F\hat
+    F^\top/N$ (when $N \le p$): both have the nonzero eigenvalues $\lambda_i = s_i^2$ of
+    $\hat F/\sqrt N = U S V^\top$."""
+
+    eigenvalues: Float[Array, " r"]
+    # Primal: ‖b_i‖² with b = Vᵀ F̂ᵀY/N = S c; dual: ‖c_i‖² with c = UᵀY/√N.
+    weights: Float[Array, " r"]
+    # ‖Y‖²/N (primal only; the dual's residual needs no offset).
+    total: Scalar
+    num_samples: int = eqx.field(static=True)
+    num_coefficients: int = eqx.field(static=True)
+
+    @property
+    def dual(self) -> bool:
+        return self.num_samples <= self.num_coefficients
+
+    def __call__(self, log_alpha: Float[Array, "*g"]) -> tuple[Float[Array, "*g"], ...]:
+        """`(GCV, tr H)` at `alpha = exp(log_alpha)`, elementwise."""
+        alpha = jnp.exp(log_alpha)[..., None]
+        lam = self.eigenvalues
+        shrink = alpha / (lam + alpha)  # α/(λ+α), the part of each direction not fitted
+        if self.dual:
+            # (I − H) = α(K + αI)⁻¹: sums of non-negative terms, no cancellation, so both
+            # stay accurate as the fit interpolates (N ≤ p, α → 0), where the primal
+            # residual below would be the difference of two nearly equal numbers.
+            residual = jnp.sum(shrink**2 * self.weights, axis=-1)
+            slack = jnp.sum(shrink, axis=-1)
+        else:
+            # ‖(I−H)Y‖²/N = ‖Y‖²/N − Σ ‖b_i‖²(λ_i + 2α)/(λ_i + α)², written without the
+            # division by λ_i that ‖c_i‖² = ‖b_i‖²/λ_i would need.
+            fitted = jnp.sum(self.weights * (lam + 2 * alpha) / (lam + alpha) ** 2, axis=-1)
+            # The subtraction rounds at the level eps·‖Y‖²/N: clip there, so that rounding
+            # cannot produce a zero (or negative) residual and with it a spurious minimum.
+            floor = jnp.finfo(lam.dtype).eps * self.total
+            residual = jnp.maximum(self.total - fitted, floor)
+            # N − tr H = (N − p) + Σ α/(λ_i + α), exact for every α > 0.
+            slack = (self.num_samples - self.num_coefficients) + jnp.sum(shrink, axis=-1)
+        slack = slack / self.num_samples
+        # N − tr H > 0 for every α > 0 (a sum of positive terms, plus N − p > 0 in the
+        # primal form), but it underflows as α/λ_max → 0 with N ≤ p; such an α counts as
+        # +inf (GCV is then 0/0), never as a NaN.
+        ok = slack > 0
+        gcv = jnp.where(ok, residual / jnp.where(ok, slack, 1) ** 2, jnp.inf)
+        return gcv, self.num_samples * (1 - slack)
+
+
+def _spectrum(features: Float[Array, "N p"], targets: Float[Array, "N k"]) -> _Spectrum:
+    num_samples, num_coefficients = features.shape
+    if num_samples <= num_coefficients:
+        kernel = matmul(features, features.T) / num_samples
+        eigenvalues, vectors = jnp.linalg.eigh(kernel)
+        projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
+    else:
+        # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
+        # like the Cholesky solver.
+        gram = matmul(features.T, features) / num_samples
+        eigenvalues, vectors = jnp.linalg.eigh(gram)
+        projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
+    return _Spectrum(
+        # Rounding can make the eigenvalues of a singular matrix slightly negative.
+        eigenvalues=jnp.maximum(eigenvalues, 0),
+        weights=jnp.sum(projected**2, axis=1),
+        total=jnp.sum(targets**2) / num_samples,
+        num_samples=num_samples,
+        num_coefficients=num_coefficients,
+    )
+
+
+# Compiled once per shape and dtype: called eagerly, the golden-section loop would
+# otherwise be traced and compiled again on every call.
+@jax.jit
+def gcv_penalty(
+    features: Float[Array, "N p"], targets: Float[Array, "N k"]
+) -> tuple[Scalar, GCVStats]:
+    r"""The ridge penalty $\alpha^* = \operatorname{argmin}_{\alpha > 0}\mathrm{GCV}(\alpha)$
+    for the features $\hat F$ (`(N, p)`, the ones column included when there is a bias)
+    and the targets $Y$ (`(N, k)`).
+
+    With the eigenvalues $\lambda_i$ of $\hat F^\top\hat F/N$ (or of $\hat F\hat F^\top/N$
+    when $N \le p$), $\mathrm{tr}\,H_\alpha = \sum_i \lambda_i/(\lambda_i + \alpha)$ and the
+    residual is a similar sum (see `_Spectrum`). GCV is evaluated on 64 points of
+    $\log\alpha$ spaced evenly over $[\varepsilon\lambda_{\max}, 100\lambda_{\max}]$:
+    below $\varepsilon\lambda_{\max}$ the penalty is lost in the rounding of
+    $\hat F^\top\hat F/N + \alpha I$, above $100\lambda_{\max}$ every direction is shrunk
+    by over 99% and GCV is flat at its limit $\|Y\|_F^2/N$. The best grid point is then
+    refined by golden-section search on $\log\alpha$ between its two neighbours.
+
+    Everything is `jax.lax`, so it is jittable and vmappable. The inputs are not
+    differentiated (the caller holds $\alpha^*$ fixed).
+
+    **Returns:**
+
+    `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
+    """
+    spectrum = _spectrum(features, targets)
+    dtype = spectrum.eigenvalues.dtype
+    eps = jnp.finfo(dtype).eps
+    top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
+    # All-zero features: every alpha fits nothing, and any scale will do.
+    log_top = jnp.log(jnp.where(top > 0, top, 1))
+    grid = log_top + jnp.linspace(math.log(eps), math.log(_GRID_TOP), _GRID_POINTS, dtype=dtype)
+    values, _ = spectrum(grid)
+    best = jnp.argmin(values)
+    lo = grid[jnp.maximum(best - 1, 0)]
+    hi = grid[jnp.minimum(best + 1, _GRID_POINTS - 1)]
+    f = lambda t: spectrum(t)[0]  # noqa: E731
+
+    def golden_step(_, state):
+        lo, hi, c, fc, d, fd = state
+        # Keep the better interior point and place a new one in the larger part.
+        left = fc < fd
+        new_lo = jnp.where(left, lo, c)
+        new_hi = jnp.where(left, d, hi)
+        new = jnp.where(
+            left,
+            new_hi - _INV_GOLDEN * (new_hi - new_lo),
+            new_lo + _INV_GOLDEN * (new_hi - new_lo),
+        )
+        f_new = f(new)
+        # Left: the old c becomes d and the new point c; right: the old d becomes c.
+        c, fc, d, fd = (
+            jnp.where(left, new, d),
+            jnp.where(left, f_new, fd),
+            jnp.where(left, c, new),
+            jnp.where(left, fc, f_new),
+        )
+        return new_lo, new_hi, c, fc, d, fd
+
+    c = hi - _INV_GOLDEN * (hi - lo)
+    d = lo + _INV_GOLDEN * (hi - lo)
+    state = (lo, hi, c, f(c), d, f(d))
+    _, _, c, fc, d, fd = jax.lax.fori_loop(0, _REFINE_STEPS, golden_step, state)
+    # The refinement can only improve on the grid (a multimodal cell never makes it worse).
+    candidates = jnp.stack([grid[best], c, d])
+    log_alpha = candidates[jnp.argmin(jnp.stack([values[best], fc, fd]))]
+    gcv, dof = spectrum(log_alpha)
+    alpha = jnp.exp(log_alpha)
+    return alpha, GCVStats(alpha2=alpha, gcv=gcv, dof=dof)

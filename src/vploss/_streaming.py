@@ -1,0 +1,349 @@
+"""The readout fitted on a whole data set streamed in batches, in O(m²) memory."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, ArrayLike, Float, Scalar
+
+from ._checks import as_alpha, as_batch, as_flag, as_targets
+from ._diagnostics import InnerStats
+from ._features import augment, evaluate_features
+from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
+from ._misc import matmul
+from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
+from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
+from ._ridge import _refined_cholesky_solve, vploss_msereg
+from ._softmax import as_class_labels, ce_hessian, ce_objective, vploss_ce
+
+
+# The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
+_ARMIJO = 0.25
+
+
+def _batch_features(model, x, labels, use_bias):
+    """`F̂` of one batch and its labels, both in the dtype the one-shot loss would use."""
+    features = evaluate_features(model, x)
+    dtype = features.dtype
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, labels.dtype)
+    return augment(features.astype(dtype), use_bias), labels.astype(dtype)
+
+
+def _finite(*arrays):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
+@eqx.filter_jit
+def _ridge_moments(model, x, targets, use_bias):
+    """The sums over one batch of `F̂ᵀF̂` and `F̂ᵀY`, and whether the batch is finite."""
+    features, targets = _batch_features(model, x, targets, use_bias)
+    gram, cross = matmul(features.T, features), matmul(features.T, targets)
+    return gram, cross, _finite(x, gram, cross)
+
+
+@eqx.filter_jit
+def _glm_moments(objective, hessian, model, x, labels, coef, use_bias):
+    """The sums over one batch of the data term of a GLM's inner objective, its gradient
+    and its Hessian (as a `(pk, pk)` matrix) at `coef`, the sums of squares of the
+    features, and whether they are all finite."""
+    features, labels = _batch_features(model, x, labels, use_bias)
+    args = (features, labels, jnp.zeros((), coef.dtype))
+    value, gradient = jax.value_and_grad(objective)(coef, args)
+    curvature = hessian(coef, args).as_matrix()
+    n = features.shape[0]
+    sums = (n * value, n * gradient, n * curvature, jnp.sum(features**2, axis=0))
+    return sums, _finite(x, *sums)
+
+
+@jax.jit
+def _newton_direction(
+    curvature: Float[Array, "q q"], gradient: Float[Array, "p k"]
+) -> Float[Array, "p k"]:
+    factor = jsl.cho_factor(curvature, lower=True)
+    return jsl.cho_solve(factor, gradient.reshape(-1)).reshape(gradient.shape)
+
+
+def _gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Array, "p 1"]:
+    """`gradient_scale` (the one-shot losses' stopping scale) from the mean squares of
+    the features: a single row with those squares has the same column means."""
+    return gradient_scale((jnp.sqrt(mean_square)[None, :], None, alpha2))
+
+
+class _Loss(eqx.Module):
+    """How one loss reads its labels and evaluates its inner problem on a batch."""
+
+    labels: Callable
+    objective: Callable
+    hessian: Callable
+
+
+def _ridge_labels(y, num_samples):
+    targets, scalar_output = as_targets("y", y, num_samples)
+    return targets, scalar_output, jnp.array(False), ""
+
+
+def _bce_labels(y, num_samples):
+    labels, scalar_output, outside = as_binary_labels(y, num_samples)
+    message = "labels `y` must be in [0, 1] (hard 0/1 labels or probabilities)"
+    return labels, scalar_output, outside, message
+
+
+def _ce_labels(num_classes):
+    def labels(y, num_samples):
+        one_hot, invalid, message = as_class_labels(y, num_samples, num_classes)
+        return one_hot, False, invalid, message
+
+    return labels
+
+
+def _batches(batches, what, labels):
+    """Checks and converts each `(x, y)` batch; yields `(x, labels, scalar_output)`."""
+    count = 0
+    for index, batch in enumerate(batches):
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            raise TypeError(
+                f"`batches` must yield `(x, y)` pairs; batch {index} is a {type(batch).__name__}."
+            )
+        x = as_batch("x", batch[0])
+        y, scalar_output, invalid, message = labels(batch[1], x.shape[0])
+        if bool(invalid):
+            raise ValueError(f"{what}: batch {index}: {message}")
+        count += 1
+        yield index, x, y, scalar_output
+    if count == 0:
+        raise ValueError("`batches` is empty: it must yield at least one `(x, y)` pair.")
+
+
+def _check_shapes(index, y, scalar_output, first):
+    if (y.shape[1], scalar_output) != first:
+        raise ValueError(
+            f"Batch {index} has targets with {y.shape[1]} column(s) (scalar: "
+            f"{scalar_output}); the first batch had {first[0]} (scalar: {first[1]}). All "
+            "batches must have targets of the same shape per sample."
+        )
+
+
+def _not_finite(index):
+    return ValueError(
+        f"Batch {index}: `x`, the features `model(x)` or the targets contain NaN or inf; "
+        "clean or mask the data."
+    )
+
+
+def _refit_ridge(model, batches, alpha2, use_bias):
+    gram = cross = first = None
+    num_samples = 0
+    for index, x, y, scalar_output in _batches(batches, "`vploss_msereg`", _ridge_labels):
+        first = first or (y.shape[1], scalar_output)
+        _check_shapes(index, y, scalar_output, first)
+        batch_gram, batch_cross, finite = _ridge_moments(model, x, y, use_bias)
+        if not bool(finite):
+            raise _not_finite(index)
+        gram = batch_gram if gram is None else gram + batch_gram
+        cross = batch_cross if cross is None else cross + batch_cross
+        num_samples += x.shape[0]
+    gram, cross = gram / num_samples, cross / num_samples
+    alpha2 = alpha2.astype(gram.dtype)
+    coef, gradient = _ridge_solve(gram, cross, alpha2)
+    norm = scaled_gradient_norm(gradient, _gradient_scale(jnp.diag(gram), alpha2))
+    stats = InnerStats(jnp.asarray(1), norm, jnp.isfinite(norm))
+    return readout_from_coefficients(coef, use_bias, first[1], stats)
+
+
+@jax.jit
+def _ridge_solve(gram, cross, alpha2):
+    # The tall features are gone, so the refinement's residual comes from the Gram
+    # matrix: it removes the shift of the factor, not the rounding of the Gram matrix.
+    residual = lambda coef: cross - matmul(gram, coef) - alpha2 * coef
+    coef = _refined_cholesky_solve(gram, alpha2, cross, residual, refine_steps=2)
+    return coef, -residual(coef)
+
+
+def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, init, throw):
+    if iter(batches) is batches:
+        raise TypeError(
+            f"`refit_readout` for {what} makes several passes over the data, so `batches` "
+            "must be re-iterable (a list, or an object whose `__iter__` starts a new pass "
+            "each time, like most data loaders); got a one-shot iterator "
+            f"({type(batches).__name__})."
+        )
+
+    # The shapes and dtype of the problem, from the first batch.
+    _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
+    features = jax.eval_shape(lambda x, y: _batch_features(model, x, y, use_bias)[0], x, y)
+    dtype = features.dtype
+    if jnp.issubdtype(y.dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, y.dtype)
+    first = (y.shape[1], scalar_output)
+    shape = (features.shape[1], y.shape[1])
+
+    def evaluate(coef):
+        """One pass: the objective, its gradient and Hessian at `coef`, and the
+        stopping scale."""
+        sums = None
+        num_samples = 0
+        for index, x, y, scalar_output in _batches(batches, what, loss.labels):
+            _check_shapes(index, y, scalar_output, first)
+            batch_sums, finite = _glm_moments(
+                loss.objective, loss.hessian, model, x, y, coef, use_bias
+            )
+            if not bool(finite):
+                raise _not_finite(index)
+            sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+            num_samples += x.shape[0]
+        value, gradient, curvature, squares = jax.tree.map(lambda s: s / num_samples, sums)
+        identity = jnp.eye(curvature.shape[0], dtype=coef.dtype)
+        return (
+            value + 0.5 * alpha2 * jnp.sum(coef**2),
+            gradient + alpha2 * coef,
+            curvature + alpha2 * identity,
+            _gradient_scale(squares, alpha2),
+        )
+
+    alpha2 = alpha2.astype(dtype)
+    gtol = default_gtol(dtype) if gtol is None else gtol
+    if init is None:
+        coef = jnp.zeros(shape, dtype)
+    else:
+        if not isinstance(init, VPLinear):
+            raise TypeError(f"`init` must be a `VPLinear` or None; got {type(init).__name__}.")
+        coef = coefficients_from_readout(init, use_bias).astype(dtype)
+        if coef.shape != shape:
+            raise ValueError(
+                f"`init` has {coef.shape[1]} output(s) and {coef.shape[0]} coefficients "
+                f"per output; this problem has {shape[1]} and {shape[0]}."
+            )
+    value, gradient, curvature, scale = evaluate(coef)
+    passes = 1
+    # Damped Newton with a backtracking (Armijo) line search; every evaluation, trial
+    # points included, is one pass over the data.
+    while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
+        direction = _newton_direction(curvature, gradient)
+        slope = -jnp.vdot(gradient, direction)
+        slack = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(value))
+        size = 1.0
+        while passes < max_passes:
+            trial = coef + size * -direction
+            evaluation = evaluate(trial)
+            passes += 1
+            if evaluation[0] <= value + _ARMIJO * size * slope + slack:
+                coef = trial
+                value, gradient, curvature, scale = evaluation
+                break
+            size /= 2
+    norm = scaled_gradient_norm(gradient, scale)
+    converged = norm <= gtol
+    if throw and not bool(converged):
+        raise RuntimeError(
+            f"`refit_readout` for {what} did not converge within {max_passes} passes "
+            f"(scaled gradient norm {float(norm):.2e} > gtol = {gtol:.2e}). Raise "
+            "`max_passes`, increase `alpha2`, or pass `throw=False` and inspect "
+            "`readout.stats`."
+        )
+    stats = InnerStats(jnp.asarray(passes), norm, converged)
+    return readout_from_coefficients(coef, use_bias, first[1], stats)
+
+
+def refit_readout(
+    model: Callable[..., Any],
+    # Pairs as tuples or lists (as many data loaders yield them), checked in the body.
+    batches: Iterable[Any],
+    *,
+    loss: Callable[..., Any],
+    alpha2: ArrayLike,
+    num_classes: int | None = None,
+    use_bias: bool = True,
+    gtol: float | None = None,
+    max_passes: int = 20,
+    init: VPLinear | None = None,
+    throw: bool = True,
+) -> VPLinear:
+    r"""Fits the readout of a trained feature map on a whole data set, streamed in
+    batches, in memory independent of the number of samples.
+
+    Mini-batch training returns with each step the readout fitted on that step's batch
+    only, which is noisy. This solves the same inner problem as `loss` on all $N$
+    samples at once, $\min_{\hat W} \frac1N\sum_j \ell(\hat W\hat f_j, y_j) +
+    \frac{\alpha_2}{2}\|\hat W\|_F^2$, with $\hat f_j = [$`model(x_j)`$, 1]$, from
+    sums over batches:
+
+    - `loss=vploss_msereg`: one pass accumulates $\hat F^\top\hat F$ and $\hat
+        F^\top Y$; the readout solves $(\hat F^\top\hat F/N + \alpha_2 I)\hat
+        W^\top = \hat F^\top Y/N$ (a shifted Cholesky factor with two steps of
+        refinement). Exact, in one pass; `batches` may be a one-shot iterator.
+    - `loss=vploss_bce` or `vploss_ce`: damped Newton on the full objective. Each pass
+        accumulates its value, gradient and Hessian (the same functions as the
+        one-shot losses' `"newton"` solver); the Newton step solves the Hessian by
+        Cholesky, and a backtracking (Armijo) line search checks each trial point
+        with another pass. From zero, about 5-12 passes; from `init` (e.g. the last
+        training step's readout), a few. Stops when the gradient meets the one-shot
+        losses' test (`gtol`). `batches` must be re-iterable: a list, or an object
+        whose `__iter__` starts a new pass each time (most data loaders); a one-shot
+        iterator (a generator) is refused.
+
+    Memory: one batch plus $O((m+1)^2)$ for the ridge loss, $O(((m+1)k)^2)$ for the
+    Hessian of the logistic losses ($k$ outputs or classes). Each batch's sums are
+    computed by a jitted function (compiled once per batch shape); the loop over
+    batches runs in Python, so this function is called outside `jit`. The sums are
+    accumulated in the features' dtype: use float64 for very large data sets in
+    float32 if the digits matter.
+
+    **Arguments:**
+
+    - `model`: the trained feature map, mapping ONE sample to its features.
+    - `batches`: an iterable of `(x, y)` pairs, `x` batch-first and `y` as `loss`
+        takes it; batches may differ in size.
+    - `loss`: `vploss.vploss_msereg`, `vploss.vploss_bce` or `vploss.vploss_ce`: the
+        inner problem to solve.
+    - `alpha2`: the readout penalty (the one used in training); `> 0` for the
+        logistic losses.
+    - `num_classes`: K, for `vploss_ce` with integer labels.
+    - `use_bias`: whether the readout has a bias.
+    - `gtol`: the logistic losses' tolerance on the scaled gradient norm (as in
+        `vploss_bce`); default `sqrt(eps)` of the dtype.
+    - `max_passes`: the budget of passes over the data (logistic losses).
+    - `init`: a readout to start Newton from, e.g. the last training step's.
+    - `throw`: whether a Newton solve that did not converge raises `RuntimeError`;
+        with `False` read `readout.stats.converged`.
+
+    **Returns:**
+
+    The fitted `VPLinear`, predicting like the one `loss` returns. Its `stats`
+    (`vploss.InnerStats`) count in `num_steps` the passes over the data, with the
+    scaled gradient norm of the full objective at the returned readout and whether it
+    met `gtol` (for the ridge loss: whether it is finite).
+
+    **Raises:**
+
+    `TypeError`/`ValueError` for bad arguments, batches that are not `(x, y)` pairs,
+    targets whose shape changes between batches, invalid labels, or non-finite data
+    or features (naming the batch); `RuntimeError` as described for `throw`.
+    """
+    use_bias = as_flag("use_bias", use_bias)
+    throw = as_flag("throw", throw)
+    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
+        raise ValueError(f"`max_passes` must be a positive Python int; got {max_passes!r}.")
+    if gtol is not None and (isinstance(gtol, bool) or not isinstance(gtol, int | float)):
+        raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
+    if gtol is not None and not gtol > 0:
+        raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
+    if loss is vploss_msereg:
+        alpha2 = as_alpha("alpha2", alpha2, positive=False)
+        return _refit_ridge(model, batches, alpha2, use_bias)
+    alpha2 = as_alpha("alpha2", alpha2, positive=True)
+    if loss is vploss_bce:
+        glm = _Loss(_bce_labels, bce_objective, bce_hessian)
+        what = "`vploss_bce`"
+    elif loss is vploss_ce:
+        glm = _Loss(_ce_labels(num_classes), ce_objective, ce_hessian)
+        what = "`vploss_ce`"
+    else:
+        raise ValueError(
+            "`loss` must be `vploss.vploss_msereg`, `vploss.vploss_bce` or "
+            f"`vploss.vploss_ce`; got {loss!r}."
+        )
+    return _refit_glm(model, batches, glm, what, alpha2, use_bias, gtol, max_passes, init, throw)

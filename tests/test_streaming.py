@@ -1,0 +1,176 @@
+"""`refit_readout`: the readout fitted on batches equals the one-shot fit on the
+concatenated data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vploss
+
+from .helpers import logistic_reference, mlp
+
+
+N, IN, M = 50, 3, 6
+SIZES = (16, 16, 11, 7)  # uneven batches
+GTOL = 1e-10
+
+
+def _split(*arrays):
+    edges = np.cumsum(SIZES)[:-1]
+    return list(zip(*(np.split(np.asarray(a), edges) for a in arrays), strict=True))
+
+
+def _data(dtype=jnp.float64):
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, IN), dtype)
+    return {
+        "regression": jnp.stack([jnp.sin(2 * x[:, 0]), x[:, 1] * x[:, 2]], axis=1),
+        "scalar": jnp.sin(2 * x[:, 0]),
+        "binary": (x[:, 0] + 0.5 * x[:, 1] > 0).astype(dtype),
+        "classes": jnp.argmax(x, axis=1),
+    }, x
+
+
+def _assert_same_readout(streamed, one_shot, rtol, atol):
+    np.testing.assert_allclose(streamed.weight, one_shot.weight, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(streamed.bias, one_shot.bias, rtol=rtol, atol=atol)
+    assert streamed.scalar_output == one_shot.scalar_output
+
+
+@pytest.mark.parametrize("target", ["regression", "scalar"])
+def test_ridge_in_one_pass_equals_one_shot(target):
+    labels, x = _data()
+    y = labels[target]
+    model = mlp(IN, features=M)
+    _, one_shot = vploss.vploss_msereg(model, x, y, alpha2=1e-4, solver="svd")
+    # A generator: the ridge readout needs a single pass.
+    batches = (batch for batch in _split(x, y))
+    streamed = vploss.refit_readout(model, batches, loss=vploss.vploss_msereg, alpha2=1e-4)
+    _assert_same_readout(streamed, one_shot, rtol=1e-10, atol=1e-12)
+    assert int(streamed.stats.num_steps) == 1
+    assert bool(streamed.stats.converged)
+    assert float(streamed.stats.gradient_norm) <= 1e-12
+
+
+def test_ridge_float32():
+    labels, x = _data()
+    model = mlp(IN, features=M)
+    _, reference = vploss.vploss_msereg(model, x, labels["regression"], alpha2=1e-4)
+    x32, y32 = x.astype(jnp.float32), labels["regression"].astype(jnp.float32)
+    model32 = mlp(IN, features=M, dtype=jnp.float32)
+    streamed = vploss.refit_readout(
+        model32, _split(x32, y32), loss=vploss.vploss_msereg, alpha2=1e-4
+    )
+    assert streamed.weight.dtype == jnp.float32
+    _assert_same_readout(streamed, reference, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_bce_newton_passes_equal_one_shot(warm):
+    labels, x = _data()
+    y = labels["binary"]
+    model = mlp(IN, features=M)
+    # Tighter than the default: the weights are large (nearly separable classes), and
+    # both solves must agree to more digits than the default tolerance gives.
+    kwargs = dict(alpha2=1e-3, gtol=GTOL)
+    _, one_shot = vploss.vploss_bce(model, x, y, **kwargs)
+    # The readout of the last batch, as mini-batch training would leave it.
+    init = vploss.vploss_bce(model, x[-7:], y[-7:], alpha2=1e-3)[1] if warm else None
+    streamed = vploss.refit_readout(
+        model, _split(x, y), loss=vploss.vploss_bce, init=init, **kwargs
+    )
+    _assert_same_readout(streamed, one_shot, rtol=1e-9, atol=1e-11)
+    assert bool(streamed.stats.converged)
+    assert float(streamed.stats.gradient_norm) <= GTOL
+    assert int(streamed.stats.num_steps) <= 12
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_ce_newton_passes_equal_one_shot(one_hot):
+    labels, x = _data()
+    y = labels["classes"]
+    if one_hot:
+        y = jax.nn.one_hot(y, IN)
+    model = mlp(IN, features=M)
+    kwargs = dict(alpha2=1e-3, num_classes=IN)
+    _, one_shot = vploss.vploss_ce(model, x, y, solver="newton", **kwargs)
+    streamed = vploss.refit_readout(model, _split(x, y), loss=vploss.vploss_ce, gtol=GTOL, **kwargs)
+    # The one-shot solve stops at a gradient of about 4e-10 here (its line search
+    # cannot resolve the last digits), so it agrees to about 1e-8; the independent
+    # reference (gradient 1e-14) checks the streamed readout to more digits.
+    _assert_same_readout(streamed, one_shot, rtol=1e-7, atol=1e-9)
+    _, coef = logistic_reference(
+        jax.vmap(model)(x), jax.nn.one_hot(labels["classes"], IN), 1e-3, softmax=True
+    )
+    np.testing.assert_allclose(streamed.weight, coef[:M].T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(streamed.bias, coef[M], rtol=1e-10, atol=1e-12)
+    assert streamed.weight.shape == (IN, M)
+    assert bool(streamed.stats.converged)
+
+
+def test_budget_and_throw():
+    labels, x = _data()
+    model = mlp(IN, features=M)
+    batches = _split(x, labels["binary"])
+    kwargs = dict(loss=vploss.vploss_bce, alpha2=1e-3, gtol=1e-14, max_passes=2)
+    with pytest.raises(RuntimeError, match="did not converge within 2 passes"):
+        vploss.refit_readout(model, batches, **kwargs)
+    readout = vploss.refit_readout(model, batches, throw=False, **kwargs)
+    assert not bool(readout.stats.converged)
+    assert int(readout.stats.num_steps) == 2
+
+
+def _bad_inputs():
+    labels, x = _data()
+    pairs = _split(x, labels["binary"])
+    nan_x = x.at[20, 0].set(jnp.nan)
+    return [
+        (dict(loss=vploss.vploss_bce, batches=iter(pairs)), TypeError, "re-iterable"),
+        (dict(loss=vploss.vploss_ce, batches=(p for p in pairs)), TypeError, "re-iterable"),
+        (dict(loss=vploss.vploss_msereg, batches=[]), ValueError, "empty"),
+        (dict(loss=vploss.vploss_msereg, batches=[x]), TypeError, r"yield `\(x, y\)` pairs"),
+        (dict(loss=jnp.sum, batches=pairs), ValueError, "`loss` must be"),
+        (dict(loss=vploss.vploss_bce, batches=pairs, alpha2=0.0), ValueError, "alpha2"),
+        (dict(loss=vploss.vploss_bce, batches=pairs, max_passes=0), ValueError, "max_passes"),
+        (dict(loss=vploss.vploss_bce, batches=pairs, gtol=-1.0), ValueError, "gtol"),
+        (
+            dict(loss=vploss.vploss_bce, batches=_split(x, 2 * labels["binary"])),
+            ValueError,
+            r"batch 0: labels `y` must be in \[0, 1\]",
+        ),
+        (
+            dict(loss=vploss.vploss_ce, batches=_split(x, labels["classes"])),
+            ValueError,
+            "num_classes",
+        ),
+        (
+            dict(loss=vploss.vploss_msereg, batches=_split(nan_x, labels["scalar"])),
+            ValueError,
+            "Batch 1: .* NaN or inf",
+        ),
+        (
+            dict(
+                loss=vploss.vploss_msereg,
+                batches=[(x[:10], labels["scalar"][:10]), (x[10:], labels["regression"][10:])],
+            ),
+            ValueError,
+            "same shape per sample",
+        ),
+        (
+            dict(
+                loss=vploss.vploss_bce,
+                batches=pairs,
+                init=vploss.VPLinear(jnp.zeros((2, M)), jnp.zeros(2)),
+            ),
+            ValueError,
+            "`init` has 2 output",
+        ),
+        (dict(loss=vploss.vploss_bce, batches=pairs, init="warm"), TypeError, "VPLinear"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, error, match", _bad_inputs())
+def test_bad_input_raises_clear_errors(kwargs, error, match):
+    kwargs = dict(alpha2=1e-3) | kwargs
+    with pytest.raises(error, match=match):
+        vploss.refit_readout(mlp(IN, features=M), **kwargs)
