@@ -83,16 +83,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-# The peaks data, the feature map and the Adam baselines are shared with the Adam-only
-# example; inside a notebook the working directory is `examples/` already.
-sys.path.insert(0, str(pathlib.Path(globals().get("__file__", "x")).resolve().parent))
-from peaks_approximation import (  # noqa: E402
-    feature_map,
-    peaks,
-    relative_error,
-    train_plain,
-    train_varpro,
+# The peaks data, the feature map and the Adam baselines are shared with
+# `peaks_approximation.py` through `examples/_peaks.py`: found next to this script, or
+# from a notebook kernel started anywhere inside the repository.
+_here = pathlib.Path(globals().get("__file__", "_")).resolve().parent
+sys.path.insert(
+    0,
+    str(
+        next(
+            p
+            for p in (_here, *(q / "examples" for q in _here.parents))
+            if (p / "_peaks.py").exists()
+        )
+    ),
 )
+from _peaks import feature_map, peaks, relative_error, train_plain, train_varpro  # noqa: E402
 
 import vploss  # noqa: E402
 
