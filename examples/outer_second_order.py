@@ -73,30 +73,18 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import lineax as lx  # noqa: E402
-import matplotlib  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optimistix as optx  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
-
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 # The peaks data, the feature map and the Adam baselines are shared with
 # `peaks_approximation.py` through `examples/_peaks.py`: found next to this script, or
 # from a notebook kernel started anywhere inside the repository.
 _here = pathlib.Path(globals().get("__file__", "_")).resolve().parent
-sys.path.insert(
-    0,
-    str(
-        next(
-            p
-            for p in (_here, *(q / "examples" for q in _here.parents))
-            if (p / "_peaks.py").exists()
-        )
-    ),
-)
+_dirs = (_here, *(parent / "examples" for parent in _here.parents))
+sys.path.insert(0, str(next(d for d in _dirs if (d / "_peaks.py").exists())))
 from _peaks import feature_map, peaks, relative_error, train_plain, train_varpro  # noqa: E402
 
 import vploss  # noqa: E402

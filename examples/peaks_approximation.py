@@ -49,16 +49,8 @@ from vploss import vploss_msereg
 # The shared code lives in `examples/_peaks.py`: found next to this script, or from a
 # notebook kernel started anywhere inside the repository.
 _here = pathlib.Path(globals().get("__file__", "_")).resolve().parent
-sys.path.insert(
-    0,
-    str(
-        next(
-            p
-            for p in (_here, *(q / "examples" for q in _here.parents))
-            if (p / "_peaks.py").exists()
-        )
-    ),
-)
+_dirs = (_here, *(parent / "examples" for parent in _here.parents))
+sys.path.insert(0, str(next(d for d in _dirs if (d / "_peaks.py").exists())))
 from _peaks import peaks, train_plain, train_varpro  # noqa: E402
 
 

@@ -1,9 +1,19 @@
 """Shared fixtures for the tests: small models, data and derivative checks."""
 
+import pathlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+#: The example scripts (modules whose names start with "_" hold code they share).
+EXAMPLE_SCRIPTS = sorted(
+    p
+    for p in (pathlib.Path(__file__).parent.parent / "examples").glob("*.py")
+    if not p.name.startswith("_")
+)
 
 
 def mlp(in_size=3, width=8, depth=2, features=6, *, dtype=jnp.float64, seed=0):

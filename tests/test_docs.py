@@ -6,8 +6,11 @@ executed notebook in `docs/examples/` has the same cells, so the notebook shown 
 documentation is the code `test_examples.py` runs. Neither check needs mkdocs or
 jupytext. After editing a script, regenerate and execute its notebook at full size:
 
-    TQDM_DISABLE=1 jupytext --to ipynb --execute --run-path "$(mktemp -d)" \
+    TQDM_DISABLE=1 jupytext --to ipynb --set-kernel python3 --execute --run-path examples \
         -o docs/examples/NAME.ipynb examples/NAME.py
+
+(with `MPLBACKEND` unset, so that figures show inline; the figures the scripts save in
+`examples/` are not kept).
 """
 
 import json
@@ -19,9 +22,11 @@ import pytest
 
 import vploss
 
+from .helpers import EXAMPLE_SCRIPTS
+
 
 ROOT = pathlib.Path(__file__).parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+EXAMPLES = EXAMPLE_SCRIPTS
 
 
 def _public_names():

@@ -1,19 +1,12 @@
 """Every script in `examples/` runs end to end in its fast `--quick` mode."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-
-# Modules whose names start with "_" hold code shared by the examples.
-EXAMPLES = sorted(
-    p
-    for p in (pathlib.Path(__file__).parent.parent / "examples").glob("*.py")
-    if not p.name.startswith("_")
-)
+from .helpers import EXAMPLE_SCRIPTS as EXAMPLES
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
