@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import optimistix as optx
 import pytest
 
@@ -161,3 +162,21 @@ def test_outer_bfgs_trains_the_model_full_batch():
     # than the gradient is to vanish: check the gradient.
     assert float(reduced_loss(solution.value, None)) < 0.7 * float(reduced_loss(params, None))
     assert float(gradient_norm(solution.value)) < 1e-4 * float(gradient_norm(params))
+
+
+def test_validation_loss_through_the_readout_large():
+    """Beyond 256 coefficients the readout's derivative solves with the Hessian by
+    preconditioned CG on Hessian-vector products: checked against central differences."""
+    model = mlp(features=40)  # K(m + 1) = 7 · 41 = 287 coefficients
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, 3))
+    y = jnp.floor(7 * jax.nn.sigmoid(2 * x[:, 0] + x[:, 1])).astype(jnp.int32)
+    x_val = jax.random.normal(jax.random.PRNGKey(5), (20, 3))
+    y_val = jnp.floor(7 * jax.nn.sigmoid(2 * x_val[:, 0] + x_val[:, 1])).astype(jnp.int32)
+
+    def validation_loss(m):
+        _, readout = vploss_ce(m, x, y, alpha2=1e-2, num_classes=7, gtol=1e-12)
+        logits = jax.vmap(lambda s: readout(m(s)))(x_val)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y_val))
+
+    fd, ad = directional_derivative_check(validation_loss, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
