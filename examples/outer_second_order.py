@@ -145,13 +145,13 @@ def make_data(seed):
 # The first is the Jacobian with the readout frozen: row j is the gradient of ONE
 # sample's prediction `Ŵ*·f̂_θ(x_j)` (a per-sample gradient, `jax.vmap` over samples of
 # `jax.grad`, about the cost of three forward passes in all). The second is a product of
-# the known matrix `[F̂/√N ; √alpha2·I]` with `dŴ*/dθ`, which `jax.jacrev` of the
-# readout returned by `vpresidual_msereg` gives in 33 reverse passes (it is the
-# implicit-function derivative, a linear solve with the ridge Cholesky factor). The same
-# per-sample trick gives the plain network's Jacobian (only its first part), so both LM
-# methods below use it. `dense_jacobian` hands such a Jacobian to any solver through a
-# custom JVP rule: the linearisation that optimistix (or nlls-gram) takes is then the
-# matrix–vector product with the precomputed `J`.
+# the known matrix `[F̂/√N ; √alpha2·I]` with `dŴ*/dθ`, which reverse mode through the
+# differentiable readout gives in 33 reverse passes (it is the implicit-function
+# derivative, a linear solve with the ridge Cholesky factor). `vploss.vpjacobian_msereg`
+# assembles it this way. The same per-sample trick gives the plain network's Jacobian
+# (only its first part), so both LM methods below use it. `dense_jacobian` hands such a
+# Jacobian to any solver through a custom JVP rule: the linearisation that optimistix (or
+# nlls-gram) takes is then the matrix–vector product with the precomputed `J`.
 
 
 # %%
@@ -176,26 +176,12 @@ def varpro_residual(params, static, x, y):
 
 
 def varpro_jacobian(params, static, x, y):
-    """The Golub–Pereyra Jacobian of `vpresidual_msereg`, as `(N·k + rest, n)`."""
-    residual, readout = varpro_residual(params, static, x, y)
-    num_rows = y.size
-    scale = jnp.sqrt(jnp.asarray(x.shape[0], residual.dtype))
-    frozen = per_sample_rows(lambda p, xj: readout(eqx.combine(p, static)(xj)), params, x)
-
-    def fitted_readout(p):
-        fitted = varpro_residual(p, static, x, y)[1]
-        return fitted.weight, fitted.bias
-
-    d_weight, d_bias = jax.jacrev(fitted_readout)(params)  # dŴ*/dθ
-    d_weight = jax.vmap(jax.vmap(flat))(d_weight)  # (k, m, n)
-    d_bias = jax.vmap(flat)(d_bias)  # (k, n)
-    features = jax.vmap(eqx.combine(params, static))(x).reshape(x.shape[0], -1)
-    through_readout = jnp.einsum("jm,kmn->jkn", features, d_weight) + d_bias
-    data_rows = (frozen + through_readout.reshape(num_rows, -1)) / scale
-    # The penalty rows (√alpha2·Ŵ*, and √alpha1·θ if used) depend on θ only through
-    # few outputs: reverse mode on those rows alone.
-    tail = jax.jacrev(lambda p: varpro_residual(p, static, x, y)[0][num_rows:])(params)
-    return jnp.concatenate([data_rows, jax.vmap(flat)(tail)]), (residual, readout)
+    """The Golub–Pereyra Jacobian of `vpresidual_msereg`, `(N·k + rest, n)`, assembled
+    by `vploss.vpjacobian_msereg`."""
+    jacobian, residual, readout = vploss.vpjacobian_msereg(
+        eqx.combine(params, static), x, y, alpha2=alpha2
+    )
+    return jacobian, (residual, readout)
 
 
 def plain_residual(params, static, x, y):

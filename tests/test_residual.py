@@ -3,12 +3,13 @@
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 import pytest
 
-from vploss import vploss_msereg, vpresidual_msereg
+from vploss import vpjacobian_msereg, vploss_msereg, vpresidual_msereg
 
 from .helpers import along, flatten, mlp, random_direction
 
@@ -108,3 +109,30 @@ def test_gcv_penalty():
     assert residual.shape == (N * 2 + (M + 1) * 2,)
     np.testing.assert_allclose(0.5 * jnp.sum(residual**2), loss, rtol=1e-10)
     np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "k, kwargs",
+    [
+        (2, {}),
+        (1, {"alpha1": 1e-2}),
+        (2, {"alpha2": 0.0}),
+        (1, {"alpha2": "gcv", "use_bias": False}),
+    ],
+)
+def test_assembled_jacobian_equals_forward_mode(k, kwargs):
+    """`vpjacobian_msereg` (per-sample rows plus the readout's derivative) equals
+    `jax.jacfwd` of the residual in the flattened parameters."""
+    model = mlp(IN, features=M)
+    x, y = _data()
+    y = y if k == 2 else y[:, 0]
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    theta, unflatten = jax.flatten_util.ravel_pytree(params)
+    jacobian, residual, readout = vpjacobian_msereg(model, x, y, **kwargs)
+    expected = jax.jacfwd(
+        lambda t: vpresidual_msereg(eqx.combine(unflatten(t), static), x, y, **kwargs)[0]
+    )(theta)
+    np.testing.assert_allclose(jacobian, expected, rtol=0, atol=1e-9 * np.max(np.abs(expected)))
+    expected_residual, expected_readout = vpresidual_msereg(model, x, y, **kwargs)
+    np.testing.assert_allclose(residual, expected_residual, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(readout.weight, expected_readout.weight, rtol=1e-12)

@@ -11,7 +11,10 @@ from ._gcv import GCVStats as GCVStats
 from ._icnn import ICNN as ICNN
 from ._logistic import vploss_bce as vploss_bce
 from ._readout import VPLinear as VPLinear
-from ._residual import vpresidual_msereg as vpresidual_msereg
+from ._residual import (
+    vpjacobian_msereg as vpjacobian_msereg,
+    vpresidual_msereg as vpresidual_msereg,
+)
 from ._ridge import vploss_msereg as vploss_msereg
 from ._softmax import vploss_ce as vploss_ce
 from ._streaming import refit_readout as refit_readout

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
+from ._checks import as_batch
+from ._features import augment
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
-from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeSolverName
+from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
 
 
 def vpresidual_msereg(
@@ -67,6 +69,11 @@ def vpresidual_msereg(
     derivative).
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
+    residual = _stacked_residual(fit, model, alpha1, alpha2)
+    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
+
+
+def _stacked_residual(fit: RidgeFit, model: Any, alpha1: Any, alpha2: Any) -> Array:
     num_samples = fit.features.shape[0]
     data = (matmul(fit.features, fit.coef) - fit.targets) / jnp.sqrt(
         jnp.asarray(num_samples, fit.coef.dtype)
@@ -82,8 +89,7 @@ def vpresidual_msereg(
         blocks.append(jnp.sqrt(fit.alpha1) * params.astype(fit.coef.dtype))
     # `fit.value` carries the runtime checks (finite data, features and readout).
     residual = jnp.concatenate(blocks)
-    residual = eqx.error_if(residual, ~jnp.isfinite(fit.value), "the ridge loss is not finite")
-    return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
+    return eqx.error_if(residual, ~jnp.isfinite(fit.value), "the ridge loss is not finite")
 
 
 def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
@@ -92,3 +98,98 @@ def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
     if isinstance(alpha, (jax.core.Tracer, str)):
         return True
     return float(np.asarray(alpha)) != 0
+
+
+def vpjacobian_msereg(
+    model: Callable[..., Any],
+    x: Shaped[ArrayLike, "N ..."],
+    y: Shaped[ArrayLike, " _N *k"],
+    *,
+    alpha1: ArrayLike = 0.0,
+    alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
+    use_bias: bool = True,
+    solver: RidgeSolverName | str = "auto",
+) -> tuple[Float[Array, "R P"], Float[Array, " R"], VPLinear]:
+    r"""The Jacobian of `vpresidual_msereg` in the model's parameters, assembled from
+    the structure of the problem rather than by pushing every parameter direction through
+    the batch.
+
+    By the chain rule, with $	heta$ the model's inexact-array leaves flattened by
+    `jax.flatten_util.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))` (`P`
+    entries), the data rows are
+
+    $$rac{\partial r_j}{\partial	heta} = rac1{\sqrt N}\Big(
+    \hat W^*rac{\partial \hat f_j}{\partial	heta}\Big|_{\hat W^*} +
+    \hat f_j^	op rac{\mathrm{d}\hat W^{*	op}}{\mathrm{d}	heta}\Big),$$
+
+    the first term one reverse pass per sample and output (vectorised over the batch:
+    sample $j$'s rows depend on sample $j$ only), the second the derivative of the
+    fitted readout by reverse mode through the implicit derivative, $p k$ passes over
+    the batch for the $p k$ coefficients. The penalty rows are
+    $\sqrt{lpha_2}\,\mathrm{d}\hat W^*/\mathrm{d}	heta$ and $\sqrt{lpha_1}\,I$.
+    In all, about $k + pk$ reverse passes of the model over the batch, against $P$
+    forward passes for `jax.jacfwd` of the residual, and $N k$ full-batch reverse passes
+    for `jax.jacrev`: on a 1,152-parameter MLP with 2000 samples and 33 coefficients,
+    a Levenberg–Marquardt step with this Jacobian took 0.56 s against 4.5–5.9 s with
+    optimistix's automatic one (measured in `examples/outer_second_order.py`).
+
+    The result equals `jax.jacfwd` of `vpresidual_msereg` in the flattened parameters
+    (tested); pass it to a least-squares solver as a dense matrix, e.g. with a
+    `jax.custom_jvp` residual whose tangent is `jacobian @ tangent` (see the example).
+
+    **Arguments:** as `vploss_msereg`.
+
+    **Returns:**
+
+    `(jacobian, residual, readout)`: the `(R, P)` Jacobian, the residual of
+    `vpresidual_msereg` (`R` entries) and the fitted `VPLinear`.
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def fit_of(p):
+        fit = fit_ridge(
+            eqx.combine(p, static),
+            x,
+            y,
+            alpha1=alpha1,
+            alpha2=alpha2,
+            use_bias=use_bias,
+            solver=solver,
+        )
+        return fit.coef, fit
+
+    # One inner solve: the readout's Jacobian by reverse mode over its p·k entries.
+    coef, coef_vjp, fit = jax.vjp(fit_of, params, has_aux=True)
+    basis = jnp.eye(coef.size, dtype=coef.dtype).reshape(-1, *coef.shape)
+    (d_coef,) = jax.vmap(coef_vjp)(basis)
+    d_coef = _flat_rows(d_coef, 1).reshape(*coef.shape, -1)  # (p, k, P)
+    coef = jax.lax.stop_gradient(coef)
+
+    def sample_rows(sample):
+        def outputs(p):
+            features = jnp.reshape(eqx.combine(p, static)(sample), (1, -1)).astype(coef.dtype)
+            return matmul(augment(features, fit.use_bias), coef)[0]
+
+        return _flat_rows(jax.jacrev(outputs)(params), 1)
+
+    frozen = jax.vmap(sample_rows)(as_batch("x", x))  # (N, k, P): sample j's rows
+    through_readout = jnp.einsum("jq,qkP->jkP", fit.features, d_coef)
+    num_samples, num_params = fit.features.shape[0], d_coef.shape[-1]
+    scale = jnp.sqrt(jnp.asarray(num_samples, coef.dtype))
+    blocks = [((frozen + through_readout) / scale).reshape(-1, num_params)]
+    if _maybe_nonzero(alpha2):
+        blocks.append(jnp.sqrt(fit.alpha2) * d_coef.reshape(-1, num_params))
+    if _maybe_nonzero(alpha1):
+        blocks.append(jnp.sqrt(fit.alpha1) * jnp.eye(num_params, dtype=coef.dtype))
+    residual = _stacked_residual(fit, model, alpha1, alpha2)
+    readout = readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
+    return jnp.concatenate(blocks), residual, readout
+
+
+def _flat_rows(jacobian: Any, num_axes: int) -> Array:
+    """A Jacobian pytree (leaves shaped `(*out, *leaf)`) as one array `(*out, P)`, its
+    last axis in `ravel_pytree` order."""
+    flat = lambda tree: jfu.ravel_pytree(tree)[0]  # noqa: E731
+    for _ in range(num_axes):
+        flat = jax.vmap(flat)
+    return flat(jacobian)

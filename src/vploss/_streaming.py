@@ -146,6 +146,8 @@ def _refit_ridge(model, batches, alpha2, use_bias):
         gram = batch_gram if gram is None else gram + batch_gram
         cross = batch_cross if cross is None else cross + batch_cross
         num_samples += x.shape[0]
+    # `_batches` raised on an empty iterable, so the sums exist.
+    assert gram is not None and cross is not None and first is not None
     gram, cross = gram / num_samples, cross / num_samples
     alpha2 = alpha2.astype(gram.dtype)
     coef, gradient = _ridge_solve(gram, cross, alpha2)
