@@ -1,43 +1,3 @@
-"""Outer second-order training on MATLAB's `peaks`: Levenberg–Marquardt on the VarPro
-residual `vpresidual_msereg`, against Adam and against Levenberg–Marquardt on the whole
-network.
-
-    python examples/outer_second_order.py            # ~30 minutes on 2 busy CPU cores
-    python examples/outer_second_order.py --quick    # under a minute
-
-Measured (2000 training points, MLP 2→32→32 tanh features, 1,152 parameters, float64;
-medians of 3 seeds; a 2-core CPU shared with other jobs, load about 10, so the times are
-inflated, compare them within the table):
-
-    method                  s/step  error@30  error@100  seconds to 1e-3  steps to Adam@2000
-    Adam, plain head        0.0016                       not reached      2000 (1.4e-2)
-    Adam, VarPro            0.0023                       not reached       700
-    LM, VarPro (optimistix)   0.65    7.4e-3     8.0e-4             63      21
-    LM, full network          0.73    2.7e-2          -             75      35
-    nlls-gram, VarPro         0.44    1.3e-3     9.5e-4             29      14
-    nlls-gram, full network   1.81    1.5e-2          -             86      31
-
-After 5000 steps Adam reaches 8.6e-3 (plain) and 3.4e-3 (VarPro). No method reached 1e-5
-within its 100-second budget: with the default `alpha2 = 1e-6` the VarPro runs level off
-near 7e-4 (the ridge penalty shrinks the feature directions with eigenvalues below
-alpha2, which the last digits of the fit need), while the full-network LM runs were still
-falling when their budget ran out. With `--alpha2 1e-10` (one seed, 150 s) the VarPro
-runs keep falling: nlls-gram 5.0e-4 after 30 steps (18 s), 5.6e-5 after 100 (57 s),
-2.2e-5 after 268; optimistix 1.5e-3 after 100 steps, 1.9e-4 after 294.
-A longer single-seed run (`--seeds 1 --adam-steps 2000 --lm-seconds 240`, on a less
-loaded machine) settles the deep end for the whole network: nlls-gram reaches 1e-5 after
-about 180 steps (106 s), optimistix 6.1e-5 after 611 steps (240 s), while both VarPro runs
-with `alpha2 = 1e-6` turn back up after about 1e-3 (their test error rises while the
-training residual still falls). In that run, with the learning rates tuned for 2000
-steps (1e-2 plain, 3e-2 VarPro), VarPro-Adam reached plain Adam's step-2000 error (1.3e-2)
-after 284 steps, a seventh; tuned for 5000 steps (3e-3 for both) it took 700, a third.
-
-The Jacobian decides the cost of a step. optimistix's automatic Jacobian works on
-`vpresidual_msereg` in both modes, `options={"jac": "fwd"}` (its default) and `"bwd"`,
-at 4.9 s and 4.5 s a step (with `lx.Normal(lx.Cholesky())`; 5.9 s with the default
-`lx.QR()`); the Jacobian assembled by the chain rule below takes 0.56 s (0.92 s with QR).
-"""
-
 # %% [markdown]
 # # Outer second-order training: Levenberg–Marquardt on the VarPro residual
 #
@@ -57,6 +17,33 @@ at 4.9 s and 4.5 s a step (with `lx.Normal(lx.Cholesky())`; 5.9 s with the defau
 # When the optional package `nlls-gram` (a Levenberg–Marquardt with geodesic acceleration
 # and a Gram/dual linear algebra for overparameterised systems) is importable, it runs on
 # both residuals as well (not in `--quick` mode).
+
+# %% [markdown]
+# ## What the full run measured
+#
+#     python examples/outer_second_order.py            # ~25 minutes on 2 CPU cores
+#     python examples/outer_second_order.py --quick    # under a minute
+#
+# Measured (2000 training points, MLP 2→32→32 tanh features, 1,152 parameters, float64;
+# medians of 3 seeds, a 2-core CPU; the notebook in `docs/examples/` holds the full output):
+#
+#     method                  s/step  error@30  error@100  seconds to 1e-3  steps to Adam@2000
+#     Adam, plain head        0.0007                       not reached      2000 (1.4e-2)
+#     Adam, VarPro            0.0008                       not reached       700
+#     LM, VarPro (optimistix)   0.14    7.4e-3     8.0e-4           11.5      21
+#     LM, full network          0.14    2.7e-2     8.2e-4           12.9      35
+#     nlls-gram, VarPro         0.13    1.5e-3     7.6e-4            7.3      15
+#     nlls-gram, full network   0.62    1.5e-2     5.6e-5           27.7      31
+#
+# After 5000 steps Adam reaches 8.6e-3 (plain) and 3.4e-3 (VarPro). No method reached 1e-5
+# within its budget (400 steps or 100 s): with the default `alpha2 = 1e-6` the VarPro runs
+# level off near 8e-4 and then rise (their test error grows while the training residual
+# falls), while the full-network runs keep falling (nlls-gram to 1.4e-5).
+#
+# The Jacobian decides the cost of a step. optimistix's automatic Jacobian works on
+# `vpresidual_msereg` in both modes, `options={"jac": "fwd"}` (its default) and `"bwd"`,
+# at 2.0 s and 1.8 s a step; with the Jacobian assembled by `vploss.vpjacobian_msereg`
+# a step takes 0.18 s (`lx.Normal(lx.Cholesky())`; 0.34 s with the default `lx.QR()`).
 
 # %%
 import argparse
