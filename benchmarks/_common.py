@@ -1,5 +1,7 @@
 """Helpers shared by the benchmark scripts: problems, interleaved timing, warm starts."""
 
+import pathlib
+import sys
 import time
 
 import equinox as eqx
@@ -9,20 +11,15 @@ import numpy as np
 import optax
 
 
+# The peaks surface is the examples' (`examples/_peaks.py`).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+from _peaks import peaks as peaks  # noqa: E402
+
+
 def feature_mlp(width, *, key, dtype=jnp.float32):
     """The feature map of the benchmarks: an MLP 2 → 64 → 64 → `width`, tanh."""
     model = eqx.nn.MLP(2, width, 64, 2, activation=jnp.tanh, final_activation=jnp.tanh, key=key)
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
-
-
-def peaks(x):
-    """MATLAB's `peaks` surface at the points `x` of shape `(N, 2)`."""
-    a, b = x[..., 0], x[..., 1]
-    return (
-        3 * (1 - a) ** 2 * jnp.exp(-(a**2) - (b + 1) ** 2)
-        - 10 * (a / 5 - a**3 - b**5) * jnp.exp(-(a**2) - b**2)
-        - jnp.exp(-((a + 1) ** 2) - b**2) / 3
-    )
 
 
 def inside_circle(x):
