@@ -83,7 +83,9 @@ except ImportError:  # optional: the curves that need it are skipped
     nlls_gram = None
 
 # %%
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(
+    description="Levenberg–Marquardt on the VarPro residual against Adam, on peaks."
+)
 parser.add_argument("--quick", action="store_true", help="small data, few steps")
 parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
 parser.add_argument("--seeds", type=int, default=3, help="median over this many seeds")
