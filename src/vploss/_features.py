@@ -54,6 +54,19 @@ def augment(features: Float[Array, "N m"], use_bias: bool) -> Float[Array, "N p"
     return jnp.concatenate([features, ones], axis=1)
 
 
+def glm_features(
+    model: Callable[[Array], Array], x: Array, labels: Array, use_bias: bool
+) -> tuple[Float[Array, "N p"], Float[Array, "N k"]]:
+    """`F̂` of `x` and the `labels`, both in the working dtype of a logistic loss: the
+    features' dtype, promoted by floating-point labels (integer labels, e.g. one-hot
+    rows, never promote float32 features)."""
+    features = evaluate_features(model, x)
+    dtype = features.dtype
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, labels.dtype)
+    return augment(features.astype(dtype), use_bias), labels.astype(dtype)
+
+
 def parameter_penalty(model: Any, alpha1: Scalar) -> Scalar:
     """`alpha1/2 Σ‖leaf‖²` over the model's inexact-array leaves."""
     leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))

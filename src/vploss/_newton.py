@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, PyTree, Real, Scalar
 from ._checks import as_alpha, as_flag, check_finite, check_finite_inputs
 from ._diagnostics import check_converged, InnerStats
 from ._envelope import AbstractInnerSolver, Args, envelope_minimise, Objective
-from ._features import augment, evaluate_features, parameter_penalty
+from ._features import glm_features, parameter_penalty
 from ._misc import matmul
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
 
@@ -543,11 +543,8 @@ def fit_readout(
         raise ValueError(f"`max_steps` must be a positive Python int; got {max_steps!r}.")
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    features = evaluate_features(model, x)
+    features, labels = glm_features(model, x, labels, use_bias)
     dtype = features.dtype
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, labels.dtype)
-    features = augment(features.astype(dtype), use_bias)
     shape = (features.shape[1], labels.shape[1])
     if gtol is None:
         gtol = default_gtol(dtype)
@@ -570,7 +567,7 @@ def fit_readout(
     value, coef, stats = envelope_minimise(
         objective,
         InnerMinimise(objective, minimiser, curvature, float(gtol), max_steps),
-        (features, labels.astype(dtype), alpha2.astype(dtype)),
+        (features, labels, alpha2.astype(dtype)),
         init,
     )
     # Value checks act on scalars outside the solve, so a sharded batch stays sharded.

@@ -400,7 +400,7 @@ def fit_ridge(
         features,
         targets,
         alpha1.astype(dtype),
-        penalty.astype(dtype),
+        penalty,
         stats,
         use_bias,
         scalar_output,

@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, Scalar
 
 from ._checks import as_alpha, as_batch, as_flag, as_targets
 from ._diagnostics import InnerStats
-from ._features import augment, evaluate_features
+from ._features import glm_features
 from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
 from ._misc import matmul
 from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
@@ -24,15 +24,6 @@ from ._softmax import as_class_labels, ce_hessian, ce_objective, vploss_ce
 _ARMIJO = 0.25
 
 
-def _batch_features(model, x, labels, use_bias):
-    """`F̂` of one batch and its labels, both in the dtype the one-shot loss would use."""
-    features = evaluate_features(model, x)
-    dtype = features.dtype
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, labels.dtype)
-    return augment(features.astype(dtype), use_bias), labels.astype(dtype)
-
-
 def _finite(*arrays):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
@@ -40,7 +31,7 @@ def _finite(*arrays):
 @eqx.filter_jit
 def _ridge_moments(model, x, targets, use_bias):
     """The sums over one batch of `F̂ᵀF̂` and `F̂ᵀY`, and whether the batch is finite."""
-    features, targets = _batch_features(model, x, targets, use_bias)
+    features, targets = glm_features(model, x, targets, use_bias)
     gram, cross = matmul(features.T, features), matmul(features.T, targets)
     return gram, cross, _finite(x, gram, cross)
 
@@ -50,7 +41,7 @@ def _glm_moments(objective, hessian, model, x, labels, coef, use_bias):
     """The sums over one batch of the data term of a GLM's inner objective, its gradient
     and its Hessian (as a `(pk, pk)` matrix) at `coef`, the sums of squares of the
     features, and whether they are all finite."""
-    features, labels = _batch_features(model, x, labels, use_bias)
+    features, labels = glm_features(model, x, labels, use_bias)
     args = (features, labels, jnp.zeros((), coef.dtype))
     value, gradient = jax.value_and_grad(objective)(coef, args)
     curvature = hessian(coef, args).as_matrix()
@@ -176,7 +167,7 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
 
     # The shapes and dtype of the problem, from the first batch.
     _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
-    features = jax.eval_shape(lambda x, y: _batch_features(model, x, y, use_bias)[0], x, y)
+    features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
     if jnp.issubdtype(y.dtype, jnp.floating):
         dtype = jnp.result_type(dtype, y.dtype)
