@@ -8,18 +8,21 @@ import numpy as np
 import pytest
 
 from vploss import vploss_msereg
-from vploss._ridge import _ridge_solver, CholeskyRidge, DualRidge
+from vploss._lstsq import CholeskyLstsq, DualLstsq
+from vploss._ridge import _ridge_solver
 
 from .helpers import flatten, mlp
 
 
 @pytest.mark.parametrize(
     "num_samples, num_coefficients, expected",
-    [(6, 7, DualRidge), (7, 7, CholeskyRidge), (256, 4097, DualRidge), (4096, 257, CholeskyRidge)],
+    [(6, 7, DualLstsq), (7, 7, CholeskyLstsq), (256, 4097, DualLstsq), (4096, 257, CholeskyLstsq)],
 )
 def test_auto_picks_the_form_by_shape(num_samples, num_coefficients, expected):
-    solver = _ridge_solver("auto", num_samples, num_coefficients, unregularised=False)
-    assert isinstance(solver, expected)
+    solver = _ridge_solver(
+        "auto", num_samples, num_coefficients, unregularised=False, intercept=True
+    )
+    assert isinstance(solver.method, expected)
 
 
 @pytest.mark.parametrize("num_samples", [9, 40])  # fewer, more samples than features

@@ -5,13 +5,13 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 
 from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite, check_finite_inputs
-from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, Tangent
+from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from ._features import augment, evaluate_features, parameter_penalty
 from ._gcv import gcv_penalty, GCVStats
+from ._lstsq import AbstractLstsqMethod, centred_problem, CholeskyLstsq, DualLstsq, SVDLstsq
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
 
@@ -22,186 +22,65 @@ RidgeArgs: TypeAlias = tuple[Float[Array, "N p"], Float[Array, "N k"], Scalar]
 DEFAULT_RIDGE_ALPHA2 = 1e-6
 
 
-def ridge_objective(coef: Float[Array, "p k"], args: RidgeArgs) -> Scalar:
+class RidgeObjective(eqx.Module):
     r"""$J(\hat W; \hat F, Y, \alpha_2) = \frac{1}{2N}\|\hat F \hat W^\top - Y\|_F^2
-    + \frac{\alpha_2}{2}\|\hat W\|_F^2$, with `coef` $= \hat W^\top$."""
-    features, targets, alpha2 = args
-    residual = matmul(features, coef) - targets
-    return 0.5 * jnp.sum(residual**2) / features.shape[0] + 0.5 * alpha2 * jnp.sum(coef**2)
+    + \frac{\alpha_2}{2}\|\hat W\|_F^2$, with `coef` $= \hat W^\top$.
 
+    With an intercept (the last column of $\hat F$ is ones) the residual is evaluated
+    as $(F - \mathbf 1\mu^\top)W - (Y - \mathbf 1\bar y^\top) + \mathbf 1(b + W^\top\mu -
+    \bar y)^\top$ with the column means $\mu$, $\bar y$: the same value, without the
+    cancellation of a large common offset of the features (its rounding would
+    otherwise swamp the residual, and the gradient, in float32)."""
 
-def _refined_cholesky_solve(
-    gram: Float[Array, "n n"],
-    alpha2: Scalar,
-    rhs: Float[Array, "n k"],
-    residual: Callable[[Array], Array],
-    refine_steps: int,
-) -> Float[Array, "n k"]:
-    r"""Solves $(G + \alpha_2 I) X = B$ for a Gram matrix $G$ formed in working precision.
+    intercept: bool = eqx.field(static=True)
 
-    In float32 the Gram matrix of ill-conditioned features may be numerically
-    indefinite, and its solution loses twice the digits of a QR or SVD solve. So the
-    Cholesky factor is taken of $G + \delta I$ with $\delta = \max(\alpha_2,
-    \varepsilon\,\mathrm{tr}\,G)$ (always positive definite, so never a NaN), and used
-    as a preconditioner for iterative refinement $X \leftarrow X + (G + \delta I)^{-1}
-    R(X)$, where the caller computes the residual $R(X) = B - (G + \alpha_2 I) X$ from
-    the tall features rather than from $G$. The fixed point solves the exact
-    regularised problem; each step multiplies the error along an eigenvector of $G$
-    with eigenvalue $\lambda$ by $(\delta - \alpha_2)/(\lambda + \delta)$. With
-    $\alpha_2 = 0$ this filters the directions with $\lambda \lesssim
-    \varepsilon\,\mathrm{tr}\,G$ out smoothly (a pseudo-inverse), and the iterates stay
-    in the range of $G$, so they converge to the minimum-norm solution.
-    """
-    n = gram.shape[0]
-    eps = jnp.finfo(gram.dtype).eps
-    # `tiny` keeps the factor finite for all-zero features with alpha2 = 0 (then the
-    # right-hand side is zero too, and so is the solution).
-    shift = jnp.maximum(jnp.maximum(alpha2, eps * jnp.trace(gram)), jnp.finfo(gram.dtype).tiny)
-    factor = jnp.linalg.cholesky(gram + shift * jnp.eye(n, dtype=gram.dtype))
-    solve = lambda b: jsl.cho_solve((factor, True), b)  # noqa: E731
-    solution = solve(rhs)
-    for _ in range(refine_steps):
-        solution = solution + solve(residual(solution))
-    return solution
-
-
-def _hessian_residual(features, alpha2, rhs):
-    """`x ↦ rhs − (F̂ᵀF̂/N + alpha2 I) x`, evaluated with the tall features."""
-    n = features.shape[0]
-    return lambda x: rhs - matmul(features.T, matmul(features, x)) / n - alpha2 * x
-
-
-class CholeskyRidge(AbstractInnerSolver):
-    """Primal normal equations: the `(p, p)` Gram matrix `F̂ᵀF̂/N` (one matmul, a sum
-    over samples), a shifted Cholesky factor and `refine_steps` steps of iterative
-    refinement. Cost `O(N p² + p³)`; memory `O(N p + p²)`. The readout's derivative
-    solves with the same Hessian `F̂ᵀF̂/N + alpha2 I`, the same way."""
-
-    refine_steps: int = 2
-
-    def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
-        del init
+    def __call__(self, coef: Float[Array, "p k"], args: RidgeArgs) -> Scalar:
         features, targets, alpha2 = args
-        rhs = matmul(features.T, targets) / features.shape[0]
-        return self.hessian_solve(ridge_objective, None, None, args)(rhs), None
-
-    def hessian_solve(
-        self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs
-    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
-        del objective, solution, stats
-        features, _, alpha2 = args
-        gram = matmul(features.T, features) / features.shape[0]
-
-        def solve(rhs):
-            residual = _hessian_residual(features, alpha2, rhs)
-            return _refined_cholesky_solve(gram, alpha2, rhs, residual, self.refine_steps)
-
-        return solve
+        if self.intercept:
+            features = features[:, :-1]
+            mean, target_mean = jnp.mean(features, axis=0), jnp.mean(targets, axis=0)
+            weight, bias = coef[:-1], coef[-1]
+            offset = bias + matmul(mean, weight) - target_mean
+            residual = matmul(features - mean, weight) - (targets - target_mean) + offset
+        else:
+            residual = matmul(features, coef) - targets
+        data = 0.5 * jnp.sum(residual**2) / features.shape[0]
+        return data + 0.5 * alpha2 * jnp.sum(coef**2)
 
 
-class DualRidge(AbstractInnerSolver):
-    r"""Dual (kernel) form for `N < p`: `Ŵᵀ = F̂ᵀ C` with `(F̂F̂ᵀ/N + alpha2 I) C = Y/N`,
-    solved like `CholeskyRidge` on the `(N, N)` kernel matrix $K$. Cost `O(N² p + N³)`;
-    memory `O(N p + N²)`.
+class RidgeSolver(AbstractInnerSolver):
+    r"""The ridge readout in closed form through the centred problem (`_lstsq.py`):
+    exact for features with any offset, solved by `method`, and differentiable in the
+    data (the readout's derivative differentiates the solution formula, whose linear
+    solves carry their own implicit derivatives)."""
 
-    The readout's derivative is that of the dual formula, $\dot C = K^{-1}(\dot Y/N -
-    \dot K C)$, $\dot W^	op = \dot F^	op C + \hat F^	op \dot C$, with the same
-    kernel solve: the primal Hessian $\hat F^	op\hat F/N + lpha_2 I$ is
-    `(p, p)` and, for small `alpha2`, nearly singular off the span of the samples."""
+    method: AbstractLstsqMethod
+    intercept: bool = eqx.field(static=True)
 
-    refine_steps: int = 2
+    def coefficients(self, args: RidgeArgs) -> Float[Array, "p k"]:
+        features, targets, alpha2 = args
+        design, response, coefficients = centred_problem(features, targets, alpha2, self.intercept)
+        return coefficients(self.method(design, response, alpha2))
 
     def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
         del init
-        features, targets, _ = args
-        dual = self._kernel_solve(args)(targets / features.shape[0])
-        return matmul(features.T, dual), None
-
-    def _kernel_solve(self, args: RidgeArgs) -> Callable[[Array], Array]:
-        features, _, alpha2 = args
-        n = features.shape[0]
-        kernel = matmul(features, features.T) / n
-
-        def solve(rhs):
-            def residual(dual):
-                return rhs - matmul(features, matmul(features.T, dual)) / n - alpha2 * dual
-
-            return _refined_cholesky_solve(kernel, alpha2, rhs, residual, self.refine_steps)
-
-        return solve
+        return self.coefficients(args), None
 
     def solution_jvp(
         self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs, t_args: Tangent
     ) -> Float[Array, "p k"]:
-        del objective, solution, stats
-        features, targets, _ = args
-        t_features, t_targets, t_alpha2 = t_args
-        n = features.shape[0]
-        solve = self._kernel_solve(args)
-        dual = solve(targets / n)
-        rhs = jnp.zeros_like(dual) if t_targets is None else t_targets / n
-        if t_features is not None:
-            t_kernel_dual = matmul(t_features, matmul(features.T, dual)) + matmul(
-                features, matmul(t_features.T, dual)
-            )
-            rhs = rhs - t_kernel_dual / n
-        if t_alpha2 is not None:
-            rhs = rhs - t_alpha2 * dual
-        t_coef = matmul(features.T, solve(rhs))
-        if t_features is not None:
-            t_coef = t_coef + matmul(t_features.T, dual)
-        return t_coef
-
-
-class SVDRidge(AbstractInnerSolver):
-    r"""The regularised SVD solution: with `F̂/√N = U S Vᵀ`,
-    `Ŵᵀ = V diag(s/(s² + alpha2)) Uᵀ Y/√N`. With `alpha2 = 0`, singular values below
-    `eps·max(N, p)·s_max` are dropped (the pseudo-inverse, as `numpy.linalg.lstsq`). The most
-    robust choice, but LAPACK on a tall matrix is slow with multi-threaded OpenBLAS on
-    a busy machine. Cost `O(N p²)`; memory `O(N p)`."""
-
-    def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
-        del init
-        features, targets, alpha2 = args
-        scale = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
-        u, s, vt, kept = _regularised_svd(features / scale, alpha2)
-        safe_s = jnp.where(kept, s, 1)
-        filtered = jnp.where(kept, safe_s / (safe_s**2 + alpha2), 0)
-        coef = matmul(vt.T, filtered[:, None] * matmul(u.T, targets / scale))
-        return coef, None
-
-    def hessian_solve(
-        self, objective: Objective, solution: Any, stats: Any, args: RidgeArgs
-    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
-        r"""$V \operatorname{diag}(1/(s^2 + lpha_2)) V^	op$ on the kept singular
-        directions: with `alpha2 = 0` and rank-deficient features, the readout's
-        derivative is taken within the row space of $\hat F$ (the derivative of the
-        pseudo-inverse has further terms across the null space, not included)."""
-        del objective, solution, stats
-        features, _, alpha2 = args
-        scale = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
-        _, s, vt, kept = _regularised_svd(features / scale, alpha2)
-        inverse = jnp.where(kept, 1 / jnp.where(kept, s**2 + alpha2, 1), 0)
-        return lambda rhs: matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
-
-
-def _regularised_svd(matrix, alpha2):
-    """The thin SVD of `matrix` and the singular values to keep: all when `alpha2 > 0`
-    (the filter s/(s² + alpha2) is bounded, and cutting would discard real
-    directions), those above `eps·max(N, p)·s_max` otherwise (as `numpy.linalg.lstsq`)."""
-    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
-    eps = jnp.finfo(matrix.dtype).eps
-    cutoff = jnp.where(alpha2 > 0, 0, eps * max(matrix.shape) * s[0])
-    return u, s, vt, s > cutoff
+        del objective, stats
+        _, t_solution = partial_jvp(self.coefficients, args, t_args)
+        return jnp.zeros_like(solution) if t_solution is None else t_solution
 
 
 RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
-_RIDGE_SOLVERS = ("auto", "svd", "cholesky", "dual")
+_RIDGE_METHODS = {"cholesky": CholeskyLstsq, "dual": DualLstsq, "svd": SVDLstsq}
 
 
 def _ridge_solver(
-    name: str, num_samples: int, num_coefficients: int, unregularised: bool
-) -> AbstractInnerSolver:
+    name: str, num_samples: int, num_coefficients: int, unregularised: bool, intercept: bool
+) -> RidgeSolver:
     if name == "auto":
         if unregularised:
             # Only the SVD tells the null space apart from rounding noise, which the
@@ -211,13 +90,9 @@ def _ridge_solver(
             name = "dual"
         else:
             name = "cholesky"
-    if name == "cholesky":
-        return CholeskyRidge()
-    if name == "dual":
-        return DualRidge()
-    if name == "svd":
-        return SVDRidge()
-    raise ValueError(f"`solver` must be one of {_RIDGE_SOLVERS}; got {name!r}.")
+    if name not in _RIDGE_METHODS:
+        raise ValueError(f"`solver` must be one of {('auto', *_RIDGE_METHODS)}; got {name!r}.")
+    return RidgeSolver(_RIDGE_METHODS[name](), intercept)
 
 
 def vploss_msereg(
@@ -336,7 +211,7 @@ def vploss_msereg(
 
 
 class RidgeFit(eqx.Module):
-    """What `fit_ridge` computed: the ridge objective's optimal value `value` (without
+    r"""What `fit_ridge` computed: the ridge objective's optimal value `value` (without
     the `alpha1` penalty) and minimiser `coef` (`[W, b]ᵀ`), both differentiable, the
     augmented `features` and the `targets` in the working dtype, the checked penalty
     weights (`alpha2` as chosen, with `alpha2="gcv"`), the diagnostics of that choice
@@ -363,7 +238,7 @@ def fit_ridge(
     use_bias: bool,
     solver: str,
 ) -> RidgeFit:
-    """The body shared by `vploss_msereg` and `vpresidual_msereg`: checks, features,
+    r"""The body shared by `vploss_msereg` and `vpresidual_msereg`: checks, features,
     the inner solve through `envelope_minimise`, runtime checks."""
     x = as_batch("x", x)
     num_samples = x.shape[0]
@@ -390,8 +265,10 @@ def fit_ridge(
     else:
         penalty, stats = given_penalty.astype(dtype), None
         unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
-    inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised)
-    value, coef, _ = envelope_minimise(ridge_objective, inner_solver, (features, targets, penalty))
+    inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised, use_bias)
+    value, coef, _ = envelope_minimise(
+        RidgeObjective(use_bias), inner_solver, (features, targets, penalty)
+    )
     value = check_finite_inputs(value, x=x, y=targets)
     value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
     return RidgeFit(

@@ -1,5 +1,6 @@
-"""The readout fitted on a whole data set streamed in batches, in O(m²) memory."""
+r"""The readout fitted on a whole data set streamed in batches, in O(m²) memory."""
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,7 +17,8 @@ from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
 from ._misc import matmul
 from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from ._ridge import _refined_cholesky_solve, vploss_msereg
+from ._lstsq import gram_lstsq, with_intercept
+from ._ridge import vploss_msereg
 from ._softmax import as_class_labels, ce_hessian, ce_objective, vploss_ce
 
 
@@ -28,17 +30,52 @@ def _finite(*arrays):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
+class _Moments(eqx.Module):
+    r"""The count, column means and centred sums of products of one or more batches of
+    features and targets (without an intercept: uncentred, the means zero)."""
+
+    count: Array
+    mean: Float[Array, " m"]
+    target_mean: Float[Array, " k"]
+    gram: Float[Array, "m m"]
+    cross: Float[Array, "m k"]
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        r"""Merged moments (Chan, Golub & LeVeque, 1983): the centred sums of the union
+        are those of the parts plus the product of the parts' mean differences."""
+        count = self.count + other.count
+        weight = other.count / count
+        delta, target_delta = other.mean - self.mean, other.target_mean - self.target_mean
+        between = self.count * weight
+        return _Moments(
+            count,
+            self.mean + weight * delta,
+            self.target_mean + weight * target_delta,
+            self.gram + other.gram + between * jnp.outer(delta, delta),
+            self.cross + other.cross + between * jnp.outer(delta, target_delta),
+        )
+
+
 @eqx.filter_jit
 def _ridge_moments(model, x, targets, use_bias):
-    """The sums over one batch of `F̂ᵀF̂` and `F̂ᵀY`, and whether the batch is finite."""
-    features, targets = glm_features(model, x, targets, use_bias)
-    gram, cross = matmul(features.T, features), matmul(features.T, targets)
-    return gram, cross, _finite(x, gram, cross)
+    r"""The moments of one batch (features without the ones column), and whether the
+    batch is finite."""
+    features, targets = glm_features(model, x, targets, False)
+    if use_bias:
+        mean, target_mean = jnp.mean(features, axis=0), jnp.mean(targets, axis=0)
+    else:
+        mean = jnp.zeros(features.shape[1], features.dtype)
+        target_mean = jnp.zeros(targets.shape[1], features.dtype)
+    centred = features - mean
+    gram = matmul(centred.T, centred)
+    cross = matmul(centred.T, targets - target_mean)
+    count = jnp.asarray(features.shape[0], features.dtype)
+    return _Moments(count, mean, target_mean, gram, cross), _finite(x, gram, cross)
 
 
 @eqx.filter_jit
 def _glm_moments(objective, hessian, model, x, labels, coef, use_bias):
-    """The sums over one batch of the data term of a GLM's inner objective, its gradient
+    r"""The sums over one batch of the data term of a GLM's inner objective, its gradient
     and its Hessian (as a `(pk, pk)` matrix) at `coef`, the sums of squares of the
     features, and whether they are all finite."""
     features, labels = glm_features(model, x, labels, use_bias)
@@ -59,13 +96,13 @@ def _newton_direction(
 
 
 def _gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Array, "p 1"]:
-    """`gradient_scale` (the one-shot losses' stopping scale) from the mean squares of
+    r"""`gradient_scale` (the one-shot losses' stopping scale) from the mean squares of
     the features: a single row with those squares has the same column means."""
     return gradient_scale((jnp.sqrt(mean_square)[None, :], None, alpha2))
 
 
 class _Loss(eqx.Module):
-    """How one loss reads its labels and evaluates its inner problem on a batch."""
+    r"""How one loss reads its labels and evaluates its inner problem on a batch."""
 
     labels: Callable
     objective: Callable
@@ -92,7 +129,7 @@ def _ce_labels(num_classes):
 
 
 def _batches(batches, what, labels):
-    """Checks and converts each `(x, y)` batch; yields `(x, labels, scalar_output)`."""
+    r"""Checks and converts each `(x, y)` batch; yields `(x, labels, scalar_output)`."""
     count = 0
     for index, batch in enumerate(batches):
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
@@ -126,34 +163,41 @@ def _not_finite(index):
 
 
 def _refit_ridge(model, batches, alpha2, use_bias):
-    gram = cross = first = None
-    num_samples = 0
+    moments = first = None
     for index, x, y, scalar_output in _batches(batches, "`vploss_msereg`", _ridge_labels):
         first = first or (y.shape[1], scalar_output)
         _check_shapes(index, y, scalar_output, first)
-        batch_gram, batch_cross, finite = _ridge_moments(model, x, y, use_bias)
+        batch, finite = _ridge_moments(model, x, y, use_bias)
         if not bool(finite):
             raise _not_finite(index)
-        gram = batch_gram if gram is None else gram + batch_gram
-        cross = batch_cross if cross is None else cross + batch_cross
-        num_samples += x.shape[0]
+        moments = batch if moments is None else moments + batch
     # `_batches` raised on an empty iterable, so the sums exist.
-    assert gram is not None and cross is not None and first is not None
-    gram, cross = gram / num_samples, cross / num_samples
-    alpha2 = alpha2.astype(gram.dtype)
-    coef, gradient = _ridge_solve(gram, cross, alpha2)
-    norm = scaled_gradient_norm(gradient, _gradient_scale(jnp.diag(gram), alpha2))
+    assert moments is not None and first is not None
+    coef, norm = _ridge_solve(moments, alpha2.astype(moments.gram.dtype), use_bias)
     stats = InnerStats(jnp.asarray(1), norm, jnp.isfinite(norm))
     return readout_from_coefficients(coef, use_bias, first[1], stats)
 
 
-@jax.jit
-def _ridge_solve(gram, cross, alpha2):
-    # The tall features are gone, so the refinement's residual comes from the Gram
-    # matrix: it removes the shift of the factor, not the rounding of the Gram matrix.
-    residual = lambda coef: cross - matmul(gram, coef) - alpha2 * coef
-    coef = _refined_cholesky_solve(gram, alpha2, cross, residual, refine_steps=2)
-    return coef, -residual(coef)
+@functools.partial(jax.jit, static_argnums=2)
+def _ridge_solve(moments, alpha2, use_bias):
+    r"""The readout from the merged moments, through the centred problem of
+    `_lstsq.py` (with an intercept, its Gram matrix is the centred one plus the
+    penalised intercept's rank-one term), and the scaled norm of its gradient."""
+    n = moments.count
+    gram, cross = moments.gram / n, moments.cross / n
+    if use_bias:
+        gamma2 = alpha2 / (1 + alpha2)
+        gram = gram + gamma2 * jnp.outer(moments.mean, moments.mean)
+        cross = cross + gamma2 * jnp.outer(moments.mean, moments.target_mean)
+    weight = gram_lstsq(gram, cross, alpha2, refine_steps=2)
+    gradient = matmul(gram, weight) + alpha2 * weight - cross
+    mean_square = jnp.diag(moments.gram) / n + moments.mean**2
+    if use_bias:
+        weight = with_intercept(weight, moments.mean, moments.target_mean, alpha2)
+        # The intercept is exactly optimal given the weights: its gradient is zero.
+        gradient = jnp.concatenate([gradient, jnp.zeros_like(gradient[:1])])
+        mean_square = jnp.concatenate([mean_square, jnp.ones_like(mean_square[:1])])
+    return weight, scaled_gradient_norm(gradient, _gradient_scale(mean_square, alpha2))
 
 
 def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, init, throw):
@@ -175,7 +219,7 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
     shape = (features.shape[1], y.shape[1])
 
     def evaluate(coef):
-        """One pass: the objective, its gradient and Hessian at `coef`, and the
+        r"""One pass: the objective, its gradient and Hessian at `coef`, and the
         stopping scale."""
         sums = None
         num_samples = 0
@@ -264,10 +308,13 @@ def refit_readout(
     \frac{\alpha_2}{2}\|\hat W\|_F^2$, with $\hat f_j = [$`model(x_j)`$, 1]$, from
     sums over batches:
 
-    - `loss=vploss_msereg`: one pass accumulates $\hat F^\top\hat F$ and $\hat
-        F^\top Y$; the readout solves $(\hat F^\top\hat F/N + \alpha_2 I)\hat
-        W^\top = \hat F^\top Y/N$ (a shifted Cholesky factor with two steps of
-        refinement). Exact, in one pass; `batches` may be a one-shot iterator.
+    - `loss=vploss_msereg`: one pass accumulates the column means and the centred
+        sums $F_c^\top F_c$, $F_c^\top Y_c$ (merged across batches by Chan, Golub &
+        LeVeque's update, so a large common offset of the features never enters a
+        sum); the readout solves the centred normal equations of `vploss_msereg`
+        (a scaled, shifted Cholesky factor with two steps of refinement) and sets
+        the penalised intercept exactly. One pass; `batches` may be a one-shot
+        iterator.
     - `loss=vploss_bce` or `vploss_ce`: damped Newton on the full objective. Each pass
         accumulates its value, gradient and Hessian (the same functions as the
         one-shot losses' `"newton"` solver); the Newton step solves the Hessian by

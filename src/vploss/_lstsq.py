@@ -1,0 +1,328 @@
+r"""Ridge least squares with a penalised intercept, solved accurately for features with
+large offsets and scales, and differentiated without differentiating a decomposition.
+
+**The centred problem.** With features $F$ `(N, m)`, targets $Y$ `(N, k)` and the bias
+penalised with the weights (SPEC 2),
+
+$$\min_{W, b}\ \frac1{2N}\|FW + \mathbf 1 b^\top - Y\|^2 + \frac\alpha2(\|W\|^2 +
+\|b\|^2).$$
+
+Write $F = F_c + \mathbf 1\mu^\top$ with the column means $\mu$, and $Y = Y_c +
+\mathbf 1\bar y^\top$. Since $\mathbf 1^\top F_c = 0$, the data term splits into
+$\frac1{2N}\|F_cW - Y_c\|^2 + \frac12\|b + W^\top\mu - \bar y\|^2$, and minimising over
+$b$ exactly, $b = (\bar y - W^\top\mu)/(1 + \alpha)$, leaves
+
+$$\min_W\ \frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2, \qquad
+Z = \begin{bmatrix}F_c/\sqrt N\\ \gamma\mu^\top\end{bmatrix},\quad
+T = \begin{bmatrix}Y_c/\sqrt N\\ \gamma\bar y^\top\end{bmatrix},\quad
+\gamma = \sqrt{\alpha/(1 + \alpha)},$$
+
+an isotropic ridge problem without intercept, the same minimum. The change is exact; it
+removes the common offset (a feature around $10^6$, pixels 0-255, kelvin) that the
+uncentred Gram matrix $\hat F^\top\hat F/N$ is made of, whose shifted Cholesky factor
+otherwise leaves every direction with an eigenvalue below $\varepsilon\,\mathrm{tr}$
+unsolved. The means are sums over samples, so a sharded batch stays sharded.
+
+**Derivatives.** `ridge_lstsq` and `ridge_solve` have custom JVP rules built from the
+same solves (implicit differentiation of the normal equations), so a Cholesky factor,
+an SVD or an eigendecomposition is never differentiated: second derivatives are exact
+and finite at repeated singular values (whose decomposition derivatives divide by
+$s_i^2 - s_j^2$).
+"""
+
+import abc
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, Scalar
+
+from ._misc import matmul
+
+
+T = TypeVar("T")
+
+
+class Stack(eqx.Module):
+    r"""A matrix with one extra row, $\begin{bmatrix}R\\ e^\top\end{bmatrix}$, kept as two
+    arrays so that the `(N, ·)` block keeps its sharding along the samples."""
+
+    rows: Float[Array, "N c"]
+    extra: Float[Array, " c"]
+
+    def __add__(self, other: "Stack") -> "Stack":
+        return jtu.tree_map(jnp.add, self, other)
+
+    def __sub__(self, other: "Stack") -> "Stack":
+        return jtu.tree_map(jnp.subtract, self, other)
+
+    def scale(self, factor: Scalar) -> "Stack":
+        return jtu.tree_map(lambda a: factor * a, self)
+
+    def mv(self, x: Float[Array, "c k"]) -> "Stack":
+        r"""$Zx$, a stack with `k` columns."""
+        return Stack(matmul(self.rows, x), matmul(self.extra, x))
+
+    def rmv(self, a: "Stack") -> Float[Array, "c k"]:
+        r"""$Z^\top a$ for a stack `a` with `k` columns."""
+        return matmul(self.rows.T, a.rows) + self.extra[:, None] * a.extra[None, :]
+
+    def gram(self) -> Float[Array, "c c"]:
+        r"""$Z^\top Z$, a sum over the rows."""
+        return matmul(self.rows.T, self.rows) + jnp.outer(self.extra, self.extra)
+
+    def kernel(self) -> Float[Array, "R R"]:
+        r"""$ZZ^\top$, from its blocks (no cancellation between them)."""
+        column = matmul(self.rows, self.extra)
+        return jnp.block(
+            [
+                [matmul(self.rows, self.rows.T), column[:, None]],
+                [column[None, :], jnp.sum(self.extra**2)[None, None]],
+            ]
+        )
+
+    def dense(self) -> Float[Array, "R c"]:
+        return jnp.concatenate([self.rows, self.extra[None, :]])
+
+
+def centred_problem(
+    features: Float[Array, "N p"], targets: Float[Array, "N k"], alpha2: Scalar, intercept: bool
+) -> tuple[Stack, Stack, Callable[[Float[Array, "m k"]], Float[Array, "p k"]]]:
+    r"""`(Z, T, coefficients)`: the centred problem of the module docstring for the
+    augmented features $\hat F = [F, \mathbf 1]$ (the last column is the intercept's
+    when `intercept`), and the map from its solution $W$ to the stacked coefficients
+    $[W; b^\top]$. Without an intercept, $Z = \hat F/\sqrt N$ with a zero extra row."""
+    root_n = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
+    if not intercept:
+        zeros = lambda a: jnp.zeros(a.shape[1], a.dtype)  # noqa: E731
+        design = Stack(features / root_n, zeros(features))
+        response = Stack(targets / root_n, zeros(targets))
+        return design, response, lambda w: w
+    features = features[:, :-1]
+    mean = jnp.mean(features, axis=0)
+    target_mean = jnp.mean(targets, axis=0)
+    gamma = jnp.sqrt(alpha2 / (1 + alpha2))
+    design = Stack((features - mean) / root_n, gamma * mean)
+    response = Stack((targets - target_mean) / root_n, gamma * target_mean)
+
+    return design, response, lambda w: with_intercept(w, mean, target_mean, alpha2)
+
+
+def with_intercept(
+    weight: Float[Array, "m k"], mean: Float[Array, " m"], target_mean: Float[Array, " k"], alpha2
+) -> Float[Array, "p k"]:
+    r"""$[W; b^\top]$ with the optimal penalised intercept $b = (\bar y - W^\top\mu)/(1 +
+    \alpha)$ of the centred problem."""
+    bias = (target_mean - matmul(mean, weight)) / (1 + alpha2)
+    return jnp.concatenate([weight, bias[None, :]])
+
+
+class AbstractLstsqMethod(eqx.Module):
+    r"""A way to solve $\min_W \frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2$, i.e. the
+    normal equations $(Z^\top Z + \alpha I)W = Z^\top T$ (with $\alpha = 0$ a
+    least-squares solution)."""
+
+    @abc.abstractmethod
+    def lstsq(self, design: Stack, response: Stack, alpha2: Scalar) -> Float[Array, "m k"]:
+        r"""The minimiser $W$, computed; its derivative is `__call__`'s."""
+
+    def __call__(self, design: Stack, response: Stack, alpha2: Scalar) -> Float[Array, "m k"]:
+        r"""The minimiser $W$ with its derivative (implicit differentiation of the normal
+        equations, solved by this method: no decomposition is differentiated)."""
+        return _ridge_lstsq(self, design, response, alpha2)
+
+    def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
+        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs`, computed (used by the derivative)."""
+        raise NotImplementedError
+
+
+def _shifted_cholesky(
+    matrix: Float[Array, "n n"], alpha2: Scalar
+) -> Callable[[Float[Array, "n k"]], Float[Array, "n k"]]:
+    r"""An approximate inverse of $A + \alpha I$ for a positive semidefinite $A$ formed in
+    working precision: the Cholesky factor of $D^{-1/2}(A + \alpha I)D^{-1/2} + \delta I$
+    with $D = \operatorname{diag}(A)$ and $\delta = \varepsilon n$.
+
+    The diagonal scaling makes the shift relative to each column's own scale (a column
+    of scale $10^{-3}$ beside one of $10^3$ is not swamped), and the shift keeps the
+    factor finite when $A$ is numerically indefinite or singular. Iterative refinement
+    with an exact residual then removes the shift: it multiplies the error along an
+    eigenvector of the scaled matrix with eigenvalue $\lambda$ by
+    $\delta/(\lambda + \delta)$."""
+    n = matrix.shape[0]
+    diagonal = jnp.diagonal(matrix)
+    scale = jnp.sqrt(jnp.where(diagonal > 0, diagonal, 1))
+    outer = scale[:, None] * scale[None, :]
+    shift = jnp.finfo(matrix.dtype).eps * n
+    scaled = matrix / outer + jnp.diag(alpha2 / scale**2 + shift)
+    factor = jnp.linalg.cholesky(scaled)
+    return lambda b: jsl.cho_solve((factor, True), b / scale[:, None]) / scale[:, None]
+
+
+def _refine(solve: Callable[[T], T], residual: Callable[[T], T], x: T, steps: int) -> T:
+    r"""`steps` steps of iterative refinement $x \leftarrow x + M^{-1}r(x)$."""
+    for _ in range(steps):
+        x = x + solve(residual(x))
+    return x
+
+
+def gram_lstsq(
+    gram: Float[Array, "m m"], cross: Float[Array, "m k"], alpha2: Scalar, refine_steps: int
+) -> Float[Array, "m k"]:
+    r"""$(G + \alpha I)^{-1}B$ from the Gram matrix alone (when the tall matrix is gone,
+    as in a streamed fit): the refinement's residual comes from $G$, so it removes the
+    factor's shift, not the rounding of $G$ (centre the features before forming it)."""
+    solve = _shifted_cholesky(gram, alpha2)
+    residual = lambda x: cross - matmul(gram, x) - alpha2 * x  # noqa: E731
+    return _refine(solve, residual, solve(cross), refine_steps)
+
+
+class CholeskyLstsq(AbstractLstsqMethod):
+    r"""The `(m, m)` Gram matrix $Z^\top Z$ (its only reduction over samples is a sum), a
+    scaled and shifted Cholesky factor (`_shifted_cholesky`) and `refine_steps` steps of
+    iterative refinement whose residual $Z^\top(T - ZW) - \alpha W$ is computed from the
+    tall matrix: its rounding lies in the range of $Z^\top$, so the error is that of a
+    QR solve ($\kappa(Z)\varepsilon$), not of the normal equations ($\kappa(Z)^2
+    \varepsilon$). With $\alpha = 0$ and rank-deficient $Z$ it returns a least-squares
+    solution whose null-space component is set by rounding."""
+
+    refine_steps: int = 3
+
+    def lstsq(self, design, response, alpha2):
+        solve = _shifted_cholesky(design.gram(), alpha2)
+        residual = lambda w: design.rmv(response - design.mv(w)) - alpha2 * w  # noqa: E731
+        return _refine(solve, residual, solve(design.rmv(response)), self.refine_steps)
+
+    def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
+        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs`, refined with the residual from the tall
+        matrix."""
+        solve = _shifted_cholesky(design.gram(), alpha2)
+        residual = lambda x: rhs - design.rmv(design.mv(x)) - alpha2 * x  # noqa: E731
+        return _refine(solve, residual, solve(rhs), self.refine_steps)
+
+
+def _svd(design: Stack, alpha2: Scalar):
+    r"""The thin SVD $Z = USV^\top$ and the filter factors: $1/(s^2 + \alpha)$ on every
+    direction when $\alpha > 0$ (the filter is bounded, cutting would discard real
+    directions), and on the singular values above $\varepsilon\max(N, m)s_{\max}$ with
+    $\alpha = 0$, zero below (the pseudo-inverse, as `numpy.linalg.lstsq`)."""
+    matrix = design.dense()
+    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+    eps = jnp.finfo(matrix.dtype).eps
+    cutoff = jnp.where(alpha2 > 0, 0, eps * max(matrix.shape) * s[0])
+    kept = s > cutoff
+    inverse = jnp.where(kept, 1 / jnp.where(kept, s**2 + alpha2, 1), 0)
+    return u, s, vt, inverse
+
+
+class SVDLstsq(AbstractLstsqMethod):
+    r"""The regularised SVD solution $W = V\operatorname{diag}(s/(s^2 + \alpha))U^\top T$
+    of the stacked matrix (backward stable; with $\alpha = 0$ the pseudo-inverse, see
+    `_svd`). It gathers a sharded batch."""
+
+    def lstsq(self, design, response, alpha2):
+        u, s, vt, inverse = _svd(design, alpha2)
+        return matmul(vt.T, (s * inverse)[:, None] * matmul(u.T, response.dense()))
+
+    def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
+        r"""$V\operatorname{diag}(1/(s^2 + \alpha))V^\top$ `rhs` (with $\alpha = 0$, within
+        the kept singular directions: the derivative of the pseudo-inverse has further
+        terms across the null space, not included)."""
+        _, _, vt, inverse = _svd(design, alpha2)
+        return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
+
+
+class DualLstsq(AbstractLstsqMethod):
+    r"""The dual (kernel) form for fewer samples than features: $W = Z^\top C$ with
+    $(ZZ^\top + \alpha I)C = T$, an `(N+1, N+1)` system (`kernel_solve`). Its derivative
+    is that of this formula, with no `(m, m)` solve. It gathers a sharded batch.
+
+    With $\alpha > 0$: a scaled and shifted Cholesky factor of the kernel and
+    `refine_steps` steps of refinement with the residual $T - Z(Z^\top C) - \alpha C$
+    from the wide matrix. With $\alpha = 0$: the pseudo-inverse of the kernel from its
+    eigendecomposition, eigenvalues below $\varepsilon\max(N, m)\lambda_{\max}$
+    dropped. (A shifted factor cannot do that: the component of $T$ outside the range
+    of $Z$, the least-squares residual, is divided by the shift, and $Z^\top$ of that
+    large vector is rounding noise of the size of $W$.)"""
+
+    refine_steps: int = 3
+
+    def lstsq(self, design, response, alpha2):
+        return self(design, response, alpha2)
+
+    def __call__(self, design, response, alpha2):
+        # Differentiated through the dual formula: W' = Z'ᵀC + ZᵀC'.
+        return design.rmv(_kernel_solve(self, design, alpha2, response))
+
+    def kernel_solve(self, design: Stack, alpha2: Scalar, rhs: Stack) -> Stack:
+        kernel = design.kernel()
+        flat = lambda a: a.dense()  # noqa: E731
+        unflat = lambda a: Stack(a[:-1], a[-1])  # noqa: E731
+
+        def regularised(b):
+            solve = _shifted_cholesky(kernel, alpha2)
+            residual = lambda c: b - design.mv(design.rmv(c)) - c.scale(alpha2)  # noqa: E731
+            step = lambda r: unflat(solve(flat(r)))  # noqa: E731
+            return _refine(step, residual, step(b), self.refine_steps)
+
+        def pseudo_inverse(b):
+            eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
+            eps = jnp.finfo(kernel.dtype).eps
+            largest = jnp.max(eigenvalues)
+            kept = eigenvalues > eps * max(design.rows.shape) * largest
+            inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
+            return unflat(matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, flat(b))))
+
+        return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse, rhs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ridge_lstsq(method, design, response, alpha2):
+    return method.lstsq(design, response, alpha2)
+
+
+@_ridge_lstsq.defjvp
+def _ridge_lstsq_jvp(method, primals, tangents):
+    design, response, alpha2 = primals
+    t_design, t_response, t_alpha2 = tangents
+    w = _ridge_lstsq(method, design, response, alpha2)
+    # Implicit differentiation of the normal equations Zᵀ(T − ZW) − αW = 0.
+    rhs = (
+        t_design.rmv(response - design.mv(w))
+        + design.rmv(t_response - t_design.mv(w))
+        - t_alpha2 * w
+    )
+    return w, _ridge_solve(method, design, alpha2, rhs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ridge_solve(method, design, alpha2, rhs):
+    return method.solve(design, alpha2, rhs)
+
+
+@_ridge_solve.defjvp
+def _ridge_solve_jvp(method, primals, tangents):
+    design, alpha2, rhs = primals
+    t_design, t_alpha2, t_rhs = tangents
+    x = _ridge_solve(method, design, alpha2, rhs)
+    t_hessian_x = t_design.rmv(design.mv(x)) + design.rmv(t_design.mv(x)) + t_alpha2 * x
+    return x, _ridge_solve(method, design, alpha2, t_rhs - t_hessian_x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_solve(method, design, alpha2, rhs):
+    return method.kernel_solve(design, alpha2, rhs)
+
+
+@_kernel_solve.defjvp
+def _kernel_solve_jvp(method, primals, tangents):
+    design, alpha2, rhs = primals
+    t_design, t_alpha2, t_rhs = tangents
+    c = _kernel_solve(method, design, alpha2, rhs)
+    t_kernel_c = t_design.mv(design.rmv(c)) + design.mv(t_design.rmv(c)) + c.scale(t_alpha2)
+    return c, _kernel_solve(method, design, alpha2, t_rhs - t_kernel_c)
