@@ -14,10 +14,10 @@ from ._checks import as_alpha, as_batch, as_flag, as_targets
 from ._diagnostics import InnerStats
 from ._features import glm_features
 from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
+from ._lstsq import gram_lstsq, with_intercept
 from ._misc import matmul
 from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from ._lstsq import gram_lstsq, with_intercept
 from ._ridge import vploss_msereg
 from ._softmax import as_class_labels, ce_hessian, ce_objective, vploss_ce
 
