@@ -37,6 +37,7 @@ from typing import TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
@@ -91,34 +92,59 @@ class Stack(eqx.Module):
 
 
 def centred_problem(
-    features: Float[Array, "N p"], targets: Float[Array, "N k"], alpha2: Scalar, intercept: bool
-) -> tuple[Stack, Stack, Callable[[Float[Array, "m k"]], Float[Array, "p k"]]]:
-    r"""`(Z, T, coefficients)`: the centred problem of the module docstring for the
-    augmented features $\hat F = [F, \mathbf 1]$ (the last column is the intercept's
-    when `intercept`), and the map from its solution $W$ to the stacked coefficients
-    $[W; b^\top]$. Without an intercept, $Z = \hat F/\sqrt N$ with a zero extra row."""
+    features: Float[Array, "N p"],
+    targets: Float[Array, "N k"],
+    alpha2: Scalar,
+    intercept: bool,
+    eliminate: bool,
+) -> tuple[Stack, Stack, Callable[[Float[Array, "c k"]], Float[Array, "p k"]]]:
+    r"""`(Z, T, coefficients)`: a ridge problem $\min_x \frac12\|Zx - T\|^2 +
+    \frac\alpha2\|x\|^2$ with the minimiser of the ridge readout of $\hat F = [F,
+    \mathbf 1]$ (the last column is the intercept's when `intercept`), and the map from
+    its solution $x$ to the stacked coefficients $[W; b^\top]$.
+
+    - `eliminate`: the centred problem of the module docstring, $x = W$ (for the
+        normal equations, whose Gram matrix must not hold the offset).
+    - otherwise the rows $[F_c/\sqrt N, 0]$ and $[\mu^\top, 1]$ with targets
+        $Y_c/\sqrt N$ and $\bar y^\top$, $x = [W; b^\top]$: the same objective for
+        every readout (by the split of the data term above), so also the same
+        minimum-norm least-squares readout with $\alpha = 0$, which eliminating the
+        intercept does not preserve (it minimises $\|W\|$ alone).
+
+    Without an intercept, $Z = \hat F/\sqrt N$ with a zero extra row."""
     root_n = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
     if not intercept:
         zeros = lambda a: jnp.zeros(a.shape[1], a.dtype)  # noqa: E731
         design = Stack(features / root_n, zeros(features))
         response = Stack(targets / root_n, zeros(targets))
-        return design, response, lambda w: w
+        return design, response, lambda x: x
     features = features[:, :-1]
     mean = jnp.mean(features, axis=0)
     target_mean = jnp.mean(targets, axis=0)
+    response_rows = (targets - target_mean) / root_n
+    if not eliminate:
+        rows = jnp.concatenate([features - mean, jnp.zeros_like(features[:, :1])], axis=1)
+        design = Stack(rows / root_n, jnp.concatenate([mean, jnp.ones_like(mean[:1])]))
+        return design, Stack(response_rows, target_mean), lambda x: x
     gamma = jnp.sqrt(alpha2 / (1 + alpha2))
     design = Stack((features - mean) / root_n, gamma * mean)
-    response = Stack((targets - target_mean) / root_n, gamma * target_mean)
-
-    return design, response, lambda w: with_intercept(w, mean, target_mean, alpha2)
+    response = Stack(response_rows, gamma * target_mean)
+    return (
+        design,
+        response,
+        lambda w: with_intercept(w, jnp.mean(targets - matmul(features, w), axis=0), alpha2),
+    )
 
 
 def with_intercept(
-    weight: Float[Array, "m k"], mean: Float[Array, " m"], target_mean: Float[Array, " k"], alpha2
+    weight: Float[Array, "m k"], residual_mean: Float[Array, " k"], alpha2: Scalar
 ) -> Float[Array, "p k"]:
-    r"""$[W; b^\top]$ with the optimal penalised intercept $b = (\bar y - W^\top\mu)/(1 +
-    \alpha)$ of the centred problem."""
-    bias = (target_mean - matmul(mean, weight)) / (1 + alpha2)
+    r"""$[W; b^\top]$ with the optimal penalised intercept given $W$, $b = \bar r/(1 +
+    \alpha)$, where $\bar r = \bar y - W^\top\mu$ is the mean residual of the weights
+    alone. (From the samples, $\bar r = \frac1N\sum_j (y_j - W^\top f_j)$ is the
+    accurate form: each difference is taken before the sum, whereas $\bar y$ and
+    $W^\top\mu$ of features with a large offset cancel in their leading digits.)"""
+    bias = residual_mean / (1 + alpha2)
     return jnp.concatenate([weight, bias[None, :]])
 
 
@@ -230,11 +256,22 @@ class SVDLstsq(AbstractLstsqMethod):
         return matmul(vt.T, (s * inverse)[:, None] * matmul(u.T, response.dense()))
 
     def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
-        r"""$V\operatorname{diag}(1/(s^2 + \alpha))V^\top$ `rhs` (with $\alpha = 0$, within
-        the kept singular directions: the derivative of the pseudo-inverse has further
-        terms across the null space, not included)."""
-        _, _, vt, inverse = _svd(design, alpha2)
-        return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
+        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` for the readout's derivative: by the refined
+        Cholesky solve of `CholeskyLstsq` when $\alpha > 0$, since a reverse-mode
+        derivative transposes this solve, and a second derivative would then
+        differentiate the SVD (NaN at repeated singular values; a Cholesky factor's
+        derivative is finite). With $\alpha = 0$, $V\operatorname{diag}(1/s^2)V^\top$
+        on the kept singular directions (the derivative of the pseudo-inverse has
+        further terms across the null space, not included)."""
+
+        def pseudo_inverse():
+            _, _, vt, inverse = _svd(design, alpha2)
+            return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
+
+        regularised = lambda: CholeskyLstsq().solve(design, alpha2, rhs)  # noqa: E731
+        if not isinstance(alpha2, jax.core.Tracer):
+            return regularised() if alpha2 > 0 else pseudo_inverse()
+        return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse)
 
 
 class DualLstsq(AbstractLstsqMethod):
@@ -276,7 +313,10 @@ class DualLstsq(AbstractLstsqMethod):
             largest = jnp.max(eigenvalues)
             kept = eigenvalues > eps * max(design.rows.shape) * largest
             inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
-            return unflat(matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, flat(b))))
+            solve = lambda r: matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, r))  # noqa: E731
+            residual = lambda c: b - design.mv(design.rmv(c))  # noqa: E731
+            step = lambda r: unflat(solve(flat(r)))  # noqa: E731
+            return _refine(step, residual, step(b), self.refine_steps)
 
         return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse, rhs)
 

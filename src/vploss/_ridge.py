@@ -59,7 +59,13 @@ class RidgeSolver(AbstractInnerSolver):
 
     def coefficients(self, args: RidgeArgs) -> Float[Array, "p k"]:
         features, targets, alpha2 = args
-        design, response, coefficients = centred_problem(features, targets, alpha2, self.intercept)
+
+        # The normal equations need the intercept eliminated (its Gram matrix would
+        # hold the offset again); the SVD and the kernel take the equivalent rows.
+        eliminate = isinstance(self.method, CholeskyLstsq)
+        design, response, coefficients = centred_problem(
+            features, targets, alpha2, self.intercept, eliminate
+        )
         return coefficients(self.method(design, response, alpha2))
 
     def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:

@@ -193,7 +193,8 @@ def _ridge_solve(moments, alpha2, use_bias):
     gradient = matmul(gram, weight) + alpha2 * weight - cross
     mean_square = jnp.diag(moments.gram) / n + moments.mean**2
     if use_bias:
-        weight = with_intercept(weight, moments.mean, moments.target_mean, alpha2)
+        residual_mean = moments.target_mean - matmul(moments.mean, weight)
+        weight = with_intercept(weight, residual_mean, alpha2)
         # The intercept is exactly optimal given the weights: its gradient is zero.
         gradient = jnp.concatenate([gradient, jnp.zeros_like(gradient[:1])])
         mean_square = jnp.concatenate([mean_square, jnp.ones_like(mean_square[:1])])

@@ -1,0 +1,196 @@
+"""The ridge solves on features users really have: large common offsets (time stamps,
+kelvin, pixels 0-255), column scales from 1e-3 to 1e3, rank-deficient kernels with
+alpha2 = 0, and second derivatives at repeated singular values.
+
+The reference is a backward-stable solve of the stacked system `[F̂/√N; √alpha2 I] Ŵᵀ ≈
+[Y/√N; 0]` by NumPy's `lstsq` in the SAME precision as the library's solve: a method
+whose loss (evaluated in float64 on the same data) is within a small multiple of that
+reference's is as accurate as the data allow in that precision."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vploss import refit_readout, vploss_msereg
+
+
+def _stacked(features, targets, alpha2, use_bias=True):
+    features = np.asarray(features)
+    targets = np.asarray(targets).reshape(len(features), -1)
+    n = len(features)
+    if use_bias:
+        features = np.c_[features, np.ones(n, features.dtype)]
+    p = features.shape[1]
+    a = np.r_[features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)].astype(features.dtype)
+    b = np.r_[targets / np.sqrt(n), np.zeros((p, targets.shape[1]))].astype(features.dtype)
+    return a, b
+
+
+def _loss64(features, targets, alpha2, coef, use_bias=True):
+    a, b = _stacked(
+        np.asarray(features, np.float64), np.asarray(targets, np.float64), alpha2, use_bias
+    )
+    return 0.5 * np.sum((a @ np.asarray(coef, np.float64) - b) ** 2)
+
+
+def _coef(readout):
+    weight = np.asarray(readout.weight).T
+    if readout.bias is None:
+        return weight
+    return np.r_[weight, np.asarray(readout.bias)[None]]
+
+
+def _reference_loss(features, targets, alpha2, use_bias=True):
+    """The float64 loss of the same-precision backward-stable solve, and a floor for
+    problems fitted to rounding level (interpolation): the residual of a computed
+    solution cannot be resolved below ~eps·|y| per sample, so the loss below ~(c·eps)²
+    times ½ mean(y²); c = 100."""
+    a, b = _stacked(features, targets, alpha2, use_bias)
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    eps = np.finfo(np.asarray(features).dtype).eps
+    floor = (100 * eps) ** 2 * 0.5 * np.mean(np.asarray(targets, np.float64) ** 2)
+    return _loss64(features, targets, alpha2, coef, use_bias), floor
+
+
+def _line(dtype, offset):
+    t = offset + np.arange(500.0)[:, None]
+    return t.astype(dtype), (2020 + 2020 * np.arange(500.0)).astype(dtype)
+
+
+def _kelvin(dtype):
+    rng = np.random.default_rng(0)
+    features = 300 + rng.normal(size=(200, 8))
+    return features.astype(dtype), (
+        features @ rng.normal(size=8) + 0.1 * rng.normal(size=200)
+    ).astype(dtype)
+
+
+def _scales(dtype, offset=0.0):
+    rng = np.random.default_rng(1)
+    scales = np.array([1e-3, 1e-2, 1.0, 10.0, 1e2, 1e3])
+    features = rng.normal(size=(200, 6)) * scales
+    targets = features @ (1 / scales) + 0.01 * rng.normal(size=200)
+    return (features + offset).astype(dtype), targets.astype(dtype)
+
+
+def _pixels(dtype, n=300):
+    """Pixels 0-255 through a random ReLU layer: large, non-negative, uncentred."""
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (n, 30)).astype(np.float64)
+    features = np.maximum(pixels @ rng.normal(size=(30, 16)) / 5, 0)
+    return features.astype(dtype), rng.normal(size=n).astype(dtype)
+
+
+CASES = {
+    "line": lambda d: _line(d, 0.0),
+    "offset-1e6": lambda d: _line(d, 1e6),
+    "kelvin": _kelvin,
+    "scales-1e-3-1e3": _scales,
+    "scales-offset-1e3": lambda d: _scales(d, 1e3),
+    "pixels": _pixels,
+    "pixels-overparameterised": lambda d: _pixels(d, n=12),
+}
+
+
+def _identity(v):
+    return v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("solver", ["auto", "cholesky", "svd", "dual"])
+@pytest.mark.parametrize("case", CASES)
+def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver, dtype):
+    features, targets = CASES[case](dtype)
+    if solver == "dual" and len(features) > features.shape[1] + 1:
+        # With more samples than coefficients the kernel is singular: the dual formula
+        # divides the least-squares residual by alpha2 (documented on `DualLstsq`).
+        pytest.skip("the dual form is for fewer samples than coefficients")
+    alpha2 = 1e-6
+    _, readout = vploss_msereg(_identity, features, targets, alpha2=alpha2, solver=solver)
+    assert readout.weight.dtype == dtype
+    loss = _loss64(features, targets, alpha2, _coef(readout))
+    reference, floor = _reference_loss(features, targets, alpha2)
+    assert loss <= 2 * reference + floor, (loss, reference, floor)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["offset-1e6", "kelvin", "scales-offset-1e3", "pixels"])
+def test_streamed_refit_matches_a_backward_stable_solve(case, dtype):
+    features, targets = CASES[case](dtype)
+    batches = [(features[i : i + 64], targets[i : i + 64]) for i in range(0, len(features), 64)]
+    alpha2 = 1e-6
+    readout = refit_readout(_identity, batches, loss=vploss_msereg, alpha2=alpha2)
+    loss = _loss64(features, targets, alpha2, _coef(readout))
+    reference, floor = _reference_loss(features, targets, alpha2)
+    assert loss <= 2 * reference + floor, (loss, reference, floor)
+
+
+def test_the_issue_line_example_in_float32():
+    """`vploss_msereg(lambda v: v, t, 2020 + 2020 t)` on t = 0..1999 in float32: the
+    intercept was about 1902 instead of 2020."""
+    t = jnp.arange(2000, dtype=jnp.float32)[:, None]
+    _, readout = vploss_msereg(lambda v: v, t, 2020 + 2020 * t[:, 0])
+    a, b = _stacked(np.asarray(t), np.asarray(2020 + 2020 * t[:, 0]), 1e-6)
+    reference = np.linalg.lstsq(a, b, rcond=None)[0]
+    np.testing.assert_allclose(float(readout.bias[0]), reference[1, 0], rtol=1e-4)
+    np.testing.assert_allclose(float(readout.weight[0, 0]), reference[0, 0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_alpha2_zero_rank_deficient_kernel_with_a_residual(traced):
+    """Two inputs repeated three times with different targets, fewer samples than
+    coefficients: the minimum-norm least-squares value and readout, also through
+    `"auto"` with a traced alpha2 = 0 (which picks the dual form)."""
+    rng = np.random.default_rng(3)
+    features = np.repeat(rng.normal(size=(2, 8)), 3, axis=0)
+    targets = rng.normal(size=6)
+    pinv = np.linalg.pinv(np.c_[features, np.ones(6)]) @ targets
+    expected = _loss64(features, targets, 0.0, pinv[:, None])
+    solvers = ["auto"] if traced else ["dual", "svd", "auto"]
+    for solver in solvers:
+        fn = lambda a, s=solver: vploss_msereg(_identity, features, targets, alpha2=a, solver=s)  # noqa: E731
+        loss, readout = eqx.filter_jit(fn)(jnp.asarray(0.0)) if traced else fn(0.0)
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-8)
+        np.testing.assert_allclose(_coef(readout)[:, 0], pinv, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "svd", "dual"])
+def test_readout_second_derivative_at_repeated_singular_values(solver):
+    """Orthogonal equal-norm feature columns (Hadamard): the Hessian of a validation
+    loss through the readout is finite and matches central differences of its
+    gradient. A decomposition differentiated inside the derivative rule would divide by
+    s_i² − s_j² = 0."""
+    hadamard = np.array([[1.0, 1.0], [1.0, -1.0]])
+    hadamard = np.kron(np.kron(hadamard, hadamard), hadamard)  # 8 x 8
+    n = 8
+    columns = hadamard[:, 1:5] if solver != "dual" else hadamard[:3, 1:5]
+    y = jnp.asarray(np.random.default_rng(4).normal(size=len(columns)))
+    x_val = jnp.asarray(np.random.default_rng(5).normal(size=(5, 4)))
+
+    def validation(scale):
+        model = lambda v: scale * v  # noqa: E731
+        _, readout = vploss_msereg(model, columns, y, alpha2=1e-3, solver=solver)
+        return jnp.mean(jax.vmap(lambda v: readout(model(v)))(x_val) ** 2)
+
+    del n
+    scale = jnp.asarray(1.0)
+    second = jax.grad(jax.grad(validation))(scale)
+    h = 1e-5
+    fd = (jax.grad(validation)(scale + h) - jax.grad(validation)(scale - h)) / (2 * h)
+    assert np.isfinite(float(second))
+    np.testing.assert_allclose(float(second), float(fd), rtol=1e-6)
+
+
+def test_hessian_of_the_loss_in_the_features_at_repeated_singular_values():
+    """The full Hessian in the features themselves, through the SVD solver, at a
+    repeated singular value: finite, and symmetric."""
+    features = jnp.asarray(np.eye(6)[:, :3] * np.sqrt(6.0))
+    y = jnp.arange(6.0)
+    hessian = jax.hessian(lambda f: vploss_msereg(_identity, f, y, alpha2=1e-2, solver="svd")[0])(
+        features
+    )
+    flat = np.asarray(hessian).reshape(18, 18)
+    assert np.all(np.isfinite(flat))
+    np.testing.assert_allclose(flat, flat.T, atol=1e-10)
