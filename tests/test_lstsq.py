@@ -55,16 +55,15 @@ def _reference_loss(features, targets, alpha2, use_bias=True):
 
 
 def _line(dtype, offset):
-    t = offset + np.arange(500.0)[:, None]
-    return t.astype(dtype), (2020 + 2020 * np.arange(500.0)).astype(dtype)
+    t = offset + np.arange(2000.0)[:, None]
+    return t.astype(dtype), (2020 + 2020 * np.arange(2000.0)).astype(dtype)
 
 
 def _kelvin(dtype):
     rng = np.random.default_rng(0)
-    features = 300 + rng.normal(size=(200, 8))
-    return features.astype(dtype), (
-        features @ rng.normal(size=8) + 0.1 * rng.normal(size=200)
-    ).astype(dtype)
+    features = 300 + rng.normal(size=(2000, 8))
+    targets = features @ rng.normal(size=8) + 0.1 * rng.normal(size=2000)
+    return features.astype(dtype), targets.astype(dtype)
 
 
 def _scales(dtype, offset=0.0):
@@ -75,7 +74,7 @@ def _scales(dtype, offset=0.0):
     return (features + offset).astype(dtype), targets.astype(dtype)
 
 
-def _pixels(dtype, n=300):
+def _pixels(dtype, n=2000):
     """Pixels 0-255 through a random ReLU layer: large, non-negative, uncentred."""
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (n, 30)).astype(np.float64)
@@ -112,7 +111,10 @@ def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver
     assert readout.weight.dtype == dtype
     loss = _loss64(features, targets, alpha2, _coef(readout))
     reference, floor = _reference_loss(features, targets, alpha2)
-    assert loss <= 2 * reference + floor, (loss, reference, floor)
+    # The kernel (dual) form solves with F̂F̂ᵀ: in float32 on an ill-conditioned kernel
+    # its refined solution was measured at 1.56x the QR reference's loss.
+    factor = 2.0 if dtype == np.float32 and case == "pixels-overparameterised" else 1.1
+    assert loss <= factor * reference + floor, (loss, reference, floor)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -124,7 +126,7 @@ def test_streamed_refit_matches_a_backward_stable_solve(case, dtype):
     readout = refit_readout(_identity, batches, loss=vploss_msereg, alpha2=alpha2)
     loss = _loss64(features, targets, alpha2, _coef(readout))
     reference, floor = _reference_loss(features, targets, alpha2)
-    assert loss <= 2 * reference + floor, (loss, reference, floor)
+    assert loss <= 1.1 * reference + floor, (loss, reference, floor)
 
 
 def test_the_issue_line_example_in_float32():
