@@ -169,8 +169,6 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
     _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
     features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
-    if jnp.issubdtype(y.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, y.dtype)
     first = (y.shape[1], scalar_output)
     shape = (features.shape[1], y.shape[1])
 
@@ -216,7 +214,7 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
     # points included, is one pass over the data.
     while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
         direction = _newton_direction(curvature, gradient)
-        slope = -jnp.vdot(gradient, direction)
+        slope = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
         slack = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(value))
         size = 1.0
         while passes < max_passes:
