@@ -304,6 +304,9 @@ def vploss_cpflow(
     `(loss, flow)`: the reduced loss (a scalar; the mean NLL in nats, with the
     $\frac n2\log 2\pi$ constant, plus the penalties) and the fitted `CPFlow`, whose
     methods evaluate $\Phi$, $\nabla\Phi$, `log_prob`, the inverse flow and samples.
+    The loss and the flow are in the working dtype: the features' dtype, promoted
+    by floating-point data and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
 
     **Raises:**
 

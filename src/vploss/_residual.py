@@ -67,6 +67,10 @@ def vpresidual_msereg(
     `(residual, readout)`: the residual vector and the fitted `VPLinear` (with
     `alpha2="gcv"`, the chosen penalty is in `readout.stats`; it is held fixed in the
     derivative).
+
+    The residual and the readout are in the working dtype: the features' dtype, promoted
+    by floating-point targets and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
     residual = _stacked_residual(fit, model, alpha1, alpha2)

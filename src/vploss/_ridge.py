@@ -324,6 +324,10 @@ def vploss_msereg(
     envelope theorem, the readout by the implicit function theorem (see "Derivatives"
     above).
 
+    The loss and the readout are in the working dtype: the features' dtype, promoted
+    by floating-point targets and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
+
     **Raises:**
 
     `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or

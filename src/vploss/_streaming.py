@@ -280,8 +280,10 @@ def refit_readout(
     Hessian of the logistic losses ($k$ outputs or classes). Each batch's sums are
     computed by a jitted function (compiled once per batch shape); the loop over
     batches runs in Python, so this function is called outside `jit`. The sums are
-    accumulated in the features' dtype: use float64 for very large data sets in
-    float32 if the digits matter.
+    accumulated in the working dtype (the features' dtype, promoted by floating-point
+    targets and to at least float32, so a bfloat16 or float16 model is solved in
+    float32, and so is its readout): use float64 for very large data sets in float32
+    if the digits matter.
 
     **Arguments:**
 
