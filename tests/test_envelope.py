@@ -1,9 +1,11 @@
 """The shared core: `envelope_minimise` returns min_w J(w; a) with the envelope
 derivative, for any objective and solver, without differentiating the solver."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vploss._envelope import AbstractInnerSolver, envelope_minimise
 
@@ -129,3 +131,62 @@ def test_gradient_alone_does_not_solve_with_the_hessian():
     )
     assert "potrf" in with_minimiser.lower() or "cholesky" in with_minimiser.lower()
     assert "potrf" not in value_only.lower() and "cholesky" not in value_only.lower()
+
+
+class _NegativeData(eqx.Module):
+    """A `check`: a runtime error when some `a_i` is negative (the data flag, reduced
+    to a scalar before the solve) or the minimiser is not finite."""
+
+    negative: jax.Array
+
+    def __call__(self, value, solution, stats):
+        del stats
+        out = eqx.error_if((value, solution), self.negative, "negative data")
+        return eqx.error_if(out, ~jnp.all(jnp.isfinite(solution)), "minimiser not finite")
+
+
+def checked(a, s):
+    check = _NegativeData(jnp.any(a < 0))
+    return envelope_minimise(quartic_objective, NewtonWhileLoop(), (a, s), check=check)
+
+
+_DERIVATIVES_ALONE = {
+    "grad": lambda f: jax.grad(lambda a: f(a)[0]),
+    "value_and_grad": lambda f: jax.value_and_grad(lambda a: f(a)[0]),
+    "jvp-tangent-alone": lambda f: lambda a: jax.jvp(lambda a: f(a)[0], (a,), (a,))[1],
+    "minimiser-jacobian": lambda f: jax.jacfwd(lambda a: f(a)[1]),
+    "vmap-grad": lambda f: jax.vmap(jax.grad(lambda a: f(a)[0])),
+}
+
+
+@pytest.mark.parametrize("name", _DERIVATIVES_ALONE)
+def test_check_fires_when_only_a_derivative_is_used(name):
+    """`check` runs on the minimiser the derivative rule reads, so it is live in a
+    compiled step that outputs a derivative and nothing else (an `eqx.error_if` on
+    the returned value is dead code there), and it changes no result."""
+    s = jnp.asarray(0.7)
+    transform = _DERIVATIVES_ALONE[name]
+    good = jnp.array([[3.0, 0.0, 2.5], [3.0, 4.0, 2.5]])
+    bad = good.at[1, 0].set(-1.0)
+    if name != "vmap-grad":
+        good, bad = good[0], bad[1]
+    fn = eqx.filter_jit(transform(lambda a: checked(a, s)))
+    expected = transform(lambda a: reduced(a, s))(good)
+    for leaf, ref in zip(jax.tree.leaves(fn(good)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(leaf, ref)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="negative data"):
+        jax.block_until_ready(fn(bad))
+
+
+def test_unchecked_value_is_dead_code_under_grad():
+    """What `check` is for: the same `eqx.error_if` on the returned value does not fire
+    when only the gradient is output (if this ever fails, JAX keeps such checks)."""
+    s = jnp.asarray(0.7)
+
+    def value_checked(a):
+        value, _, _ = reduced(a, s)
+        return eqx.error_if(value, jnp.any(a < 0), "negative data")
+
+    bad = jnp.array([-1.0, 2.0, 0.5])
+    gradient = eqx.filter_jit(jax.grad(value_checked))(bad)
+    assert np.all(np.isfinite(np.asarray(gradient)))

@@ -149,6 +149,147 @@ def ridge_loss_and_feature_gradient(features, **kwargs):
     return eqx.filter_value_and_grad(lambda f: ridge(identity, f, Y, **kwargs)[0])(features)
 
 
+def gradient_alone(loss, wrt, *args, **kwargs):
+    """A compiled step that returns the gradient of the loss in `wrt` and nothing else
+    (the loss and the readout are dead code in it), as a training step's `grad` does."""
+    return eqx.filter_jit(eqx.filter_grad(lambda w: loss(w, *args, **kwargs)[0]))(wrt)
+
+
+def vmapped_gradient_alone(loss, wrt, batched, **kwargs):
+    """`gradient_alone` vmapped over a stack of problems (`batched`, the second
+    argument of `loss`)."""
+    step = eqx.filter_grad(lambda w, b: loss(w, b, **kwargs)[0])
+    return eqx.filter_jit(jax.vmap(step, in_axes=(None, 0)))(wrt, batched)
+
+
+def residual_jacobian_alone(x, y):
+    """Only the forward-mode Jacobian of the reduced residual in the features."""
+    jacobian = jax.jacfwd(lambda f: vploss.vpresidual_msereg(identity, f, y)[0])
+    return eqx.filter_jit(jacobian)(x)
+
+
+def ridge_in(features, y, **kwargs):
+    return ridge(identity, features, y, **kwargs)
+
+
+def cpflow_of(model, x, **kwargs):
+    return cpflow(x, model, **kwargs)
+
+
+def concave(sample):
+    return -jnp.stack([sample[0] ** 2, sample[1] ** 2, jnp.sum(sample**2)])
+
+
+X2_NAN = X[:, :2].at[0, 0].set(jnp.nan)
+
+
+# 16-bit models: the library works in float32 (`working_dtype`). Each case runs
+# `value_and_grad` of the loss of a bfloat16 (or float16) MLP on 16-bit inputs and compares
+# it with the float32 answer on the same 16-bit-rounded features (the model's output cast
+# to float32 by the model itself). Both solve the same float32 problem from the same
+# numbers and differ only by float32 rounding in the order of operations: a few units of
+# eps32 = 1.2e-7 times the small condition numbers of these problems, so 1e-5 (below the
+# 16-bit resolution, 4e-3 for bfloat16 and 5e-4 for float16, that a 16-bit solve would
+# show) tells them apart.
+LOW_PRECISION_RTOL = 1e-5
+
+
+def low_precision_mlp(dtype):
+    return mlp(3, features=4, dtype=dtype)
+
+
+class Float32Output(eqx.Module):
+    """The same 16-bit features (the same parameters), handed to the loss in float32."""
+
+    model: Callable
+
+    def __call__(self, sample):
+        return self.model(sample).astype(jnp.float32)
+
+
+def low_precision_loss(loss, dtype=jnp.bfloat16, model=None):
+    """`value_and_grad` of `loss(model) -> (scalar, readout)` for a 16-bit `model`;
+    returns what `matches_float32` checks."""
+    model = low_precision_mlp(dtype) if model is None else model
+
+    def call():
+        value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+        (value, readout), grad = value_and_grad(model)
+        return value, readout, grad, model, loss
+
+    return call
+
+
+def matches_float32(result):
+    value, readout, grad, model, loss = result
+    reference, reference_readout = loss(Float32Output(model))
+    assert value.dtype == jnp.float32 and reference.dtype == jnp.float32
+    close(value, float(reference), rtol=LOW_PRECISION_RTOL, atol=0)
+    for leaf, ref in zip(jax.tree.leaves(readout), jax.tree.leaves(reference_readout), strict=True):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+            close(leaf, np.asarray(ref, np.float64), rtol=LOW_PRECISION_RTOL, atol=1e-6)
+    model_dtype = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))[0].dtype
+    for leaf in jax.tree.leaves(eqx.filter(grad, eqx.is_inexact_array)):
+        assert leaf.dtype == model_dtype
+        assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def low_precision_refit(loss, y, dtype=jnp.bfloat16, **kwargs):
+    """`refit_readout` of a 16-bit model over two batches; returns the readout and the
+    float32 reference readout."""
+    model = low_precision_mlp(dtype)
+    x = X.astype(dtype)
+
+    batches = [(x[:15], y[:15]), (x[15:], y[15:])]
+
+    def call():
+        fit = vploss.refit_readout(model, batches, loss=loss, **kwargs)
+        reference = vploss.refit_readout(Float32Output(model), batches, loss=loss, **kwargs)
+        return fit, reference
+
+    return call
+
+
+def refit_matches_float32(result):
+    fit, reference = result
+    assert fit.weight.dtype == jnp.float32
+    close(fit.weight, np.asarray(reference.weight, np.float64), rtol=LOW_PRECISION_RTOL, atol=1e-6)
+    close(fit.bias, np.asarray(reference.bias, np.float64), rtol=LOW_PRECISION_RTOL, atol=1e-6)
+
+
+def jacobian_matches_float32(result):
+    (jacobian, residual, readout), (ref_jacobian, ref_residual, _) = result
+    assert jacobian.dtype == jnp.float32 and residual.dtype == jnp.float32
+    assert readout.weight.dtype == jnp.float32
+    close(residual, np.asarray(ref_residual, np.float64), rtol=LOW_PRECISION_RTOL, atol=1e-6)
+    scale = float(jnp.max(jnp.abs(ref_jacobian)))
+    close(jacobian, np.asarray(ref_jacobian, np.float64), rtol=0, atol=LOW_PRECISION_RTOL * scale)
+
+
+def low_precision_jacobian():
+    model = low_precision_mlp(jnp.bfloat16)
+    x, y = X.astype(jnp.bfloat16), Y.astype(jnp.bfloat16)
+    return (
+        vploss.vpjacobian_msereg(model, x, y, alpha2=1e-3),
+        vploss.vpjacobian_msereg(Float32Output(model), x, y, alpha2=1e-3),
+    )
+
+
+X16 = X.astype(jnp.bfloat16)
+Y16 = Y.astype(jnp.bfloat16)
+Y_BINARY_INT = Y_BINARY.astype(jnp.int32)
+ICNN16 = jax.tree.map(
+    lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a,
+    vploss.ICNN(2, 5, 6, 2, key=jax.random.PRNGKey(0)),
+)
+
+
+def half_squared_residual(model):
+    residual, readout = vploss.vpresidual_msereg(model, X16, Y16, alpha2=1e-3)
+    return 0.5 * jnp.sum(residual**2), readout
+
+
 # Orthogonal columns of equal norm: all singular values equal.
 EQUAL_SINGULAR_VALUES = jnp.linalg.qr(F)[0] * jnp.sqrt(N)
 DUPLICATED = jnp.concatenate([F, F], axis=1)
@@ -369,6 +510,120 @@ ROWS = {
     ),
     "cpflow-max-steps-1": Row(
         lambda: cpflow(X[:, :2], solver=vploss.LogBarrier(max_steps=1)), RUNTIME, "did not converge"
+    ),
+    # Runtime checks in a compiled step that returns the gradient alone
+    "ridge-x-nan-gradient-alone": Row(
+        lambda: gradient_alone(ridge_in, F.at[3, 1].set(jnp.nan), Y), RUNTIME, "`x` is not finite"
+    ),
+    "ridge-y-inf-gradient-alone": Row(
+        lambda: gradient_alone(ridge_in, F, Y.at[0].set(jnp.inf)), RUNTIME, "`y` is not finite"
+    ),
+    "ridge-x-inf-saturating-model-gradient-alone": Row(
+        lambda: gradient_alone(ridge, mlp(3, features=4), X.at[0, 0].set(jnp.inf), Y),
+        RUNTIME,
+        "`x` is not finite",
+    ),
+    "ridge-vmap-gradient-alone-one-bad-member": Row(
+        lambda: vmapped_gradient_alone(ridge_in, F, jnp.stack([Y, Y.at[0].set(jnp.nan)])),
+        RUNTIME,
+        "`y` is not finite",
+    ),
+    "residual-x-nan-jacobian-alone": Row(
+        lambda: residual_jacobian_alone(F.at[3, 1].set(jnp.nan), Y), RUNTIME, "`x` is not finite"
+    ),
+    "jacobian-x-nan-jacobian-alone": Row(
+        lambda: eqx.filter_jit(lambda x: vploss.vpjacobian_msereg(mlp(3, features=4), x, Y)[0])(
+            X.at[0, 0].set(jnp.nan)
+        ),
+        RUNTIME,
+        "`x` is not finite",
+    ),
+    "bce-label-2-gradient-alone": Row(
+        lambda: gradient_alone(
+            vploss.vploss_bce, mlp(3, features=4), X, Y_BINARY.at[0].set(2.0), alpha2=1e-3
+        ),
+        RUNTIME,
+        "must be in [0, 1]",
+    ),
+    "bce-x-nan-gradient-alone": Row(
+        lambda: gradient_alone(bce, F.at[2, 2].set(jnp.nan), Y_BINARY), RUNTIME, "`x` is not finite"
+    ),
+    "bce-max-steps-1-gradient-alone": Row(
+        lambda: gradient_alone(bce, F, Y_BINARY, max_steps=1), RUNTIME, "did not converge"
+    ),
+    "bce-vmap-gradient-alone-one-bad-member": Row(
+        lambda: vmapped_gradient_alone(bce, F, jnp.stack([Y_BINARY, Y_BINARY.at[0].set(2.0)])),
+        RUNTIME,
+        "must be in [0, 1]",
+    ),
+    "ce-label-out-of-range-gradient-alone": Row(
+        lambda: gradient_alone(ce, F, Y_CLASS.at[0].set(5), num_classes=3),
+        RUNTIME,
+        "[0, num_classes)",
+    ),
+    "ce-x-nan-gradient-alone": Row(
+        lambda: gradient_alone(ce, F.at[2, 2].set(jnp.nan), Y_CLASS, num_classes=3),
+        RUNTIME,
+        "`x` is not finite",
+    ),
+    "ce-max-steps-1-gradient-alone": Row(
+        lambda: gradient_alone(ce, F, Y_CLASS, num_classes=3, max_steps=1),
+        RUNTIME,
+        "did not converge",
+    ),
+    "cpflow-x-nan-gradient-alone": Row(
+        lambda: gradient_alone(cpflow_of, icnn(), X2_NAN), RUNTIME, "`x` is not finite"
+    ),
+    "cpflow-max-steps-1-gradient-alone": Row(
+        lambda: gradient_alone(cpflow_of, icnn(), X[:, :2], solver=vploss.LogBarrier(max_steps=1)),
+        RUNTIME,
+        "did not converge",
+    ),
+    "cpflow-non-convex-model-gradient-alone": Row(
+        lambda: gradient_alone(cpflow, X[:, :2], concave), RUNTIME, "not convex in x"
+    ),
+    # 16-bit models (bfloat16, float16): the loss in float32, checked against float32
+    "ridge-bfloat16-model": Row(
+        low_precision_loss(lambda m: ridge(m, X16, Y16, alpha2=1e-3)), check=matches_float32
+    ),
+    "ridge-float16-model": Row(
+        low_precision_loss(
+            lambda m: ridge(m, X.astype(jnp.float16), Y.astype(jnp.float16), alpha2=1e-3),
+            jnp.float16,
+        ),
+        check=matches_float32,
+    ),
+    "ridge-gcv-bfloat16-model": Row(
+        low_precision_loss(lambda m: ridge(m, X16, Y16, alpha2="gcv")), check=matches_float32
+    ),
+    "residual-bfloat16-model": Row(
+        low_precision_loss(half_squared_residual), check=matches_float32
+    ),
+    "jacobian-bfloat16-model": Row(low_precision_jacobian, check=jacobian_matches_float32),
+    "bce-bfloat16-model": Row(
+        low_precision_loss(lambda m: vploss.vploss_bce(m, X16, Y_BINARY_INT, alpha2=1e-3)),
+        check=matches_float32,
+    ),
+    "ce-bfloat16-model": Row(
+        low_precision_loss(lambda m: vploss.vploss_ce(m, X16, Y_CLASS, alpha2=1e-3, num_classes=3)),
+        check=matches_float32,
+    ),
+    "cpflow-bfloat16-model": Row(
+        low_precision_loss(
+            lambda m: vploss.vploss_cpflow(m, X16[:, :2], alpha2=1e-3), model=ICNN16
+        ),
+        check=matches_float32,
+    ),
+    "refit-ridge-bfloat16-model": Row(
+        low_precision_refit(vploss.vploss_msereg, Y16, alpha2=1e-3), check=refit_matches_float32
+    ),
+    "refit-bce-bfloat16-model": Row(
+        low_precision_refit(vploss.vploss_bce, Y_BINARY_INT, alpha2=1e-3),
+        check=refit_matches_float32,
+    ),
+    "refit-ce-bfloat16-model": Row(
+        low_precision_refit(vploss.vploss_ce, Y_CLASS, alpha2=1e-3, num_classes=3),
+        check=refit_matches_float32,
     ),
     # VPLinear
     "readout-wrong-feature-count": Row(

@@ -12,6 +12,7 @@ from ._diagnostics import InnerStats
 from ._envelope import (
     AbstractInnerSolver,
     Args,
+    Check,
     dense_hessian_solve,
     envelope_minimise,
     Objective,
@@ -139,7 +140,7 @@ class LogBarrier(eqx.Module):
             return value, grad, 0.5 * (hessian + hessian.T)
 
         def line_search(w, t, value, gradient, step):
-            slope = jnp.dot(gradient, step)
+            slope = jnp.dot(gradient, step, precision=lax.Precision.HIGHEST)
             # The largest step keeping the constrained entries positive, shortened so
             # that none lands on the boundary.
             ratios = jnp.where(mask & (step < 0), -w / jnp.where(step < 0, step, -1), jnp.inf)
@@ -171,7 +172,7 @@ class LogBarrier(eqx.Module):
             value, gradient, hessian = derivatives(w, t)
             operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
             step = lx.linear_solve(operator, -gradient, lx.Cholesky(), throw=False).value
-            decrement = -jnp.dot(gradient, step) / 2
+            decrement = -jnp.dot(gradient, step, precision=lax.Precision.HIGHEST) / 2
             size, ok = line_search(w, t, value, gradient, step)
             w = jnp.where(ok, w + size * step, w)
             centred = decrement <= decrement_tol
@@ -235,6 +236,7 @@ def barrier_minimise(
     *,
     constrained: PyTree[bool],
     solver: LogBarrier | None = None,
+    check: Check | None = None,
 ) -> tuple[Scalar, Params, BarrierStats]:
     r"""$L(a) = \min_w \{J(w; a) : w_i \ge 0,\ i \in C\}$ by a log-barrier method, with
     the envelope derivative in the data $a$.
@@ -273,6 +275,9 @@ def barrier_minimise(
         entries under a `True` are constrained to be nonnegative (`True` alone
         constrains everything).
     - `solver`: the `LogBarrier` and its tolerances; `LogBarrier()` if `None`.
+    - `check`: optional runtime checks on the value and the solution, run inside the
+        solve so that they fire under every derivative (see `envelope_minimise`):
+        `check(value, solution, stats) -> (value, solution)`.
 
     **Returns:**
 
@@ -288,4 +293,4 @@ def barrier_minimise(
             f"of `init`); got {constrained!r}."
         )
     inner = _BarrierInnerSolver(LogBarrier() if solver is None else solver, objective, flags)
-    return envelope_minimise(objective, inner, args, init)
+    return envelope_minimise(objective, inner, args, init, check=check)

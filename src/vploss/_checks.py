@@ -1,14 +1,20 @@
 """Input validation shared by every loss (SPEC section 5).
 
 Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
-`ValueError`/`TypeError`; values only known at run time are checked with `eqx.error_if`.
+`ValueError`/`TypeError`; values only known at run time are checked with `eqx.error_if`,
+attached to what the value and the gradient both use (`RuntimeChecks`).
 """
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, Bool, PyTree, Scalar
+
+from ._diagnostics import check_converged, InnerStats
 
 
 def as_float_array(name: str, value: ArrayLike) -> Array:
@@ -103,29 +109,76 @@ def as_flag(name: str, value: object) -> bool:
     return value
 
 
-def check_finite_inputs(value: Scalar, **inputs: Array) -> Scalar:
-    """A runtime error naming the input (`x=...`, `y=...`) that holds NaN or inf.
+class RuntimeChecks(eqx.Module):
+    r"""The value-dependent checks of one loss (SPEC section 5), handed to
+    `envelope_minimise` as its `check`, which runs them on the optimal value and the
+    minimiser inside the solve.
 
-    A saturating model (e.g. `tanh`) can map an infinite input to finite features, so
-    checking the loss alone would let such data through silently. The check reduces
-    each input to one flag and attaches it to the scalar `value`, so a sharded batch
-    stays sharded."""
-    for name, array in inputs.items():
-        value = eqx.error_if(
-            value,
-            ~jnp.all(jnp.isfinite(array)),
-            f"`{name}` is not finite: it contains NaN or inf; clean or mask the data.",
+    `eqx.error_if` raises only when its output is used. A compiled step that returns
+    the gradient alone uses neither the loss nor the readout a loss returns: its
+    backward pass reads the minimiser inside the envelope rule (and the data). Checks
+    attached to the returned loss are therefore dead code there; attached to that
+    minimiser, they fire under `grad`, `value_and_grad`, `jvp`, `vmap` and `jit`
+    alike. Each check is reduced to one scalar flag before it is attached, and the
+    minimiser is small, so a batch sharded over devices stays sharded.
+
+    The checks, in the order they are reported: each of `errors` (e.g. labels out of
+    range), each input of `finite` not finite (by name), the value or the minimiser
+    not finite, and (with `throw`) an iterative solve that did not converge
+    (`check_converged`).
+    """
+
+    flags: tuple[Bool[Array, ""], ...]
+    messages: tuple[str, ...] = eqx.field(static=True)
+    what: str = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        errors: Sequence[tuple[Bool[ArrayLike, ""], str]] = (),
+        finite: Mapping[str, Array] | None = None,
+        throw: bool = True,
+    ):
+        """**Arguments:**
+
+        - `what`: the loss, as messages name it (e.g. "the logistic loss `vploss_bce`").
+        - `errors`: `(flag, message)` pairs: a runtime error with `message` where
+            `flag` is true.
+        - `finite`: named inputs (`x=..., y=...`) that must hold no NaN or inf. A
+            saturating model (e.g. `tanh`) can map an infinite input to finite
+            features, so the features alone would let such data through silently.
+        - `throw`: whether an inner solve that did not converge is an error.
+        """
+        flags = [jnp.asarray(flag) for flag, _ in errors]
+        messages = [message for _, message in errors]
+        for name, array in (finite or {}).items():
+            flags.append(~jnp.all(jnp.isfinite(array)))
+            messages.append(
+                f"`{name}` is not finite: it contains NaN or inf; clean or mask the data."
+            )
+        self.flags = tuple(flags)
+        self.messages = tuple(messages)
+        self.what = what
+        self.throw = throw
+
+    def __call__(
+        self, value: Scalar, solution: PyTree[Array], stats: Any
+    ) -> tuple[Scalar, PyTree[Array]]:
+        """`(value, solution)`, unchanged, carrying the checks."""
+        out = (value, solution)
+        for flag, message in zip(self.flags, self.messages, strict=True):
+            out = eqx.error_if(out, flag, message)
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]
+        ok = jnp.isfinite(value) & jnp.all(jnp.stack(leaves))
+        out = eqx.error_if(
+            out,
+            ~ok,
+            f"The loss or the readout of {self.what} is not finite: the features "
+            "`model(x)` or the targets contain NaN or inf (check the data and the "
+            "model's parameters).",
         )
-    return value
-
-
-def check_finite(value: Scalar, solution: PyTree[Array], what: str) -> Scalar:
-    """A runtime error when the loss or the fitted readout is not finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]
-    ok = jnp.isfinite(value) & jnp.all(jnp.stack(leaves))
-    return eqx.error_if(
-        value,
-        ~ok,
-        f"{what} is not finite: the features `model(x)` or the targets contain NaN or "
-        "inf (check the data and the model's parameters).",
-    )
+        if isinstance(stats, InnerStats):
+            out = check_converged(out, stats, self.throw, self.what)
+        return out

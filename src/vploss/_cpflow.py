@@ -9,9 +9,8 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._checks import as_alpha, as_batch, as_flag, check_finite, check_finite_inputs
-from ._diagnostics import check_converged
-from ._features import feature_map, parameter_penalty
+from ._checks import as_alpha, as_batch, as_flag, RuntimeChecks
+from ._features import feature_map, parameter_penalty, working_dtype
 from ._misc import matmul
 
 
@@ -133,9 +132,9 @@ class CPFlow(eqx.Module):
         r"""$\Phi(x)$, convex in `x`, for one sample `x` of shape `(n,)`."""
         features = jnp.reshape(model(x), (-1,))
         return (
-            jnp.dot(self.weight, features)
+            matmul(self.weight, features)
             + 0.5 * self.quadratic * jnp.sum(x**2)
-            + jnp.dot(self.linear, x)
+            + matmul(self.linear, x)
         )
 
     def transport(self, model: Callable[..., Any], x: Float[Array, " n"]) -> Float[Array, " n"]:
@@ -207,7 +206,7 @@ class CPFlow(eqx.Module):
 
 def _dual_objective(x: Array, args: tuple[CPFlow, Any, Array]) -> Scalar:
     flow, model, z = args
-    return flow.potential(model, x) - jnp.dot(z, x)
+    return flow.potential(model, x) - matmul(z, x)
 
 
 def _starting_point(init: CPFlow | None, m: int, n: int, dtype: Any) -> FlowParams:
@@ -305,6 +304,9 @@ def vploss_cpflow(
     `(loss, flow)`: the reduced loss (a scalar; the mean NLL in nats, with the
     $\frac n2\log 2\pi$ constant, plus the penalties) and the fitted `CPFlow`, whose
     methods evaluate $\Phi$, $\nabla\Phi$, `log_prob`, the inverse flow and samples.
+    The loss and the flow are in the working dtype: the features' dtype, promoted
+    by floating-point data and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
 
     **Raises:**
 
@@ -327,22 +329,26 @@ def vploss_cpflow(
         raise TypeError(f"`solver` must be a vploss.LogBarrier; got {solver!r}.")
     features = feature_map(model, x)
     jacobians, hessians = _feature_derivatives(features, x)
-    dtype = jnp.result_type(jacobians.dtype, x.dtype)
+    dtype = working_dtype(jacobians.dtype, x.dtype)
     n, m = jacobians.shape[1:]
-    args = (jacobians.astype(dtype), hessians.astype(dtype), x.astype(dtype), alpha2.astype(dtype))
+    jacobians, hessians = jacobians.astype(dtype), hessians.astype(dtype)
+    args = (jacobians, hessians, x.astype(dtype), alpha2.astype(dtype))
     start = jax.lax.stop_gradient(_starting_point(init, m, n, dtype))
-    value, (weight, quadratic, linear), stats = barrier_minimise(
-        cpflow_objective, args, start, constrained=_CONSTRAINED, solver=solver
-    )
+    errors = []
     if check_convexity:
-        value = eqx.error_if(
-            value,
-            _convexity_violation(hessians),
-            "`model` is not convex in x: a feature Hessian has a negative eigenvalue at "
-            "a sample. `vploss_cpflow` needs input-convex features, e.g. `vploss.ICNN`.",
+        errors.append(
+            (
+                _convexity_violation(hessians),
+                "`model` is not convex in x: a feature Hessian has a negative eigenvalue "
+                "at a sample. `vploss_cpflow` needs input-convex features, e.g. "
+                "`vploss.ICNN`.",
+            )
         )
-    value = check_finite_inputs(value, x=x)
-    value = check_finite(value, (weight, quadratic, linear), "The flow loss `vploss_cpflow`")
-    value = check_converged(value, stats, throw, "`vploss_cpflow`")
+    checks = RuntimeChecks(
+        "the flow loss `vploss_cpflow`", errors=errors, finite={"x": x}, throw=throw
+    )
+    value, (weight, quadratic, linear), stats = barrier_minimise(
+        cpflow_objective, args, start, constrained=_CONSTRAINED, solver=solver, check=checks
+    )
     loss = value + parameter_penalty(model, alpha1.astype(dtype))
     return loss, CPFlow(weight, quadratic, linear, stats)

@@ -1,6 +1,6 @@
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, Scalar
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
 class InnerStats(eqx.Module):
@@ -21,14 +21,20 @@ class InnerStats(eqx.Module):
     converged: Bool[Array, ""]
 
 
-def check_converged(value: Scalar, stats: InnerStats, throw: bool, what: str) -> Scalar:
-    """Returns `value`, raising a runtime error (`eqx.error_if`) when the inner solve
+def check_converged(
+    solution: PyTree[Array], stats: InnerStats, throw: bool, what: str
+) -> PyTree[Array]:
+    """Returns `solution`, raising a runtime error (`eqx.error_if`) when the inner solve
     did not converge and `throw` is set; with `throw=False` the caller reads
-    `stats.converged` instead."""
+    `stats.converged` instead.
+
+    Attach it to what the gradient uses too, i.e. to the minimiser inside the solve
+    (`envelope_minimise`'s `check`, through `RuntimeChecks`): attached to the returned
+    loss alone, it is dead code in a gradient-only step."""
     if not throw:
-        return value
+        return solution
     return eqx.error_if(
-        value,
+        solution,
         ~jnp.all(stats.converged),
         f"The inner solve of {what} did not converge within its step budget. Raise "
         "`max_steps`, loosen the tolerance, increase `alpha2`, or pass `throw=False` "

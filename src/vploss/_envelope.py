@@ -16,6 +16,9 @@ Params: TypeAlias = PyTree[Array]
 Stats: TypeAlias = PyTree[Array]
 Objective: TypeAlias = Callable[[Params, Args], Scalar]
 Tangent: TypeAlias = PyTree[Array | None]
+#: `check(value, solution, stats) -> (value, solution)`: runtime checks attached to the
+#: optimal value and the minimiser inside the solve (see `envelope_minimise`).
+Check: TypeAlias = Callable[[Scalar, Params, Stats], tuple[Scalar, Params]]
 
 
 class AbstractInnerSolver(eqx.Module):
@@ -70,20 +73,25 @@ def dense_hessian_solve(
 
 
 @eqx.filter_custom_jvp
-def _envelope_minimise(args, init, *, objective, solver):
+def _envelope_minimise(args, init, *, objective, solver, check):
     solution, stats = solver(args, init)
-    return objective(solution, args), solution, stats
+    value = objective(solution, args)
+    if check is not None:
+        # The derivative rule below reads this (checked) minimiser, so the checks are
+        # live in every derivative, the gradient alone included.
+        value, solution = check(value, solution, stats)
+    return value, solution, stats
 
 
 @_envelope_minimise.def_jvp
-def _envelope_minimise_jvp(primals, tangents, *, objective, solver):
+def _envelope_minimise_jvp(primals, tangents, *, objective, solver, check):
     args, init = primals
     t_args, _ = tangents
     # Recursive: when this rule is differentiated again (a second derivative), the
     # minimiser carries its own implicit tangent, so `t_value` below (a function of
     # it) differentiates correctly. The warm start never affects the minimiser.
     _, solution, stats = _envelope_minimise(
-        args, jax.lax.stop_gradient(init), objective=objective, solver=solver
+        args, jax.lax.stop_gradient(init), objective=objective, solver=solver, check=check
     )
     # The envelope theorem: ∂_w J(w*) = 0, so the value moves only through the data.
     # It does not involve the minimiser's tangent, so when only the loss is
@@ -125,6 +133,8 @@ def envelope_minimise(
     solver: AbstractInnerSolver,
     args: Args,
     init: Params | None = None,
+    *,
+    check: Check | None = None,
 ) -> tuple[Scalar, Params, Stats]:
     r"""The reduced objective $L(a) = \min_w J(w; a)$ with its envelope derivative,
     and the minimiser $w^*(a)$ with its implicit derivative.
@@ -164,10 +174,17 @@ def envelope_minimise(
         pytree of arrays (diagnostics), passed through without derivative.
     - `args`: the data, a pytree. Its floating-point array leaves are differentiable.
     - `init`: an optional warm start for the solver.
+    - `check`: optional runtime checks, `check(value, w_star, stats) -> (value,
+        w_star)` returning its inputs with `eqx.error_if` attached (e.g. a
+        `RuntimeChecks`; hashable, or an `eqx.Module` whose arrays are the flags). It
+        runs on the solver's output inside this function, so the derivative rule
+        reads the checked minimiser and the checks fire when only a derivative is
+        used (a gradient-only step never uses the returned value or minimiser, so
+        `eqx.error_if` on those is dead code there).
 
     **Returns:**
 
     `(value, w_star, stats)`: the optimal value (carrying the envelope derivative), the
     minimiser (carrying its implicit derivative) and the solver's diagnostics.
     """
-    return _envelope_minimise(args, init, objective=objective, solver=solver)
+    return _envelope_minimise(args, init, objective=objective, solver=solver, check=check)

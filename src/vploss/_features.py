@@ -54,16 +54,28 @@ def augment(features: Float[Array, "N m"], use_bias: bool) -> Float[Array, "N p"
     return jnp.concatenate([features, ones], axis=1)
 
 
+def working_dtype(features: Any, labels: Any = None) -> Any:
+    """The dtype every inner solve and derivative rule runs in: that of the features,
+    promoted by floating-point labels or targets (integer ones, e.g. class labels or
+    one-hot rows, never promote float32 features), and at least float32.
+
+    16-bit features (bfloat16 or float16, e.g. from a mixed-precision model) are
+    promoted: LAPACK has no 16-bit factorisations, and 8 or 11 mantissa bits would not
+    resolve a Gram matrix or a Hessian anyway. The loss and the readout come back in
+    this dtype; gradients flow back to the model in its own dtype."""
+    dtype = jnp.dtype(features)
+    if labels is not None and jnp.issubdtype(labels, jnp.floating):
+        dtype = jnp.result_type(dtype, labels)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def glm_features(
     model: Callable[[Array], Array], x: Array, labels: Array, use_bias: bool
 ) -> tuple[Float[Array, "N p"], Float[Array, "N k"]]:
-    """`F̂` of `x` and the `labels`, both in the working dtype of a logistic loss: the
-    features' dtype, promoted by floating-point labels (integer labels, e.g. one-hot
-    rows, never promote float32 features)."""
+    """`F̂` of `x` and the `labels` (or targets) of a loss with a linear readout, both
+    in the `working_dtype`."""
     features = evaluate_features(model, x)
-    dtype = features.dtype
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, labels.dtype)
+    dtype = working_dtype(features.dtype, labels.dtype)
     return augment(features.astype(dtype), use_bias), labels.astype(dtype)
 
 

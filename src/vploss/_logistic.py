@@ -164,6 +164,10 @@ def vploss_bce(
     `gradient_norm`, `converged`). The loss carries its envelope gradient, the readout its
     implicit derivative (a solve with the inner Hessian; free when unused).
 
+    The loss and the readout are in the working dtype: the features' dtype, promoted
+    by floating-point labels and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
+
     **Raises:**
 
     `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or

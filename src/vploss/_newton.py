@@ -14,8 +14,8 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, PyTree, Real, Scalar
 
-from ._checks import as_alpha, as_flag, check_finite, check_finite_inputs
-from ._diagnostics import check_converged, InnerStats
+from ._checks import as_alpha, as_flag, RuntimeChecks
+from ._diagnostics import InnerStats
 from ._envelope import AbstractInnerSolver, Args, envelope_minimise, Objective
 from ._features import glm_features, parameter_penalty
 from ._misc import matmul
@@ -569,11 +569,7 @@ def fit_readout(
         InnerMinimise(objective, minimiser, curvature, float(gtol), max_steps),
         (features, labels, alpha2.astype(dtype)),
         init,
+        check=RuntimeChecks(what, errors=[label_error], finite={"x": x}, throw=throw),
     )
-    # Value checks act on scalars outside the solve, so a sharded batch stays sharded.
-    value = eqx.error_if(value, label_error[0], label_error[1])
-    value = check_finite_inputs(value, x=x)
-    value = check_finite(value, coef, f"The readout of {what}")
-    value = check_converged(value, stats, throw, what)
     loss = value + parameter_penalty(model, alpha1.astype(dtype))
     return loss, readout_from_coefficients(coef, use_bias, scalar_output, stats)

@@ -67,6 +67,10 @@ def vpresidual_msereg(
     `(residual, readout)`: the residual vector and the fitted `VPLinear` (with
     `alpha2="gcv"`, the chosen penalty is in `readout.stats`; it is held fixed in the
     derivative).
+
+    The residual and the readout are in the working dtype: the features' dtype, promoted
+    by floating-point targets and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
     """
     fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
     residual = _stacked_residual(fit, model, alpha1, alpha2)
@@ -87,9 +91,9 @@ def _stacked_residual(fit: RidgeFit, model: Any, alpha1: Any, alpha2: Any) -> Ar
     if _maybe_nonzero(alpha1):
         params, _ = jfu.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
         blocks.append(jnp.sqrt(fit.alpha1) * params.astype(fit.coef.dtype))
-    # `fit.value` carries the runtime checks (finite data, features and readout).
-    residual = jnp.concatenate(blocks)
-    return eqx.error_if(residual, ~jnp.isfinite(fit.value), "the ridge loss is not finite")
+    # `fit.coef` carries the runtime checks (finite data, features and readout), so
+    # the residual and every derivative of it do too.
+    return jnp.concatenate(blocks)
 
 
 def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
@@ -174,7 +178,9 @@ def vpjacobian_msereg(
         return _flat_rows(jax.jacrev(outputs)(params), 1)
 
     frozen = jax.vmap(sample_rows)(as_batch("x", x))  # (N, k, P): sample j's rows
-    through_readout = jnp.einsum("jq,qkP->jkP", fit.features, d_coef)
+    through_readout = jnp.einsum(
+        "jq,qkP->jkP", fit.features, d_coef, precision=jax.lax.Precision.HIGHEST
+    )
     num_samples, num_params = fit.features.shape[0], d_coef.shape[-1]
     scale = jnp.sqrt(jnp.asarray(num_samples, coef.dtype))
     blocks = [((frozen + through_readout) / scale).reshape(-1, num_params)]

@@ -7,9 +7,9 @@ import jax.core
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, check_finite, check_finite_inputs
+from ._checks import as_alpha, as_batch, as_flag, as_targets, RuntimeChecks
 from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
-from ._features import augment, evaluate_features, parameter_penalty
+from ._features import glm_features, parameter_penalty
 from ._gcv import gcv_penalty, GCVStats
 from ._lstsq import AbstractLstsqMethod, centred_problem, CholeskyLstsq, DualLstsq, SVDLstsq
 from ._misc import matmul
@@ -205,6 +205,10 @@ def vploss_msereg(
     envelope theorem, the readout by the implicit function theorem (see "Derivatives"
     above).
 
+    The loss and the readout are in the working dtype: the features' dtype, promoted
+    by floating-point targets and to at least float32 (a bfloat16 or float16 model is
+    solved in float32); gradients come back in the dtype of each parameter.
+
     **Raises:**
 
     `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or
@@ -257,10 +261,8 @@ def fit_ridge(
         given_penalty = None
     else:
         given_penalty = as_alpha("alpha2", alpha2, positive=False)
-    features = evaluate_features(model, x)
-    dtype = jnp.result_type(features.dtype, targets.dtype)
-    features = augment(features.astype(dtype), use_bias)
-    targets = targets.astype(dtype)
+    features, targets = glm_features(model, x, targets, use_bias)
+    dtype = features.dtype
     if given_penalty is None:
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
@@ -272,11 +274,10 @@ def fit_ridge(
         penalty, stats = given_penalty.astype(dtype), None
         unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised, use_bias)
+    checks = RuntimeChecks("the ridge loss `vploss_msereg`", finite={"x": x, "y": targets})
     value, coef, _ = envelope_minimise(
-        RidgeObjective(use_bias), inner_solver, (features, targets, penalty)
+        RidgeObjective(use_bias), inner_solver, (features, targets, penalty), check=checks
     )
-    value = check_finite_inputs(value, x=x, y=targets)
-    value = check_finite(value, coef, "The ridge loss `vploss_msereg`")
     return RidgeFit(
         value,
         coef,

@@ -214,8 +214,6 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
     _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
     features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
-    if jnp.issubdtype(y.dtype, jnp.floating):
-        dtype = jnp.result_type(dtype, y.dtype)
     first = (y.shape[1], scalar_output)
     shape = (features.shape[1], y.shape[1])
 
@@ -261,7 +259,7 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
     # points included, is one pass over the data.
     while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
         direction = _newton_direction(curvature, gradient)
-        slope = -jnp.vdot(gradient, direction)
+        slope = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
         slack = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(value))
         size = 1.0
         while passes < max_passes:
@@ -330,8 +328,10 @@ def refit_readout(
     Hessian of the logistic losses ($k$ outputs or classes). Each batch's sums are
     computed by a jitted function (compiled once per batch shape); the loop over
     batches runs in Python, so this function is called outside `jit`. The sums are
-    accumulated in the features' dtype: use float64 for very large data sets in
-    float32 if the digits matter.
+    accumulated in the working dtype (the features' dtype, promoted by floating-point
+    targets and to at least float32, so a bfloat16 or float16 model is solved in
+    float32, and so is its readout): use float64 for very large data sets in float32
+    if the digits matter.
 
     **Arguments:**
 
