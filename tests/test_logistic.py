@@ -243,3 +243,19 @@ def test_validation_loss_through_the_readout(solver):
 
     fd, ad = directional_derivative_check(validation_loss, model)
     assert abs(fd - ad) <= 1e-6 * abs(ad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_concrete_array_hyperparameters_under_jit(dtype):
+    """Concrete `jnp` scalars closed over inside a jitted function act like Python floats."""
+    model = mlp()
+    x, y = _data()
+    expected = vploss_bce(model, x, y, alpha1=1e-3, alpha2=1e-2)[0]
+    alpha1, alpha2 = jnp.asarray(1e-3, dtype), jnp.asarray(1e-2, dtype)
+    loss = eqx.filter_jit(lambda m: vploss_bce(m, x, y, alpha1=alpha1, alpha2=alpha2)[0])
+    np.testing.assert_allclose(loss(model), expected, rtol=1e-6 if dtype == jnp.float32 else 1e-12)
+    # At trace time, or at run time where casting to the working dtype traced it.
+    with pytest.raises(Exception, match="alpha1"):
+        eqx.filter_jit(lambda m: vploss_bce(m, x, y, alpha1=jnp.asarray(-1.0, dtype), alpha2=1e-2))(
+            model
+        )

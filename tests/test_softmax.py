@@ -180,3 +180,22 @@ def test_validation_loss_through_the_readout_large():
 
     fd, ad = directional_derivative_check(validation_loss, model)
     assert abs(fd - ad) <= 1e-6 * abs(ad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_concrete_array_hyperparameters_under_jit(dtype):
+    """Concrete `jnp` scalars closed over inside a jitted function (they stay concrete there,
+    while every `jnp` operation on them gives a tracer) act like Python floats."""
+    model = mlp()
+    x, y = _data()
+    expected = vploss_ce(model, x, y, alpha1=1e-3, alpha2=1e-2, num_classes=K)[0]
+    alpha1, alpha2 = jnp.asarray(1e-3, dtype), jnp.asarray(1e-2, dtype)
+    loss = eqx.filter_jit(
+        lambda m: vploss_ce(m, x, y, alpha1=alpha1, alpha2=alpha2, num_classes=K)[0]
+    )
+    np.testing.assert_allclose(loss(model), expected, rtol=1e-6 if dtype == jnp.float32 else 1e-12)
+    # At trace time, or at run time where casting to the working dtype traced it.
+    with pytest.raises(Exception, match="alpha2"):
+        eqx.filter_jit(
+            lambda m: vploss_ce(m, x, y, alpha2=jnp.asarray(-1.0, dtype), num_classes=K)
+        )(model)

@@ -4,6 +4,8 @@ Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
 `ValueError`/`TypeError`; values only known at run time are checked with `eqx.error_if`.
 """
 
+import math
+
 import equinox as eqx
 import jax
 import jax.core
@@ -84,8 +86,10 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
         bad = ~(array > 0) if positive else ~(array >= 0)
         bad = bad | ~jnp.isfinite(array)
         return eqx.error_if(array, bad, f"`{name}` must be finite and {expected}.")
+    # Python arithmetic only: under `jax.jit` any `jnp` operation, even on a concrete
+    # (closed-over) array, returns a tracer, which `not` cannot convert to a bool.
     concrete = float(array)
-    if not (concrete > 0 if positive else concrete >= 0) or not jnp.isfinite(concrete):
+    if not (concrete > 0 if positive else concrete >= 0) or not math.isfinite(concrete):
         hint = (
             " The inner problem needs a strictly positive readout penalty to be strictly "
             "convex (with separable data its unpenalised minimiser is at infinity)."
