@@ -39,7 +39,7 @@ def bce_hessian(coef: Float[Array, "p k"], args: LogisticArgs) -> lx.PyTreeLinea
     (block diagonal over outputs), $D_c = \operatorname{diag}(\sigma(z_c)(1 -
     \sigma(z_c)))$."""
     features, _, alpha2 = args
-    gram, _ = block_gram(features, _sigmoid_curvature(coef, features))
+    gram = block_gram(features, _sigmoid_curvature(coef, features))
     return hessian_operator(gram, alpha2)
 
 
