@@ -5,10 +5,21 @@ import numpy as np
 import optax
 import optimistix as optx
 import pytest
+from sklearn.datasets import load_digits
 
+import vploss._newton
 from vploss import vploss_ce
 
-from .helpers import directional_derivative_check, logistic_reference, mlp, taylor_remainders
+from .helpers import (
+    along,
+    cast,
+    directional_derivative_check,
+    logistic_reference,
+    mlp,
+    random_direction,
+    taylor_remainders,
+    tree_dot,
+)
 
 
 N, K = 60, 3
@@ -252,3 +263,75 @@ def test_float32_newton_on_uncentred_pixels():
     ref_logits = x @ coef[:-1] + coef[-1]
     centred = lambda z: z - z.mean(axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(centred(logits), centred(ref_logits), atol=1e-2)
+
+
+@pytest.mark.parametrize("cg_solve", [False, True])
+def test_second_derivative_newton_cg(cg_solve, monkeypatch):
+    """Second derivatives on the Newton-CG path ((m + 1)K = 305 > 256): they raised
+    "Unexpected tangent" (a preconditioner from traced data passed to lineax). With
+    `cg_solve` the readout's derivative solves by CG too. Reverse over reverse,
+    against central differences of the (separately checked) envelope gradient."""
+    if cg_solve:
+        monkeypatch.setattr(vploss._newton, "MAX_DENSE_SOLVE_SIZE", 0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (100, 60))
+    labels = jnp.argmax(x[:, :5] + 0.5 * x[:, 5:10], axis=1)
+
+    def loss(s):
+        return vploss_ce(lambda v: s * v, x, labels, num_classes=5, alpha2=1e-3)[0]
+
+    first = jax.jit(jax.grad(loss))
+    second = jax.jit(jax.grad(jax.grad(loss)))(jnp.asarray(1.0))
+    h = 1e-5
+    fd = (first(jnp.asarray(1.0 + h)) - first(jnp.asarray(1.0 - h))) / (2 * h)
+    np.testing.assert_allclose(second, fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha2", [1e-4, 1e-3])
+def test_float32_readout_derivative_digits(alpha2):
+    """The readout's implicit derivative in float32 with 330 coefficients (digits, an
+    MLP with 32 features, K = 10): CG raised "maximum number of solver steps" (reverse)
+    or returned NaN (forward, silently). Forward and reverse mode against float64
+    central differences, to a first-order bound: the condition number times the float32
+    readout's relative error (`loss_error_bound` b: |w - w*| <= sqrt(2 b / alpha2))
+    and eps. Measured: 4.7e-3 (alpha2 = 1e-4) and 7.8e-4 (1e-3); forward and reverse
+    mode agree to 1e-5."""
+    digits = load_digits()
+    x = jnp.asarray(digits.data[:300] / 16.0)
+    labels = jnp.asarray(digits.target[:300])
+
+    def validation_loss(model, x):
+        _, readout = vploss_ce(model, x[:200], labels[:200], alpha2=alpha2, num_classes=10)
+        logits = jax.vmap(lambda s: readout(model(s)))(x[200:])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels[200:]))
+
+    model = mlp(in_size=64, width=32, depth=1, features=32)
+    direction = random_direction(model, 3)
+    loss64 = eqx.filter_jit(validation_loss)
+    h = 1e-5
+    reference = (loss64(along(model, direction, h), x) - loss64(along(model, direction, -h), x)) / (
+        2 * h
+    )
+    model32, direction32, x32 = (
+        cast(model, jnp.float32),
+        cast(direction, jnp.float32),
+        x.astype(jnp.float32),
+    )
+    reverse = tree_dot(eqx.filter_jit(eqx.filter_grad(validation_loss))(model32, x32), direction32)
+    params, static = eqx.partition(model32, eqx.is_inexact_array)
+    tangent = eqx.filter(direction32, eqx.is_inexact_array)
+    forward = eqx.filter_jit(
+        lambda p, t: jax.jvp(lambda q: validation_loss(eqx.combine(q, static), x32), (p,), (t,))[1]
+    )(params, tangent)
+    # The error bound: the float32 readout's distance to the optimum, and the solve.
+    _, readout = vploss_ce(model32, x32[:200], labels[:200], alpha2=alpha2, num_classes=10)
+    features = jax.vmap(model)(x[:200])
+    _, coef = logistic_reference(features, np.eye(10)[labels[:200]], alpha2, softmax=True)
+    distance = np.sqrt(2 * float(readout.stats.loss_error_bound) / alpha2) / np.linalg.norm(coef)
+    condition = float(jnp.max(jnp.abs(features))) ** 2 / alpha2
+    # First-order perturbation of H^-1 r: relative error <= kappa (|dH|/|H| + eps),
+    # with |dH|/|H| of the order of the readout's relative error.
+    rtol = condition * (distance + float(jnp.finfo(jnp.float32).eps))
+    assert np.isfinite(float(forward)) and np.isfinite(float(reverse))
+    np.testing.assert_allclose(float(forward), reference, rtol=rtol)
+    np.testing.assert_allclose(float(reverse), reference, rtol=rtol)
+    np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-4)
