@@ -5,6 +5,7 @@ Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
 attached to what the value and the gradient both use (`RuntimeChecks`).
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,8 +91,10 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
         bad = ~(array > 0) if positive else ~(array >= 0)
         bad = bad | ~jnp.isfinite(array)
         return eqx.error_if(array, bad, f"`{name}` must be finite and {expected}.")
+    # Python arithmetic only: under `jax.jit` any `jnp` operation, even on a concrete
+    # (closed-over) array, returns a tracer, which `not` cannot convert to a bool.
     concrete = float(array)
-    if not (concrete > 0 if positive else concrete >= 0) or not jnp.isfinite(concrete):
+    if not (concrete > 0 if positive else concrete >= 0) or not math.isfinite(concrete):
         hint = (
             " The inner problem needs a strictly positive readout penalty to be strictly "
             "convex (with separable data its unpenalised minimiser is at infinity)."

@@ -39,7 +39,7 @@ def bce_hessian(coef: Float[Array, "p k"], args: LogisticArgs) -> lx.PyTreeLinea
     (block diagonal over outputs), $D_c = \operatorname{diag}(\sigma(z_c)(1 -
     \sigma(z_c)))$."""
     features, _, alpha2 = args
-    gram, _ = block_gram(features, _sigmoid_curvature(coef, features))
+    gram = block_gram(features, _sigmoid_curvature(coef, features))
     return hessian_operator(gram, alpha2)
 
 
@@ -146,10 +146,11 @@ def vploss_bce(
         features of size 1; larger features are held to the plain max-norm);
         default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
         Newton's last step usually lands far below it). `readout.stats.gradient_norm`
-        is measured the same way. The loss is then within about $|\nabla J|^2 /
-        (2\alpha_2)$ of the minimum: at a tiny `alpha2` with separable classes,
-        where the loss itself is tiny, pass a smaller `gtol` for more relative
-        digits (e.g. 1e-10 in float64 at `alpha2 = 1e-8`).
+        is measured the same way. The solve also stops only once the loss is within
+        $\sqrt{\varepsilon}\,|J| + 16\varepsilon(1 + |J|)$ of its minimum, by the
+        bound `readout.stats.loss_error_bound` (the smaller of $|\nabla J|_2^2 /
+        (2\alpha_2)$ and the Newton decrement's), so the loss does not depend on the
+        warm start beyond that.
     - `max_steps`: the step budget of the inner solver.
     - `throw`: if `True`, an inner solve that did not converge raises a runtime error
         (`eqx.error_if`); if `False`, read `readout.stats.converged`.
@@ -161,8 +162,9 @@ def vploss_bce(
     `(loss, readout)`: the reduced loss (a scalar) and the fitted `VPLinear`, whose
     `readout(model(x[j]))` are the logits of `y[j]` (apply `jax.nn.sigmoid` for
     probabilities), and whose `readout.stats` is a `vploss.InnerStats` (`num_steps`,
-    `gradient_norm`, `converged`). The loss carries its envelope gradient, the readout its
-    implicit derivative (a solve with the inner Hessian; free when unused).
+    `gradient_norm`, `converged`, `loss_error_bound`, `fallback_steps`). The loss
+    carries its envelope gradient, the readout its implicit derivative (a solve with
+    the inner Hessian; free when unused).
 
     The loss and the readout are in the working dtype: the features' dtype, promoted
     by floating-point labels and to at least float32 (a bfloat16 or float16 model is

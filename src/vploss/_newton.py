@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, PyTree, Real, Scalar
+from jaxtyping import Array, Bool, Float, Int, PyTree, Real, Scalar
 
 from ._checks import as_alpha, as_flag, RuntimeChecks
 from ._diagnostics import InnerStats
@@ -32,6 +33,16 @@ _SOLVER_NAMES = ("auto", "newton", "newton-cg", "bfgs", "lbfgs")
 #: Newton is faster up to about 200 coefficients (1.5-2x at 33 and 99), even at 195,
 #: and slower from 325 on (1.7x at alpha2 = 1e-4, even at 1e-6; 4-5x at 650).
 MAX_EXACT_NEWTON_SIZE = 256
+
+
+#: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
+#: Hessian by Cholesky up to this many coefficients `p·k` (building it costs
+#: `O(N (pk)^2)`, factoring it `O((pk)^3)`, about a second at 2048 on one core), and
+#: solves by preconditioned CG beyond. In float32 CG cannot reach a tight residual on
+#: the ill-conditioned Hessians of small `alpha2` (measured: 330 coefficients,
+#: alpha2 = 1e-4: no convergence, or NaN tangents with a loose test); Cholesky's
+#: error is bounded by the condition number times `eps`.
+MAX_DENSE_SOLVE_SIZE = 2048
 
 
 def newton_cg_max_steps(gtol: float) -> int:
@@ -72,6 +83,55 @@ def default_gtol(dtype: Any) -> float:
     once `|∇J|²/λ_max(H)` falls below the rounding of `J`. The objectives are means
     over samples, so the gradient does not grow with the batch size."""
     return float(jnp.finfo(dtype).eps) ** 0.5
+
+
+#: How many roundings `eps (1 + |J|)` of the objective are taken as its rounding error
+#: (`RoundingArmijo`, `loss_tolerance`).
+ROUNDING = 16.0
+
+
+def loss_tolerance(value: Scalar) -> Scalar:
+    r"""The loss error the inner solve allows: $\sqrt{\varepsilon}\,|J| + \rho\,
+    \varepsilon\,(1 + |J|)$, a relative tolerance of $\sqrt\varepsilon$ of the
+    objective's dtype (3.5e-4 in float32, 1.5e-8 in float64) plus the rounding of the
+    computed $J$ itself (the `ROUNDING` $\rho = 16$ of `RoundingArmijo`), below which
+    no solver can resolve the loss."""
+    eps = jnp.finfo(value.dtype).eps
+    return jnp.sqrt(eps) * jnp.abs(value) + ROUNDING * eps * (1 + jnp.abs(value))
+
+
+def loss_error_bound(
+    gradient: Float[Array, "p k"], alpha2: Scalar, decrement: Scalar | None = None
+) -> Scalar:
+    r"""$\|\nabla J\|_2^2 / (2\alpha_2) \ge J(\hat W) - J^*$: the inner objective is
+    $\alpha_2$-strongly convex, so its excess over the minimum is at most this (a
+    rigorous bound, at any point, for any solver). An orthogonal change of basis of
+    the coefficients leaves it unchanged.
+
+    With the `newton_decrement_bound` $\bar\lambda^2$ of the Newton methods'
+    direction at the same point, the smaller of the two: $\lambda^2$ estimates $J -
+    J^*$ from the local curvature, far more tightly at small `alpha2` (where the
+    float32 gradient cannot reach $\sqrt{2\alpha_2 \cdot \mathrm{tol}}$)."""
+    bound = jnp.sum(gradient**2) / (2 * alpha2)
+    return bound if decrement is None else jnp.minimum(bound, decrement)
+
+
+def inner_converged(
+    value: Scalar,
+    gradient: Float[Array, "p k"],
+    scale: Float[Array, "p 1"],
+    alpha2: Scalar,
+    gtol: float,
+    decrement: Scalar | None = None,
+) -> Bool[Array, ""]:
+    r"""The stopping test of the inner solve: the scaled gradient is at most `gtol`
+    (`scaled_gradient_norm`) AND the loss is within `loss_tolerance` of its minimum
+    by `loss_error_bound`. The gradient test alone left a loss error up to
+    $|\nabla J|^2/(2\alpha_2)$: measured in float32 at alpha2 = 1e-4, 9% of the loss,
+    so that the reduced loss depended on the warm start."""
+    small_gradient = scaled_gradient_norm(gradient, scale) <= gtol
+    small_loss_error = loss_error_bound(gradient, alpha2, decrement) <= loss_tolerance(value)
+    return small_gradient & small_loss_error
 
 
 def gradient_scale(args: Args) -> Float[Array, "p 1"]:
@@ -141,7 +201,7 @@ class RoundingArmijo(optx.AbstractSearch):
     """
 
     armijo: optx.BacktrackingArmijo = optx.BacktrackingArmijo()
-    rounding: float = 16.0
+    rounding: float = ROUNDING
 
     def init(self, y, f_info_struct):
         return self.armijo.init(y, f_info_struct)
@@ -206,13 +266,16 @@ def _is_struct(leaf):
 
 class GradientNormTermination(optx.AbstractMinimiser):
     """Runs a quasi-Newton `minimiser` (any `optx.AbstractQuasiNewton`: `DampedNewton`,
-    `optx.BFGS`, `optx.LBFGS`, ...) until the max-norm of the gradient at the accepted
-    iterate, divided row-wise by `scale` (`gradient_scale`), is at most `gtol`, in place
-    of its own Cauchy criterion (which stops on small steps, not on optimality)."""
+    `optx.BFGS`, `optx.LBFGS`, ...) until `inner_converged` holds at the accepted
+    iterate: the max-norm of the gradient, divided row-wise by `scale`
+    (`gradient_scale`), is at most `gtol`, and the loss is within `loss_tolerance` of
+    its minimum. It replaces the minimiser's own Cauchy criterion (which stops on
+    small steps, not on optimality)."""
 
     minimiser: optx.AbstractQuasiNewton
     gtol: float
     scale: Float[Array, "p 1"]
+    alpha2: Scalar
 
     # The abstract `rtol`, `atol`, `norm` are properties here, not fields; pyright
     # counts them as constructor arguments, hence the ignores where this is built.
@@ -236,8 +299,15 @@ class GradientNormTermination(optx.AbstractMinimiser):
 
     def terminate(self, fn, y, args, options, state, tags):
         # Before the first step `f_info` holds placeholders, not the gradient at `y`.
-        small = scaled_gradient_norm(state.f_info.grad, self.scale) <= self.gtol
-        return ~state.first_step & small, state.result
+        converged = inner_converged(
+            state.f_info.f,
+            state.f_info.grad,
+            self.scale,
+            self.alpha2,
+            self.gtol,
+            _descent_loss_error(state),
+        )
+        return ~state.first_step & converged, state.result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return self.minimiser.postprocess(fn, y, aux, args, options, state, tags, result)
@@ -253,18 +323,26 @@ class _AtData(eqx.Module):
         return self.hessian(coef, self.args)
 
 
-def block_gram(
+def class_grams(
     features: Float[Array, "N p"], weights: Float[Array, "N k"]
-) -> tuple[Float[Array, "p k p k"], Float[Array, "N pk"]]:
-    r"""The block-diagonal Hessian term $H_{(p,c),(q,e)} = \delta_{ce}\sum_j w_{jc}
-    \hat f_{jp}\hat f_{jq}/N$ of a generalised linear model, and the weighted features
-    $X_{j,(p,c)} = w_{jc}\hat f_{jp}$ it is made of. One matmul, a sum over samples."""
+) -> Float[Array, "p k p"]:
+    r"""The weighted Gram matrices $D_{c} = \sum_j w_{jc}\hat f_j\hat f_j^\top/N$ of
+    each output $c$, as `(p, k, p)`: one matmul over samples."""
     num_samples, p = features.shape
     k = weights.shape[1]
     weighted = (features[:, :, None] * weights[:, None, :]).reshape(num_samples, p * k)
-    blocks = matmul(weighted.T, features).reshape(p, k, p) / num_samples
-    gram = blocks[:, :, :, None] * jnp.eye(k, dtype=features.dtype)[None, :, None, :]
-    return gram, weighted
+    return matmul(weighted.T, features).reshape(p, k, p) / num_samples
+
+
+def block_gram(
+    features: Float[Array, "N p"], weights: Float[Array, "N k"]
+) -> Float[Array, "p k p k"]:
+    r"""The block-diagonal Hessian term $H_{(p,c),(q,e)} = \delta_{ce}\sum_j w_{jc}
+    \hat f_{jp}\hat f_{jq}/N$ of a generalised linear model (`class_grams` on the
+    diagonal blocks)."""
+    blocks = class_grams(features, weights)
+    k = weights.shape[1]
+    return blocks[:, :, :, None] * jnp.eye(k, dtype=features.dtype)[None, :, None, :]
 
 
 def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTreeLinearOperator:
@@ -305,8 +383,9 @@ class InnerMinimise(AbstractInnerSolver):
     minimiser, and reports `InnerStats`.
 
     The readout's (implicit) derivative solves with the exact Hessian: by Cholesky up
-    to `MAX_EXACT_NEWTON_SIZE` coefficients, beyond by CG on Hessian-vector products
-    with the Kronecker preconditioner, to a relative residual of `eps**0.75`."""
+    to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on Hessian-vector products
+    with the Kronecker preconditioner, to a relative residual of `eps**0.75`, raising
+    an error where CG cannot reach it (never a silently wrong tangent)."""
 
     objective: Objective
     minimiser: Callable[[Args], optx.AbstractMinimiser]
@@ -315,7 +394,7 @@ class InnerMinimise(AbstractInnerSolver):
     max_steps: int
 
     def __call__(self, args: Args, init: Float[Array, "p k"] | None):
-        features, targets, _ = args
+        features, targets, alpha2 = args
         if init is None:
             init = jnp.zeros((features.shape[1], targets.shape[1]), features.dtype)
         solution = optx.minimise(
@@ -329,81 +408,193 @@ class InnerMinimise(AbstractInnerSolver):
             adjoint=optx.RecursiveCheckpointAdjoint(),
         )
         coef = solution.value
-        gradient = jax.grad(self.objective)(coef, args)
-        gradient_norm = scaled_gradient_norm(gradient, gradient_scale(args))
-        converged = (solution.result == optx.RESULTS.successful) & (gradient_norm <= self.gtol)
-        return coef, InnerStats(solution.stats["num_steps"], gradient_norm, converged)
+        value, gradient = jax.value_and_grad(self.objective)(coef, args)
+        scale = gradient_scale(args)
+        # The descent's state holds its direction at the last accepted iterate, the
+        # returned one.
+        decrement = _descent_loss_error(solution.state)
+        converged = (solution.result == optx.RESULTS.successful) & inner_converged(
+            value, gradient, scale, alpha2, self.gtol, decrement
+        )
+        fallbacks = getattr(getattr(solution.state, "descent_state", None), "fallbacks", None)
+        return coef, InnerStats(
+            solution.stats["num_steps"],
+            scaled_gradient_norm(gradient, scale),
+            converged,
+            loss_error_bound=loss_error_bound(gradient, alpha2, decrement),
+            fallback_steps=jnp.zeros((), jnp.int32) if fallbacks is None else fallbacks,
+        )
 
     def hessian_solve(
         self, objective: Objective, solution: Float[Array, "p k"], stats: Any, args: Args
     ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
         del objective, stats
-        if solution.size <= MAX_EXACT_NEWTON_SIZE:
+        if solution.size <= MAX_DENSE_SOLVE_SIZE:
             operator = self.curvature.hessian(solution, args)
-            linear_solver = lx.Cholesky()
-            options = {}
-        else:
-            operator = self.curvature.hessian_product(solution, args)
-            tol = float(jnp.finfo(solution.dtype).eps) ** 0.75
-            linear_solver = lx.CG(rtol=tol, atol=0.0, max_steps=10 * solution.size)
-            preconditioner = KroneckerPreconditioner(self.curvature.mean_curvature, args)
-            options = {"preconditioner": preconditioner(solution)}
-        return lambda rhs: (
-            lx.linear_solve(operator, rhs, linear_solver, options=options, throw=False).value
+            return lambda rhs: lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
+        operator = self.curvature.hessian_product(solution, args)
+        tol = float(jnp.finfo(solution.dtype).eps) ** 0.75
+        linear_solver = lx.CG(rtol=tol, atol=0.0, max_steps=10 * solution.size)
+        # A preconditioner does not change the solution, so its data need no
+        # derivative; lineax cannot differentiate traced `options` (a second
+        # derivative raised "Unexpected tangent").
+        preconditioner = KroneckerPreconditioner(
+            self.curvature.mean_curvature, jax.lax.stop_gradient(args)
         )
+        options = {"preconditioner": preconditioner(jax.lax.stop_gradient(solution))}
+        # `throw=True`: a CG solve that does not reach its tolerance raises, rather
+        # than return an inaccurate tangent.
+        return lambda rhs: lx.linear_solve(operator, rhs, linear_solver, options=options).value
 
 
-class _TruncatedNewtonState(eqx.Module):
+class _NewtonState(eqx.Module):
     newton: Float[Array, "p k"]
+    fallbacks: Int[Array, ""]
+    # `newton_decrement_bound` of `newton` (inf for a fallback direction).
+    decrement: Float[Array, ""]
+
+
+def newton_decrement_bound(
+    gradient: Float[Array, "p k"],
+    hessian: lx.AbstractLinearOperator,
+    direction: Float[Array, "p k"],
+    alpha2: Scalar,
+) -> Scalar:
+    r"""An upper bound of the squared Newton decrement $\lambda^2 = g^\top H^{-1} g$
+    from an approximate Newton direction $d$ (Cholesky, or CG stopped early): with
+    the residual $r = g - Hd$,
+
+    $$\lambda^2 = g^\top d + d^\top r + r^\top H^{-1} r \le g^\top d + |d^\top r| +
+    |r|^2/\alpha_2,$$
+
+    as $H \succeq \alpha_2 I$. Near the minimum $J - J^* \approx \lambda^2/2$ (exact
+    for a quadratic), and $J - J^* \le \lambda^2$ for a self-concordant $J$ with
+    $\lambda \le 0.68$ (Boyd and Vandenberghe, 9.6.3), far tighter than the
+    strong-convexity bound $|g|^2/(2\alpha_2)$ at small `alpha2`. One more product
+    with the Hessian."""
+    residual = gradient - hessian.mv(direction)
+    return (
+        jnp.vdot(gradient, direction)
+        + jnp.abs(jnp.vdot(direction, residual))
+        + jnp.sum(residual**2) / alpha2
+    )
+
+
+def _descent_loss_error(state) -> Scalar | None:
+    """The Newton decrement bound an optimistix state's descent holds, if any."""
+    decrement = getattr(getattr(state, "descent_state", None), "decrement", None)
+    return decrement
+
+
+def _is_descent(gradient, direction):
+    """Whether `-direction` is a finite descent direction for `gradient`."""
+    return jnp.all(jnp.isfinite(direction)) & (jnp.vdot(gradient, direction) > 0)
+
+
+class FallbackNewtonDescent(optx.AbstractDescent):
+    r"""The Newton direction $H^{-1}g$ by Cholesky (`lx.Cholesky`) on the exact Hessian
+    operator, with fallbacks for a Hessian that is not numerically positive definite
+    (rounding of large or uneven features in float32): where the Newton direction is
+    not finite or not a descent direction ($g^\top d \le 0$), the shifted Newton
+    direction $(H + \delta I)^{-1}g$ with $\delta = pk\,\varepsilon \max_i H_{ii}$
+    (above the rounding of the computed Hessian's eigenvalues), and where that fails
+    too, the gradient step $g/\operatorname{tr} H$ (a step no longer than $1/L$).
+    The state counts the fallbacks (`InnerStats.fallback_steps`) and holds the
+    `newton_decrement_bound` of the Newton direction."""
+
+    alpha2: Scalar
+
+    def init(self, y, f_info_struct):
+        del f_info_struct
+        return _NewtonState(y, jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, y.dtype))
+
+    def query(self, y, f_info, state):
+        gradient = f_info.grad
+        hessian = f_info.hessian
+        newton = lx.linear_solve(hessian, gradient, lx.Cholesky(), throw=False).value
+        ok = _is_descent(gradient, newton)
+
+        def fallback(_):
+            matrix = hessian.as_matrix()
+            diagonal = jnp.diag(matrix)
+            shift = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.abs(diagonal))
+            shifted = lx.MatrixLinearOperator(
+                matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype),
+                lx.positive_semidefinite_tag,
+            )
+            flat = lx.linear_solve(shifted, gradient.reshape(-1), lx.Cholesky(), throw=False)
+            direction = flat.value.reshape(gradient.shape)
+            steepest = gradient / jnp.sum(jnp.abs(diagonal))
+            return jnp.where(_is_descent(gradient, direction), direction, steepest)
+
+        decrement = newton_decrement_bound(gradient, hessian, newton, self.alpha2)
+        decrement = jnp.where(ok, decrement, jnp.inf)
+        newton = jax.lax.cond(ok, lambda _: newton, fallback, None)
+        return _NewtonState(newton, state.fallbacks + (~ok).astype(jnp.int32), decrement)
+
+    def step(self, step_size, state):
+        return -step_size * state.newton, optx.RESULTS.successful
 
 
 class TruncatedNewtonDescent(optx.AbstractDescent):
     """The Newton direction from preconditioned CG (`lx.CG`) on the Hessian operator,
     stopped early (inexact Newton): at the relative residual
     `eta = min(0.5, max(sqrt(|g|), 0.5 gtol/|g|))`, superlinear far from `gtol` and no
-    tighter than the last step needs, or after `max_cg_steps` iterations. Any CG
+    tighter than the last step needs (and a residual small enough for the loss test of
+    `inner_converged`), or after `max_cg_steps` iterations. Any CG
     iterate is a descent direction, so the line search accepts a truncated one.
 
     `preconditioner(y)` gives a positive definite approximation of the inverse
     Hessian at `y`. Without one, float32 CG breaks down at small `alpha2` (the
-    Hessian's condition number exceeds lineax's breakdown test); if it still does,
-    the preconditioned gradient is used."""
+    Hessian's condition number exceeds lineax's breakdown test); where it still
+    does (a direction that is not finite or not a descent direction), the
+    preconditioned gradient is used, and counted (`InnerStats.fallback_steps`)."""
 
     preconditioner: Callable[[Float[Array, "p k"]], lx.AbstractLinearOperator]
     gtol: float
     scale: Float[Array, "p 1"]
+    alpha2: Scalar
     max_cg_steps: int
 
     def init(self, y, f_info_struct):
         del f_info_struct
-        return _TruncatedNewtonState(y)
+        return _NewtonState(y, jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, y.dtype))
 
     def query(self, y, f_info, state):
-        del state
         gradient = f_info.grad
         # `|g|` is measured as the stopping test measures it (`gradient_scale`).
         gradient_norm = scaled_gradient_norm(gradient, self.scale)
+        preconditioner = self.preconditioner(y)
+        forcing = jnp.minimum(
+            0.5, jnp.maximum(jnp.sqrt(gradient_norm), 0.5 * self.gtol / gradient_norm)
+        )
+        # `atol` makes lineax's elementwise test a max-norm one (no division by tiny
+        # gradient entries); it is also small enough that the residual's share
+        # `|r|^2/alpha2` of `newton_decrement_bound` meets `loss_tolerance`.
+        loss_atol = jnp.sqrt(self.alpha2 * loss_tolerance(f_info.f) / gradient.size)
+        atol = jnp.minimum(forcing * optx.max_norm(gradient), 0.5 * loss_atol)
+        options = {"preconditioner": preconditioner}
 
-        def solve():
-            preconditioner = self.preconditioner(y)
-            # `atol` makes lineax's elementwise test a max-norm one (no division by
-            # tiny gradient entries).
-            forcing = jnp.minimum(
-                0.5, jnp.maximum(jnp.sqrt(gradient_norm), 0.5 * self.gtol / gradient_norm)
-            )
-            atol = forcing * optx.max_norm(gradient)
+        def solve(max_steps):
             # lineax annotates the tolerances as floats; traced scalars work the same.
-            cg = lx.CG(rtol=forcing, atol=atol, max_steps=self.max_cg_steps)  # pyright: ignore[reportArgumentType]
-            options = {"preconditioner": preconditioner}
+            cg = lx.CG(rtol=forcing, atol=atol, max_steps=max_steps)  # pyright: ignore[reportArgumentType]
             # A truncated solve is a valid step here, so CG's `max_steps_reached` is
             # not an error.
-            solution = lx.linear_solve(f_info.hessian, gradient, cg, options=options, throw=False)
-            finite = jnp.all(jnp.isfinite(solution.value))
-            return jnp.where(finite, solution.value, preconditioner.mv(gradient))
+            return lx.linear_solve(f_info.hessian, gradient, cg, options=options, throw=False).value
 
-        # At the last accepted iterate the minimiser stops: no direction is needed.
-        newton = jax.lax.cond(gradient_norm <= self.gtol, jnp.zeros_like, lambda _: solve(), y)
-        return _TruncatedNewtonState(newton)
+        # Once the gradient test holds and only the loss test is left, the residual
+        # must be small against `alpha2`: allow ten times the CG iterations.
+        polish = gradient_norm <= self.gtol
+        newton = jax.lax.cond(
+            polish,
+            lambda: solve(10 * self.max_cg_steps),
+            lambda: solve(self.max_cg_steps),
+        )
+        ok = _is_descent(gradient, newton)
+        newton = jnp.where(ok, newton, preconditioner.mv(gradient))
+        decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
+        decrement = jnp.where(ok, decrement, jnp.inf)
+        return _NewtonState(newton, state.fallbacks + (~ok).astype(jnp.int32), decrement)
 
     def step(self, step_size, state):
         return -step_size * state.newton, optx.RESULTS.successful
@@ -448,14 +639,18 @@ def _kronecker_solve(left, right, scale, vector):
     return matmul(matmul(left, scale * matmul(matmul(left.T, vector), right)), right.T)
 
 
+def _terminated(minimiser: optx.AbstractQuasiNewton, gtol: float, args: Args):
+    return GradientNormTermination(minimiser, gtol, gradient_scale(args), args[2])  # pyright: ignore[reportCallIssue]
+
+
 class _Newton(eqx.Module):
     hessian: Hessian
     gtol: float
 
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        descent = optx.NewtonDescent(linear_solver=lx.Cholesky())
+        descent = FallbackNewtonDescent(args[2])
         newton = DampedNewton(hessian=_AtData(self.hessian, args), descent=descent)
-        return GradientNormTermination(newton, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
+        return _terminated(newton, self.gtol, args)
 
 
 class _NewtonCG(eqx.Module):
@@ -465,12 +660,16 @@ class _NewtonCG(eqx.Module):
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
         preconditioner = KroneckerPreconditioner(self.curvature.mean_curvature, args)
         descent = TruncatedNewtonDescent(
-            preconditioner, self.gtol, gradient_scale(args), newton_cg_max_steps(self.gtol)
+            preconditioner,
+            self.gtol,
+            gradient_scale(args),
+            args[2],
+            newton_cg_max_steps(self.gtol),
         )
         newton = DampedNewton(
             hessian=_AtData(self.curvature.hessian_product, args), descent=descent
         )
-        return GradientNormTermination(newton, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
+        return _terminated(newton, self.gtol, args)
 
 
 class _QuasiNewton(eqx.Module):
@@ -478,7 +677,7 @@ class _QuasiNewton(eqx.Module):
     gtol: float
 
     def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        return GradientNormTermination(self.minimiser, self.gtol, gradient_scale(args))  # pyright: ignore[reportCallIssue]
+        return _terminated(self.minimiser, self.gtol, args)
 
 
 class _Given(eqx.Module):
@@ -534,9 +733,14 @@ def fit_readout(
     max_steps: Any,
     throw: Any,
     init: Any,
+    basis: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[Scalar, VPLinear]:
     """The body shared by `vploss_bce` and `vploss_ce` once their labels are checked:
-    features, inner solve through `envelope_minimise`, runtime checks, readout."""
+    features, inner solve through `envelope_minimise`, runtime checks, readout.
+
+    With `basis`, `objective` and `curvature` act on the coefficients in the basis of
+    the outputs given by the symmetric orthogonal matrix `basis(k)` (its own inverse):
+    the full coefficients are `coef @ basis(k)`."""
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
@@ -563,6 +767,8 @@ def fit_readout(
                 f"per output; this problem has {shape[1]} and {shape[0]}."
             )
         init = init.astype(dtype)
+        if basis is not None:
+            init = matmul(init, jnp.asarray(basis(shape[1]), dtype))
     minimiser = select_minimiser(solver, curvature, float(gtol), shape[0] * shape[1])
     value, coef, stats = envelope_minimise(
         objective,
@@ -571,5 +777,7 @@ def fit_readout(
         init,
         check=RuntimeChecks(what, errors=[label_error], finite={"x": x}, throw=throw),
     )
+    if basis is not None:
+        coef = matmul(coef, jnp.asarray(basis(shape[1]), dtype))
     loss = value + parameter_penalty(model, alpha1.astype(dtype))
     return loss, readout_from_coefficients(coef, use_bias, scalar_output, stats)

@@ -1,3 +1,4 @@
+import functools
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -5,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
 
@@ -12,6 +14,7 @@ from ._checks import as_batch
 from ._misc import matmul
 from ._newton import (
     block_gram,
+    class_grams,
     Curvature,
     fit_readout,
     glm_hessian_product,
@@ -38,14 +41,18 @@ def ce_objective(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Scalar:
 def ce_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearOperator:
     r"""The exact Hessian $\frac1N\sum_j (\operatorname{diag}(s_j) - s_j s_j^\top)
     \otimes \hat f_j \hat f_j^\top + \alpha_2 I$, $s_j = \operatorname{softmax}(z_j)$:
-    its block-diagonal part and its rank-N part from one matmul over samples."""
+    its block-diagonal part and its rank-N part from one matmul over samples.
+
+    In float32 its data part, singular on the shift direction of the logits, rounds
+    to an indefinite matrix for features of large norm; `vploss_ce` solves in the
+    basis `shift_basis` instead (`ce_rotated_hessian`)."""
     features, _, alpha2 = args
     num_samples, p = features.shape
     k = coef.shape[1]
     probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
-    diagonal, weighted = block_gram(features, probabilities)
+    weighted = (features[:, :, None] * probabilities[:, None, :]).reshape(num_samples, p * k)
     outer = matmul(weighted.T, weighted).reshape(p, k, p, k) / num_samples
-    return hessian_operator(diagonal - outer, alpha2)
+    return hessian_operator(block_gram(features, probabilities) - outer, alpha2)
 
 
 def ce_hessian_product(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.FunctionLinearOperator:
@@ -70,7 +77,95 @@ def ce_mean_curvature(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Float[Arr
     return (jnp.diag(jnp.sum(probabilities, axis=0)) - outer) / features.shape[0]
 
 
-_CE_CURVATURE = Curvature(ce_hessian, ce_hessian_product, ce_mean_curvature)
+@functools.cache
+def shift_basis(num_classes: int) -> np.ndarray:
+    r"""An orthonormal basis $T$ of $\mathbb R^K$ whose last vector is the shift
+    direction $\mathbf 1/\sqrt K$ of the logits: the Householder reflection $T = I -
+    2vv^\top/v^\top v$, $v = e_K - \mathbf 1/\sqrt K$ (symmetric, its own inverse),
+    in float64 (read-only).
+
+    In this basis the softmax loss's Hessian is block diagonal: the data term does
+    not change along the shift (each $\operatorname{diag}(s_j) - s_j s_j^\top$
+    annihilates $\mathbf 1$, and with rows $y_j$ that do not sum to 1 it is linear
+    there), so the shift block is exactly $\alpha_2 I$, and the other $K - 1$ blocks
+    hold the curvature $Q^\top(\operatorname{diag}(s_j) - s_j s_j^\top)Q$ with $Q$
+    the first $K - 1$ columns of $T$, positive definite on the open simplex. Formed
+    in the classes' basis, the data term's exact null space rounded to eigenvalues
+    of either sign of size $\varepsilon\|\hat F\|^2$ (float32 pixels 0-255:
+    about 3e-3, against `alpha2` = 1e-4): an indefinite Hessian."""
+    v = -np.full(num_classes, 1 / np.sqrt(num_classes))
+    v[-1] += 1
+    basis = np.eye(num_classes) - 2 * np.outer(v, v) / (v @ v)
+    basis.setflags(write=False)
+    return basis
+
+
+def _in_classes(coef: Float[Array, "p K"]) -> Float[Array, "p K"]:
+    """Coefficients in the basis `shift_basis` as coefficients of the classes."""
+    return matmul(coef, jnp.asarray(shift_basis(coef.shape[1]), coef.dtype))
+
+
+def ce_rotated_objective(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Scalar:
+    """`ce_objective` of the coefficients in the basis `shift_basis`."""
+    return ce_objective(_in_classes(coef), args)
+
+
+def ce_rotated_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearOperator:
+    r"""The exact Hessian of `ce_rotated_objective`: $\frac1N\sum_j C_j \otimes \hat
+    f_j \hat f_j^\top + \alpha_2 I$ with $C_j = Q^\top(\operatorname{diag}(s_j) - s_j
+    s_j^\top)Q$ in the first $K - 1$ outputs and zero in the last (the shift; see
+    `shift_basis`). Its block-diagonal part from the per-class Gram matrices
+    (`class_grams`, one matmul over samples), its rank-N part from one more."""
+    features, _, alpha2 = args
+    num_samples, p = features.shape
+    k = coef.shape[1]
+    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
+    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
+    grams = class_grams(features, probabilities)
+    diagonal = jnp.einsum(
+        "ab,ac,paq->pbqc", basis, basis, grams, precision=jax.lax.Precision.HIGHEST
+    )
+    projected = matmul(probabilities, basis)
+    weighted = (features[:, :, None] * projected[:, None, :]).reshape(num_samples, -1)
+    outer = matmul(weighted.T, weighted).reshape(p, k - 1, p, k - 1) / num_samples
+    data = jnp.pad(diagonal - outer, ((0, 0), (0, 1), (0, 0), (0, 1)))
+    return hessian_operator(data, alpha2)
+
+
+def ce_rotated_hessian_product(
+    coef: Float[Array, "p K"], args: SoftmaxArgs
+) -> lx.FunctionLinearOperator:
+    r"""The same Hessian as products (`ce_hessian_product` in the first $K - 1$
+    outputs of the basis, $\alpha_2 V$ in the last)."""
+    features, _, alpha2 = args
+    k = coef.shape[1]
+    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
+    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
+    apply = jtu.Partial(_rotated_product, features, alpha2, probabilities, basis)
+    structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+    return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+
+def _rotated_product(features, alpha2, probabilities, basis, vector):
+    directions = matmul(features, matmul(vector[:, :-1], basis.T))
+    curved = _softmax_curvature(probabilities, directions)
+    data = matmul(matmul(features.T, curved), basis) / features.shape[0]
+    return jnp.pad(data, ((0, 0), (0, 1))) + alpha2 * vector
+
+
+def ce_rotated_mean_curvature(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Float[Array, "K K"]:
+    r"""$\frac1N\sum_j C_j$ in the basis `shift_basis` (zero in the shift)."""
+    features = args[0]
+    k = coef.shape[1]
+    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
+    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
+    projected = matmul(probabilities, basis)
+    diagonal = matmul(basis.T * jnp.sum(probabilities, axis=0), basis)
+    mean = (diagonal - matmul(projected.T, projected)) / features.shape[0]
+    return jnp.pad(mean, ((0, 1), (0, 1)))
+
+
+_CE_CURVATURE = Curvature(ce_rotated_hessian, ce_rotated_hessian_product, ce_rotated_mean_curvature)
 
 
 def as_class_labels(
@@ -217,7 +312,7 @@ def vploss_ce(
     labels, invalid, message = as_class_labels(y, x.shape[0], num_classes)
     return fit_readout(
         "the softmax loss `vploss_ce`",
-        ce_objective,
+        ce_rotated_objective,
         _CE_CURVATURE,
         model,
         x,
@@ -232,4 +327,5 @@ def vploss_ce(
         max_steps=max_steps,
         throw=throw,
         init=init,
+        basis=shift_basis,
     )
