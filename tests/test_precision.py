@@ -121,5 +121,5 @@ def test_streaming_refit_at_full_precision():
         Y_BINARY[:, None],
         coef,
     )
-    gram = jnp.eye(5) + 0.1
-    assert_full_precision(lambda g, c: _ridge_solve(g, c, jnp.asarray(1e-3)), gram, coef)
+    moments, _ = _ridge_moments(MODEL, X, Y[:, None], True)
+    assert_full_precision(lambda m: _ridge_solve(m, jnp.asarray(1e-3), True), moments)

@@ -474,8 +474,8 @@ def newton_decrement_bound(
     with the Hessian."""
     residual = gradient - hessian.mv(direction)
     return (
-        jnp.vdot(gradient, direction)
-        + jnp.abs(jnp.vdot(direction, residual))
+        jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
+        + jnp.abs(jnp.vdot(direction, residual, precision=jax.lax.Precision.HIGHEST))
         + jnp.sum(residual**2) / alpha2
     )
 
@@ -488,7 +488,9 @@ def _descent_loss_error(state) -> Scalar | None:
 
 def _is_descent(gradient, direction):
     """Whether `-direction` is a finite descent direction for `gradient`."""
-    return jnp.all(jnp.isfinite(direction)) & (jnp.vdot(gradient, direction) > 0)
+    return jnp.all(jnp.isfinite(direction)) & (
+        jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST) > 0
+    )
 
 
 class FallbackNewtonDescent(optx.AbstractDescent):
