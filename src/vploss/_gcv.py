@@ -9,6 +9,7 @@ $$\mathrm{GCV}(\alpha) = \frac{N\,\|(I - H_\alpha)Y\|_F^2}{(N - \mathrm{tr}\,H_\
 One symmetric eigendecomposition makes it cheap for every $\alpha$: `O(p)` per value.
 """
 
+import functools
 import math
 
 import equinox as eqx
@@ -59,6 +60,9 @@ class _Spectrum(eqx.Module):
     weights: Float[Array, " r"]
     # ‖Y‖²/N (primal only; the dual's residual needs no offset).
     total: Scalar
+    # The scale below which eps times it is lost in rounding: λ_max, or for centred
+    # features the largest eigenvalue of diag(C, 1) (the offset direction is exact).
+    resolved: Scalar
     num_samples: int = eqx.field(static=True)
     num_coefficients: int = eqx.field(static=True)
 
@@ -96,23 +100,61 @@ class _Spectrum(eqx.Module):
         return gcv, self.num_samples * (1 - slack)
 
 
-def _spectrum(features: Float[Array, "N p"], targets: Float[Array, "N k"]) -> _Spectrum:
+def _spectrum(
+    features: Float[Array, "N p"], targets: Float[Array, "N k"], intercept: bool
+) -> _Spectrum:
     num_samples, num_coefficients = features.shape
+    total = jnp.sum(targets**2) / num_samples
     if num_samples <= num_coefficients:
         kernel = matmul(features, features.T) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(kernel)
         projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
+        resolved = eigenvalues[-1]
+    elif intercept:
+        # With a large common offset the Gram matrix is dominated by it, and its small
+        # eigenvalues are lost in float32. It factors exactly as LᵀBL with B =
+        # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
+        # singular values and right singular vectors of the small matrix
+        # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
+        mean, target_mean = jnp.mean(features[:, :-1], axis=0), jnp.mean(targets, axis=0)
+        centred = features[:, :-1] - mean
+        centred_gram = matmul(centred.T, centred) / num_samples
+        centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
+        root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T
+        factor = jnp.block(
+            [
+                [root, jnp.zeros_like(root[:, :1])],
+                [mean[None, :], jnp.ones_like(mean[:1])[None, :]],
+            ]
+        )
+        left, singular_values, vt = jnp.linalg.svd(factor)
+        # Ascending, as `eigh` would give them.
+        singular_values, left = singular_values[::-1], left[:, ::-1]
+        eigenvalues = singular_values**2
+        # F̂/√N = Q̃·factor with orthonormal Q̃ = [F_c U Λ^-½/√N, 1/√N], so the
+        # coefficients of Y in the left singular vectors are c = leftᵀ Q̃ᵀY/√N and
+        # b = s·c: the centred cross products, never the offset's.
+        centred_cross = matmul(centred_vectors.T, matmul(centred.T, targets)) / num_samples
+        safe = jnp.where(centred_eigenvalues > 0, centred_eigenvalues, 1)
+        whitened = jnp.where(
+            centred_eigenvalues[:, None] > 0, centred_cross / jnp.sqrt(safe)[:, None], 0
+        )
+        coordinates = jnp.concatenate([whitened, target_mean[None]])
+        projected = singular_values[:, None] * matmul(left.T, coordinates)
+        resolved = jnp.maximum(centred_eigenvalues[-1], 1)
     else:
         # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
         # like the Cholesky solver.
         gram = matmul(features.T, features) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(gram)
         projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
+        resolved = eigenvalues[-1]
     return _Spectrum(
         # Rounding can make the eigenvalues of a singular matrix slightly negative.
         eigenvalues=jnp.maximum(eigenvalues, 0),
         weights=jnp.sum(projected**2, axis=1),
-        total=jnp.sum(targets**2) / num_samples,
+        total=total,
+        resolved=resolved,
         num_samples=num_samples,
         num_coefficients=num_coefficients,
     )
@@ -120,22 +162,26 @@ def _spectrum(features: Float[Array, "N p"], targets: Float[Array, "N k"]) -> _S
 
 # Compiled once per shape and dtype: called eagerly, the golden-section loop would
 # otherwise be traced and compiled again on every call.
-@jax.jit
+@functools.partial(jax.jit, static_argnames="intercept")
 def gcv_penalty(
-    features: Float[Array, "N p"], targets: Float[Array, "N k"]
+    features: Float[Array, "N p"], targets: Float[Array, "N k"], intercept: bool = False
 ) -> tuple[Scalar, GCVStats]:
     r"""The ridge penalty $\alpha^* = \operatorname{argmin}_{\alpha > 0}\mathrm{GCV}(\alpha)$
     for the features $\hat F$ (`(N, p)`, the ones column included when there is a bias)
-    and the targets $Y$ (`(N, k)`).
+    and the targets $Y$ (`(N, k)`); `intercept` says the last column of $\hat F$ is
+    ones (then its spectrum is computed from the centred features, exactly, see
+    `_spectrum`).
 
     With the eigenvalues $\lambda_i$ of $\hat F^\top\hat F/N$ (or of $\hat F\hat F^\top/N$
     when $N \le p$), $\mathrm{tr}\,H_\alpha = \sum_i \lambda_i/(\lambda_i + \alpha)$ and the
     residual is a similar sum (see `_Spectrum`). GCV is evaluated on 64 points of
-    $\log\alpha$ spaced evenly over $[\varepsilon\lambda_{\max}, 100\lambda_{\max}]$:
-    below $\varepsilon\lambda_{\max}$ the penalty is lost in the rounding of
-    $\hat F^\top\hat F/N + \alpha I$, above $100\lambda_{\max}$ every direction is shrunk
-    by over 99% and GCV is flat at its limit $\|Y\|_F^2/N$. The best grid point is then
-    refined by golden-section search on $\log\alpha$ between its two neighbours.
+    $\log\alpha$ spaced evenly over $[\varepsilon\lambda_{\rm res}, 100\lambda_{\max}]$:
+    below $\varepsilon\lambda_{\rm res}$ the penalty is lost in rounding
+    ($\lambda_{\rm res} = \lambda_{\max}$, or with an intercept the largest eigenvalue
+    of the centred Gram matrix and 1, since the offset is handled exactly), above
+    $100\lambda_{\max}$ every direction is shrunk by over 99% and GCV is flat at its
+    limit $\|Y\|_F^2/N$. The best grid point is then refined by golden-section search
+    on $\log\alpha$ between its two neighbours.
 
     Everything is `jax.lax`, so it is jittable and vmappable. The inputs are not
     differentiated (the caller holds $\alpha^*$ fixed).
@@ -144,13 +190,16 @@ def gcv_penalty(
 
     `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
     """
-    spectrum = _spectrum(features, targets)
+    spectrum = _spectrum(features, targets, intercept)
     dtype = spectrum.eigenvalues.dtype
     eps = jnp.finfo(dtype).eps
     top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
+    resolved = jnp.log(jnp.where(spectrum.resolved > 0, spectrum.resolved, 1))
     # All-zero features: every alpha fits nothing, and any scale will do.
     log_top = jnp.log(jnp.where(top > 0, top, 1))
-    grid = log_top + jnp.linspace(math.log(eps), math.log(_GRID_TOP), _GRID_POINTS, dtype=dtype)
+    grid = jnp.linspace(
+        resolved + math.log(eps), log_top + math.log(_GRID_TOP), _GRID_POINTS, dtype=dtype
+    )
     values, _ = spectrum(grid)
     best = jnp.argmin(values)
     lo = grid[jnp.maximum(best - 1, 0)]

@@ -267,7 +267,7 @@ def fit_ridge(
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
         penalty, stats = gcv_penalty(
-            jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets)
+            jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets), use_bias
         )
         unregularised = False
     else:
