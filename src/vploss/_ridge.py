@@ -130,25 +130,35 @@ def vploss_msereg(
         one vector-Jacobian product of the model;
     - the readout: $\dot{\hat W}^{*} = -H^{-1}\partial_\theta\nabla_{\hat W}J\,\dot\theta$
         with $H = \hat F^\top\hat F/N + \alpha_2 I$ (implicit function theorem), solved
-        like the readout itself (the dual solver differentiates its kernel formula), so
+        like the readout itself (the dual solver differentiates its kernel formula; no
+        factorisation is ever differentiated, so second derivatives are finite at
+        repeated singular values), so
         that a loss computed from the readout (a validation error, a meta-objective)
         has its exact gradient. It costs nothing when only the loss is differentiated
         (the solve is dead code). Second derivatives of the loss are exact too.
 
-    **Solvers** (`solver=`):
+    **Solvers** (`solver=`). Every solver works on the exactly equivalent *centred*
+    problem (see `vploss._lstsq`): with the column means $\mu$ of $F$ and $\bar y$ of
+    $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top f_j)/(1 +
+    \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus one
+    row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
+    (time stamps, kelvin, pixels 0-255) never enters a Gram matrix, so no direction is
+    lost to it (measured: within 1.1x of NumPy's backward-stable `lstsq` loss in the
+    same precision for offsets up to 1e6 and column scales from 1e-3 to 1e3).
 
-    - `"cholesky"`: the `(m+1, m+1)` Gram matrix, a shifted Cholesky factor and two
-        steps of iterative refinement with the residual of the tall problem. Its only
-        reduction over samples is a matmul, so it shards along the batch. In float32
-        its gradient is as accurate as an SVD or QR solve of the tall matrix (measured
-        against float64), at the cost of one Gram matrix, and it avoids LAPACK on the
-        tall matrix altogether.
-    - `"dual"`: the same on the `(N, N)` kernel matrix $\hat F\hat F^\top/N$, for
-        `N < m + 1` (overparameterised features). It couples all samples, so a batch
-        sharded over devices is gathered: use `"cholesky"` there.
-    - `"svd"`: the regularised SVD of the tall matrix $\hat F/\sqrt N$; with
-        `alpha2 = 0`, singular values below a relative cut-off are dropped. It gathers
-        a sharded batch too.
+    - `"cholesky"`: the `(m, m)` Gram matrix of the centred features, a Cholesky
+        factor scaled by its diagonal and shifted by $\varepsilon m$, and three steps
+        of iterative refinement with the residual $Z^\top(T - ZW) - \alpha_2 W$ of the
+        tall problem, so its error is that of a QR solve. Its only reductions over
+        samples are the means and a matmul, so it shards along the batch.
+    - `"dual"`: the `(N+1, N+1)` kernel matrix of the centred rows, for `N < m + 1`
+        (overparameterised features): a refined Cholesky solve when `alpha2 > 0`, the
+        pseudo-inverse from its eigendecomposition when `alpha2 = 0`. It couples all
+        samples, so a batch sharded over devices is gathered: use `"cholesky"` there.
+        With more samples than coefficients its kernel is singular and the formula
+        divides the least-squares residual by `alpha2`: not for that case.
+    - `"svd"`: the regularised SVD of the centred rows; with `alpha2 = 0`, singular
+        values below a relative cut-off are dropped. It gathers a sharded batch too.
     - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
         when `N < m + 1`, else `"cholesky"`.
 
