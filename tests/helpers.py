@@ -146,3 +146,44 @@ def logistic_reference(features, labels, alpha2, softmax=False, use_bias=True):
             t /= 2
         coef = coef - t * step
     return value_grad_hess(coef)[0], coef
+
+
+def stacked_ridge(features, targets, alpha2, use_bias=True):
+    """`[F̂/√N; √alpha2 I]` and `[Y/√N; 0]` in the dtype of `features`."""
+    features = np.asarray(features)
+    targets = np.asarray(targets).reshape(len(features), -1)
+    n = len(features)
+    if use_bias:
+        features = np.c_[features, np.ones(n, features.dtype)]
+    p = features.shape[1]
+    a = np.r_[features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)].astype(features.dtype)
+    b = np.r_[targets / np.sqrt(n), np.zeros((p, targets.shape[1]))].astype(features.dtype)
+    return a, b
+
+
+def ridge_loss64(features, targets, alpha2, coef, use_bias=True):
+    """The ridge objective of the stacked coefficients `coef`, in float64."""
+    a, b = stacked_ridge(
+        np.asarray(features, np.float64), np.asarray(targets, np.float64), alpha2, use_bias
+    )
+    return 0.5 * np.sum((a @ np.asarray(coef, np.float64) - b) ** 2)
+
+
+def stacked_coef(readout):
+    """`[W, b]ᵀ` of a `VPLinear` as a NumPy array."""
+    weight = np.asarray(readout.weight).T
+    if readout.bias is None:
+        return weight
+    return np.r_[weight, np.asarray(readout.bias)[None]]
+
+
+def same_precision_ridge_loss(features, targets, alpha2, use_bias=True):
+    """The float64 loss of the same-precision backward-stable solve, and a floor for
+    problems fitted to rounding level (interpolation): the residual of a computed
+    solution cannot be resolved below ~eps·|y| per sample, so the loss below ~(c·eps)²
+    times ½ mean(y²); c = 100."""
+    a, b = stacked_ridge(features, targets, alpha2, use_bias)
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    eps = np.finfo(np.asarray(features).dtype).eps
+    floor = (100 * eps) ** 2 * 0.5 * np.mean(np.asarray(targets, np.float64) ** 2)
+    return ridge_loss64(features, targets, alpha2, coef, use_bias), floor

@@ -13,7 +13,14 @@ import pytest
 
 import vploss
 
-from .helpers import logistic_reference, mlp, ridge_reference
+from .helpers import (
+    logistic_reference,
+    mlp,
+    ridge_loss64,
+    ridge_reference,
+    same_precision_ridge_loss,
+    stacked_coef,
+)
 
 
 N = 30
@@ -296,6 +303,81 @@ DUPLICATED = jnp.concatenate([F, F], axis=1)
 SINGLE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 RUNTIME = eqx.EquinoxRuntimeError
 F32 = F.astype(jnp.float32)
+
+
+def _line(offset, dtype, n=2000):
+    t = offset + np.arange(float(n))[:, None]
+    return t.astype(dtype), (2020 + 2020 * np.arange(float(n))).astype(dtype)
+
+
+def _column_scales(dtype):
+    rng = np.random.default_rng(1)
+    scales = np.array([1e-3, 1e-2, 1.0, 10.0, 1e2, 1e3])
+    features = rng.normal(size=(500, 6)) * scales
+    return features.astype(dtype), (features @ (1 / scales)).astype(dtype)
+
+
+def _pixels_relu(dtype, n=1000):
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (n, 30)).astype(np.float64)
+    features = np.maximum(pixels @ rng.normal(size=(30, 16)) / 5, 0)
+    return features.astype(dtype), rng.normal(size=n).astype(dtype)
+
+
+def same_precision(features, targets, alpha2=1e-6):
+    """The readout's loss (in float64) within 1.1x of a backward-stable solve of the
+    stacked system in the same precision (NumPy's `lstsq`), up to rounding level."""
+
+    def check(result):
+        readout = result[1] if isinstance(result, tuple) else result
+        loss = ridge_loss64(features, targets, alpha2, stacked_coef(readout))
+        reference, floor = same_precision_ridge_loss(features, targets, alpha2)
+        assert loss <= 1.1 * reference + floor, (loss, reference)
+
+    return check
+
+
+def _repeated_inputs():
+    rng = np.random.default_rng(3)
+    return np.repeat(rng.normal(size=(2, 8)), 3, axis=0), rng.normal(size=6)
+
+
+def pseudo_inverse_matches(features, targets):
+    """The minimum-norm least-squares readout and its loss (NumPy's `pinv`)."""
+
+    def check(result):
+        loss, readout = result
+        coef = np.linalg.pinv(np.c_[features, np.ones(len(features))]) @ targets
+        close(loss, ridge_loss64(features, targets, 0.0, coef[:, None]), rtol=1e-8)
+        close(stacked_coef(readout)[:, 0], coef, rtol=1e-6, atol=1e-8)
+
+    return check
+
+
+def _hadamard_readout_curvature():
+    """The second derivative of a validation loss through the SVD readout of
+    orthogonal equal-norm (Hadamard) columns, and its central difference."""
+    h = np.array([[1.0, 1.0], [1.0, -1.0]])
+    columns = np.kron(np.kron(h, h), h)[:, 1:5]
+    y = np.random.default_rng(4).normal(size=8)
+    x_val = jnp.asarray(np.random.default_rng(5).normal(size=(5, 4)))
+
+    def validation(scale):
+        model = lambda v: scale * v  # noqa: E731
+        _, readout = ridge(model, columns, y, alpha2=1e-3, solver="svd")
+        return jnp.mean(jax.vmap(lambda v: readout(model(v)))(x_val) ** 2)
+
+    gradient = jax.grad(validation)
+    one, h_step = jnp.asarray(1.0), 1e-5
+    fd = (gradient(one + h_step) - gradient(one - h_step)) / (2 * h_step)
+    return jax.grad(gradient)(one), fd
+
+
+def finite_and_matches_difference(result):
+    second, fd = result
+    assert np.isfinite(float(second))
+    close(second, fd, rtol=1e-6)
+
 
 ROWS = {
     # vploss_msereg
@@ -639,6 +721,57 @@ ROWS = {
     ),
     "readout-scalar-output-with-k-2": Row(
         lambda: vploss.VPLinear(jnp.ones((2, 3)), None, scalar_output=True), ValueError, "(1, m)"
+    ),
+    # Raw units: offsets and scales (the Gram matrix of the uncentred features lost
+    # every direction but the offset's), the alpha2 = 0 kernel, second derivatives.
+    "ridge-offset-2020-line-float32": Row(
+        lambda: ridge(identity, *_line(0.0, np.float32)),
+        check=same_precision(*_line(0.0, np.float32)),
+    ),
+    "ridge-offset-1e6-float64": Row(
+        lambda: ridge(identity, *_line(1e6, np.float64)),
+        check=same_precision(*_line(1e6, np.float64)),
+    ),
+    "ridge-offset-1e6-float32": Row(
+        lambda: ridge(identity, *_line(1e6, np.float32)),
+        check=same_precision(*_line(1e6, np.float32)),
+    ),
+    "ridge-column-scales-float32": Row(
+        lambda: ridge(identity, *_column_scales(np.float32)),
+        check=same_precision(*_column_scales(np.float32)),
+    ),
+    "ridge-pixels-relu-float32": Row(
+        lambda: ridge(identity, *_pixels_relu(np.float32)),
+        check=same_precision(*_pixels_relu(np.float32)),
+    ),
+    "ridge-dual-pixels-relu-float32": Row(
+        lambda: ridge(identity, *_pixels_relu(np.float32, n=12), solver="dual"),
+        check=same_precision(*_pixels_relu(np.float32, n=12)),
+    ),
+    "refit-ridge-offset-1e6-float32": Row(
+        lambda: vploss.refit_readout(
+            identity,
+            [
+                (a, b)
+                for a, b in zip(*(np.split(v, 4) for v in _line(1e6, np.float32)), strict=True)
+            ],
+            loss=ridge,
+            alpha2=1e-6,
+        ),
+        check=same_precision(*_line(1e6, np.float32)),
+    ),
+    "ridge-dual-alpha2-0-repeated-inputs": Row(
+        lambda: ridge(identity, *_repeated_inputs(), alpha2=0.0, solver="dual"),
+        check=pseudo_inverse_matches(*_repeated_inputs()),
+    ),
+    "ridge-auto-traced-alpha2-0-repeated-inputs": Row(
+        lambda: eqx.filter_jit(lambda a: ridge(identity, *_repeated_inputs(), alpha2=a))(
+            jnp.asarray(0.0)
+        ),
+        check=pseudo_inverse_matches(*_repeated_inputs()),
+    ),
+    "ridge-svd-readout-hessian-repeated-singular-values": Row(
+        _hadamard_readout_curvature, check=finite_and_matches_difference
     ),
 }
 

@@ -279,13 +279,14 @@ class DualLstsq(AbstractLstsqMethod):
     $(ZZ^\top + \alpha I)C = T$, an `(N+1, N+1)` system (`kernel_solve`). Its derivative
     is that of this formula, with no `(m, m)` solve. It gathers a sharded batch.
 
-    With $\alpha > 0$: a scaled and shifted Cholesky factor of the kernel and
-    `refine_steps` steps of refinement with the residual $T - Z(Z^\top C) - \alpha C$
-    from the wide matrix. With $\alpha = 0$: the pseudo-inverse of the kernel from its
-    eigendecomposition, eigenvalues below $\varepsilon\max(N, m)\lambda_{\max}$
-    dropped. (A shifted factor cannot do that: the component of $T$ outside the range
-    of $Z$, the least-squares residual, is divided by the shift, and $Z^\top$ of that
-    large vector is rounding noise of the size of $W$.)"""
+    The kernel is solved through its eigendecomposition, with the eigenvalues below
+    $\varepsilon(N+1)\lambda_{\max}$ (below what the kernel resolves in working
+    precision) dropped, and `refine_steps` steps of refinement with the residual $T -
+    Z(Z^\top C) - \alpha C$ from the wide matrix. Dropping them matters whenever the
+    least-squares residual is not zero (rank-deficient rows, e.g. repeated inputs):
+    its component along a (numerical) null direction of the kernel would be divided by
+    $\lambda + \alpha$, a shift or $\alpha$ itself, and $Z^\top$ of that large vector
+    is rounding noise of the size of $W$. With $\alpha = 0$ it is the pseudo-inverse."""
 
     refine_steps: int = 3
 
@@ -298,27 +299,17 @@ class DualLstsq(AbstractLstsqMethod):
 
     def kernel_solve(self, design: Stack, alpha2: Scalar, rhs: Stack) -> Stack:
         kernel = design.kernel()
-        flat = lambda a: a.dense()  # noqa: E731
-        unflat = lambda a: Stack(a[:-1], a[-1])  # noqa: E731
+        eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
+        eps = jnp.finfo(kernel.dtype).eps
+        kept = eigenvalues > eps * kernel.shape[0] * jnp.max(eigenvalues)
+        inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues + alpha2, 1), 0)
 
-        def regularised(b):
-            solve = _shifted_cholesky(kernel, alpha2)
-            residual = lambda c: b - design.mv(design.rmv(c)) - c.scale(alpha2)  # noqa: E731
-            step = lambda r: unflat(solve(flat(r)))  # noqa: E731
-            return _refine(step, residual, step(b), self.refine_steps)
+        def step(r):
+            flat = matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, r.dense()))
+            return Stack(flat[:-1], flat[-1])
 
-        def pseudo_inverse(b):
-            eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
-            eps = jnp.finfo(kernel.dtype).eps
-            largest = jnp.max(eigenvalues)
-            kept = eigenvalues > eps * max(design.rows.shape) * largest
-            inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues, 1), 0)
-            solve = lambda r: matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, r))  # noqa: E731
-            residual = lambda c: b - design.mv(design.rmv(c))  # noqa: E731
-            step = lambda r: unflat(solve(flat(r)))  # noqa: E731
-            return _refine(step, residual, step(b), self.refine_steps)
-
-        return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse, rhs)
+        residual = lambda c: rhs - design.mv(design.rmv(c)) - c.scale(alpha2)  # noqa: E731
+        return _refine(step, residual, step(rhs), self.refine_steps)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

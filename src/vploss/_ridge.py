@@ -60,13 +60,23 @@ class RidgeSolver(AbstractInnerSolver):
     def coefficients(self, args: RidgeArgs) -> Float[Array, "p k"]:
         features, targets, alpha2 = args
 
-        # The normal equations need the intercept eliminated (its Gram matrix would
-        # hold the offset again); the SVD and the kernel take the equivalent rows.
-        eliminate = isinstance(self.method, CholeskyLstsq)
-        design, response, coefficients = centred_problem(
-            features, targets, alpha2, self.intercept, eliminate
-        )
-        return coefficients(self.method(design, response, alpha2))
+        def solve(eliminate):
+            design, response, coefficients = centred_problem(
+                features, targets, alpha2, self.intercept, eliminate
+            )
+            return coefficients(self.method(design, response, alpha2))
+
+        # Eliminating the intercept keeps the offset out of the normal equations and
+        # out of the kernel (whose eigenvalues are resolved relative to the largest);
+        # with alpha2 = 0 it would not give the minimum-norm [W; b] (it minimises |W|
+        # alone), so the SVD and the kernel take the equivalent uneliminated rows there.
+        if isinstance(self.method, CholeskyLstsq):
+            return solve(True)
+        if isinstance(self.method, SVDLstsq):
+            return solve(False)
+        if not isinstance(alpha2, jax.core.Tracer):
+            return solve(bool(alpha2 > 0))
+        return jax.lax.cond(alpha2 > 0, lambda: solve(True), lambda: solve(False))
 
     def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
         del init
