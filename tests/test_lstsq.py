@@ -50,6 +50,7 @@ CASES = {
     "line": lambda d: _line(d, 0.0),
     "offset-1e6": lambda d: _line(d, 1e6),
     "kelvin": _kelvin,
+    "kelvin-few": lambda d: tuple(a[:300] for a in _kelvin(d)),
     "scales-1e-3-1e3": _scales,
     "scales-offset-1e3": lambda d: _scales(d, 1e3),
     "pixels": _pixels,
@@ -66,10 +67,8 @@ def _identity(v):
 @pytest.mark.parametrize("case", CASES)
 def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver, dtype):
     features, targets = CASES[case](dtype)
-    if solver == "dual" and len(features) > features.shape[1] + 1:
-        # With more samples than coefficients the kernel is singular: the dual formula
-        # divides the least-squares residual by alpha2 (documented on `DualLstsq`).
-        pytest.skip("the dual form is for fewer samples than coefficients")
+    if solver == "dual" and len(features) > 500:
+        pytest.skip("the dual form is for few samples: an (N+1)² eigendecomposition")
     alpha2 = 1e-6
     _, readout = vploss_msereg(_identity, features, targets, alpha2=alpha2, solver=solver)
     assert readout.weight.dtype == dtype

@@ -162,11 +162,11 @@ def vploss_msereg(
         tall problem, so its error is that of a QR solve. Its only reductions over
         samples are the means and a matmul, so it shards along the batch.
     - `"dual"`: the `(N+1, N+1)` kernel matrix of the centred rows, for `N < m + 1`
-        (overparameterised features): a refined Cholesky solve when `alpha2 > 0`, the
-        pseudo-inverse from its eigendecomposition when `alpha2 = 0`. It couples all
-        samples, so a batch sharded over devices is gathered: use `"cholesky"` there.
-        With more samples than coefficients its kernel is singular and the formula
-        divides the least-squares residual by `alpha2`: not for that case.
+        (overparameterised features): its eigendecomposition, with the directions it
+        cannot resolve dropped (so a rank-deficient kernel, e.g. repeated inputs, is
+        right; with `alpha2 = 0`, the pseudo-inverse), and three steps of refinement.
+        It couples all samples, so a batch sharded over devices is gathered: use
+        `"cholesky"` there.
     - `"svd"`: the regularised SVD of the centred rows; with `alpha2 = 0`, singular
         values below a relative cut-off are dropped. It gathers a sharded batch too.
     - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
