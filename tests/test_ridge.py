@@ -299,12 +299,40 @@ def test_non_finite_data_raise_at_run_time():
         eqx.filter_jit(vploss_msereg)(model, x, y.at[0].set(jnp.inf))
 
 
-def test_readout_validation():
-    # (Under the test suite's jaxtyping hook the annotations catch these first.)
-    with pytest.raises((ValueError, TypeError), match=r"weight"):
-        VPLinear(jnp.ones(3), None)
-    with pytest.raises((ValueError, TypeError), match=r"bias"):
-        VPLinear(jnp.ones((2, 3)), jnp.ones(3))
+def _unchecked_readout(weight, bias, scalar_output=False):
+    """A `VPLinear` built without running any check (neither `__check_init__` nor the
+    jaxtyping hook's annotation checks), to test `__check_init__` itself."""
+    readout = object.__new__(VPLinear)
+    for name, value in [
+        ("weight", weight),
+        ("bias", bias),
+        ("scalar_output", scalar_output),
+        ("stats", None),
+    ]:
+        object.__setattr__(readout, name, value)
+    return readout
+
+
+@pytest.mark.parametrize(
+    "weight, bias, scalar_output, match",
+    [
+        (jnp.ones(3), None, False, r"VPLinear.weight must have shape \(k, m\); got shape \(3,\)"),
+        (jnp.ones((2, 3)), jnp.ones(3), False, r"VPLinear.bias must have shape \(k,\) = \(2,\)"),
+        (jnp.ones((2, 3)), None, True, r"scalar_output=True needs weight of shape \(1, m\)"),
+    ],
+    ids=["weight-rank-1", "bias-shape", "scalar-output-with-k-2"],
+)
+def test_readout_validation(weight, bias, scalar_output, match):
+    # The readout's own checks, called directly: under the test suite's jaxtyping hook
+    # the annotations would reject the first two at construction before they run.
+    with pytest.raises(ValueError, match=match):
+        VPLinear.__check_init__(_unchecked_readout(weight, bias, scalar_output))
+    # Constructed, the hook (a TypeError naming the field) or the check raises.
+    with pytest.raises((ValueError, TypeError)):
+        VPLinear(weight, bias, scalar_output)
+
+
+def test_readout_call():
     readout = VPLinear(jnp.ones((2, 3)), jnp.zeros(2))
     with pytest.raises(ValueError, match=r"features of one sample, shape \(3,\)"):
         readout(jnp.ones(4))
