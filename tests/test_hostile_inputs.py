@@ -1,7 +1,11 @@
-"""Walks the table of hostile and edge inputs in docs/hostile_inputs.md: each row is one
-case, asserting either the exact error (type and a message fragment naming the problem)
-or a finite answer checked against an independent reference."""
+"""The hostile and edge inputs of docs/hostile_inputs.md: each row of its table is one
+`Row` of `ROWS` here, with the same id, asserting either the exact error (type and a
+message fragment naming the problem) or a finite answer checked against an independent
+reference. `test_doc_table_matches_rows` checks that the table and `ROWS` agree one to
+one (ids, numbering, error types and message fragments): add a case to both."""
 
+import pathlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -408,3 +412,51 @@ def test_readout_rejects_a_batch_without_the_type_checker():
         ValueError, match=r"features of one sample, shape \(6,\); got shape \(2, 3\)"
     ):
         unchecked_call(readout, jnp.ones((2, 3)))
+
+
+DOC = pathlib.Path(__file__).parent.parent / "docs" / "hostile_inputs.md"
+
+
+def doc_table():
+    """The table of docs/hostile_inputs.md as `(number, id, behaviour)` per row."""
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if not re.match(r"^\| \d+ \|", line):
+            continue
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 5, f"a row of the table needs 5 cells: {line!r}"
+        number, case, _, _, behaviour = cells
+        rows.append((int(number), case.strip("`"), behaviour))
+    return rows
+
+
+def expected_behaviour(row):
+    """The start of the behaviour cell that a `Row` implies."""
+    if row.error is None:
+        return "finite"
+    return f"error: `{row.error.__name__}`, message containing ``{row.fragment}``"
+
+
+def test_doc_table_matches_rows():
+    table = doc_table()
+    assert [number for number, _, _ in table] == list(range(1, len(table) + 1)), (
+        "the table's rows must be numbered 1, 2, ..."
+    )
+    ids = [case for _, case, _ in table]
+    duplicated = sorted({case for case in ids if ids.count(case) > 1})
+    assert not duplicated, f"ids repeated in the table: {duplicated}"
+    only_doc = [case for case in ids if case not in ROWS]
+    only_test = [case for case in ROWS if case not in ids]
+    assert not only_doc and not only_test, (
+        f"in docs/hostile_inputs.md only: {only_doc}; in ROWS only: {only_test}"
+    )
+    wrong = [
+        f"{case}: the behaviour cell must start {expected_behaviour(ROWS[case])!r}; "
+        f"it is {behaviour!r}"
+        for _, case, behaviour in table
+        if not behaviour.startswith(expected_behaviour(ROWS[case]))
+    ]
+    assert not wrong, "\n".join(wrong)
+    # Only the table's count: the README states it.
+    readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"{len(table)} hostile" in readme, "update the count of hostile inputs in README.md"
