@@ -34,6 +34,7 @@ class NewtonWhileLoop(AbstractInnerSolver):
         return w, steps
 
 
+@jax.jit  # compiled once per transformation, not dispatched op by op
 def reduced(a, s):
     return envelope_minimise(quartic_objective, NewtonWhileLoop(), (a, s))
 
