@@ -93,9 +93,9 @@ def test_undifferentiated_arguments_get_no_tangent():
     zero tangent for it. The derivative is ½‖w*‖²."""
     a = jnp.array([1.0, -2.0, 0.5])
     CALLS.clear()
-    gs = jax.grad(
-        lambda s: envelope_minimise(recording_objective, NewtonWhileLoop(), (a, s))[0]
-    )(jnp.asarray(0.7))
+    gs = jax.grad(lambda s: envelope_minimise(recording_objective, NewtonWhileLoop(), (a, s))[0])(
+        jnp.asarray(0.7)
+    )
     np.testing.assert_allclose(gs, 0.5 * jnp.sum(reduced(a, 0.7)[1] ** 2), rtol=1e-12)
     assert CALLS, "the derivative rule never called the objective"
     assert not any(CALLS), f"`a` was differentiated (traced) in calls {CALLS}"

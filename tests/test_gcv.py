@@ -157,9 +157,7 @@ def test_float32_chooses_the_float64_penalty():
     values, _, _ = brute_force_gcv(features, targets, [alpha32, alpha64], use_bias=True)
     assert values[0] <= values[1] * (1 + tolerance)
     h = 0.1
-    curve, _, _ = brute_force_gcv(
-        features, targets, alpha64 * np.exp([-h, 0.0, h]), use_bias=True
-    )
+    curve, _, _ = brute_force_gcv(features, targets, alpha64 * np.exp([-h, 0.0, h]), use_bias=True)
     curvature = (curve[0] - 2 * curve[1] + curve[2]) / h**2 / curve[1]
     assert curvature > 0
     assert abs(np.log(alpha32 / alpha64)) <= np.sqrt(2 * tolerance / curvature)

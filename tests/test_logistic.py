@@ -155,6 +155,7 @@ def test_float32_gradient_close_to_float64():
     np.testing.assert_allclose(
         flatten(fixed_readout_gradient(model64, x, y, coef64)), grad64, rtol=1e-9, atol=1e-12
     )
+
     def jacobian(coef):  # of the gradient in the readout, float64
         jac = jax.jacfwd(
             lambda c: jax.flatten_util.ravel_pytree(fixed_readout_gradient(model64, x, y, c))[0]

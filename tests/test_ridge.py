@@ -199,8 +199,7 @@ def test_float32_matches_float64(solver):
     )
     m32, x32, y32 = cast(model, jnp.float32), x.astype(jnp.float32), y.astype(jnp.float32)
     evaluation = np.linalg.norm(
-        flatten(fixed_readout_gradient(m32, x32, y32, jnp.asarray(coef64, jnp.float32)))
-        - grad64
+        flatten(fixed_readout_gradient(m32, x32, y32, jnp.asarray(coef64, jnp.float32))) - grad64
     ) / np.linalg.norm(grad64)
 
     loss32, readout32 = vploss_msereg(m32, x32, y32, alpha2=alpha2, solver=solver)
