@@ -144,11 +144,13 @@ def test_float32_gradient_close_to_float64():
     model64, model32 = mlp(dtype=jnp.float64), mlp(dtype=jnp.float32)
     x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
     loss_fn = lambda m, x, y: vploss_bce(m, x, y, alpha2=alpha2)  # noqa: E731
-    (_, readout64), grad64 = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model64, x, y)
-    (_, readout32), grad32 = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model32, x32, y32)
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn, has_aux=True))
+    (_, readout64), grad64 = value_and_grad(model64, x, y)
+    (_, readout32), grad32 = value_and_grad(model32, x32, y32)
     grad64, grad32 = flatten(grad64), flatten(grad32)
     coef64 = jnp.concatenate([readout64.weight.T, readout64.bias[None]])
 
+    @eqx.filter_jit
     def fixed_readout_gradient(m, x, y, coef):
         return eqx.filter_grad(_fixed_readout_bce)(m, x, y, coef, alpha2)
 
@@ -156,11 +158,14 @@ def test_float32_gradient_close_to_float64():
         flatten(fixed_readout_gradient(model64, x, y, coef64)), grad64, rtol=1e-9, atol=1e-12
     )
 
-    def jacobian(coef):  # of the gradient in the readout, float64
-        jac = jax.jacfwd(
+    @jax.jit
+    def _jacobian(coef):  # of the gradient in the readout, float64
+        return jax.jacfwd(
             lambda c: jax.flatten_util.ravel_pytree(fixed_readout_gradient(model64, x, y, c))[0]
         )(coef)
-        return np.asarray(jac).reshape(grad64.size, -1)
+
+    def jacobian(coef):
+        return np.asarray(_jacobian(coef)).reshape(grad64.size, -1)
 
     evaluation = np.linalg.norm(
         flatten(fixed_readout_gradient(model32, x32, y32, coef64.astype(jnp.float32))) - grad64
