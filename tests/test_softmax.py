@@ -143,6 +143,7 @@ def test_jit_and_vmap():
     np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_outer_bfgs_trains_the_model_full_batch():
     """Full-batch quasi-Newton training of θ on the reduced loss (optimistix BFGS on
     the envelope gradient): its line search needs exact gradients of the reduced loss,
