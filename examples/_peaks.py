@@ -77,7 +77,7 @@ def _loop(step, params, state, steps, record, test_error, label):
     errors, times = {}, {}
     elapsed = 0.0
     jax.block_until_ready(step(params, state))  # compile outside the timed loop
-    for i in tqdm(range(1, steps + 1), desc=label, leave=False):
+    for i in tqdm(range(1, steps + 1), desc=label, leave=False, disable=None):
         start = time.perf_counter()
         params, state = step(params, state)
         jax.block_until_ready(state)

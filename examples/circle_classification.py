@@ -85,7 +85,7 @@ def train(kind, x, y, x_test, y_test, steps, checkpoints, key):
 
     readout = vploss_bce(model[0], x, y, alpha2=ALPHA2)[1] if kind == "varpro" else None
     rows = []
-    for i in tqdm(range(1, steps + 1), desc=kind, leave=False):
+    for i in tqdm(range(1, steps + 1), desc=kind, leave=False, disable=None):
         params, state, loss, readout = step(params, state, readout)
         if i in checkpoints:
             accuracy = jnp.mean((predictor(params, readout)(x_test) > 0) == (y_test > 0.5))

@@ -92,7 +92,7 @@ def train(kind, data, steps, batch, evaluate_every, key):
     # Compile outside the timed loop.
     jax.block_until_ready(step(params, state, x[batches[0]], y[batches[0]], readout))
     rows, elapsed = [], 0.0
-    for i in tqdm(range(1, steps + 1), desc=kind, leave=False):
+    for i in tqdm(range(1, steps + 1), desc=kind, leave=False, disable=None):
         start = time.perf_counter()
         params, state, loss, readout = step(
             params, state, x[batches[i - 1]], y[batches[i - 1]], readout

@@ -161,7 +161,7 @@ def train_full(model, x_train, work, key, lr):
     opt_state = optimiser.init(eqx.filter(params, eqx.is_inexact_array))
     stream = batches(key, x_train, ADAM_BATCH)
     history, done = [], 0
-    for _ in tqdm(range(work // ADAM_BATCH), desc="full Adam", leave=False):
+    for _ in tqdm(range(work // ADAM_BATCH), desc="full Adam", leave=False, disable=None):
         params, opt_state, value = full_step(params, opt_state, next(stream), optimiser)
         done += ADAM_BATCH
         history.append((done, float(value)))
@@ -175,7 +175,7 @@ def train_varpro(model, x_train, work, key, lr, lbfgs_fraction=0.0):
     adam_work = int(work * (1 - lbfgs_fraction))
     history, done = [], 0
     name = "Adam-VarPro" if lbfgs_fraction == 0 else "Adam→L-BFGS-VarPro"
-    bar = tqdm(total=work, desc=name, leave=False)
+    bar = tqdm(total=work, desc=name, leave=False, disable=None)
     while done + VARPRO_BATCH <= adam_work:
         model, opt_state, value = varpro_step(model, opt_state, next(stream), optimiser)
         done += VARPRO_BATCH

@@ -105,6 +105,30 @@ def ridge_reference(features, targets, alpha2, use_bias=True):
     return loss, coef
 
 
+def ridge_float32_error_bound(features, targets, alpha2, use_bias=True):
+    """A bound on the relative error of a ridge readout computed in float32 by a
+    backward-stable method (QR, SVD or refined Cholesky of the stacked system), from
+    least-squares perturbation theory (Wedin; Higham, *Accuracy and Stability*, Thm.
+    20.1): `eps32·(2κ + κ²·η)`, with `κ` the condition number of the stacked matrix
+    `A = [F̂/√N; √alpha2 I]` and `η = ‖r‖/(‖A‖‖x‖)` the relative residual of the
+    float64 solution `x`. (The normal equations without refinement reach `eps32·κ²`
+    regardless of the residual: far above the bound when the fit is good.)
+    Returns `(bound, coef)` with the float64 coefficients."""
+    features = np.asarray(features, np.float64)
+    targets = np.asarray(targets, np.float64).reshape(features.shape[0], -1)
+    n = features.shape[0]
+    if use_bias:
+        features = np.concatenate([features, np.ones((n, 1))], axis=1)
+    p = features.shape[1]
+    a = np.concatenate([features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)])
+    b = np.concatenate([targets / np.sqrt(n), np.zeros((p, targets.shape[1]))])
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    singular = np.linalg.svd(a, compute_uv=False)
+    kappa = singular[0] / singular[-1]
+    eta = np.linalg.norm(a @ coef - b) / (singular[0] * np.linalg.norm(coef))
+    return float(np.finfo(np.float32).eps * (2 * kappa + kappa**2 * eta)), coef
+
+
 def logistic_reference(features, labels, alpha2, softmax=False, use_bias=True):
     """The logistic (sigmoid, or softmax with `softmax=True`) readout and loss by a
     dense NumPy Newton method with step halving, float64, to a gradient of 1e-14,

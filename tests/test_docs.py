@@ -13,6 +13,7 @@ jupytext. After editing a script, regenerate and execute its notebook at full si
 `examples/` are not kept).
 """
 
+import ast
 import json
 import pathlib
 import re
@@ -85,3 +86,92 @@ def test_notebook_matches_its_script(script):
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     assert all(cell["execution_count"] is not None for cell in code), "stored unexecuted"
     assert any(cell["outputs"] for cell in code), "stored without outputs"
+
+
+# Control characters other than the newline: a TAB, form feed, BEL or backspace in a
+# source file is almost always a LaTeX command eaten by a non-raw string ("\theta",
+# "\frac", "\alpha", "\beta"), which the rendered documentation then shows.
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".cff", ".ipynb", ".js", ".txt", ""}
+
+
+def _tracked_text_files():
+    skip = {".git", ".venv", "venv", "build", "dist", "site", "__pycache__", ".pytest_cache"}
+    for path in sorted(ROOT.rglob("*")):
+        parts = set(path.relative_to(ROOT).parts)
+        if path.is_file() and not parts & skip and not any(p.endswith(".egg-info") for p in parts):
+            if path.suffix in TEXT_SUFFIXES and path.name != "LICENSE":
+                yield path
+
+
+def test_no_control_characters_in_text_files():
+    found = []
+    for path in _tracked_text_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.split("\n"), start=1):
+            if match := CONTROL.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {match.group()!r} in {line!r}")
+    assert not found, "control characters (write LaTeX in r-strings):\n" + "\n".join(found)
+
+
+def _docstrings(path):
+    """`(name, literal source, value)` of the module's, classes' and functions' docstrings."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    nodes = [tree] + [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    for node in nodes:
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            if isinstance(body[0].value.value, str):
+                name = getattr(node, "name", "<module>")
+                literal = ast.get_source_segment(source, body[0].value)
+                yield f"{path.name}:{body[0].lineno} {name}", literal, body[0].value.value
+
+
+def _maths_problems(doc):
+    """Unbalanced `$`/`$$` delimiters in a docstring, outside code."""
+    text = re.sub(r"```.*?```", "CODE", doc, flags=re.DOTALL)  # fenced code blocks
+    text = re.sub(r"`[^`\n]*`", "CODE", text)  # inline code
+    text = text.replace(r"\$", "")
+    problems = []
+    if text.count("$$") % 2:
+        problems.append("odd number of `$$`")
+    inline = re.sub(r"\$\$.*?\$\$", "", text, flags=re.DOTALL)
+    for paragraph in inline.split("\n\n"):
+        if paragraph.count("$") % 2:
+            problems.append(f"odd number of `$` in {paragraph.strip()[:60]!r}")
+    return problems
+
+
+SOURCES = sorted((ROOT / "src" / "vploss").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
+def test_docstring_maths_renders(path):
+    """Every docstring (all of them: the API reference renders public ones, and private
+    classes become public): a docstring with a backslash is a raw string, it holds no
+    control character, and its `$...$` and `$$...$$` delimiters are balanced."""
+    problems = []
+    for name, literal, value in _docstrings(path):
+        prefix = re.match(r"[a-zA-Z]*", literal).group().lower()
+        if "\\" in literal and "r" not in prefix:
+            problems.append(f"{name}: has a backslash but is not a raw string")
+        if CONTROL.search(value):
+            problems.append(f"{name}: control character {CONTROL.search(value).group()!r}")
+        problems.extend(f"{name}: {p}" for p in _maths_problems(value))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_docstring_checks_catch_eaten_latex():
+    """The checks above, on the kind of mistake they exist for."""
+    eaten = "The step $\x09heta \x0crac12 \x07lpha$."  # "\\theta \\frac12 \\alpha", eaten
+    assert CONTROL.search(eaten)
+    assert _maths_problems("a $x$ and $y") and _maths_problems("$$x$")
+    assert not _maths_problems("a $x$, `$` and\n\n$$\\frac12$$ $[$`f(x)`$, 1]$ \\$5")

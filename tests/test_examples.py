@@ -1,4 +1,6 @@
-"""Every script in `examples/` runs end to end in its fast `--quick` mode."""
+"""Every script in `examples/` runs: in the default run, up to its command line (imports,
+definitions and argument parsing, with `--help`); in the slow run
+(`python -m pytest -m slow`, part of CI), end to end in its fast `--quick` mode."""
 
 import os
 import subprocess
@@ -9,15 +11,29 @@ import pytest
 from .helpers import EXAMPLE_SCRIPTS as EXAMPLES
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs_quick(script, tmp_path):
+def _run(script, *args, timeout):
     env = dict(os.environ, MPLBACKEND="Agg")
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    return subprocess.run(
+        [sys.executable, str(script), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_parses_its_command_line(script):
+    result = _run(script, "--help", timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "--quick" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_runs_quick(script, tmp_path):
+    result = _run(script, "--quick", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert list(tmp_path.glob("*.png")), "the example saved no figure"
+    # Without a terminal, no progress bars: the output is the summary.
+    assert len(result.stdout) + len(result.stderr) < 20_000, "the output floods a log"

@@ -1,7 +1,11 @@
-"""Walks the table of hostile and edge inputs in docs/hostile_inputs.md: each row is one
-case, asserting either the exact error (type and a message fragment naming the problem)
-or a finite answer checked against an independent reference."""
+"""The hostile and edge inputs of docs/hostile_inputs.md: each row of its table is one
+`Row` of `ROWS` here, with the same id, asserting either the exact error (type and a
+message fragment naming the problem) or a finite answer checked against an independent
+reference. `test_doc_table_matches_rows` checks that the table and `ROWS` agree one to
+one (ids, numbering, error types and message fragments): add a case to both."""
 
+import pathlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,6 +111,28 @@ def logistic_matches(features, labels, alpha2, softmax=False, rtol=1e-9):
         loss, readout = result
         close(loss, logistic_reference(features, labels, alpha2, softmax)[0], rtol)
         assert bool(readout.stats.converged)
+
+    return check
+
+
+def logistic_matches_float32(features, labels, alpha2, softmax=False):
+    """A loss computed in float32 (on `features`, exact in float64) against the float64
+    reference: off by at most the inner solve's suboptimality, `P·g²/(2 alpha2)` for
+    `P` coefficients and the reported gradient max-norm `g` (strong convexity), plus
+    the rounding of the computed objective, `16·eps32·(1 + |L|)` (the allowance of the
+    library's line search)."""
+    labels = np.asarray(labels, np.float64)
+    labels = labels[:, None] if labels.ndim == 1 else labels
+
+    def check(result):
+        loss, readout = result
+        assert loss.dtype == jnp.float32 and bool(readout.stats.converged)
+        reference = logistic_reference(features, labels, alpha2, softmax)[0]
+        size = readout.weight.size + readout.bias.size
+        gradient = float(readout.stats.gradient_norm)
+        eps32 = float(jnp.finfo(jnp.float32).eps)
+        tolerance = size * gradient**2 / (2 * alpha2) + 16 * eps32 * (1 + abs(reference))
+        assert abs(float(loss) - reference) <= tolerance
 
     return check
 
@@ -453,7 +479,7 @@ ROWS = {
     ),
     "ridge-mixed-f32-features-f64-targets": Row(
         lambda: ridge(identity, F32, Y, alpha2=1e-3),
-        check=ridge_matches(F32, Y, 1e-3, rtol=1e-6),
+        check=ridge_matches(F32, Y, 1e-3),  # computed in float64, the targets' dtype
     ),
     "ridge-model-returns-matrix": Row(
         lambda: ridge(lambda f: jnp.outer(f, f), F, Y), ValueError, "shape (m,) or a scalar"
@@ -571,7 +597,7 @@ ROWS = {
     ),
     "ce-f32-features-int-labels": Row(
         lambda: ce(F32, Y_CLASS, num_classes=3),
-        check=logistic_matches(F, ONE_HOT, 1e-3, softmax=True, rtol=1e-4),
+        check=logistic_matches_float32(F32, ONE_HOT, 1e-3, softmax=True),
     ),
     "ce-vmap-one-bad-member": Row(
         lambda: jax.vmap(lambda y: ce(F, y, num_classes=3)[0])(
@@ -796,3 +822,51 @@ def test_readout_rejects_a_batch_without_the_type_checker():
         ValueError, match=r"features of one sample, shape \(6,\); got shape \(2, 3\)"
     ):
         unchecked_call(readout, jnp.ones((2, 3)))
+
+
+DOC = pathlib.Path(__file__).parent.parent / "docs" / "hostile_inputs.md"
+
+
+def doc_table():
+    """The table of docs/hostile_inputs.md as `(number, id, behaviour)` per row."""
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if not re.match(r"^\| \d+ \|", line):
+            continue
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 5, f"a row of the table needs 5 cells: {line!r}"
+        number, case, _, _, behaviour = cells
+        rows.append((int(number), case.strip("`"), behaviour))
+    return rows
+
+
+def expected_behaviour(row):
+    """The start of the behaviour cell that a `Row` implies."""
+    if row.error is None:
+        return "finite"
+    return f"error: `{row.error.__name__}`, message containing ``{row.fragment}``"
+
+
+def test_doc_table_matches_rows():
+    table = doc_table()
+    assert [number for number, _, _ in table] == list(range(1, len(table) + 1)), (
+        "the table's rows must be numbered 1, 2, ..."
+    )
+    ids = [case for _, case, _ in table]
+    duplicated = sorted({case for case in ids if ids.count(case) > 1})
+    assert not duplicated, f"ids repeated in the table: {duplicated}"
+    only_doc = [case for case in ids if case not in ROWS]
+    only_test = [case for case in ROWS if case not in ids]
+    assert not only_doc and not only_test, (
+        f"in docs/hostile_inputs.md only: {only_doc}; in ROWS only: {only_test}"
+    )
+    wrong = [
+        f"{case}: the behaviour cell must start {expected_behaviour(ROWS[case])!r}; "
+        f"it is {behaviour!r}"
+        for _, case, behaviour in table
+        if not behaviour.startswith(expected_behaviour(ROWS[case]))
+    ]
+    assert not wrong, "\n".join(wrong)
+    # Only the table's count: the README states it.
+    readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"{len(table)} hostile" in readme, "update the count of hostile inputs in README.md"

@@ -26,8 +26,8 @@ from .helpers import cast, mlp
 SHAPES = [(8, 2, 3, 1), (24, 3, 5, 3)]
 # The quick run keeps to the first shape: compiling dominates its time.
 EXAMPLES = [
-    pytest.param(6, id="quick"),
-    pytest.param(1000, id="slow", marks=pytest.mark.slow),
+    pytest.param(6, SHAPES[:1], id="quick"),
+    pytest.param(1000, SHAPES, id="slow", marks=pytest.mark.slow),
 ]
 
 
@@ -56,26 +56,49 @@ class Scaled(eqx.Module):
 
 
 def _value_and_grad(loss):
-    return eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+
+
+def _suboptimality(readout, alpha2):
+    """A bound on `J(Ŵ) − min J` for the returned readout, from its diagnostics: the
+    inner objective is `alpha2`-strongly convex, so `J − min J ≤ ‖∇J‖²/(2 alpha2)`, with
+    `‖∇J‖² ≤ P·g²` for `P` coefficients and the reported max-norm `g` (which bounds the
+    unscaled one: `gradient_scale ≤ 1`); a barrier solve adds its duality gap."""
+    stats = readout.stats
+    if stats is None:  # the closed-form ridge readout: exact up to rounding
+        return jnp.zeros((), jnp.float64)
+    leaves = [readout.weight, getattr(readout, "bias", None), getattr(readout, "linear", None)]
+    size = sum(leaf.size for leaf in leaves if leaf is not None) + 1
+    gradient = stats.gradient_norm.astype(jnp.float64)
+    bound = size * gradient**2 / (2 * alpha2.astype(jnp.float64))
+    return bound + getattr(stats, "duality_gap", jnp.zeros(())).astype(jnp.float64)
 
 
 def _ridge(model, x, y, alpha1, alpha2):
-    return vploss.vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+    loss, readout = vploss.vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)
+    return loss, _suboptimality(readout, alpha2)
 
 
 def _bce(model, x, y, alpha1, alpha2):
-    return vploss.vploss_bce(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+    loss, readout = vploss.vploss_bce(model, x, y, alpha1=alpha1, alpha2=alpha2)
+    return loss, _suboptimality(readout, alpha2)
 
 
 def _ce(model, x, y, alpha1, alpha2):
-    return vploss.vploss_ce(model, x, y, alpha1=alpha1, alpha2=alpha2)[0]
+    loss, readout = vploss.vploss_ce(model, x, y, alpha1=alpha1, alpha2=alpha2)
+    return loss, _suboptimality(readout, alpha2)
 
 
 def _cpflow(model, x, alpha1, alpha2):
-    return vploss.vploss_cpflow(model, x, alpha1=alpha1, alpha2=alpha2)[0]
+    loss, flow = vploss.vploss_cpflow(model, x, alpha1=alpha1, alpha2=alpha2)
+    return loss, _suboptimality(flow, alpha2)
 
 
 RIDGE, BCE, CE, CPFLOW = map(_value_and_grad, (_ridge, _bce, _ce, _cpflow))
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+#: The rounding of a computed objective, in units of `eps·(1 + |J|)`: the allowance of
+#: the library's line search (`RoundingArmijo`, rho = 16).
+ROUNDING = 16
 
 
 def _parameter_penalty(model, alpha1):
@@ -83,22 +106,52 @@ def _parameter_penalty(model, alpha1):
     return 0.5 * alpha1 * sum(float(jnp.sum(leaf.astype(jnp.float64) ** 2)) for leaf in leaves)
 
 
-def _check(value_and_grad, model, data, bound, alpha1, alpha2):
-    """Runs the loss in float64 and float32 and checks the four properties."""
-    losses = {}
+def _check(value_and_grad, model, data, bound, alpha1, alpha2, fan_in, passes=1):
+    """Runs the loss in float64 and float32 and checks the four properties.
+
+    Float32 against float64 (all first order in eps32): the two losses differ by the
+    inner solves' suboptimality (`_suboptimality`), the rounding of the objective
+    (`ROUNDING·eps32·(1 + |L|)`) and the effect of the float32 forward pass. A dense
+    layer computed in float32 is the exact layer of weights perturbed by at most
+    `(fan_in + 2)·eps32` relatively (backward stability of a dot product, plus the
+    activation), so it moves the loss by at most `(fan_in + 2)·eps32·Σ|∂L/∂θ_i||θ_i|`,
+    from the float64 gradient, for each of the `passes` through the network that the
+    features take (3 for the flow's first and second derivatives). Measured: at most
+    5% of the tolerance for the regression and logistic losses, 65% for the flow
+    (with one pass), under AVX-512 and SSE4.2. (The old `2e-3·(1 + |L|)` was tuned.)
+    """
+    losses, excess = {}, {}
     for dtype in (jnp.float64, jnp.float32):
         cast_model, cast_data = cast(model, dtype), cast(data, dtype)
-        loss, grads = value_and_grad(
+        (loss, suboptimality), grads = value_and_grad(
             cast_model, *cast_data, jnp.asarray(alpha1, dtype), jnp.asarray(alpha2, dtype)
         )
         assert loss.dtype == dtype
         assert np.isfinite(float(loss))
         leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-        losses[dtype] = float(loss)
-        # The minimum over readouts is at most the value at the trivial one.
-        assert losses[dtype] <= bound + 1e-6 * (1 + abs(bound))
-    assert abs(losses[jnp.float32] - losses[jnp.float64]) <= 2e-3 * (1 + abs(losses[jnp.float64]))
+        losses[dtype], excess[dtype] = float(loss), float(suboptimality)
+        # The minimum over readouts is at most the value at the trivial one, up to the
+        # rounding of the computed loss.
+        rounding = ROUNDING * float(jnp.finfo(dtype).eps) * (1 + abs(bound))
+        assert losses[dtype] <= bound + excess[dtype] + rounding
+        if dtype == jnp.float64:
+            params = jax.tree.leaves(eqx.filter(cast_model, eqx.is_inexact_array))
+            sensitivity = sum(
+                float(jnp.sum(jnp.abs(g * p))) for g, p in zip(leaves, params, strict=True)
+            )
+    tolerance = (
+        excess[jnp.float32]
+        + excess[jnp.float64]
+        + ROUNDING * EPS32 * (1 + abs(losses[jnp.float64]))
+        + passes * (fan_in + 2) * EPS32 * sensitivity
+    )
+    assert abs(losses[jnp.float32] - losses[jnp.float64]) <= tolerance
+
+
+def _fan_in(x):
+    """The largest fan-in of the drawn networks' layers (width 6, or the input size)."""
+    return max(6, x.shape[1]) + 1
 
 
 def _inputs(problem):
@@ -112,45 +165,45 @@ def _inputs(problem):
     return model, x, keys[1], outputs
 
 
-def _run(examples, check):
+def _run(examples, shapes, check):
     settings(max_examples=examples, deadline=None, derandomize=examples < 100)(
-        given(problems())(check)
+        given(problems(shapes))(check)
     )()
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_ridge_properties(examples):
+@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+def test_ridge_properties(examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
         y = jax.random.normal(key, (x.shape[0], outputs))
         penalty = _parameter_penalty(model, problem["alpha1"])
         bound = 0.5 * float(jnp.mean(jnp.sum(y**2, axis=1))) + penalty
-        _check(RIDGE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+        _check(RIDGE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
 
-    _run(examples, check)
+    _run(examples, shapes, check)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_bce_properties(examples):
+@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+def test_bce_properties(examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
         y = jax.random.uniform(key, (x.shape[0], outputs))
         bound = outputs * math.log(2) + _parameter_penalty(model, problem["alpha1"])
-        _check(BCE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+        _check(BCE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
 
-    _run(examples, check)
+    _run(examples, shapes, check)
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_ce_properties(examples):
+@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+def test_ce_properties(examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
         classes = outputs + 1
         y = jax.nn.softmax(3 * jax.random.normal(key, (x.shape[0], classes)), axis=1)
         bound = math.log(classes) + _parameter_penalty(model, problem["alpha1"])
-        _check(CE, model, (x, y), bound, problem["alpha1"], problem["alpha2"])
+        _check(CE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
 
-    _run(examples, check)
+    _run(examples, shapes, check)
 
 
 @eqx.filter_jit
@@ -162,8 +215,8 @@ def _cpflow_objective_at_centre(model, x, alpha2):
     return cpflow_objective(centre, (jacobians, hessians, x, alpha2))
 
 
-@pytest.mark.parametrize("examples", EXAMPLES)
-def test_cpflow_properties(examples):
+@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+def test_cpflow_properties(examples, shapes):
     def check(problem):
         _, in_size, features, _ = problem["shape"]
         x = problem["scale"] * jax.random.normal(jax.random.PRNGKey(problem["seed"]), (16, in_size))
@@ -171,6 +224,6 @@ def test_cpflow_properties(examples):
         alpha1, alpha2 = problem["alpha1"], problem["alpha2"]
         centre = _cpflow_objective_at_centre(model, x, jnp.asarray(alpha2))
         bound = float(centre) + _parameter_penalty(model, alpha1)
-        _check(CPFLOW, model, (x,), bound, alpha1, alpha2)
+        _check(CPFLOW, model, (x,), bound, alpha1, alpha2, _fan_in(x), passes=3)
 
-    _run(examples, check)
+    _run(examples, shapes, check)

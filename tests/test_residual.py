@@ -115,8 +115,8 @@ def test_gcv_penalty():
     "k, kwargs",
     [
         (2, {}),
-        (1, {"alpha1": 1e-2}),
-        (2, {"alpha2": 0.0}),
+        pytest.param(1, {"alpha1": 1e-2}, marks=pytest.mark.slow),
+        pytest.param(2, {"alpha2": 0.0}, marks=pytest.mark.slow),
         (1, {"alpha2": "gcv", "use_bias": False}),
     ],
 )

@@ -24,7 +24,9 @@ SHARDED = [
 
 @pytest.fixture(scope="module")
 def run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # Kept: other XLA flags of the run (e.g. `--xla_cpu_max_isa`).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     done = subprocess.run(
         [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
     )

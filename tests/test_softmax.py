@@ -155,6 +155,7 @@ def test_jit_and_vmap():
     np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_outer_bfgs_trains_the_model_full_batch():
     """Full-batch quasi-Newton training of θ on the reduced loss (optimistix BFGS on
     the envelope gradient): its line search needs exact gradients of the reduced loss,
@@ -167,17 +168,19 @@ def test_outer_bfgs_trains_the_model_full_batch():
         return vploss_ce(eqx.combine(p, static), x, y, alpha2=1e-2, num_classes=K)[0]
 
     gradient_norm = lambda p: optx.max_norm(jax.grad(reduced_loss)(p, None))  # noqa: E731
+    # The number of steps depends on the CPU's rounding (150 sufficed on one machine,
+    # 293 were needed on another): allow plenty, and require that BFGS converged.
     solution = optx.minimise(
-        reduced_loss, optx.BFGS(rtol=1e-6, atol=1e-6), params, max_steps=150, throw=False
+        reduced_loss, optx.BFGS(rtol=1e-6, atol=1e-6), params, max_steps=1000, throw=False
     )
-    # Its Cauchy stopping test (on steps in θ and in the loss) decides when it stops, so
-    # the last gradient is not a property of the loss; a line search on inexact
-    # gradients stalls long before a thousandfold reduction (measured 1e-4 to 1.1e-4
-    # on two CPUs with exact ones).
+    assert solution.result == optx.RESULTS.successful
+    # Its Cauchy stopping test (on steps in θ and in the loss) is slower to trigger
+    # than the gradient is to vanish: check the gradient too (measured: 3e-9).
     assert float(reduced_loss(solution.value, None)) < 0.7 * float(reduced_loss(params, None))
-    assert float(gradient_norm(solution.value)) < 1e-3 * float(gradient_norm(params))
+    assert float(gradient_norm(solution.value)) < 1e-4 * float(gradient_norm(params))
 
 
+@pytest.mark.slow
 def test_validation_loss_through_the_readout_large():
     """Beyond 256 coefficients the readout's derivative solves with the Hessian by
     preconditioned CG on Hessian-vector products: checked against central differences."""

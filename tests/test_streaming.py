@@ -53,16 +53,29 @@ def test_ridge_in_one_pass_equals_one_shot(target):
 
 
 def test_ridge_float32():
+    """The streamed readout solves the normal equations of Gram sums accumulated in
+    float32, so its relative error is that of a backward-stable solve with the Gram
+    matrix, `κ(G)·eps32` with `G = F̂ᵀF̂/N + alpha2 I` (here κ(G) = 1.2e4, so 1.4e-3;
+    measured 8e-5 to 9e-5 under AVX-512 and SSE4.2)."""
     labels, x = _data()
     model = mlp(IN, features=M)
-    _, reference = vploss.vploss_msereg(model, x, labels["regression"], alpha2=1e-4)
+    alpha2 = 1e-4
+    _, reference = vploss.vploss_msereg(model, x, labels["regression"], alpha2=alpha2)
     x32, y32 = x.astype(jnp.float32), labels["regression"].astype(jnp.float32)
     model32 = mlp(IN, features=M, dtype=jnp.float32)
     streamed = vploss.refit_readout(
-        model32, _split(x32, y32), loss=vploss.vploss_msereg, alpha2=1e-4
+        model32, _split(x32, y32), loss=vploss.vploss_msereg, alpha2=alpha2
     )
     assert streamed.weight.dtype == jnp.float32
-    _assert_same_readout(streamed, reference, rtol=1e-3, atol=1e-4)
+    features = np.c_[np.asarray(jax.vmap(model)(x)), np.ones(N)]
+    gram = features.T @ features / N + alpha2 * np.eye(M + 1)
+    bound = np.linalg.cond(gram) * np.finfo(np.float32).eps
+
+    def coef(readout):
+        return np.r_[np.asarray(readout.weight, np.float64).T, np.asarray(readout.bias)[None]]
+
+    error = np.linalg.norm(coef(streamed) - coef(reference))
+    assert error <= bound * np.linalg.norm(coef(reference))
 
 
 @pytest.mark.parametrize("warm", [False, True])

@@ -21,14 +21,14 @@ from ._envelope import (
 
 
 class BarrierStats(InnerStats):
-    """Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats`
+    r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats`
     (`num_steps` counts Newton steps over all centerings, `gradient_norm` is the norm
-    of the gradient of the barrier objective $J - \\frac1t\\sum_i \\log w_i$ at the
+    of the gradient of the barrier objective $J - \frac1t\sum_i \log w_i$ at the
     returned point), and
 
-    - `duality_gap`: the bound $p/t$ on $J(w) - \\min J$ at the final barrier weight
+    - `duality_gap`: the bound $p/t$ on $J(w) - \min J$ at the final barrier weight
         $t$, for $p$ constrained entries; the complementary slackness products
-        $w_i\\,\\partial J/\\partial w_i$ of the returned point are all $\\approx 1/t$.
+        $w_i\,\partial J/\partial w_i$ of the returned point are all $\approx 1/t$.
     """
 
     duality_gap: Float[Array, ""]

@@ -118,19 +118,19 @@ def vpjacobian_msereg(
     the structure of the problem rather than by pushing every parameter direction through
     the batch.
 
-    By the chain rule, with $	heta$ the model's inexact-array leaves flattened by
+    By the chain rule, with $\theta$ the model's inexact-array leaves flattened by
     `jax.flatten_util.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))` (`P`
     entries), the data rows are
 
-    $$rac{\partial r_j}{\partial	heta} = rac1{\sqrt N}\Big(
-    \hat W^*rac{\partial \hat f_j}{\partial	heta}\Big|_{\hat W^*} +
-    \hat f_j^	op rac{\mathrm{d}\hat W^{*	op}}{\mathrm{d}	heta}\Big),$$
+    $$\frac{\partial r_j}{\partial\theta} = \frac1{\sqrt N}\Big(
+    \hat W^*\frac{\partial \hat f_j}{\partial\theta}\Big|_{\hat W^*} +
+    \hat f_j^\top \frac{\mathrm{d}\hat W^{*\top}}{\mathrm{d}\theta}\Big),$$
 
     the first term one reverse pass per sample and output (vectorised over the batch:
     sample $j$'s rows depend on sample $j$ only), the second the derivative of the
     fitted readout by reverse mode through the implicit derivative, $p k$ passes over
     the batch for the $p k$ coefficients. The penalty rows are
-    $\sqrt{lpha_2}\,\mathrm{d}\hat W^*/\mathrm{d}	heta$ and $\sqrt{lpha_1}\,I$.
+    $\sqrt{\alpha_2}\,\mathrm{d}\hat W^*/\mathrm{d}\theta$ and $\sqrt{\alpha_1}\,I$.
     In all, about $k + pk$ reverse passes of the model over the batch, against $P$
     forward passes for `jax.jacfwd` of the residual, and $N k$ full-batch reverse passes
     for `jax.jacrev`: on a 1,152-parameter MLP with 2000 samples and 33 coefficients,
