@@ -802,9 +802,19 @@ ROWS = {
 }
 
 
+# Rows whose compile alone takes half a minute run with the slow tests.
+SLOW_ROWS = {"cpflow-bfloat16-model"}
+
+
 # The library's own calls must not lean on deprecated JAX behaviour either.
 @pytest.mark.filterwarnings("error::DeprecationWarning")
-@pytest.mark.parametrize("row", ROWS.values(), ids=ROWS.keys())
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(row, id=name, marks=pytest.mark.slow if name in SLOW_ROWS else ())
+        for name, row in ROWS.items()
+    ],
+)
 def test_hostile_input(row):
     if row.error is not None:
         with pytest.raises(row.error) as info:

@@ -22,6 +22,10 @@ SHARDED = [
 ]
 
 
+# A subprocess with four CPU devices compiles every loss sharded: slow-marked.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def run():
     # Kept: other XLA flags of the run (e.g. `--xla_cpu_max_isa`).
@@ -56,4 +60,5 @@ def test_dual_ridge_solver_gathers_the_batch(run):
     record = records["vploss_msereg dual"]
     assert record["difference"] <= 1e-10
     assert "all-gather" in record["collectives"]
-    assert "f64[96,96]" in record["full_batch_shapes"]
+    # The (N+1, N+1) kernel of the centred rows (or a block of it) over all 96 samples.
+    assert any(shape in record["full_batch_shapes"] for shape in ("f64[96,97]", "f64[97,97]"))
