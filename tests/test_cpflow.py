@@ -217,6 +217,7 @@ def test_cholesky_diagonal_matches_lapack_and_flags_indefinite():
     assert np.isnan(diagonal[0, 1]) and np.all(np.isfinite(diagonal[1]))
 
 
+@pytest.mark.slow
 def test_held_out_nll_through_the_fitted_flow(model, data):
     """The fitted flow carries the implicit derivative of the barrier solution (its
     Hessian includes the barrier's curvature): the gradient of a held-out NLL computed

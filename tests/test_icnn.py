@@ -16,7 +16,9 @@ def randomised(model, seed):
     return jax.tree.map(lambda p, d: p + 2 * d, model, direction)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
+)
 def test_every_feature_is_convex(seed):
     model = randomised(vploss.ICNN(3, 5, 7, 3, key=jax.random.PRNGKey(seed)), seed + 10)
     x = 3 * jax.random.normal(jax.random.PRNGKey(seed + 20), (50, 3))

@@ -92,6 +92,7 @@ def test_newton_cg_multi_output_matches_numpy_newton():
     np.testing.assert_allclose(readout.bias, ref_coef[-1], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_newton_cg_float32_small_alpha2():
     model = mlp(in_size=2, width=16, features=12, dtype=jnp.float32)
     x = jax.random.uniform(jax.random.PRNGKey(2), (512, 2), jnp.float32, minval=-2, maxval=2)

@@ -104,6 +104,7 @@ def test_reduced_residual_and_its_jacobians_at_full_precision():
     assert_full_precision(lambda m: vploss.vpjacobian_msereg(m, X, Y, alpha2=1e-3)[0], MODEL)
 
 
+@pytest.mark.slow
 def test_fitted_flow_log_prob_at_full_precision():
     _, flow = vploss.vploss_cpflow(MODEL, X, alpha2=1e-3)
     assert_full_precision(jax.vmap(lambda x: flow.log_prob(MODEL, x)), X)

@@ -117,7 +117,7 @@ def test_gcv_penalty():
         (2, {}),
         pytest.param(1, {"alpha1": 1e-2}, marks=pytest.mark.slow),
         pytest.param(2, {"alpha2": 0.0}, marks=pytest.mark.slow),
-        (1, {"alpha2": "gcv", "use_bias": False}),
+        pytest.param(1, {"alpha2": "gcv", "use_bias": False}, marks=pytest.mark.slow),
     ],
 )
 def test_assembled_jacobian_equals_forward_mode(k, kwargs):

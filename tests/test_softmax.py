@@ -291,7 +291,9 @@ def test_second_derivative_newton_cg(cg_solve, monkeypatch):
     np.testing.assert_allclose(second, fd, rtol=1e-6)
 
 
-@pytest.mark.parametrize("alpha2", [pytest.param(1e-4, marks=pytest.mark.slow), 1e-3])
+# Both slow: digits features through an MLP, 330 coefficients, both modes.
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha2", [1e-4, 1e-3])
 def test_float32_readout_derivative_digits(alpha2):
     """The readout's implicit derivative in float32 with 330 coefficients (digits, an
     MLP with 32 features, K = 10): CG raised "maximum number of solver steps" (reverse)

@@ -98,7 +98,7 @@ def test_bce_newton_passes_equal_one_shot(warm):
     assert int(streamed.stats.num_steps) <= 12
 
 
-@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("one_hot", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_ce_newton_passes_equal_one_shot(one_hot):
     labels, x = _data()
     y = labels["classes"]
