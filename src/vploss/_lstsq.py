@@ -33,7 +33,7 @@ $s_i^2 - s_j^2$).
 import abc
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -46,7 +46,8 @@ from jaxtyping import Array, Float, Scalar
 from ._misc import matmul
 
 
-T = TypeVar("T")
+# An array or a `Stack`: anything with `+`.
+T = TypeVar("T", bound=Any)
 
 
 class Stack(eqx.Module):
@@ -155,16 +156,19 @@ class AbstractLstsqMethod(eqx.Module):
 
     @abc.abstractmethod
     def lstsq(self, design: Stack, response: Stack, alpha2: Scalar) -> Float[Array, "m k"]:
-        r"""The minimiser $W$, computed; its derivative is `__call__`'s."""
+        """The minimiser $W$, computed (differentiate `ridge_lstsq`, not this)."""
 
-    def __call__(self, design: Stack, response: Stack, alpha2: Scalar) -> Float[Array, "m k"]:
-        r"""The minimiser $W$ with its derivative (implicit differentiation of the normal
-        equations, solved by this method: no decomposition is differentiated)."""
-        return _ridge_lstsq(self, design, response, alpha2)
 
-    def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
-        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs`, computed (used by the derivative)."""
-        raise NotImplementedError
+def ridge_lstsq(
+    method: AbstractLstsqMethod, design: Stack, response: Stack, alpha2: Scalar
+) -> Float[Array, "m k"]:
+    r"""The minimiser $W$ of $\frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2$ by `method`,
+    with its derivative: implicit differentiation of the normal equations, solved by the
+    method's `solve`; for `DualLstsq`, the derivative of the dual formula $W = Z^\top C$.
+    No decomposition is differentiated."""
+    if isinstance(method, DualLstsq):
+        return design.rmv(_kernel_solve(method, design, alpha2, response))
+    return _ridge_lstsq(method, design, response, alpha2)
 
 
 def _shifted_cholesky(
@@ -291,11 +295,7 @@ class DualLstsq(AbstractLstsqMethod):
     refine_steps: int = 3
 
     def lstsq(self, design, response, alpha2):
-        return self(design, response, alpha2)
-
-    def __call__(self, design, response, alpha2):
-        # Differentiated through the dual formula: W' = Z'ᵀC + ZᵀC'.
-        return design.rmv(_kernel_solve(self, design, alpha2, response))
+        return design.rmv(self.kernel_solve(design, alpha2, response))
 
     def kernel_solve(self, design: Stack, alpha2: Scalar, rhs: Stack) -> Stack:
         kernel = design.kernel()

@@ -11,7 +11,14 @@ from ._checks import as_alpha, as_batch, as_flag, as_targets, RuntimeChecks
 from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from ._features import glm_features, parameter_penalty
 from ._gcv import gcv_penalty, GCVStats
-from ._lstsq import AbstractLstsqMethod, centred_problem, CholeskyLstsq, DualLstsq, SVDLstsq
+from ._lstsq import (
+    AbstractLstsqMethod,
+    centred_problem,
+    CholeskyLstsq,
+    DualLstsq,
+    ridge_lstsq,
+    SVDLstsq,
+)
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
 
@@ -64,7 +71,7 @@ class RidgeSolver(AbstractInnerSolver):
             design, response, coefficients = centred_problem(
                 features, targets, alpha2, self.intercept, eliminate
             )
-            return coefficients(self.method(design, response, alpha2))
+            return coefficients(ridge_lstsq(self.method, design, response, alpha2))
 
         # Eliminating the intercept keeps the offset out of the normal equations and
         # out of the kernel (whose eigenvalues are resolved relative to the largest);
