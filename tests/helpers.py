@@ -90,16 +90,7 @@ def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-3, halvings=4):
 def ridge_reference(features, targets, alpha2, use_bias=True):
     """The ridge readout and loss from `numpy.linalg.lstsq` on the stacked system
     `[F̂/√N; √alpha2 I] Ŵᵀ ≈ [Y/√N; 0]` (float64). Returns `(loss, coef)`."""
-    features = np.asarray(features, np.float64)
-    targets = np.asarray(targets, np.float64)
-    if targets.ndim == 1:
-        targets = targets[:, None]
-    n = features.shape[0]
-    if use_bias:
-        features = np.concatenate([features, np.ones((n, 1))], axis=1)
-    p = features.shape[1]
-    a = np.concatenate([features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)])
-    b = np.concatenate([targets / np.sqrt(n), np.zeros((p, targets.shape[1]))])
+    a, b = stacked_ridge(np.asarray(features, np.float64), targets, alpha2, use_bias)
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     loss = 0.5 * np.sum((a @ coef - b) ** 2)
     return loss, coef
@@ -114,14 +105,7 @@ def ridge_float32_error_bound(features, targets, alpha2, use_bias=True):
     float64 solution `x`. (The normal equations without refinement reach `eps32·κ²`
     regardless of the residual: far above the bound when the fit is good.)
     Returns `(bound, coef)` with the float64 coefficients."""
-    features = np.asarray(features, np.float64)
-    targets = np.asarray(targets, np.float64).reshape(features.shape[0], -1)
-    n = features.shape[0]
-    if use_bias:
-        features = np.concatenate([features, np.ones((n, 1))], axis=1)
-    p = features.shape[1]
-    a = np.concatenate([features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)])
-    b = np.concatenate([targets / np.sqrt(n), np.zeros((p, targets.shape[1]))])
+    a, b = stacked_ridge(np.asarray(features, np.float64), targets, alpha2, use_bias)
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     singular = np.linalg.svd(a, compute_uv=False)
     kappa = singular[0] / singular[-1]
