@@ -46,6 +46,23 @@ def _pixels(dtype, n=2000):
     return features.astype(dtype), rng.normal(size=n).astype(dtype)
 
 
+def _wide_offset(dtype):
+    """Fewer samples than features (the dual form's domain), around 1e6."""
+    rng = np.random.default_rng(11)
+    features = 1e6 + rng.normal(size=(20, 40))
+    return features.astype(dtype), (rng.normal(size=20) + 1e3).astype(dtype)
+
+
+def _time_stamps(dtype):
+    """Unix time stamps and a daily cycle: the uneliminated intercept row [μ, 1] held
+    the offset 1.7e9 itself, and the SVD lost the cycle to it."""
+    rng = np.random.default_rng(12)
+    t = 1.7e9 + np.sort(rng.uniform(0, 30 * 86400, 1000))
+    cycle = np.sin(2 * np.pi * t / 86400)
+    targets = 20 + 5 * cycle + 1e-6 * (t - 1.7e9) + 0.1 * rng.normal(size=1000)
+    return np.c_[t, cycle].astype(dtype), targets.astype(dtype)
+
+
 CASES = {
     "line": lambda d: _line(d, 0.0),
     "offset-1e6": lambda d: _line(d, 1e6),
@@ -55,6 +72,8 @@ CASES = {
     "scales-offset-1e3": lambda d: _scales(d, 1e3),
     "pixels": _pixels,
     "pixels-overparameterised": lambda d: _pixels(d, n=12),
+    "wide-offset-1e6": _wide_offset,
+    "time-stamps": _time_stamps,
 }
 
 
@@ -74,6 +93,10 @@ def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver
     features, targets = CASES[case](dtype)
     if solver == "dual" and len(features) > 500:
         pytest.skip("the dual form is for few samples: an (N+1)² eigendecomposition")
+    if solver == "cholesky" and case == "wide-offset-1e6" and dtype == np.float32:
+        # The normal equations of fewer samples than features around 1e6: the
+        # intercept's row dominates the Gram matrix's diagonal (auto takes the dual).
+        pytest.xfail("float32 normal equations of a wide problem with a 1e6 offset")
     if solver == "dual" and case.startswith("scales") and dtype == np.float32:
         # A known limit of the kernel form: the kernel FFᵀ resolves eigenvalues to
         # eps·λ_max, so a column 1e6 times smaller than the largest (1e-3 beside 1e3)

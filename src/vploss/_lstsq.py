@@ -176,7 +176,8 @@ def _shifted_cholesky(
 ) -> Callable[[Float[Array, "n k"]], Float[Array, "n k"]]:
     r"""An approximate inverse of $A + \alpha I$ for a positive semidefinite $A$ formed in
     working precision: the Cholesky factor of $D^{-1/2}(A + \alpha I)D^{-1/2} + \delta I$
-    with $D = \operatorname{diag}(A)$ and $\delta = \varepsilon n$.
+    with $D = \operatorname{diag}(A)$ and $\delta = \varepsilon n$ (or $\sqrt\varepsilon$
+    where that factor breaks down).
 
     The diagonal scaling makes the shift relative to each column's own scale (a column
     of scale $10^{-3}$ beside one of $10^3$ is not swamped), and the shift keeps the
@@ -188,9 +189,14 @@ def _shifted_cholesky(
     diagonal = jnp.diagonal(matrix)
     scale = jnp.sqrt(jnp.where(diagonal > 0, diagonal, 1))
     outer = scale[:, None] * scale[None, :]
-    shift = jnp.finfo(matrix.dtype).eps * n
-    scaled = matrix / outer + jnp.diag(alpha2 / scale**2 + shift)
-    factor = jnp.linalg.cholesky(scaled)
+    eps = jnp.finfo(matrix.dtype).eps
+    scaled = matrix / outer + jnp.diag(alpha2 / scale**2)
+    factor = jnp.linalg.cholesky(scaled + eps * n * jnp.eye(n, dtype=matrix.dtype))
+    # A rank-deficient matrix (fewer samples than features) can still break down in
+    # float32 at that shift: then the factor of a shift of sqrt(eps), which the
+    # refinement removes more slowly.
+    fallback = jnp.linalg.cholesky(scaled + jnp.sqrt(eps) * jnp.eye(n, dtype=matrix.dtype))
+    factor = jnp.where(jnp.all(jnp.isfinite(factor)), factor, fallback)
     return lambda b: jsl.cho_solve((factor, True), b / scale[:, None]) / scale[:, None]
 
 
@@ -283,9 +289,10 @@ class DualLstsq(AbstractLstsqMethod):
     $(ZZ^\top + \alpha I)C = T$, an `(N+1, N+1)` system (`kernel_solve`). Its derivative
     is that of this formula, with no `(m, m)` solve. It gathers a sharded batch.
 
-    The kernel is solved through its eigendecomposition, with the eigenvalues below
-    $\varepsilon(N+1)\lambda_{\max}$ (below what the kernel resolves in working
-    precision) dropped, and `refine_steps` steps of refinement with the residual $T -
+    The extra row is eliminated exactly (its Schur complement), and the remaining
+    `(N, N)` matrix solved through its eigendecomposition, with the eigenvalues below
+    $\varepsilon N\lambda_{\max}$ (below what it resolves in working precision)
+    dropped, and `refine_steps` steps of refinement with the residual $T -
     Z(Z^\top C) - \alpha C$ from the wide matrix. Dropping them matters whenever the
     least-squares residual is not zero (rank-deficient rows, e.g. repeated inputs):
     its component along a (numerical) null direction of the kernel would be divided by
@@ -298,15 +305,24 @@ class DualLstsq(AbstractLstsqMethod):
         return design.rmv(self.kernel_solve(design, alpha2, response))
 
     def kernel_solve(self, design: Stack, alpha2: Scalar, rhs: Stack) -> Stack:
-        kernel = design.kernel()
-        eigenvalues, eigenvectors = jnp.linalg.eigh(kernel)
-        eps = jnp.finfo(kernel.dtype).eps
-        kept = eigenvalues > eps * kernel.shape[0] * jnp.max(eigenvalues)
+        # The extra row is eliminated by its Schur complement: it holds the offset
+        # (sqrt(alpha2) times it, or itself with alpha2 = 0) and would otherwise set
+        # the largest eigenvalue, and the cut-off with it, far above every data
+        # direction. S = A − bbᵀ/(c + α) has entries of the data's size.
+        rows, extra = design.rows, design.extra
+        column = matmul(rows, extra)
+        pivot = jnp.sum(extra**2) + alpha2
+        inverse_pivot = jnp.where(pivot > 0, 1 / jnp.where(pivot > 0, pivot, 1), 0)
+        schur = matmul(rows, rows.T) - inverse_pivot * jnp.outer(column, column)
+        eigenvalues, eigenvectors = jnp.linalg.eigh(schur)
+        eps = jnp.finfo(schur.dtype).eps
+        kept = eigenvalues > eps * schur.shape[0] * jnp.max(eigenvalues)
         inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues + alpha2, 1), 0)
 
         def step(r):
-            flat = matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, r.dense()))
-            return Stack(flat[:-1], flat[-1])
+            reduced = r.rows - inverse_pivot * jnp.outer(column, r.extra)
+            x = matmul(eigenvectors, inverse[:, None] * matmul(eigenvectors.T, reduced))
+            return Stack(x, inverse_pivot * (r.extra - matmul(column, x)))
 
         residual = lambda c: rhs - design.mv(design.rmv(c)) - c.scale(alpha2)  # noqa: E731
         return _refine(step, residual, step(rhs), self.refine_steps)

@@ -73,14 +73,14 @@ class RidgeSolver(AbstractInnerSolver):
             )
             return coefficients(ridge_lstsq(self.method, design, response, alpha2))
 
-        # Eliminating the intercept keeps the offset out of the normal equations and
-        # out of the kernel (whose eigenvalues are resolved relative to the largest);
-        # with alpha2 = 0 it would not give the minimum-norm [W; b] (it minimises |W|
-        # alone), so the SVD and the kernel take the equivalent uneliminated rows there.
+        # Eliminating the intercept keeps the offset out of the normal equations, the
+        # kernel and the SVD (all resolved relative to their largest value; the
+        # uneliminated row [μ, 1] holds the offset itself, the eliminated one only
+        # sqrt(alpha2) times it). With alpha2 = 0 it would not give the minimum-norm
+        # [W; b] (it minimises |W| alone), so the SVD and the kernel take the
+        # equivalent uneliminated rows there.
         if isinstance(self.method, CholeskyLstsq):
             return solve(True)
-        if isinstance(self.method, SVDLstsq):
-            return solve(False)
         if not isinstance(alpha2, jax.core.Tracer):
             return solve(bool(alpha2 > 0))
         return jax.lax.cond(alpha2 > 0, lambda: solve(True), lambda: solve(False))
