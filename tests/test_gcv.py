@@ -167,7 +167,8 @@ def test_float32_chooses_the_float64_penalty():
 
 
 @pytest.mark.parametrize("offset", [300.0, 1e6])
-def test_float32_gcv_with_a_feature_offset(offset):
+@pytest.mark.parametrize("target_offset", [0.0, 1e4])
+def test_float32_gcv_with_a_feature_offset(offset, target_offset):
     """Features around a common offset (kelvin, time stamps): the float32 choice has a
     float64 GCV value within the float32 rounding bound above of the best on a fine
     grid of penalties. The Gram matrix's spectrum lost its small directions to the
@@ -176,14 +177,15 @@ def test_float32_gcv_with_a_feature_offset(offset):
     features, targets = _problem(300, 6, 1, 0.5)
     # The reference sees the float32 data (around 1e6 float32 resolves 0.06).
     features = (features + offset).astype(jnp.float32)
-    targets = targets.astype(jnp.float32)
+    # A large target mean made the residual ‖Y‖² − fitted cancel in float32.
+    targets = (targets + target_offset).astype(jnp.float32)
     _, readout32 = vploss_msereg(identity, features, targets, alpha2="gcv")
     alpha32 = float(readout32.stats.alpha2)
-    grid = np.logspace(-12, 2, 300)
+    grid = np.logspace(-16, 2, 400)
     values, _, _ = brute_force_gcv(features, targets, np.r_[alpha32, grid], use_bias=True)
     total = np.mean(np.asarray(targets, np.float64) ** 2)
     best = values[1:].min()
-    # The grid's spacing (0.05 decades) allows 1e-3. At 1e6 the spectrum has, beside
+    # The grid's spacing (0.045 decades) allows 1e-3. At 1e6 the spectrum has, beside
     # the offset's eigenvalue |μ|², a partner of about σ²/|μ|² (the penalised intercept
     # against the mean), below what float32 resolves of either factorisation: 1e-2
     # there (measured 0.4%).

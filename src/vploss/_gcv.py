@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from ._misc import matmul
+from ._misc import column_mean, matmul
 
 
 #: Points of the log-spaced grid over the penalty (see `gcv_penalty`).
@@ -56,15 +56,18 @@ class _Spectrum(eqx.Module):
     $\hat F/\sqrt N = U S V^\top$."""
 
     eigenvalues: Float[Array, " r"]
-    # Primal: ‖b_i‖² with b = Vᵀ F̂ᵀY/N = S c; dual: ‖c_i‖² with c = UᵀY/√N.
+    # Primal: ‖b_i‖² with b = Vᵀ F̂ᵀY/N = S c; dual and centred: ‖c_i‖² with c = UᵀY/√N.
     weights: Float[Array, " r"]
-    # ‖Y‖²/N (primal only; the dual's residual needs no offset).
+    # Primal: ‖Y‖²/N; centred: ‖Y_⊥‖²/N, the part of Y outside the range of F̂; dual: 0.
     total: Scalar
     # The scale below which eps times it is lost in rounding: λ_max, or for centred
     # features the largest eigenvalue of diag(C, 1) (the offset direction is exact).
     resolved: Scalar
     num_samples: int = eqx.field(static=True)
     num_coefficients: int = eqx.field(static=True)
+    # The residual as a sum of non-negative terms (dual and centred forms), not as ‖Y‖²
+    # minus the fitted part (primal).
+    spectral: bool = eqx.field(static=True)
 
     @property
     def dual(self) -> bool:
@@ -75,12 +78,15 @@ class _Spectrum(eqx.Module):
         alpha = jnp.exp(log_alpha)[..., None]
         lam = self.eigenvalues
         shrink = alpha / (lam + alpha)  # α/(λ+α), the part of each direction not fitted
-        if self.dual:
-            # (I − H) = α(K + αI)⁻¹: sums of non-negative terms, no cancellation, so both
-            # stay accurate as the fit interpolates (N ≤ p, α → 0), where the primal
-            # residual below would be the difference of two nearly equal numbers.
-            residual = jnp.sum(shrink**2 * self.weights, axis=-1)
+        if self.spectral:
+            # ‖(I−H)Y‖²/N = ‖Y_⊥‖²/N + Σ (α/(λ_i + α))² ‖c_i‖²: sums of non-negative terms,
+            # no cancellation, so it stays accurate as the fit interpolates (N ≤ p,
+            # α → 0) and for targets with a large mean (the centred form), where the
+            # primal residual below is the difference of two nearly equal numbers.
+            residual = self.total + jnp.sum(shrink**2 * self.weights, axis=-1)
             slack = jnp.sum(shrink, axis=-1)
+            if not self.dual:
+                slack = slack + (self.num_samples - self.num_coefficients)
         else:
             # ‖(I−H)Y‖²/N = ‖Y‖²/N − Σ ‖b_i‖²(λ_i + 2α)/(λ_i + α)², written without the
             # division by λ_i that ‖c_i‖² = ‖b_i‖²/λ_i would need.
@@ -104,19 +110,22 @@ def _spectrum(
     features: Float[Array, "N p"], targets: Float[Array, "N k"], intercept: bool
 ) -> _Spectrum:
     num_samples, num_coefficients = features.shape
-    total = jnp.sum(targets**2) / num_samples
+    spectral = True
     if num_samples <= num_coefficients:
         kernel = matmul(features, features.T) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(kernel)
         projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
         resolved = eigenvalues[-1]
+        # Every direction of the targets is in the kernel's range (up to its null
+        # space, whose terms are in the sum with λ = 0).
+        total = jnp.zeros((), targets.dtype)
     elif intercept:
         # With a large common offset the Gram matrix is dominated by it, and its small
         # eigenvalues are lost in float32. It factors exactly as LᵀBL with B =
         # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
         # singular values and right singular vectors of the small matrix
         # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
-        mean, target_mean = jnp.mean(features[:, :-1], axis=0), jnp.mean(targets, axis=0)
+        mean, target_mean = column_mean(features[:, :-1]), column_mean(targets)
         centred = features[:, :-1] - mean
         centred_gram = matmul(centred.T, centred) / num_samples
         centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
@@ -140,7 +149,11 @@ def _spectrum(
             centred_eigenvalues[:, None] > 0, centred_cross / jnp.sqrt(safe)[:, None], 0
         )
         coordinates = jnp.concatenate([whitened, target_mean[None]])
-        projected = singular_values[:, None] * matmul(left.T, coordinates)
+        projected = matmul(left.T, coordinates)
+        # The part of Y outside the range of F̂ = span(F_c, 1): of Y_c outside that of
+        # F_c (the offset ȳ never enters).
+        centred_total = jnp.sum((targets - target_mean) ** 2) / num_samples
+        total = jnp.maximum(centred_total - jnp.sum(whitened**2), 0)
         resolved = jnp.maximum(centred_eigenvalues[-1], 1)
     else:
         # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
@@ -149,6 +162,8 @@ def _spectrum(
         eigenvalues, vectors = jnp.linalg.eigh(gram)
         projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
         resolved = eigenvalues[-1]
+        total = jnp.sum(targets**2) / num_samples
+        spectral = False
     return _Spectrum(
         # Rounding can make the eigenvalues of a singular matrix slightly negative.
         eigenvalues=jnp.maximum(eigenvalues, 0),
@@ -157,6 +172,7 @@ def _spectrum(
         resolved=resolved,
         num_samples=num_samples,
         num_coefficients=num_coefficients,
+        spectral=spectral,
     )
 
 
@@ -175,10 +191,12 @@ def gcv_penalty(
     With the eigenvalues $\lambda_i$ of $\hat F^\top\hat F/N$ (or of $\hat F\hat F^\top/N$
     when $N \le p$), $\mathrm{tr}\,H_\alpha = \sum_i \lambda_i/(\lambda_i + \alpha)$ and the
     residual is a similar sum (see `_Spectrum`). GCV is evaluated on 64 points of
-    $\log\alpha$ spaced evenly over $[\varepsilon\lambda_{\rm res}, 100\lambda_{\max}]$:
-    below $\varepsilon\lambda_{\rm res}$ the penalty is lost in rounding
+    $\log\alpha$ spaced evenly over $[\varepsilon^q\lambda_{\rm res}, 100\lambda_{\max}]$
     ($\lambda_{\rm res} = \lambda_{\max}$, or with an intercept the largest eigenvalue
-    of the centred Gram matrix and 1, since the offset is handled exactly), above
+    of the centred Gram matrix and 1, since the offset is handled exactly): with the
+    residual as ‖Y‖² minus the fitted part (no intercept, N > p), $q = 1$, below which
+    the penalty is lost in the rounding of that difference; with the residual as a sum
+    of non-negative terms (an intercept, or N ≤ p), $q = 2$; above
     $100\lambda_{\max}$ every direction is shrunk by over 99% and GCV is flat at its
     limit $\|Y\|_F^2/N$. The best grid point is then refined by golden-section search
     on $\log\alpha$ between its two neighbours.
@@ -198,7 +216,10 @@ def gcv_penalty(
     # All-zero features: every alpha fits nothing, and any scale will do.
     log_top = jnp.log(jnp.where(top > 0, top, 1))
     grid = jnp.linspace(
-        resolved + math.log(eps), log_top + math.log(_GRID_TOP), _GRID_POINTS, dtype=dtype
+        resolved + (2 if spectrum.spectral else 1) * math.log(eps),
+        log_top + math.log(_GRID_TOP),
+        _GRID_POINTS,
+        dtype=dtype,
     )
     values, _ = spectrum(grid)
     best = jnp.argmin(values)

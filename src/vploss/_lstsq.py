@@ -43,7 +43,7 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Scalar
 
-from ._misc import matmul
+from ._misc import column_mean, matmul
 
 
 # An array or a `Stack`: anything with `+`.
@@ -120,8 +120,8 @@ def centred_problem(
         response = Stack(targets / root_n, zeros(targets))
         return design, response, lambda x: x
     features = features[:, :-1]
-    mean = jnp.mean(features, axis=0)
-    target_mean = jnp.mean(targets, axis=0)
+    mean = column_mean(features)
+    target_mean = column_mean(targets)
     response_rows = (targets - target_mean) / root_n
     if not eliminate:
         rows = jnp.concatenate([features - mean, jnp.zeros_like(features[:, :1])], axis=1)

@@ -19,7 +19,7 @@ from ._lstsq import (
     ridge_lstsq,
     SVDLstsq,
 )
-from ._misc import matmul
+from ._misc import column_mean, matmul
 from ._readout import readout_from_coefficients, VPLinear
 
 
@@ -45,7 +45,7 @@ class RidgeObjective(eqx.Module):
         features, targets, alpha2 = args
         if self.intercept:
             features = features[:, :-1]
-            mean, target_mean = jnp.mean(features, axis=0), jnp.mean(targets, axis=0)
+            mean, target_mean = column_mean(features), column_mean(targets)
             weight, bias = coef[:-1], coef[-1]
             offset = bias + matmul(mean, weight) - target_mean
             residual = matmul(features - mean, weight) - (targets - target_mean) + offset

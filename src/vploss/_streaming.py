@@ -15,7 +15,7 @@ from ._diagnostics import InnerStats
 from ._features import glm_features
 from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
 from ._lstsq import gram_lstsq, with_intercept
-from ._misc import matmul
+from ._misc import column_mean, matmul
 from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
 from ._ridge import vploss_msereg
@@ -62,7 +62,7 @@ def _ridge_moments(model, x, targets, use_bias):
     batch is finite."""
     features, targets = glm_features(model, x, targets, False)
     if use_bias:
-        mean, target_mean = jnp.mean(features, axis=0), jnp.mean(targets, axis=0)
+        mean, target_mean = column_mean(features), column_mean(targets)
     else:
         mean = jnp.zeros(features.shape[1], features.dtype)
         target_mean = jnp.zeros(targets.shape[1], features.dtype)
