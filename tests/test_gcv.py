@@ -99,6 +99,7 @@ def test_loss_and_readout_equal_the_explicit_penalty(solver):
     np.testing.assert_allclose(readout.bias, ref_readout.bias, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_gradient_is_the_envelope_gradient_at_the_chosen_penalty():
     """alpha* is held fixed: the gradient is that of the ridge loss at alpha*, checked by
     central finite differences of `vploss_msereg(..., alpha2=alpha*)`."""

@@ -803,7 +803,11 @@ ROWS = {
 
 
 # Rows whose compile alone takes half a minute run with the slow tests.
-SLOW_ROWS = {"cpflow-bfloat16-model", "ridge-svd-readout-hessian-repeated-singular-values"}
+SLOW_ROWS = {
+    "cpflow-bfloat16-model",
+    "cpflow-x-nan",
+    "ridge-svd-readout-hessian-repeated-singular-values",
+}
 
 
 # The library's own calls must not lean on deprecated JAX behaviour either.

@@ -246,6 +246,7 @@ def test_label_and_argument_errors():
         jax.jit(lambda a: vploss_bce(model, x, y, alpha2=a)[0])(jnp.asarray(-1.0))
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_transforms():
     model = mlp()
     x, y = _data()

@@ -40,6 +40,7 @@ def test_half_squared_norm_is_the_loss(alpha1, alpha2, extra):
     np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-12)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_jacobian_against_finite_differences_both_modes():
     """J v (forward mode) and vᵀ J (reverse mode) against central differences of the
     residual: the full Jacobian, with the readout moving with the model."""

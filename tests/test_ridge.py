@@ -263,6 +263,7 @@ def test_scalar_model_output_and_numpy_inputs():
     assert readout(jnp.tanh(0.5)).shape == ()
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_jit_and_vmap_over_problems():
     model = mlp(IN, features=M)
     xs = jnp.stack([_data(seed=s)[0] for s in range(3)])

@@ -104,6 +104,7 @@ def test_newton_cg_float32_converges(alpha2):
     assert bool(warm.stats.converged), warm.stats
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_envelope_gradient_float64():
     model = mlp()
     x, y = _data()
