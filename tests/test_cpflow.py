@@ -111,6 +111,7 @@ def reduced_loss(data):
     return lambda model: loss_and_flow(model, data, solver=SOLVER, alpha1=1e-3)[0]
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_gradient_finite_differences(model, data):
     fd, ad = directional_derivative_check(reduced_loss(data), model, h=1e-5)
     np.testing.assert_allclose(ad, fd, rtol=1e-5)
@@ -206,6 +207,7 @@ def test_non_finite_data(model, data):
         loss_and_flow(model, data.at[3, 1].set(jnp.nan), solver=SOLVER)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_cholesky_diagonal_matches_lapack_and_flags_indefinite():
     for n in (1, 2, 4):
         a = jax.random.normal(jax.random.PRNGKey(n), (5, n, n))

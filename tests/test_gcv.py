@@ -123,6 +123,7 @@ def test_gradient_is_the_envelope_gradient_at_the_chosen_penalty():
     np.testing.assert_allclose(float(jvp), gcv_slope, rtol=1e-10)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_jit_and_vmap():
     features, targets = _problem(40, 6, 2, 0.3)
     loss, readout = vploss_msereg(identity, features, targets, alpha2="gcv")

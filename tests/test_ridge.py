@@ -240,6 +240,7 @@ def test_float32_matches_float64(solver, float32_problem):
     assert np.linalg.norm(grad32 - grad64) <= (condition * bound + 2 * evaluation) * scale
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_dual_equals_primal_when_overparameterised():
     model = mlp(IN, features=12)
     x, y = _data(n=5, k=2)

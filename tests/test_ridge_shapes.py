@@ -25,7 +25,9 @@ def test_auto_picks_the_form_by_shape(num_samples, num_coefficients, expected):
     assert isinstance(solver.method, expected)
 
 
-@pytest.mark.parametrize("num_samples", [9, 40])  # fewer, more samples than features
+@pytest.mark.parametrize(
+    "num_samples", [pytest.param(9, marks=pytest.mark.slow), 40]
+)  # fewer, more samples than features
 def test_dual_equals_primal(num_samples):
     model = mlp(3, features=16)
     x = jax.random.normal(jax.random.PRNGKey(0), (num_samples, 3))
