@@ -78,16 +78,6 @@ class Stack(eqx.Module):
         r"""$Z^\top Z$, a sum over the rows."""
         return matmul(self.rows.T, self.rows) + jnp.outer(self.extra, self.extra)
 
-    def kernel(self) -> Float[Array, "R R"]:
-        r"""$ZZ^\top$, from its blocks (no cancellation between them)."""
-        column = matmul(self.rows, self.extra)
-        return jnp.block(
-            [
-                [matmul(self.rows, self.rows.T), column[:, None]],
-                [column[None, :], jnp.sum(self.extra**2)[None, None]],
-            ]
-        )
-
     def dense(self) -> Float[Array, "R c"]:
         return jnp.concatenate([self.rows, self.extra[None, :]])
 
