@@ -141,6 +141,7 @@ def test_jit_and_vmap():
         np.testing.assert_allclose(batch[1].stats.alpha2[i], one_readout.stats.alpha2, rtol=1e-8)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_float32_chooses_the_float64_penalty():
     """A float32 minimiser cannot tell apart penalties whose GCV values differ by less
     than the rounding error of evaluating GCV in float32. GCV sums the `p` spectral

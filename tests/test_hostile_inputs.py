@@ -806,6 +806,7 @@ ROWS = {
 SLOW_ROWS = {
     "cpflow-bfloat16-model",
     "cpflow-x-nan",
+    "cpflow-max-steps-1",
     "ridge-svd-readout-hessian-repeated-singular-values",
 }
 

@@ -215,6 +215,8 @@ def _cpflow_objective_at_centre(model, x, alpha2):
     return cpflow_objective(centre, (jacobians, hessians, x, alpha2))
 
 
+# The barrier's compile is long: even the quick run is with the slow tests.
+@pytest.mark.slow
 @pytest.mark.parametrize("examples, shapes", EXAMPLES)
 def test_cpflow_properties(examples, shapes):
     def check(problem):

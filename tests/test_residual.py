@@ -115,7 +115,7 @@ def test_gcv_penalty():
 @pytest.mark.parametrize(
     "k, kwargs",
     [
-        (2, {}),
+        pytest.param(2, {}, marks=pytest.mark.slow),
         pytest.param(1, {"alpha1": 1e-2}, marks=pytest.mark.slow),
         pytest.param(2, {"alpha2": 0.0}, marks=pytest.mark.slow),
         pytest.param(1, {"alpha2": "gcv", "use_bias": False}, marks=pytest.mark.slow),
