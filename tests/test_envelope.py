@@ -20,7 +20,8 @@ class NewtonWhileLoop(AbstractInnerSolver):
     """Newton's method on ∇J = w³ + s w − a in a `lax.while_loop`, which reverse-mode
     autodiff cannot differentiate: the core must never try."""
 
-    def __call__(self, args, init):
+    def __call__(self, objective, args, init):
+        del objective
         a, s = args
         w0 = jnp.zeros_like(a) if init is None else init
 

@@ -14,8 +14,8 @@ import pytest
 from jax.extend import core as jex_core
 
 import vploss
-from vploss._logistic import bce_hessian, bce_objective
-from vploss._streaming import _glm_moments, _ridge_moments, _ridge_solve
+from vploss._readout_loss import ReadoutObjective
+from vploss._streaming import _glm_sums, _ridge_moments, _ridge_solve
 
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,9 +117,12 @@ def test_streaming_refit_at_full_precision():
     coef = jnp.zeros((5, 1))
     assert_full_precision(lambda x, y: _ridge_moments(MODEL, x, y, True), X, Y[:, None])
     assert_full_precision(
-        lambda x, y, c: _glm_moments(bce_objective, bce_hessian, MODEL, x, y, c, True),
+        lambda x, y, w, c: _glm_sums(
+            ReadoutObjective(vploss.SigmoidBinaryCrossEntropy()), MODEL, x, y, w, c, True
+        ),
         X,
         Y_BINARY[:, None],
+        jnp.ones(X.shape[0]),
         coef,
     )
     moments, _ = _ridge_moments(MODEL, X, Y[:, None], True)

@@ -149,7 +149,7 @@ def _bad_inputs():
         (
             dict(loss=vploss.vploss_bce, batches=_split(x, 2 * labels["binary"])),
             ValueError,
-            r"batch 0: labels `y` must be in \[0, 1\]",
+            r"batch 0: `vploss_bce`: labels `y` must be in \[0, 1\]",
         ),
         (
             dict(loss=vploss.vploss_ce, batches=_split(x, labels["classes"])),

@@ -8,15 +8,33 @@ from ._barrier import (
 from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
 from ._diagnostics import InnerStats as InnerStats
 from ._gcv import GCVStats as GCVStats
+from ._glm import vploss_glm as vploss_glm
+from ._glm_solvers import (
+    AbstractGLMSolver as AbstractGLMSolver,
+    AutoNewton as AutoNewton,
+    Newton as Newton,
+    NewtonCG as NewtonCG,
+    OptimistixMinimiser as OptimistixMinimiser,
+    QuasiNewton as QuasiNewton,
+)
 from ._icnn import ICNN as ICNN
-from ._logistic import vploss_bce as vploss_bce
+from ._logistic import (
+    SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
+    vploss_bce as vploss_bce,
+)
+from ._poisson import PoissonLogLikelihood as PoissonLogLikelihood, vploss_poisson as vploss_poisson
 from ._readout import VPLinear as VPLinear
+from ._readout_loss import (
+    AbstractReadoutLoss as AbstractReadoutLoss,
+    Curvature as Curvature,
+    Labels as Labels,
+)
 from ._residual import (
     vpjacobian_msereg as vpjacobian_msereg,
     vpresidual_msereg as vpresidual_msereg,
 )
 from ._ridge import vploss_msereg as vploss_msereg
-from ._softmax import vploss_ce as vploss_ce
+from ._softmax import SoftmaxCrossEntropy as SoftmaxCrossEntropy, vploss_ce as vploss_ce
 from ._streaming import refit_readout as refit_readout
 
 

@@ -214,11 +214,12 @@ class _BarrierInnerSolver(AbstractInnerSolver):
     \log w_i$, with $1/t$ recovered from the duality gap $|C|/t$."""
 
     barrier: LogBarrier
-    objective: Objective
     constrained: tuple[bool, ...]
 
-    def __call__(self, args: Args, init: Params) -> tuple[Params, BarrierStats]:
-        return self.barrier.solve(self.objective, self.constrained, args, init)
+    def __call__(
+        self, objective: Objective, args: Args, init: Params
+    ) -> tuple[Params, BarrierStats]:
+        return self.barrier.solve(objective, self.constrained, args, init)
 
     def hessian_solve(self, objective, solution, stats, args):
         flat, unravel = jfu.ravel_pytree(solution)
@@ -292,5 +293,5 @@ def barrier_minimise(
             "`constrained` must be a pytree of Python bools (a prefix of the structure "
             f"of `init`); got {constrained!r}."
         )
-    inner = _BarrierInnerSolver(LogBarrier() if solver is None else solver, objective, flags)
+    inner = _BarrierInnerSolver(LogBarrier() if solver is None else solver, flags)
     return envelope_minimise(objective, inner, args, init, check=check)

@@ -185,3 +185,32 @@ class RuntimeChecks(eqx.Module):
         if isinstance(stats, InnerStats):
             out = check_converged(out, stats, self.throw, self.what)
         return out
+
+
+def as_weights(
+    what: str, weights: ArrayLike, num_samples: int
+) -> tuple[Array, tuple[Bool[Array, ""], str]]:
+    """Per-sample weights: a real array of shape `(N,)` (checked at trace time), with
+    the runtime check that they are finite, nonnegative and not all zero (a `(flag,
+    message)` pair for `RuntimeChecks`)."""
+    if isinstance(weights, bool):
+        raise TypeError("`weights` must be an array of shape (N,); got a bool.")
+    try:
+        array = jnp.asarray(weights)
+    except TypeError as e:
+        raise TypeError(f"`weights` must be an array; got {type(weights).__name__}.") from e
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(
+            f"`weights` must have a real dtype (floating or integer); got dtype {array.dtype}."
+        )
+    if array.shape != (num_samples,):
+        raise ValueError(
+            f"`weights` must have shape (N,) = ({num_samples},), one per sample of `x`; "
+            f"got shape {array.shape}."
+        )
+    invalid = ~(jnp.all(jnp.isfinite(array) & (array >= 0)) & (jnp.sum(array) > 0))
+    message = (
+        f"{what}: `weights` must be finite and nonnegative, and not all zero; got a "
+        "negative, NaN or infinite weight, or all zeros."
+    )
+    return array, (invalid, message)

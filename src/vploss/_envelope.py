@@ -32,8 +32,11 @@ class AbstractInnerSolver(eqx.Module):
     """
 
     @abc.abstractmethod
-    def __call__(self, args: Args, init: Params | None) -> tuple[Params, Stats]:
-        """Returns `(w_star, stats)`: the minimiser, from the warm start `init` (or a
+    def __call__(
+        self, objective: Objective, args: Args, init: Params | None
+    ) -> tuple[Params, Stats]:
+        """Returns `(w_star, stats)`: the minimiser of `objective(w, args)` (passed in,
+        as optimistix passes `fn`, never stored), from the warm start `init` (or a
         default start when `None`), and diagnostics (a pytree of arrays)."""
 
     def hessian_solve(
@@ -74,7 +77,7 @@ def dense_hessian_solve(
 
 @eqx.filter_custom_jvp
 def _envelope_minimise(args, init, *, objective, solver, check):
-    solution, stats = solver(args, init)
+    solution, stats = solver(objective, args, init)
     value = objective(solution, args)
     if check is not None:
         # The derivative rule below reads this (checked) minimiser, so the checks are
@@ -169,7 +172,7 @@ def envelope_minimise(
     - `objective`: `objective(w, args) -> scalar`, convex in `w`. Must be hashable (a
         module-level function or an `eqx.Module`), since it is part of the static
         structure of the computation.
-    - `solver`: an `AbstractInnerSolver`: `solver(args, init) -> (w_star, stats)`;
+    - `solver`: an `AbstractInnerSolver`: `solver(objective, args, init) -> (w_star, stats)`;
         `init` is `None` or a pytree like `w_star` to warm-start from. `stats` is any
         pytree of arrays (diagnostics), passed through without derivative.
     - `args`: the data, a pytree. Its floating-point array leaves are differentiable.

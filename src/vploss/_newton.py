@@ -1,48 +1,19 @@
-"""The inner solver of the logistic and softmax losses: optimistix minimisers that stop
-on the gradient norm of the inner objective, a damped Newton method on its exact
-Hessian, and a truncated Newton method with preconditioned CG on Hessian-vector
-products."""
+"""Newton's method for the convex inner problems: the stopping test (scaled gradient
+and loss-error bound), a backtracking line search that allows for the objective's
+rounding, the Newton direction by Cholesky with fallbacks, and the truncated Newton
+direction by preconditioned CG; as optimistix pieces (`DampedNewton`, descents, search,
+`GradientNormTermination`)."""
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-import numpy as np
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int, PyTree, Real, Scalar
-
-from ._checks import as_alpha, as_flag, RuntimeChecks
-from ._diagnostics import InnerStats
-from ._envelope import AbstractInnerSolver, Args, envelope_minimise, Objective
-from ._features import glm_features, parameter_penalty
-from ._misc import matmul
-from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-
-
-Hessian: TypeAlias = Callable[[Float[Array, "p k"], Args], lx.AbstractLinearOperator]
-SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
-_SOLVER_NAMES = ("auto", "newton", "newton-cg", "bfgs", "lbfgs")
-
-#: `solver="auto"` uses the exact Newton method while the readout has at most this
-#: many coefficients `p·k`, and Newton–CG beyond (see `select_minimiser`). Measured
-#: (float32, N = 4096, jitted `value_and_grad` step, alpha2 = 1e-4 and 1e-6): exact
-#: Newton is faster up to about 200 coefficients (1.5-2x at 33 and 99), even at 195,
-#: and slower from 325 on (1.7x at alpha2 = 1e-4, even at 1e-6; 4-5x at 650).
-MAX_EXACT_NEWTON_SIZE = 256
-
-
-#: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
-#: Hessian by Cholesky up to this many coefficients `p·k` (building it costs
-#: `O(N (pk)^2)`, factoring it `O((pk)^3)`, about a second at 2048 on one core), and
-#: solves by preconditioned CG beyond. In float32 CG cannot reach a tight residual on
-#: the ill-conditioned Hessians of small `alpha2` (measured: 330 coefficients,
-#: alpha2 = 1e-4: no convergence, or NaN tangents with a loose test); Cholesky's
-#: error is bounded by the condition number times `eps`.
-MAX_DENSE_SOLVE_SIZE = 2048
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
 
 
 def newton_cg_max_steps(gtol: float) -> int:
@@ -56,23 +27,6 @@ def newton_cg_max_steps(gtol: float) -> int:
     10), for more Newton steps from a cold start (14 against 6 at 1e-4). In float64 at
     alpha2 = 1e-6 (K = 4, separable), caps 5, 10, 20 took 187, 59, 16 Newton steps."""
     return 5 if gtol >= 1e-5 else 20
-
-
-class Curvature(eqx.Module):
-    """The second-order information of a generalised linear model's inner objective,
-    each a function of `(coef, args)` with `args = (features (N, p), labels (N, k),
-    alpha2)`:
-
-    - `hessian`: the exact Hessian as a matrix operator (`"newton"`);
-    - `hessian_product`: the Hessian as Hessian-vector products, never formed
-        (`"newton-cg"`);
-    - `mean_curvature`: the `(k, k)` mean over samples of the per-sample curvature of
-        the loss in the logits (the Kronecker preconditioner's output factor).
-    """
-
-    hessian: Hessian
-    hessian_product: Hessian
-    mean_curvature: Callable[[Float[Array, "p k"], Args], Float[Array, "k k"]]
 
 
 def default_gtol(dtype: Any) -> float:
@@ -134,24 +88,22 @@ def inner_converged(
     return small_gradient & small_loss_error
 
 
-def gradient_scale(args: Args) -> Float[Array, "p 1"]:
-    r"""The scale $\min(1, \sqrt{\frac1N\sum_j \hat f_{jp}^2 + \alpha_2})$ of each
-    coefficient row of the gradient, which the stopping test divides it by.
-
-    Features scaled by $s$ (with `alpha2` scaled by $s^2$) scale the gradient by $s$, so
-    with an absolute test, features of size 1e-6 stopped far from the optimum: a
-    silently wrong loss (measured: 12% off in float64). Small features therefore
-    tighten the test in proportion. Large ones do not loosen it: the Gram matrix
-    ignores the logistic curvature, which vanishes on saturated samples, and a looser
-    test lost the loss's digits there (measured)."""
-    features, _, alpha2 = args
-    return jnp.minimum(1, jnp.sqrt(jnp.mean(features**2, axis=0) + alpha2))[:, None]
-
-
 def scaled_gradient_norm(gradient: Float[Array, "p k"], scale: Float[Array, "p 1"]) -> Scalar:
-    """The max-norm of the gradient in units of `gradient_scale`, the quantity `gtol`
-    bounds."""
+    """The max-norm of the gradient in units of `ReadoutObjective.gradient_scale`, the
+    quantity `gtol` bounds."""
     return optx.max_norm(gradient / scale)
+
+
+def armijo_accepts(
+    value: Scalar, trial: Scalar, predicted: Scalar, slope: ArrayLike
+) -> Bool[Array, ""]:
+    r"""The sufficient-decrease test of every line search here (`RoundingArmijo`, the
+    streaming refit's, `LogBarrier`'s): a step with predicted change $\nabla J^\top d
+    \le 0$ is accepted when $J(y + d) - J(y) \le c\,\nabla J^\top d + \tau$, $\tau =
+    \rho\,\varepsilon\,(1 + |J(y)|)$ (`ROUNDING` $\rho$; see `RoundingArmijo` for why).
+    A non-finite trial value is never accepted."""
+    tolerance = ROUNDING * jnp.finfo(jnp.result_type(value)).eps * (1 + jnp.abs(value))
+    return (predicted <= 0) & (trial - value <= slope * predicted + tolerance)
 
 
 class RoundingArmijo(optx.AbstractSearch):
@@ -162,8 +114,8 @@ class RoundingArmijo(optx.AbstractSearch):
     \le 0, \qquad \tau = \rho\,\varepsilon\,(1 + |J(y)|),$$
 
     with the slope $c$ of `armijo` (0.1), the machine epsilon $\varepsilon$ of the
-    objective's dtype and `rounding` $\rho$ (16). With $\tau = 0$ this is `armijo`'s
-    own test, which runs first and whose step sizes are kept.
+    objective's dtype and `ROUNDING` $\rho$ (16) (`armijo_accepts`). With $\tau = 0$
+    this is `armijo`'s own test, which runs first and whose step sizes are kept.
 
     Why: the objectives are means of per-sample terms computed with cancellation
     ($\operatorname{softplus}(z) - yz$), so the rounding error of the computed $J$
@@ -201,7 +153,6 @@ class RoundingArmijo(optx.AbstractSearch):
     """
 
     armijo: optx.BacktrackingArmijo = optx.BacktrackingArmijo()
-    rounding: float = ROUNDING
 
     def init(self, y, f_info_struct):
         return self.armijo.init(y, f_info_struct)
@@ -210,11 +161,9 @@ class RoundingArmijo(optx.AbstractSearch):
         step_size, accept, result, state = self.armijo.step(
             first_step, y, y_eval, f_info, f_eval_info, state
         )
-        f = f_info.as_min()
         predicted = f_info.compute_grad_dot(jtu.tree_map(jnp.subtract, y_eval, y))
-        tolerance = self.rounding * jnp.finfo(f.dtype).eps * (1 + jnp.abs(f))
-        within_rounding = (predicted <= 0) & (
-            f_eval_info.as_min() - f <= self.armijo.slope * predicted + tolerance
+        within_rounding = armijo_accepts(
+            f_info.as_min(), f_eval_info.as_min(), predicted, self.armijo.slope
         )
         # After an accepted step the next search starts from the full step again.
         step_size = jnp.where(within_rounding, self.armijo.step_init, step_size)
@@ -268,9 +217,9 @@ class GradientNormTermination(optx.AbstractMinimiser):
     """Runs a quasi-Newton `minimiser` (any `optx.AbstractQuasiNewton`: `DampedNewton`,
     `optx.BFGS`, `optx.LBFGS`, ...) until `inner_converged` holds at the accepted
     iterate: the max-norm of the gradient, divided row-wise by `scale`
-    (`gradient_scale`), is at most `gtol`, and the loss is within `loss_tolerance` of
-    its minimum. It replaces the minimiser's own Cauchy criterion (which stops on
-    small steps, not on optimality)."""
+    (`ReadoutObjective.gradient_scale`), is at most `gtol`, and the loss is within
+    `loss_tolerance` of its minimum. It replaces the minimiser's own Cauchy criterion
+    (which stops on small steps, not on optimality)."""
 
     minimiser: optx.AbstractQuasiNewton
     gtol: float
@@ -305,146 +254,12 @@ class GradientNormTermination(optx.AbstractMinimiser):
             self.scale,
             self.alpha2,
             self.gtol,
-            _descent_loss_error(state),
+            descent_loss_error(state),
         )
         return ~state.first_step & converged, state.result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return self.minimiser.postprocess(fn, y, aux, args, options, state, tags, result)
-
-
-class _AtData(eqx.Module):
-    """`hessian(coef, args)` as a function of `coef` alone."""
-
-    hessian: Hessian
-    args: Args
-
-    def __call__(self, coef):
-        return self.hessian(coef, self.args)
-
-
-def class_grams(
-    features: Float[Array, "N p"], weights: Float[Array, "N k"]
-) -> Float[Array, "p k p"]:
-    r"""The weighted Gram matrices $D_{c} = \sum_j w_{jc}\hat f_j\hat f_j^\top/N$ of
-    each output $c$, as `(p, k, p)`: one matmul over samples."""
-    num_samples, p = features.shape
-    k = weights.shape[1]
-    weighted = (features[:, :, None] * weights[:, None, :]).reshape(num_samples, p * k)
-    return matmul(weighted.T, features).reshape(p, k, p) / num_samples
-
-
-def block_gram(
-    features: Float[Array, "N p"], weights: Float[Array, "N k"]
-) -> Float[Array, "p k p k"]:
-    r"""The block-diagonal Hessian term $H_{(p,c),(q,e)} = \delta_{ce}\sum_j w_{jc}
-    \hat f_{jp}\hat f_{jq}/N$ of a generalised linear model (`class_grams` on the
-    diagonal blocks)."""
-    blocks = class_grams(features, weights)
-    k = weights.shape[1]
-    return blocks[:, :, :, None] * jnp.eye(k, dtype=features.dtype)[None, :, None, :]
-
-
-def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTreeLinearOperator:
-    """`matrix + alpha2 I` as a positive definite operator on `(p, k)` coefficients."""
-    p, k = matrix.shape[:2]
-    identity = jnp.eye(p * k, dtype=matrix.dtype).reshape(p, k, p, k)
-    return lx.PyTreeLinearOperator(
-        matrix + alpha2 * identity,
-        jax.ShapeDtypeStruct((p, k), matrix.dtype),
-        lx.positive_semidefinite_tag,
-    )
-
-
-def glm_hessian_product(
-    features: Float[Array, "N p"],
-    alpha2: Scalar,
-    logit_curvature: Callable[[Float[Array, "N k"]], Float[Array, "N k"]],
-    coef: Float[Array, "p k"],
-) -> lx.FunctionLinearOperator:
-    r"""The Hessian $V \mapsto \hat F^\top C(\hat F V)/N + \alpha_2 V$ of a
-    generalised linear model at `coef`, as a product that is never formed:
-    `logit_curvature` $C$ applies each sample's curvature in the logits (at `coef`)
-    to the rows of an `(N, k)` matrix. Two matmuls over samples, $O(Npk)$."""
-    apply = jtu.Partial(_glm_hessian_product, features, alpha2, logit_curvature)
-    structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
-    return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
-
-
-def _glm_hessian_product(features, alpha2, logit_curvature, vector):
-    curved = logit_curvature(matmul(features, vector))
-    return matmul(features.T, curved) / features.shape[0] + alpha2 * vector
-
-
-class InnerMinimise(AbstractInnerSolver):
-    """The inner solver handed to `envelope_minimise`: minimises `objective(coef, args)`
-    over the readout coefficients `coef` of shape `(p, k)`, where `args = (features
-    (N, p), targets (N, k), alpha2)`, from `init` or from zero, with an optimistix
-    minimiser, and reports `InnerStats`.
-
-    The readout's (implicit) derivative solves with the exact Hessian: by Cholesky up
-    to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on Hessian-vector products
-    with the Kronecker preconditioner, to a relative residual of `eps**0.75`, raising
-    an error where CG cannot reach it (never a silently wrong tangent)."""
-
-    objective: Objective
-    minimiser: Callable[[Args], optx.AbstractMinimiser]
-    curvature: Curvature
-    gtol: float
-    max_steps: int
-
-    def __call__(self, args: Args, init: Float[Array, "p k"] | None):
-        features, targets, alpha2 = args
-        if init is None:
-            init = jnp.zeros((features.shape[1], targets.shape[1]), features.dtype)
-        solution = optx.minimise(
-            self.objective,
-            self.minimiser(args),
-            init,
-            args,
-            max_steps=self.max_steps,
-            throw=False,
-            # The solve is never differentiated (the envelope rule replaces it).
-            adjoint=optx.RecursiveCheckpointAdjoint(),
-        )
-        coef = solution.value
-        value, gradient = jax.value_and_grad(self.objective)(coef, args)
-        scale = gradient_scale(args)
-        # The descent's state holds its direction at the last accepted iterate, the
-        # returned one.
-        decrement = _descent_loss_error(solution.state)
-        converged = (solution.result == optx.RESULTS.successful) & inner_converged(
-            value, gradient, scale, alpha2, self.gtol, decrement
-        )
-        fallbacks = getattr(getattr(solution.state, "descent_state", None), "fallbacks", None)
-        return coef, InnerStats(
-            solution.stats["num_steps"],
-            scaled_gradient_norm(gradient, scale),
-            converged,
-            loss_error_bound=loss_error_bound(gradient, alpha2, decrement),
-            fallback_steps=jnp.zeros((), jnp.int32) if fallbacks is None else fallbacks,
-        )
-
-    def hessian_solve(
-        self, objective: Objective, solution: Float[Array, "p k"], stats: Any, args: Args
-    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
-        del objective, stats
-        if solution.size <= MAX_DENSE_SOLVE_SIZE:
-            operator = self.curvature.hessian(solution, args)
-            return lambda rhs: lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
-        operator = self.curvature.hessian_product(solution, args)
-        tol = float(jnp.finfo(solution.dtype).eps) ** 0.75
-        linear_solver = lx.CG(rtol=tol, atol=0.0, max_steps=10 * solution.size)
-        # A preconditioner does not change the solution, so its data need no
-        # derivative; lineax cannot differentiate traced `options` (a second
-        # derivative raised "Unexpected tangent").
-        preconditioner = KroneckerPreconditioner(
-            self.curvature.mean_curvature, jax.lax.stop_gradient(args)
-        )
-        options = {"preconditioner": preconditioner(jax.lax.stop_gradient(solution))}
-        # `throw=True`: a CG solve that does not reach its tolerance raises, rather
-        # than return an inaccurate tangent.
-        return lambda rhs: lx.linear_solve(operator, rhs, linear_solver, options=options).value
 
 
 class _NewtonState(eqx.Module):
@@ -480,7 +295,7 @@ def newton_decrement_bound(
     )
 
 
-def _descent_loss_error(state) -> Scalar | None:
+def descent_loss_error(state) -> Scalar | None:
     """The Newton decrement bound an optimistix state's descent holds, if any."""
     decrement = getattr(getattr(state, "descent_state", None), "decrement", None)
     return decrement
@@ -493,15 +308,40 @@ def _is_descent(gradient, direction):
     )
 
 
+def newton_direction(
+    hessian: lx.AbstractLinearOperator, gradient: Float[Array, "p k"]
+) -> tuple[Float[Array, "p k"], Bool[Array, ""]]:
+    r"""The Newton direction $H^{-1}g$ by Cholesky (`lx.Cholesky`), with fallbacks for
+    a Hessian that is not numerically positive definite (rounding of large or uneven
+    features in float32): where the Newton direction is not finite or not a descent
+    direction ($g^\top d \le 0$), the shifted Newton direction $(H + \delta I)^{-1}g$
+    with $\delta = pk\,\varepsilon \max_i H_{ii}$ (above the rounding of the computed
+    Hessian's eigenvalues), and where that fails too, the gradient step $g/\operatorname
+    {tr} H$ (a step no longer than $1/L$). Returns the direction and whether it is the
+    plain Newton direction. The one Cholesky solve of every Newton method here (the
+    one-shot losses and the streaming refit)."""
+    newton = lx.linear_solve(hessian, gradient, lx.Cholesky(), throw=False).value
+    ok = _is_descent(gradient, newton)
+
+    def fallback(_):
+        matrix = hessian.as_matrix()
+        diagonal = jnp.diag(matrix)
+        shift = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.abs(diagonal))
+        shifted = lx.MatrixLinearOperator(
+            matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype),
+            lx.positive_semidefinite_tag,
+        )
+        flat = lx.linear_solve(shifted, gradient.reshape(-1), lx.Cholesky(), throw=False)
+        direction = flat.value.reshape(gradient.shape)
+        steepest = gradient / jnp.sum(jnp.abs(diagonal))
+        return jnp.where(_is_descent(gradient, direction), direction, steepest)
+
+    return jax.lax.cond(ok, lambda _: newton, fallback, None), ok
+
+
 class FallbackNewtonDescent(optx.AbstractDescent):
-    r"""The Newton direction $H^{-1}g$ by Cholesky (`lx.Cholesky`) on the exact Hessian
-    operator, with fallbacks for a Hessian that is not numerically positive definite
-    (rounding of large or uneven features in float32): where the Newton direction is
-    not finite or not a descent direction ($g^\top d \le 0$), the shifted Newton
-    direction $(H + \delta I)^{-1}g$ with $\delta = pk\,\varepsilon \max_i H_{ii}$
-    (above the rounding of the computed Hessian's eigenvalues), and where that fails
-    too, the gradient step $g/\operatorname{tr} H$ (a step no longer than $1/L$).
-    The state counts the fallbacks (`InnerStats.fallback_steps`) and holds the
+    """The Newton direction of `newton_direction` on the exact Hessian operator. The
+    state counts the fallbacks (`InnerStats.fallback_steps`) and holds the
     `newton_decrement_bound` of the Newton direction."""
 
     alpha2: Scalar
@@ -512,26 +352,9 @@ class FallbackNewtonDescent(optx.AbstractDescent):
 
     def query(self, y, f_info, state):
         gradient = f_info.grad
-        hessian = f_info.hessian
-        newton = lx.linear_solve(hessian, gradient, lx.Cholesky(), throw=False).value
-        ok = _is_descent(gradient, newton)
-
-        def fallback(_):
-            matrix = hessian.as_matrix()
-            diagonal = jnp.diag(matrix)
-            shift = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.abs(diagonal))
-            shifted = lx.MatrixLinearOperator(
-                matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype),
-                lx.positive_semidefinite_tag,
-            )
-            flat = lx.linear_solve(shifted, gradient.reshape(-1), lx.Cholesky(), throw=False)
-            direction = flat.value.reshape(gradient.shape)
-            steepest = gradient / jnp.sum(jnp.abs(diagonal))
-            return jnp.where(_is_descent(gradient, direction), direction, steepest)
-
-        decrement = newton_decrement_bound(gradient, hessian, newton, self.alpha2)
+        newton, ok = newton_direction(f_info.hessian, gradient)
+        decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
         decrement = jnp.where(ok, decrement, jnp.inf)
-        newton = jax.lax.cond(ok, lambda _: newton, fallback, None)
         return _NewtonState(newton, state.fallbacks + (~ok).astype(jnp.int32), decrement)
 
     def step(self, step_size, state):
@@ -564,7 +387,7 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
 
     def query(self, y, f_info, state):
         gradient = f_info.grad
-        # `|g|` is measured as the stopping test measures it (`gradient_scale`).
+        # `|g|` is measured as the stopping test measures it (`ReadoutObjective.gradient_scale`).
         gradient_norm = scaled_gradient_norm(gradient, self.scale)
         preconditioner = self.preconditioner(y)
         forcing = jnp.minimum(
@@ -600,186 +423,3 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
 
     def step(self, step_size, state):
         return -step_size * state.newton, optx.RESULTS.successful
-
-
-class KroneckerPreconditioner(eqx.Module):
-    r"""$(\bar A \otimes G + \alpha_2 I)^{-1}$, an approximate inverse Hessian of a
-    generalised linear model, with the Gram matrix $G = \hat F^\top\hat F/N$ (one
-    matmul and one `(p, p)` eigendecomposition per solve) and the `(k, k)` mean
-    curvature $\bar A$ in the logits at the current iterate (a `(k, k)`
-    eigendecomposition per step). Exact when all samples share one curvature (e.g.
-    at a zero readout), and exact on the softmax's shift direction, where
-    $\bar A$ has a zero eigenvalue like the Hessian. Applying it costs four small
-    matmuls, none over samples."""
-
-    mean_curvature: Callable[[Float[Array, "p k"], Args], Float[Array, "k k"]]
-    args: Args
-    gram_eigenvalues: Float[Array, " p"]
-    gram_eigenvectors: Float[Array, "p p"]
-
-    def __init__(self, mean_curvature, args):
-        features, _, _ = args
-        gram = matmul(features.T, features) / features.shape[0]
-        eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
-        # Rounding may leave tiny negative eigenvalues of these positive semidefinite
-        # matrices; the preconditioner must stay positive definite.
-        self.gram_eigenvalues = jnp.maximum(eigenvalues, 0)
-        self.mean_curvature = mean_curvature
-        self.args = args
-
-    def __call__(self, coef: Float[Array, "p k"]) -> lx.FunctionLinearOperator:
-        eigenvalues, eigenvectors = jnp.linalg.eigh(self.mean_curvature(coef, self.args))
-        scale = 1 / (
-            self.gram_eigenvalues[:, None] * jnp.maximum(eigenvalues, 0)[None, :] + self.args[2]
-        )
-        apply = jtu.Partial(_kronecker_solve, self.gram_eigenvectors, eigenvectors, scale)
-        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
-        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
-
-
-def _kronecker_solve(left, right, scale, vector):
-    return matmul(matmul(left, scale * matmul(matmul(left.T, vector), right)), right.T)
-
-
-def _terminated(minimiser: optx.AbstractQuasiNewton, gtol: float, args: Args):
-    return GradientNormTermination(minimiser, gtol, gradient_scale(args), args[2])  # pyright: ignore[reportCallIssue]
-
-
-class _Newton(eqx.Module):
-    hessian: Hessian
-    gtol: float
-
-    def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        descent = FallbackNewtonDescent(args[2])
-        newton = DampedNewton(hessian=_AtData(self.hessian, args), descent=descent)
-        return _terminated(newton, self.gtol, args)
-
-
-class _NewtonCG(eqx.Module):
-    curvature: Curvature
-    gtol: float
-
-    def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        preconditioner = KroneckerPreconditioner(self.curvature.mean_curvature, args)
-        descent = TruncatedNewtonDescent(
-            preconditioner,
-            self.gtol,
-            gradient_scale(args),
-            args[2],
-            newton_cg_max_steps(self.gtol),
-        )
-        newton = DampedNewton(
-            hessian=_AtData(self.curvature.hessian_product, args), descent=descent
-        )
-        return _terminated(newton, self.gtol, args)
-
-
-class _QuasiNewton(eqx.Module):
-    minimiser: optx.AbstractQuasiNewton
-    gtol: float
-
-    def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        return _terminated(self.minimiser, self.gtol, args)
-
-
-class _Given(eqx.Module):
-    minimiser: optx.AbstractMinimiser
-
-    def __call__(self, args: Args) -> optx.AbstractMinimiser:
-        del args
-        return self.minimiser
-
-
-def select_minimiser(
-    solver: SolverName | optx.AbstractMinimiser,
-    curvature: Curvature,
-    gtol: float,
-    num_coefficients: int,
-) -> Callable[[Args], optx.AbstractMinimiser]:
-    """The minimiser for `InnerMinimise`, as a function of the data (the exact Newton
-    method evaluates its Hessian from them)."""
-    if isinstance(solver, optx.AbstractMinimiser):
-        return _Given(solver)
-    if solver == "auto":
-        solver = "newton" if num_coefficients <= MAX_EXACT_NEWTON_SIZE else "newton-cg"
-    if solver == "newton":
-        return _Newton(curvature.hessian, gtol)
-    if solver == "newton-cg":
-        return _NewtonCG(curvature, gtol)
-    # Cauchy criteria off: `GradientNormTermination` stops them.
-    if solver == "bfgs":
-        return _QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0), gtol)
-    if solver == "lbfgs":
-        return _QuasiNewton(optx.LBFGS(rtol=0.0, atol=0.0), gtol)
-    raise ValueError(
-        f"`solver` must be one of {_SOLVER_NAMES} or an `optimistix.AbstractMinimiser`; "
-        f"got {solver!r}."
-    )
-
-
-def fit_readout(
-    what: str,
-    objective: Objective,
-    curvature: Curvature,
-    model: Callable[..., Any],
-    x: Array,
-    labels: Real[Array, "N k"],
-    *,
-    label_error: tuple[Bool[Array, ""], str],
-    scalar_output: bool,
-    alpha1: Any,
-    alpha2: Any,
-    use_bias: Any,
-    solver: Any,
-    gtol: Any,
-    max_steps: Any,
-    throw: Any,
-    init: Any,
-    basis: Callable[[int], np.ndarray] | None = None,
-) -> tuple[Scalar, VPLinear]:
-    """The body shared by `vploss_bce` and `vploss_ce` once their labels are checked:
-    features, inner solve through `envelope_minimise`, runtime checks, readout.
-
-    With `basis`, `objective` and `curvature` act on the coefficients in the basis of
-    the outputs given by the symmetric orthogonal matrix `basis(k)` (its own inverse):
-    the full coefficients are `coef @ basis(k)`."""
-    use_bias = as_flag("use_bias", use_bias)
-    throw = as_flag("throw", throw)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive Python int; got {max_steps!r}.")
-    alpha1 = as_alpha("alpha1", alpha1, positive=False)
-    alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    features, labels = glm_features(model, x, labels, use_bias)
-    dtype = features.dtype
-    shape = (features.shape[1], labels.shape[1])
-    if gtol is None:
-        gtol = default_gtol(dtype)
-    elif isinstance(gtol, bool) or not isinstance(gtol, (int, float)) or not gtol > 0:
-        raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
-    if init is not None:
-        if not isinstance(init, VPLinear):
-            raise TypeError(
-                "`init` must be the `VPLinear` readout returned by a previous call (or "
-                f"None); got {type(init).__name__}."
-            )
-        init = coefficients_from_readout(init, use_bias)
-        if init.shape != shape:
-            raise ValueError(
-                f"`init` has {init.shape[1]} output(s) and {init.shape[0]} coefficients "
-                f"per output; this problem has {shape[1]} and {shape[0]}."
-            )
-        init = init.astype(dtype)
-        if basis is not None:
-            init = matmul(init, jnp.asarray(basis(shape[1]), dtype))
-    minimiser = select_minimiser(solver, curvature, float(gtol), shape[0] * shape[1])
-    value, coef, stats = envelope_minimise(
-        objective,
-        InnerMinimise(objective, minimiser, curvature, float(gtol), max_steps),
-        (features, labels, alpha2.astype(dtype)),
-        init,
-        check=RuntimeChecks(what, errors=[label_error], finite={"x": x}, throw=throw),
-    )
-    if basis is not None:
-        coef = matmul(coef, jnp.asarray(basis(shape[1]), dtype))
-    loss = value + parameter_penalty(model, alpha1.astype(dtype))
-    return loss, readout_from_coefficients(coef, use_bias, scalar_output, stats)

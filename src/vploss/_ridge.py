@@ -85,8 +85,10 @@ class RidgeSolver(AbstractInnerSolver):
             return solve(bool(alpha2 > 0))
         return jax.lax.cond(alpha2 > 0, lambda: solve(True), lambda: solve(False))
 
-    def __call__(self, args: RidgeArgs, init: Any) -> tuple[Float[Array, "p k"], None]:
-        del init
+    def __call__(
+        self, objective: Objective, args: RidgeArgs, init: Any
+    ) -> tuple[Float[Array, "p k"], None]:
+        del objective, init
         return self.coefficients(args), None
 
     def solution_jvp(

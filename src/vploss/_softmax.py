@@ -1,80 +1,20 @@
+"""The softmax cross-entropy as a readout loss."""
+
 import functools
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
-import lineax as lx
 import numpy as np
 import optimistix as optx
-from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
+from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
-from ._checks import as_batch
-from ._misc import matmul
-from ._newton import (
-    block_gram,
-    class_grams,
-    Curvature,
-    fit_readout,
-    glm_hessian_product,
-    hessian_operator,
-    SolverName,
-)
+from ._glm import READOUT_LOSSES, vploss_glm
+from ._glm_solvers import AbstractGLMSolver, SolverName
 from ._readout import VPLinear
-
-
-SoftmaxArgs: TypeAlias = tuple[Float[Array, "N p"], Float[Array, "N K"], Scalar]
-
-
-def ce_objective(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Scalar:
-    r"""$J(\hat W) = \frac1N\sum_j[\operatorname{logsumexp}(z_j) - \langle y_j,
-    z_j\rangle] + \frac{\alpha_2}{2}\|\hat W\|^2$ with $Z = \hat F \hat W^\top$, `coef`
-    $=\hat W^\top$."""
-    features, labels, alpha2 = args
-    logits = matmul(features, coef)
-    log_partition = jax.nn.logsumexp(logits, axis=1)
-    data = jnp.sum(log_partition - jnp.sum(labels * logits, axis=1)) / features.shape[0]
-    return data + 0.5 * alpha2 * jnp.sum(coef**2)
-
-
-def ce_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearOperator:
-    r"""The exact Hessian $\frac1N\sum_j (\operatorname{diag}(s_j) - s_j s_j^\top)
-    \otimes \hat f_j \hat f_j^\top + \alpha_2 I$, $s_j = \operatorname{softmax}(z_j)$:
-    its block-diagonal part and its rank-N part from one matmul over samples.
-
-    In float32 its data part, singular on the shift direction of the logits, rounds
-    to an indefinite matrix for features of large norm; `vploss_ce` solves in the
-    basis `shift_basis` instead (`ce_rotated_hessian`)."""
-    features, _, alpha2 = args
-    num_samples, p = features.shape
-    k = coef.shape[1]
-    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
-    weighted = (features[:, :, None] * probabilities[:, None, :]).reshape(num_samples, p * k)
-    outer = matmul(weighted.T, weighted).reshape(p, k, p, k) / num_samples
-    return hessian_operator(block_gram(features, probabilities) - outer, alpha2)
-
-
-def ce_hessian_product(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.FunctionLinearOperator:
-    r"""The same Hessian as products $\hat F^\top(S \odot U - S \odot
-    (S \odot U)\mathbf 1\mathbf 1^\top)/N + \alpha_2 V$, $U = \hat F V$."""
-    features, _, alpha2 = args
-    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
-    curvature = jtu.Partial(_softmax_curvature, probabilities)
-    return glm_hessian_product(features, alpha2, curvature, coef)
-
-
-def _softmax_curvature(probabilities, directions):
-    weighted = probabilities * directions
-    return weighted - probabilities * jnp.sum(weighted, axis=1, keepdims=True)
-
-
-def ce_mean_curvature(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Float[Array, "K K"]:
-    r"""$\frac1N\sum_j \operatorname{diag}(s_j) - s_j s_j^\top$."""
-    features = args[0]
-    probabilities = jax.nn.softmax(matmul(features, coef), axis=1)
-    outer = matmul(probabilities.T, probabilities)
-    return (jnp.diag(jnp.sum(probabilities, axis=0)) - outer) / features.shape[0]
+from ._readout_loss import AbstractReadoutLoss, Curvature, Labels
 
 
 @functools.cache
@@ -98,74 +38,6 @@ def shift_basis(num_classes: int) -> np.ndarray:
     basis = np.eye(num_classes) - 2 * np.outer(v, v) / (v @ v)
     basis.setflags(write=False)
     return basis
-
-
-def _in_classes(coef: Float[Array, "p K"]) -> Float[Array, "p K"]:
-    """Coefficients in the basis `shift_basis` as coefficients of the classes."""
-    return matmul(coef, jnp.asarray(shift_basis(coef.shape[1]), coef.dtype))
-
-
-def ce_rotated_objective(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Scalar:
-    """`ce_objective` of the coefficients in the basis `shift_basis`."""
-    return ce_objective(_in_classes(coef), args)
-
-
-def ce_rotated_hessian(coef: Float[Array, "p K"], args: SoftmaxArgs) -> lx.PyTreeLinearOperator:
-    r"""The exact Hessian of `ce_rotated_objective`: $\frac1N\sum_j C_j \otimes \hat
-    f_j \hat f_j^\top + \alpha_2 I$ with $C_j = Q^\top(\operatorname{diag}(s_j) - s_j
-    s_j^\top)Q$ in the first $K - 1$ outputs and zero in the last (the shift; see
-    `shift_basis`). Its block-diagonal part from the per-class Gram matrices
-    (`class_grams`, one matmul over samples), its rank-N part from one more."""
-    features, _, alpha2 = args
-    num_samples, p = features.shape
-    k = coef.shape[1]
-    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
-    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
-    grams = class_grams(features, probabilities)
-    diagonal = jnp.einsum(
-        "ab,ac,paq->pbqc", basis, basis, grams, precision=jax.lax.Precision.HIGHEST
-    )
-    projected = matmul(probabilities, basis)
-    weighted = (features[:, :, None] * projected[:, None, :]).reshape(num_samples, -1)
-    outer = matmul(weighted.T, weighted).reshape(p, k - 1, p, k - 1) / num_samples
-    data = jnp.pad(diagonal - outer, ((0, 0), (0, 1), (0, 0), (0, 1)))
-    return hessian_operator(data, alpha2)
-
-
-def ce_rotated_hessian_product(
-    coef: Float[Array, "p K"], args: SoftmaxArgs
-) -> lx.FunctionLinearOperator:
-    r"""The same Hessian as products (`ce_hessian_product` in the first $K - 1$
-    outputs of the basis, $\alpha_2 V$ in the last)."""
-    features, _, alpha2 = args
-    k = coef.shape[1]
-    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
-    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
-    apply = jtu.Partial(_rotated_product, features, alpha2, probabilities, basis)
-    structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
-    return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
-
-
-def _rotated_product(features, alpha2, probabilities, basis, vector):
-    directions = matmul(features, matmul(vector[:, :-1], basis.T))
-    curved = _softmax_curvature(probabilities, directions)
-    data = matmul(matmul(features.T, curved), basis) / features.shape[0]
-    return jnp.pad(data, ((0, 0), (0, 1))) + alpha2 * vector
-
-
-def ce_rotated_mean_curvature(coef: Float[Array, "p K"], args: SoftmaxArgs) -> Float[Array, "K K"]:
-    r"""$\frac1N\sum_j C_j$ in the basis `shift_basis` (zero in the shift)."""
-    features = args[0]
-    k = coef.shape[1]
-    basis = jnp.asarray(shift_basis(k)[:, :-1], features.dtype)
-    probabilities = jax.nn.softmax(matmul(features, _in_classes(coef)), axis=1)
-    projected = matmul(probabilities, basis)
-    diagonal = matmul(basis.T * jnp.sum(probabilities, axis=0), basis)
-    mean = (diagonal - matmul(projected.T, projected)) / features.shape[0]
-    return jnp.pad(mean, ((0, 1), (0, 1)))
-
-
-_CE_CURVATURE = Curvature(ce_rotated_hessian, ce_rotated_hessian_product, ce_rotated_mean_curvature)
 
 
 def as_class_labels(
@@ -232,6 +104,36 @@ def as_class_labels(
     return labels, invalid, message
 
 
+class SoftmaxCrossEntropy(AbstractReadoutLoss):
+    r"""$\ell(z, y) = \operatorname{logsumexp}(z) - \langle y, z\rangle$ for $K$
+    classes (`optax.softmax_cross_entropy`), with curvature $\operatorname{diag}(s) -
+    ss^\top$, $s = \operatorname{softmax}(z)$ (diagonal plus rank one), linear along
+    the shift of all logits (`shift_basis`). The loss of `vploss_ce`.
+
+    **Arguments:**
+
+    - `num_classes`: K; required with integer labels `(N,)`.
+    """
+
+    num_classes: int | None = eqx.field(default=None, static=True)
+    name: ClassVar[str] = "the softmax loss `vploss_ce`"
+
+    def labels(self, y, num_samples):
+        values, invalid, message = as_class_labels(y, num_samples, self.num_classes)
+        return Labels(values, False, invalid, message)
+
+    def loss(self, logits, labels):
+        return jax.nn.logsumexp(logits, axis=1) - jnp.sum(labels * logits, axis=1)
+
+    def curvature(self, logits, labels):
+        del labels
+        probabilities = jax.nn.softmax(logits, axis=1)
+        return Curvature(probabilities, probabilities)
+
+    def basis(self, num_outputs):
+        return shift_basis(num_outputs)
+
+
 def vploss_ce(
     model: Callable[..., Any],
     x: Real[ArrayLike, "N ..."],
@@ -240,10 +142,11 @@ def vploss_ce(
     alpha1: Real[ArrayLike, ""] = 0.0,
     alpha2: Real[ArrayLike, ""],
     num_classes: int | None = None,
+    weights: Real[ArrayLike, " _N"] | None = None,
     use_bias: bool = True,
-    solver: SolverName | optx.AbstractMinimiser = "auto",
+    solver: SolverName | AbstractGLMSolver | optx.AbstractMinimiser = "auto",
     gtol: float | None = None,
-    max_steps: int = 100,
+    max_steps: int | None = None,
     throw: bool = True,
     init: VPLinear | None = None,
 ) -> tuple[Float[Array, ""], VPLinear]:
@@ -286,6 +189,7 @@ def vploss_ce(
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
     - `alpha2`: penalty weight on the readout (bias included), `> 0`.
     - `num_classes`: K; required with integer labels.
+    - `weights`: per-sample weights, shape `(N,)`, or `None`: as in `vploss_bce`.
     - `use_bias`: whether the readout has a bias $b$.
     - `solver`, `gtol`, `max_steps`, `throw`, `init`: as in `vploss_bce`.
 
@@ -308,24 +212,21 @@ def vploss_ce(
     distributions, non-finite features, or (with `throw=True`) a solve that did not
     converge.
     """
-    x = as_batch("x", x)
-    labels, invalid, message = as_class_labels(y, x.shape[0], num_classes)
-    return fit_readout(
-        "the softmax loss `vploss_ce`",
-        ce_rotated_objective,
-        _CE_CURVATURE,
+    return vploss_glm(
+        SoftmaxCrossEntropy(num_classes),
         model,
         x,
-        labels,
-        label_error=(invalid, message),
-        scalar_output=False,
+        y,
         alpha1=alpha1,
         alpha2=alpha2,
+        weights=weights,
         use_bias=use_bias,
         solver=solver,
         gtol=gtol,
         max_steps=max_steps,
         throw=throw,
         init=init,
-        basis=shift_basis,
     )
+
+
+READOUT_LOSSES[vploss_ce] = lambda num_classes: SoftmaxCrossEntropy(num_classes)

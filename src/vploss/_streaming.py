@@ -7,19 +7,25 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
-from jaxtyping import Array, ArrayLike, Float, Scalar
+from jaxtyping import Array, ArrayLike, Float
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets
+from ._checks import as_alpha, as_batch, as_flag, as_targets, as_weights
 from ._diagnostics import InnerStats
 from ._features import glm_features
-from ._logistic import as_binary_labels, bce_hessian, bce_objective, vploss_bce
+from ._glm import as_readout_init, READOUT_LOSSES
 from ._lstsq import gram_lstsq, with_intercept
 from ._misc import column_mean, matmul
-from ._newton import default_gtol, gradient_scale, scaled_gradient_norm
-from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
+from ._newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
+from ._readout import readout_from_coefficients, VPLinear
+from ._readout_loss import (
+    AbstractReadoutLoss,
+    GLMArgs,
+    gradient_scale,
+    hessian_operator,
+    Labels,
+    ReadoutObjective,
+)
 from ._ridge import vploss_msereg
-from ._softmax import as_class_labels, ce_hessian, ce_objective, vploss_ce
 
 
 # The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
@@ -74,74 +80,52 @@ def _ridge_moments(model, x, targets, use_bias):
 
 
 @eqx.filter_jit
-def _glm_moments(objective, hessian, model, x, labels, coef, use_bias):
-    r"""The sums over one batch of the data term of a GLM's inner objective, its gradient
-    and its Hessian (as a `(pk, pk)` matrix) at `coef`, the sums of squares of the
-    features, and whether they are all finite."""
+def _glm_sums(objective, model, x, labels, weights, coef, use_bias):
+    r"""The sums over one batch of the (weighted) data term of a readout loss's inner
+    objective, its gradient and its Hessian (as a `(pk, pk)` matrix) at `coef`, the
+    (weighted) sums of squares of the features and the sum of the weights (the
+    count without weights), and whether they are all finite."""
     features, labels = glm_features(model, x, labels, use_bias)
-    args = (features, labels, jnp.zeros((), coef.dtype))
+    dtype = features.dtype
+    weights = None if weights is None else weights.astype(dtype)
+    args = GLMArgs(features, labels, jnp.zeros((), dtype), weights)
     value, gradient = jax.value_and_grad(objective)(coef, args)
-    curvature = hessian(coef, args).as_matrix()
+    curvature = objective.hessian(coef, args).as_matrix()
     n = features.shape[0]
-    sums = (n * value, n * gradient, n * curvature, jnp.sum(features**2, axis=0))
+    squares = features**2 if weights is None else features**2 * weights[:, None]
+    total = jnp.asarray(n, dtype) if weights is None else jnp.sum(weights)
+    sums = (n * value, n * gradient, n * curvature, jnp.sum(squares, axis=0), total)
     return sums, _finite(x, *sums)
-
-
-@jax.jit
-def _newton_direction(
-    curvature: Float[Array, "q q"], gradient: Float[Array, "p k"]
-) -> Float[Array, "p k"]:
-    factor = jsl.cho_factor(curvature, lower=True)
-    return jsl.cho_solve(factor, gradient.reshape(-1)).reshape(gradient.shape)
-
-
-def _gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Array, "p 1"]:
-    r"""`gradient_scale` (the one-shot losses' stopping scale) from the mean squares of
-    the features: a single row with those squares has the same column means."""
-    return gradient_scale((jnp.sqrt(mean_square)[None, :], None, alpha2))
-
-
-class _Loss(eqx.Module):
-    r"""How one loss reads its labels and evaluates its inner problem on a batch."""
-
-    labels: Callable
-    objective: Callable
-    hessian: Callable
 
 
 def _ridge_labels(y, num_samples):
     targets, scalar_output = as_targets("y", y, num_samples)
-    return targets, scalar_output, jnp.array(False), ""
-
-
-def _bce_labels(y, num_samples):
-    labels, scalar_output, outside = as_binary_labels(y, num_samples)
-    message = "labels `y` must be in [0, 1] (hard 0/1 labels or probabilities)"
-    return labels, scalar_output, outside, message
-
-
-def _ce_labels(num_classes):
-    def labels(y, num_samples):
-        one_hot, invalid, message = as_class_labels(y, num_samples, num_classes)
-        return one_hot, False, invalid, message
-
-    return labels
+    return Labels(targets, scalar_output, jnp.array(False), "")
 
 
 def _batches(batches, what, labels):
-    r"""Checks and converts each `(x, y)` batch; yields `(x, labels, scalar_output)`."""
+    r"""Checks and converts each `(x, y)` or `(x, y, weights)` batch; yields `(index,
+    x, labels, weights)` with `labels` a `Labels` and `weights` `None` for pairs."""
     count = 0
     for index, batch in enumerate(batches):
-        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        if not (isinstance(batch, tuple | list) and len(batch) in (2, 3)):
             raise TypeError(
-                f"`batches` must yield `(x, y)` pairs; batch {index} is a {type(batch).__name__}."
+                f"`batches` must yield `(x, y)` pairs or `(x, y, weights)` triples; batch "
+                f"{index} is a {type(batch).__name__}"
+                + (f" of length {len(batch)}." if isinstance(batch, tuple | list) else ".")
             )
         x = as_batch("x", batch[0])
-        y, scalar_output, invalid, message = labels(batch[1], x.shape[0])
-        if bool(invalid):
-            raise ValueError(f"{what}: batch {index}: {message}")
+        parsed = labels(batch[1], x.shape[0])
+        if bool(parsed.invalid):
+            raise ValueError(f"`refit_readout`: batch {index}: {parsed.message}")
+        weights = None
+        if len(batch) == 3:
+            weights, (invalid, message) = as_weights(what, batch[2], x.shape[0])
+            # A batch of zeros is allowed here; the total is checked at the end.
+            if bool(~jnp.all(jnp.isfinite(weights) & (weights >= 0))):
+                raise ValueError(f"batch {index}: {message}")
         count += 1
-        yield index, x, y, scalar_output
+        yield index, x, parsed, weights
     if count == 0:
         raise ValueError("`batches` is empty: it must yield at least one `(x, y)` pair.")
 
@@ -164,7 +148,8 @@ def _not_finite(index):
 
 def _refit_ridge(model, batches, alpha2, use_bias):
     moments = first = None
-    for index, x, y, scalar_output in _batches(batches, "`vploss_msereg`", _ridge_labels):
+    for index, x, parsed, _ in _batches(batches, "`vploss_msereg`", _ridge_labels):
+        y, scalar_output = parsed.values, parsed.scalar_output
         first = first or (y.shape[1], scalar_output)
         _check_shapes(index, y, scalar_output, first)
         batch, finite = _ridge_moments(model, x, y, use_bias)
@@ -198,10 +183,11 @@ def _ridge_solve(moments, alpha2, use_bias):
         # The intercept is exactly optimal given the weights: its gradient is zero.
         gradient = jnp.concatenate([gradient, jnp.zeros_like(gradient[:1])])
         mean_square = jnp.concatenate([mean_square, jnp.ones_like(mean_square[:1])])
-    return weight, scaled_gradient_norm(gradient, _gradient_scale(mean_square, alpha2))
+    return weight, scaled_gradient_norm(gradient, gradient_scale(mean_square, alpha2))
 
 
-def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, init, throw):
+def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, throw):
+    what = loss.name
     if iter(batches) is batches:
         raise TypeError(
             f"`refit_readout` for {what} makes several passes over the data, so `batches` "
@@ -211,64 +197,58 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
         )
 
     # The shapes and dtype of the problem, from the first batch.
-    _, x, y, scalar_output = next(_batches(batches, what, loss.labels))
+    _, x, parsed, _ = next(_batches(batches, what, loss.labels))
+    y = parsed.values
     features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
-    first = (y.shape[1], scalar_output)
+    first = (y.shape[1], parsed.scalar_output)
     shape = (features.shape[1], y.shape[1])
+    objective = ReadoutObjective(loss)
 
     def evaluate(coef):
         r"""One pass: the objective, its gradient and Hessian at `coef`, and the
         stopping scale."""
         sums = None
-        num_samples = 0
-        for index, x, y, scalar_output in _batches(batches, what, loss.labels):
-            _check_shapes(index, y, scalar_output, first)
-            batch_sums, finite = _glm_moments(
-                loss.objective, loss.hessian, model, x, y, coef, use_bias
+        for index, x, parsed, weights in _batches(batches, what, loss.labels):
+            _check_shapes(index, parsed.values, parsed.scalar_output, first)
+            batch_sums, finite = _glm_sums(
+                objective, model, x, parsed.values, weights, coef, use_bias
             )
             if not bool(finite):
                 raise _not_finite(index)
             sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-            num_samples += x.shape[0]
-        value, gradient, curvature, squares = jax.tree.map(lambda s: s / num_samples, sums)
-        identity = jnp.eye(curvature.shape[0], dtype=coef.dtype)
+        assert sums is not None
+        *sums, total = sums
+        if not bool(total > 0):
+            raise ValueError(f"{what}: the weights of all batches sum to zero.")
+        value, gradient, curvature, squares = (s / total for s in sums)
+        hessian = hessian_operator(curvature.reshape(*shape, *shape), alpha2)
         return (
             value + 0.5 * alpha2 * jnp.sum(coef**2),
             gradient + alpha2 * coef,
-            curvature + alpha2 * identity,
-            _gradient_scale(squares, alpha2),
+            hessian,
+            gradient_scale(squares, alpha2),
         )
 
     alpha2 = alpha2.astype(dtype)
     gtol = default_gtol(dtype) if gtol is None else gtol
-    if init is None:
-        coef = jnp.zeros(shape, dtype)
-    else:
-        if not isinstance(init, VPLinear):
-            raise TypeError(f"`init` must be a `VPLinear` or None; got {type(init).__name__}.")
-        coef = coefficients_from_readout(init, use_bias).astype(dtype)
-        if coef.shape != shape:
-            raise ValueError(
-                f"`init` has {coef.shape[1]} output(s) and {coef.shape[0]} coefficients "
-                f"per output; this problem has {shape[1]} and {shape[0]}."
-            )
-    value, gradient, curvature, scale = evaluate(coef)
+    coef = as_readout_init(init, objective, use_bias, shape, dtype)
+    coef = jnp.zeros(shape, dtype) if coef is None else coef
+    value, gradient, hessian, scale = evaluate(coef)
     passes = 1
     # Damped Newton with a backtracking (Armijo) line search; every evaluation, trial
     # points included, is one pass over the data.
     while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
-        direction = _newton_direction(curvature, gradient)
-        slope = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
-        slack = 16 * jnp.finfo(dtype).eps * (1 + jnp.abs(value))
+        direction, _ = _newton_direction(hessian, gradient)
+        predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
         size = 1.0
         while passes < max_passes:
             trial = coef + size * -direction
             evaluation = evaluate(trial)
             passes += 1
-            if evaluation[0] <= value + _ARMIJO * size * slope + slack:
+            if armijo_accepts(value, evaluation[0], size * predicted, _ARMIJO):
                 coef = trial
-                value, gradient, curvature, scale = evaluation
+                value, gradient, hessian, scale = evaluation
                 break
             size /= 2
     norm = scaled_gradient_norm(gradient, scale)
@@ -281,7 +261,10 @@ def _refit_glm(model, batches, loss, what, alpha2, use_bias, gtol, max_passes, i
             "`readout.stats`."
         )
     stats = InnerStats(jnp.asarray(passes), norm, converged)
-    return readout_from_coefficients(coef, use_bias, first[1], stats)
+    return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
+
+
+_newton_direction = jax.jit(newton_direction)
 
 
 def refit_readout(
@@ -376,15 +359,13 @@ def refit_readout(
         alpha2 = as_alpha("alpha2", alpha2, positive=False)
         return _refit_ridge(model, batches, alpha2, use_bias)
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    if loss is vploss_bce:
-        glm = _Loss(_bce_labels, bce_objective, bce_hessian)
-        what = "`vploss_bce`"
-    elif loss is vploss_ce:
-        glm = _Loss(_ce_labels(num_classes), ce_objective, ce_hessian)
-        what = "`vploss_ce`"
-    else:
+    readout_loss = loss if isinstance(loss, AbstractReadoutLoss) else READOUT_LOSSES.get(loss)
+    if readout_loss is None:
         raise ValueError(
-            "`loss` must be `vploss.vploss_msereg`, `vploss.vploss_bce` or "
-            f"`vploss.vploss_ce`; got {loss!r}."
+            "`loss` must be `vploss.vploss_msereg`, a `vploss_*` function of a readout "
+            "loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or a "
+            f"`vploss.AbstractReadoutLoss`; got {loss!r}."
         )
-    return _refit_glm(model, batches, glm, what, alpha2, use_bias, gtol, max_passes, init, throw)
+    if not isinstance(readout_loss, AbstractReadoutLoss):
+        readout_loss = readout_loss(num_classes)
+    return _refit_glm(model, batches, readout_loss, alpha2, use_bias, gtol, max_passes, init, throw)

@@ -1,0 +1,146 @@
+r"""The VarPro loss of any readout loss (`AbstractReadoutLoss`): features, inner solve
+through `envelope_minimise`, runtime checks, readout."""
+
+from collections.abc import Callable
+from typing import Any
+
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, Float, Real
+
+from ._checks import as_alpha, as_batch, as_flag, as_weights, RuntimeChecks
+from ._envelope import envelope_minimise
+from ._features import glm_features, parameter_penalty
+from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
+from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
+from ._readout_loss import AbstractReadoutLoss, GLMArgs, normalised_weights, ReadoutObjective
+
+
+#: The `vploss_*` function of each readout loss, mapped to its loss as a function of
+#: `num_classes` (ignored where the loss has no classes): how `refit_readout(loss=...)`
+#: finds the readout loss of a function. Each loss module registers its own.
+READOUT_LOSSES: dict[Callable[..., Any], Callable[[int | None], AbstractReadoutLoss]] = {}
+
+
+def as_readout_init(
+    init: Any, objective: ReadoutObjective, use_bias: bool, shape: tuple[int, int], dtype: Any
+) -> Array | None:
+    """A warm start (a `VPLinear` from a previous call, or `None`) as coefficients of the
+    inner problem, checked against its `shape`."""
+    if init is None:
+        return None
+    if not isinstance(init, VPLinear):
+        raise TypeError(
+            "`init` must be the `VPLinear` readout returned by a previous call (or None); "
+            f"got {type(init).__name__}."
+        )
+    coef = coefficients_from_readout(init, use_bias)
+    if coef.shape != shape:
+        raise ValueError(
+            f"`init` has {coef.shape[1]} output(s) and {coef.shape[0]} coefficients per "
+            f"output; this problem has {shape[1]} and {shape[0]}."
+        )
+    return objective.from_outputs(coef.astype(dtype))
+
+
+def vploss_glm(
+    loss: AbstractReadoutLoss,
+    model: Callable[..., Any],
+    x: Real[ArrayLike, "N ..."],
+    y: Real[ArrayLike, " _N *k"],
+    *,
+    alpha1: Real[ArrayLike, ""] = 0.0,
+    alpha2: Real[ArrayLike, ""],
+    weights: Real[ArrayLike, " _N"] | None = None,
+    use_bias: bool = True,
+    solver: SolverName | AbstractGLMSolver | optx.AbstractMinimiser = "auto",
+    gtol: float | None = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    init: VPLinear | None = None,
+) -> tuple[Float[Array, ""], VPLinear]:
+    r"""The variable projection loss of a readout loss $\ell$ (an
+    `AbstractReadoutLoss`): with features $F = $ `jax.vmap(model)(x)` of shape `(N,
+    m)`, $\hat F = [F, 1]$, logits $z_j = \hat W\hat f_j \in \mathbb R^k$ and weights
+    $w_j \ge 0$ (all 1 by default),
+
+    $$L(\theta) = \min_{\hat W}\ \frac{\sum_j w_j\,\ell(z_j, y_j)}{\sum_j w_j}
+    + \frac{\alpha_2}{2}\|\hat W\|_F^2 + \frac{\alpha_1}{2}\|\theta\|^2.$$
+
+    The inner problem is strictly convex for `alpha2 > 0` (required). It is solved by
+    `solver` to its tolerance and checked, and the gradient is the envelope gradient
+    $\nabla L = \partial_\theta J(\theta, \hat W^*)$ (a custom JVP rule, forward and
+    reverse mode): the solver is never differentiated. `vploss_bce`, `vploss_ce` and
+    `vploss_poisson` are this function with their loss.
+
+    **Arguments:**
+
+    - `loss`: the readout loss, e.g. `vploss.SigmoidBinaryCrossEntropy()`.
+    - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
+        features, shape `(m,)` or a scalar.
+    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `y`: the labels, as `loss` reads them (`AbstractReadoutLoss.labels`).
+    - `alpha1`: penalty weight on the model's parameters, `>= 0`.
+    - `alpha2`: penalty weight on the readout (bias included), `> 0`.
+    - `weights`: per-sample weights $w_j \ge 0$, shape `(N,)`, not all zero, or
+        `None`. The data term is their weighted MEAN, so integer weights equal
+        repeated samples and zero weights dropped ones (scikit-learn's
+        `sample_weight`, normalised).
+    - `use_bias`: whether the readout has a bias $b$.
+    - `solver`: a solver object (`vploss.AutoNewton()` by default, `vploss.Newton`,
+        `vploss.NewtonCG`, `vploss.QuasiNewton`), a name as a shorthand (`"auto"`,
+        `"newton"`, `"newton-cg"`, `"bfgs"`, `"lbfgs"`), or any
+        `optimistix.AbstractMinimiser` (used as it is, with its own stopping rule).
+    - `gtol`, `max_steps`: with a name or an optimistix minimiser, the solver's
+        tolerance on the scaled gradient (default $\sqrt\varepsilon$ of the dtype)
+        and its step budget (default 100); a solver object carries its own.
+    - `throw`: if `True`, an inner solve that did not converge raises a runtime error
+        (`eqx.error_if`); if `False`, read `readout.stats.converged`.
+    - `init`: a warm start: the readout returned by a previous call (e.g. the last
+        training step's), or `None` to start from zero.
+
+    **Returns:**
+
+    `(loss, readout)`: the reduced loss (a scalar) and the fitted `VPLinear`, whose
+    `readout(model(x[j]))` are the logits of sample `j`, with `readout.stats` a
+    `vploss.InnerStats`. The loss carries its envelope gradient, the readout its
+    implicit derivative (a solve with the inner Hessian; free when unused). Both are in
+    the working dtype: the features' dtype, promoted by floating-point labels and to at
+    least float32 (a bfloat16 model is solved in float32).
+
+    **Raises:**
+
+    `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or
+    hyperparameters; a runtime error (`eqx.error_if`) for invalid labels or weights,
+    non-finite inputs or features, or (with `throw=True`) a solve that did not
+    converge.
+    """
+    if not isinstance(loss, AbstractReadoutLoss):
+        raise TypeError(f"`loss` must be a `vploss.AbstractReadoutLoss`; got {loss!r}.")
+    x = as_batch("x", x)
+    labels = loss.labels(y, x.shape[0])
+    use_bias = as_flag("use_bias", use_bias)
+    throw = as_flag("throw", throw)
+    inner_solver = as_glm_solver(solver, gtol, max_steps)
+    alpha1 = as_alpha("alpha1", alpha1, positive=False)
+    alpha2 = as_alpha("alpha2", alpha2, positive=True)
+    features, values = glm_features(model, x, labels.values, use_bias)
+    dtype = features.dtype
+    objective = ReadoutObjective(loss)
+    shape = (features.shape[1], values.shape[1])
+    errors = [(labels.invalid, labels.message)]
+    if weights is not None:
+        weights, weight_error = as_weights(loss.name, weights, x.shape[0])
+        weights = normalised_weights(weights.astype(dtype))
+        errors.append(weight_error)
+    value, coef, stats = envelope_minimise(
+        objective,
+        InnerMinimise(inner_solver),
+        GLMArgs(features, values, alpha2.astype(dtype), weights),
+        as_readout_init(init, objective, use_bias, shape, dtype),
+        check=RuntimeChecks(loss.name, errors=errors, finite={"x": x}, throw=throw),
+    )
+    total = value + parameter_penalty(model, alpha1.astype(dtype))
+    readout = readout_from_coefficients(
+        objective.in_outputs(coef), use_bias, labels.scalar_output, stats
+    )
+    return total, readout

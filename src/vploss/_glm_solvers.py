@@ -1,0 +1,328 @@
+r"""The inner solvers of the readout losses (`vploss_bce`, `vploss_ce`, `vploss_poisson`,
+any `AbstractReadoutLoss`): solver objects that carry their tolerances, and the
+`AbstractInnerSolver` that runs them for `envelope_minimise`."""
+
+import abc
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Float
+
+from ._diagnostics import InnerStats
+from ._envelope import AbstractInnerSolver
+from ._newton import (
+    DampedNewton,
+    default_gtol,
+    descent_loss_error,
+    FallbackNewtonDescent,
+    GradientNormTermination,
+    inner_converged,
+    loss_error_bound,
+    newton_cg_max_steps,
+    scaled_gradient_norm,
+    TruncatedNewtonDescent,
+)
+from ._readout_loss import GLMArgs, KroneckerPreconditioner, ReadoutObjective
+
+
+SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
+
+#: `AutoNewton` uses the exact Newton method while the readout has at most this many
+#: coefficients `p·k`, and Newton–CG beyond. Measured (float32, N = 4096, jitted
+#: `value_and_grad` step, alpha2 = 1e-4 and 1e-6): exact Newton is faster up to about
+#: 200 coefficients (1.5-2x at 33 and 99), even at 195, and slower from 325 on (1.7x at
+#: alpha2 = 1e-4, even at 1e-6; 4-5x at 650).
+MAX_EXACT_NEWTON_SIZE = 256
+
+#: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
+#: Hessian by Cholesky up to this many coefficients `p·k` (building it costs
+#: `O(N (pk)^2)`, factoring it `O((pk)^3)`, about a second at 2048 on one core), and
+#: solves by preconditioned CG beyond. In float32 CG cannot reach a tight residual on
+#: the ill-conditioned Hessians of small `alpha2` (measured: 330 coefficients,
+#: alpha2 = 1e-4: no convergence, or NaN tangents with a loose test); Cholesky's
+#: error is bounded by the condition number times `eps`.
+MAX_DENSE_SOLVE_SIZE = 2048
+
+_DEFAULT_MAX_STEPS = 100
+
+
+def _check_options(gtol: float | None, max_steps: int) -> None:
+    if gtol is not None and (
+        isinstance(gtol, bool) or not isinstance(gtol, int | float) or not gtol > 0
+    ):
+        raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive Python int; got {max_steps!r}.")
+
+
+class AbstractGLMSolver(eqx.Module):
+    r"""An inner solver of a readout loss: it minimises the inner objective $J$
+    (`ReadoutObjective`) over the readout's coefficients until the scaled gradient
+    $\max_{p,c}|\partial J/\partial\hat W_{cp}| / s_p \le$ `gtol` ($s_p$ the scale of
+    feature $p$, `ReadoutObjective.gradient_scale`) and the loss is within its tolerance
+    of the minimum, in at most `max_steps` iterations.
+
+    Subclasses set the fields `gtol` (`None`: $\sqrt\varepsilon$ of the dtype) and
+    `max_steps`, and implement `optimistix_minimiser`."""
+
+    gtol: eqx.AbstractVar[float | None]
+    max_steps: eqx.AbstractVar[int]
+
+    def __check_init__(self):
+        _check_options(self.gtol, self.max_steps)
+
+    @abc.abstractmethod
+    def optimistix_minimiser(
+        self, objective: ReadoutObjective, args: GLMArgs, gtol: float, num_coefficients: int
+    ) -> optx.AbstractMinimiser:
+        """The optimistix minimiser for this problem (its data may shape it)."""
+
+
+def _terminated(minimiser: optx.AbstractQuasiNewton, objective, args, gtol):
+    # The abstract `rtol`, `atol`, `norm` of `GradientNormTermination` are properties;
+    # pyright counts them as constructor arguments.
+    return GradientNormTermination(minimiser, gtol, objective.gradient_scale(args), args.alpha2)  # pyright: ignore[reportCallIssue]
+
+
+class _AtData(eqx.Module):
+    """`hessian(coef, args)` as a function of `coef` alone."""
+
+    hessian: Callable
+    args: GLMArgs
+
+    def __call__(self, coef):
+        return self.hessian(coef, self.args)
+
+
+class Newton(AbstractGLMSolver):
+    r"""Newton's method on the exact Hessian $\frac1N\sum_j\omega_j C_j\otimes\hat f_j
+    \hat f_j^\top + \alpha_2 I$ ($C_j$ the loss's curvature in the logits), solved by
+    Cholesky (`lineax.Cholesky`, with a shifted and a gradient fallback where it is not
+    numerically positive definite), with a backtracking Armijo line search that
+    allows for the objective's rounding. Quadratic convergence: about 5-12 steps from
+    a cold start, 1-3 from a warm one. Forming the Hessian costs $O(N(pk)^2)$ per step
+    for $p = m + 1$ coefficients per output and $k$ outputs: the choice for up to a few
+    hundred coefficients.
+
+    **Arguments:**
+
+    - `gtol`: the tolerance on the scaled gradient; `None` (default): $\sqrt
+        \varepsilon$ of the dtype (3.5e-4 in float32, 1.5e-8 in float64).
+    - `max_steps`: the step budget (default 100).
+    """
+
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        del num_coefficients
+        descent = FallbackNewtonDescent(args.alpha2)
+        newton = DampedNewton(hessian=_AtData(objective.hessian, args), descent=descent)
+        return _terminated(newton, objective, args, gtol)
+
+
+class NewtonCG(AbstractGLMSolver):
+    r"""Truncated Newton: the line search of `Newton` with the Newton step from
+    preconditioned CG (`lineax.CG`) on Hessian-vector products $\hat F^\top\Omega
+    C(\hat F V)/N + \alpha_2 V$ (two matmuls over samples, $O(Npk)$ each; the Hessian
+    is never formed), stopped at the relative residual $\min(0.5, \max(\sqrt{|g|},
+    \mathrm{gtol}/(2|g|)))$ or after `max_cg_steps` iterations, preconditioned by
+    $(\bar A\otimes\hat F^\top\Omega\hat F/N + \alpha_2 I)^{-1}$ with $\bar A$ the mean
+    curvature in the logits (`KroneckerPreconditioner`). Converges in float32 down to
+    `alpha2 = 1e-6`, in more steps than `Newton`, each cheaper: the choice beyond a
+    few hundred coefficients.
+
+    **Arguments:**
+
+    - `gtol`, `max_steps`: as for `Newton`.
+    - `max_cg_steps`: CG iterations per Newton step; `None` (default): 5 for
+        tolerances like float32's, 20 below 1e-5 (`newton_cg_max_steps`, measured).
+    """
+
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+    max_cg_steps: int | None = None
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        del num_coefficients
+        max_cg_steps = newton_cg_max_steps(gtol) if self.max_cg_steps is None else self.max_cg_steps
+        descent = TruncatedNewtonDescent(
+            KroneckerPreconditioner(objective, args),
+            gtol,
+            objective.gradient_scale(args),
+            args.alpha2,
+            max_cg_steps,
+        )
+        newton = DampedNewton(hessian=_AtData(objective.hessian_product, args), descent=descent)
+        return _terminated(newton, objective, args, gtol)
+
+
+class AutoNewton(AbstractGLMSolver):
+    """`Newton` while the readout has at most `MAX_EXACT_NEWTON_SIZE = 256`
+    coefficients $(m+1)k$, else `NewtonCG` (measured: exact Newton is faster up to
+    about 200 coefficients, slower from 325 on). The default.
+
+    **Arguments:** `gtol`, `max_steps` as for `Newton`.
+    """
+
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        solver = Newton if num_coefficients <= MAX_EXACT_NEWTON_SIZE else NewtonCG
+        return solver(gtol=self.gtol, max_steps=self.max_steps).optimistix_minimiser(
+            objective, args, gtol, num_coefficients
+        )
+
+
+class QuasiNewton(AbstractGLMSolver):
+    """An optimistix quasi-Newton minimiser (`optx.BFGS`, `optx.LBFGS`, ...) stopped
+    by the same test as `Newton` (its own Cauchy criterion is replaced). Its Armijo
+    line search cannot resolve the objective's last digits, so it often stalls above
+    the default `gtol`: pass a larger one.
+
+    **Arguments:**
+
+    - `minimiser`: the quasi-Newton minimiser, e.g. `optx.BFGS(rtol=0.0, atol=0.0)`.
+    - `gtol`, `max_steps`: as for `Newton`.
+    """
+
+    minimiser: optx.AbstractQuasiNewton
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        del num_coefficients
+        return _terminated(self.minimiser, objective, args, gtol)
+
+
+class OptimistixMinimiser(AbstractGLMSolver):
+    """Any optimistix minimiser, used as it is with its own stopping rule; the solve
+    counts as converged when it reports success and the scaled gradient is below
+    `gtol`.
+
+    **Arguments:**
+
+    - `minimiser`: an `optx.AbstractMinimiser`.
+    - `gtol`, `max_steps`: as for `Newton`.
+    """
+
+    minimiser: optx.AbstractMinimiser
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        del objective, args, gtol, num_coefficients
+        return self.minimiser
+
+
+_SOLVERS: dict[str, Callable[..., AbstractGLMSolver]] = {
+    "auto": AutoNewton,
+    "newton": Newton,
+    "newton-cg": NewtonCG,
+    # Cauchy criteria off: the gradient test stops them.
+    "bfgs": lambda gtol, max_steps: QuasiNewton(
+        minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
+    ),
+    "lbfgs": lambda gtol, max_steps: QuasiNewton(
+        minimiser=optx.LBFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
+    ),
+}
+
+
+def as_glm_solver(solver: Any, gtol: float | None, max_steps: int | None) -> AbstractGLMSolver:
+    """The solver object of a loss's `solver=`, `gtol=` and `max_steps=` arguments: a
+    solver object as it is (its own `gtol` and `max_steps`, so those arguments must be
+    left unset), a name (a shorthand for the object with those arguments), or an
+    optimistix minimiser (`OptimistixMinimiser`)."""
+    if isinstance(solver, AbstractGLMSolver):
+        if gtol is not None or max_steps is not None:
+            raise ValueError(
+                "`gtol` and `max_steps` belong to the solver object when `solver` is one "
+                f"(e.g. `vploss.Newton(gtol=..., max_steps=...)`); got solver={solver!r}, "
+                f"gtol={gtol!r}, max_steps={max_steps!r}."
+            )
+        return solver
+    max_steps = _DEFAULT_MAX_STEPS if max_steps is None else max_steps
+    _check_options(gtol, max_steps)
+    if isinstance(solver, optx.AbstractMinimiser):
+        return OptimistixMinimiser(minimiser=solver, gtol=gtol, max_steps=max_steps)
+    if isinstance(solver, str) and solver in _SOLVERS:
+        return _SOLVERS[solver](gtol, max_steps)
+    raise ValueError(
+        f"`solver` must be one of {tuple(_SOLVERS)}, a vploss solver object (e.g. "
+        "`vploss.Newton()`) or an `optimistix.AbstractMinimiser`; got "
+        f"{solver!r}."
+    )
+
+
+class InnerMinimise(AbstractInnerSolver):
+    """The `AbstractInnerSolver` of a readout loss: runs `solver`'s optimistix
+    minimiser on the `ReadoutObjective` from `init` or from zero, and reports
+    `InnerStats`.
+
+    The readout's (implicit) derivative solves with the exact Hessian: by Cholesky up
+    to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on Hessian-vector products
+    with the Kronecker preconditioner, to a relative residual of `eps**0.75`, raising
+    an error where CG cannot reach it (never a silently wrong tangent)."""
+
+    solver: AbstractGLMSolver
+
+    def __call__(self, objective: ReadoutObjective, args: GLMArgs, init: Array | None):
+        shape = (args.features.shape[1], args.labels.shape[1])
+        dtype = args.features.dtype
+        gtol = default_gtol(dtype) if self.solver.gtol is None else float(self.solver.gtol)
+        if init is None:
+            init = jnp.zeros(shape, dtype)
+        minimiser = self.solver.optimistix_minimiser(objective, args, gtol, shape[0] * shape[1])
+        solution = optx.minimise(
+            objective,
+            minimiser,
+            init,
+            args,
+            max_steps=self.solver.max_steps,
+            throw=False,
+            # The solve is never differentiated (the envelope rule replaces it).
+            adjoint=optx.RecursiveCheckpointAdjoint(),
+        )
+        coef = solution.value
+        value, gradient = jax.value_and_grad(objective)(coef, args)
+        scale = objective.gradient_scale(args)
+        # The descent's state holds its direction at the last accepted iterate, the
+        # returned one.
+        decrement = descent_loss_error(solution.state)
+        converged = (solution.result == optx.RESULTS.successful) & inner_converged(
+            value, gradient, scale, args.alpha2, gtol, decrement
+        )
+        fallbacks = getattr(getattr(solution.state, "descent_state", None), "fallbacks", None)
+        return coef, InnerStats(
+            solution.stats["num_steps"],
+            scaled_gradient_norm(gradient, scale),
+            converged,
+            loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
+            fallback_steps=jnp.zeros((), jnp.int32) if fallbacks is None else fallbacks,
+        )
+
+    def hessian_solve(
+        self, objective: ReadoutObjective, solution: Float[Array, "p k"], stats: Any, args: GLMArgs
+    ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
+        del stats
+        if solution.size <= MAX_DENSE_SOLVE_SIZE:
+            operator = objective.hessian(solution, args)
+            return lambda rhs: lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
+        operator = objective.hessian_product(solution, args)
+        tol = float(jnp.finfo(solution.dtype).eps) ** 0.75
+        linear_solver = lx.CG(rtol=tol, atol=0.0, max_steps=10 * solution.size)
+        # A preconditioner does not change the solution, so its data need no
+        # derivative; lineax cannot differentiate traced `options` (a second
+        # derivative raised "Unexpected tangent").
+        preconditioner = KroneckerPreconditioner(objective, jax.lax.stop_gradient(args))
+        options = {"preconditioner": preconditioner(jax.lax.stop_gradient(solution))}
+        # `throw=True`: a CG solve that does not reach its tolerance raises, rather
+        # than return an inaccurate tangent.
+        return lambda rhs: lx.linear_solve(operator, rhs, linear_solver, options=options).value

@@ -1,0 +1,320 @@
+r"""The interface of a readout loss: a convex per-sample loss $\ell(z, y)$ of the logits
+$z = \hat W \hat f$ of a linear readout, from which the inner objective, its gradient,
+Hessian, Hessian products and the Kronecker preconditioner are derived once."""
+
+import abc
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
+
+from ._misc import matmul
+
+
+class Labels(NamedTuple):
+    """Labels as a readout loss reads them (`AbstractReadoutLoss.labels`).
+
+    - `values`: the labels as an `(N, k)` array, one column per output (logit).
+    - `scalar_output`: whether `y` was `(N,)` with one output, so that the readout
+        predicts a scalar.
+    - `invalid`: a boolean array, true when a label is outside the loss's domain (a
+        runtime error, since it depends on values).
+    - `message`: what the runtime error says: the expected labels and the fix.
+    """
+
+    values: Real[Array, "N k"]
+    scalar_output: bool
+    invalid: Bool[Array, ""]
+    message: str
+
+
+class Curvature(NamedTuple):
+    r"""The per-sample Hessian of a loss in its logits, $\partial_z^2\ell(z_j, y_j) =
+    \operatorname{diag}(d_j) - u_j u_j^\top$: a diagonal `d` of shape `(N, k)` and
+    an optional rank-one term `u` (`None`: diagonal). Every Hessian of the inner
+    objective is built from these two."""
+
+    diagonal: Float[Array, "N k"]
+    rank_one: Float[Array, "N k"] | None
+
+
+class AbstractReadoutLoss(eqx.Module):
+    r"""A readout loss: a per-sample loss $\ell(z, y)$, convex in the logits $z \in
+    \mathbb R^k$ of a linear readout $z_j = \hat W\hat f_j$, with its curvature in the
+    logits and its label parsing. `vploss_glm` turns one into a VarPro loss: the inner
+    objective is the (weighted) mean of $\ell$ plus the ridge penalty,
+
+    $$J(\hat W) = \frac1N\sum_{j=1}^N \omega_j\,\ell(\hat W\hat f_j, y_j) +
+    \frac{\alpha_2}{2}\|\hat W\|_F^2,$$
+
+    and its gradient, Hessian (dense, or as products), the Kronecker preconditioner and
+    the streaming refit's sums are all derived from `loss` and `curvature`
+    (`ReadoutObjective`).
+
+    Subclasses implement the four abstract methods and set `name`; see the docs page
+    "Adding a loss" (`vploss_poisson` is a complete example in a few dozen lines).
+    """
+
+    #: How error messages name the loss, e.g. "the logistic loss `vploss_bce`".
+    name: eqx.AbstractClassVar[str]
+
+    @abc.abstractmethod
+    def labels(self, y: ArrayLike, num_samples: int) -> Labels:
+        """Checks `y` at trace time (shape, dtype: `TypeError`/`ValueError` naming what
+        was expected) and returns it as `Labels`, with the flag of the value checks."""
+
+    @abc.abstractmethod
+    def loss(self, logits: Float[Array, "N k"], labels: Real[Array, "N k"]) -> Float[Array, " N"]:
+        r"""$\ell(z_j, y_j)$ of each sample, summed over its outputs."""
+
+    @abc.abstractmethod
+    def curvature(self, logits: Float[Array, "N k"], labels: Real[Array, "N k"]) -> Curvature:
+        r"""$\partial_z^2\ell(z_j, y_j) = \operatorname{diag}(d_j) - u_j u_j^\top$,
+        positive semidefinite."""
+
+    @abc.abstractmethod
+    def basis(self, num_outputs: int) -> np.ndarray | None:
+        r"""`None`, or an orthogonal `(k, k)` NumPy matrix $T$ whose LAST column spans a
+        direction $t$ in which $\ell$ is linear ($\partial_z^2\ell\, t = 0$, as the
+        softmax's shift of all logits). The inner problem is then solved in the
+        coefficients $\hat C = \hat W^\top T$: its Hessian is exactly $\alpha_2$ in
+        the last column, where the computed curvature would be rounding of either
+        sign (an indefinite Hessian in float32)."""
+
+
+class GLMArgs(eqx.Module):
+    """The data of a readout loss's inner problem (the differentiable `args` of
+    `envelope_minimise`).
+
+    - `features`: $\\hat F$, shape `(N, p)` (with the ones column for a bias).
+    - `labels`: shape `(N, k)`.
+    - `alpha2`: the readout penalty, a scalar.
+    - `weights`: per-sample weights normalised to mean 1, shape `(N,)`, or `None`
+        (all 1).
+    """
+
+    features: Float[Array, "N p"]
+    labels: Real[Array, "N k"]
+    alpha2: Scalar
+    weights: Float[Array, " N"] | None = None
+
+
+def normalised_weights(weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    r"""$\omega_j = N w_j / \sum_i w_i$: weights of mean 1, so that every objective is a
+    weighted mean $\sum_j w_j\ell_j / \sum_j w_j = \frac1N\sum_j\omega_j\ell_j$
+    (integer weights are repeated samples, zero weights dropped ones)."""
+    return weights * (weights.shape[0] / jnp.sum(weights))
+
+
+def weighted_mean(values: Float[Array, "N ..."], weights: Float[Array, " N"] | None) -> Array:
+    """The mean over the first axis with weights of mean 1 (`None`: the plain mean)."""
+    if weights is not None:
+        values = values * weights.reshape(-1, *([1] * (values.ndim - 1)))
+    return jnp.mean(values, axis=0)
+
+
+def _weighted_rows(rows: Float[Array, "N k"], weights: Float[Array, " N"] | None) -> Array:
+    return rows if weights is None else rows * weights[:, None]
+
+
+def class_grams(
+    features: Float[Array, "N p"], diagonal: Float[Array, "N k"]
+) -> Float[Array, "p k p"]:
+    r"""$\frac1N\sum_j d_{jc}\hat f_j\hat f_j^\top$ for each output $c$, as `(p, k, p)`:
+    one matmul over samples."""
+    num_samples, p = features.shape
+    k = diagonal.shape[1]
+    weighted = (features[:, :, None] * diagonal[:, None, :]).reshape(num_samples, p * k)
+    return matmul(weighted.T, features).reshape(p, k, p) / num_samples
+
+
+def _rank_one_gram(features: Float[Array, "N p"], rank_one: Float[Array, "N r"]) -> Array:
+    r"""$\frac1N\sum_j (u_j\otimes\hat f_j)(u_j\otimes\hat f_j)^\top$ as `(p, r, p, r)`."""
+    num_samples, p = features.shape
+    r = rank_one.shape[1]
+    stacked = (features[:, :, None] * rank_one[:, None, :]).reshape(num_samples, p * r)
+    return matmul(stacked.T, stacked).reshape(p, r, p, r) / num_samples
+
+
+def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTreeLinearOperator:
+    """`matrix + alpha2 I` as a positive definite operator on `(p, k)` coefficients."""
+    p, k = matrix.shape[:2]
+    identity = jnp.eye(p * k, dtype=matrix.dtype).reshape(p, k, p, k)
+    return lx.PyTreeLinearOperator(
+        matrix + alpha2 * identity,
+        jax.ShapeDtypeStruct((p, k), matrix.dtype),
+        lx.positive_semidefinite_tag,
+    )
+
+
+class ReadoutObjective(eqx.Module):
+    r"""The inner objective of a readout loss and its derivatives, in the coefficients
+    `coef` $=\hat C$ of shape `(p, k)`: $\hat W^\top = \hat C$, or $\hat C T^\top$ with
+    the loss's `basis` $T$. Called as `objective(coef, args)` with `GLMArgs`.
+
+    $$J(\hat C) = \frac1N\sum_j\omega_j\,\ell(z_j, y_j) + \frac{\alpha_2}{2}\|\hat
+    C\|_F^2, \qquad \nabla^2 J = \frac1N\sum_j\omega_j\,(T^\top C_j T)\otimes\hat
+    f_j\hat f_j^\top + \alpha_2 I,$$
+
+    with the curvature $C_j = \operatorname{diag}(d_j) - u_j u_j^\top$ of the loss in
+    the logits $z_j$ (`AbstractReadoutLoss.curvature`), restricted to the first $k - 1$
+    columns of $T$ when there is a basis (the last is exactly $\alpha_2$).
+    """
+
+    loss: AbstractReadoutLoss
+
+    def _basis(self, k: int, dtype) -> Array | None:
+        basis = self.loss.basis(k)
+        return None if basis is None else jnp.asarray(basis, dtype)
+
+    def in_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
+        r"""$\hat W^\top$: the coefficients in the outputs' own basis."""
+        basis = self._basis(coef.shape[1], coef.dtype)
+        return coef if basis is None else matmul(coef, basis.T)
+
+    def from_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
+        """The inverse of `in_outputs`."""
+        basis = self._basis(coef.shape[1], coef.dtype)
+        return coef if basis is None else matmul(coef, basis)
+
+    def logits(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "N k"]:
+        return matmul(args.features, self.in_outputs(coef))
+
+    def __call__(self, coef: Float[Array, "p k"], args: GLMArgs) -> Scalar:
+        data = weighted_mean(self.loss.loss(self.logits(coef, args), args.labels), args.weights)
+        return data + 0.5 * args.alpha2 * jnp.sum(coef**2)
+
+    def _curvature(self, coef: Float[Array, "p k"], args: GLMArgs):
+        """The weighted curvature and the basis restricted to its curved columns."""
+        diagonal, rank_one = self.loss.curvature(self.logits(coef, args), args.labels)
+        diagonal = _weighted_rows(diagonal, args.weights)
+        if rank_one is not None and args.weights is not None:
+            rank_one = rank_one * jnp.sqrt(args.weights)[:, None]
+        basis = self._basis(coef.shape[1], coef.dtype)
+        return diagonal, rank_one, None if basis is None else basis[:, :-1]
+
+    def hessian(self, coef: Float[Array, "p k"], args: GLMArgs) -> lx.PyTreeLinearOperator:
+        """The exact Hessian as a `(p, k, p, k)` operator: the per-output Gram matrices
+        (`class_grams`, one matmul over samples) and the rank-one term (one more)."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        features = args.features
+        grams = class_grams(features, diagonal)
+        if curved is None:
+            k = diagonal.shape[1]
+            data = grams[:, :, :, None] * jnp.eye(k, dtype=grams.dtype)[None, :, None, :]
+        else:
+            data = jnp.einsum(
+                "ab,ac,paq->pbqc", curved, curved, grams, precision=jax.lax.Precision.HIGHEST
+            )
+        if rank_one is not None:
+            data = data - _rank_one_gram(
+                features, rank_one if curved is None else matmul(rank_one, curved)
+            )
+        if curved is not None:
+            data = jnp.pad(data, ((0, 0), (0, 1), (0, 0), (0, 1)))
+        return hessian_operator(data, args.alpha2)
+
+    def hessian_product(
+        self, coef: Float[Array, "p k"], args: GLMArgs
+    ) -> lx.FunctionLinearOperator:
+        r"""The same Hessian as products $V \mapsto \hat F^\top(\Omega\, C(\hat F V
+        T^\top))T/N + \alpha_2 V$, never formed: two matmuls over samples, $O(Npk)$."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        apply = jtu.Partial(
+            _hessian_product, args.features, args.alpha2, diagonal, rank_one, curved
+        )
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+    def mean_curvature(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "k k"]:
+        r"""$\frac1N\sum_j\omega_j T^\top C_j T$, the output factor of the Kronecker
+        preconditioner (`KroneckerPreconditioner`)."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        num_samples = diagonal.shape[0]
+        total = jnp.sum(diagonal, axis=0)
+        if curved is None:
+            mean = jnp.diag(total / num_samples)
+        else:
+            mean = matmul(curved.T * total, curved) / num_samples
+        if rank_one is not None:
+            projected = rank_one if curved is None else matmul(rank_one, curved)
+            mean = mean - matmul(projected.T, projected) / num_samples
+        return mean if curved is None else jnp.pad(mean, ((0, 1), (0, 1)))
+
+    def gradient_scale(self, args: GLMArgs) -> Float[Array, "p 1"]:
+        """`gradient_scale` of the weighted mean squares of the features."""
+        return gradient_scale(weighted_mean(args.features**2, args.weights), args.alpha2)
+
+
+def gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Array, "p 1"]:
+    r"""$\min(1, \sqrt{\frac1N\sum_j\omega_j\hat f_{jp}^2 + \alpha_2})$ per coefficient
+    row, from the (weighted) mean squares of the features: the scale the stopping test
+    divides the gradient by (`_newton.scaled_gradient_norm`).
+
+    Features scaled by $s$ (with `alpha2` scaled by $s^2$) scale the gradient by $s$, so
+    with an absolute test, features of size 1e-6 stopped far from the optimum: a
+    silently wrong loss (measured: 12% off in float64). Small features therefore
+    tighten the test in proportion. Large ones do not loosen it: the Gram matrix
+    ignores the curvature, which vanishes on saturated samples, and a looser test lost
+    the loss's digits there (measured)."""
+    return jnp.minimum(1, jnp.sqrt(mean_square + alpha2))[:, None]
+
+
+def _hessian_product(features, alpha2, diagonal, rank_one, curved, vector):
+    in_outputs = vector if curved is None else matmul(vector[:, :-1], curved.T)
+    directions = matmul(features, in_outputs)
+    curved_directions = diagonal * directions
+    if rank_one is not None:
+        # The rank-one rows carry √ω each, so ω u uᵀ appears once.
+        along = jnp.sum(rank_one * directions, axis=1, keepdims=True)
+        curved_directions = curved_directions - rank_one * along
+    data = matmul(features.T, curved_directions) / features.shape[0]
+    if curved is not None:
+        data = jnp.pad(matmul(data, curved), ((0, 0), (0, 1)))
+    return data + alpha2 * vector
+
+
+class KroneckerPreconditioner(eqx.Module):
+    r"""$(\bar A \otimes G + \alpha_2 I)^{-1}$, an approximate inverse Hessian of a
+    readout loss's inner objective, with the weighted Gram matrix $G = \hat F^\top
+    \Omega\hat F/N$ (one matmul and one `(p, p)` eigendecomposition per solve) and the
+    `(k, k)` mean curvature $\bar A$ in the logits at the current iterate (a `(k, k)`
+    eigendecomposition per step). Exact when all samples share one curvature (e.g. at a
+    zero readout), and exact on a basis's linear direction, where $\bar A$ has a zero
+    eigenvalue like the Hessian. Applying it costs four small matmuls, none over
+    samples."""
+
+    objective: ReadoutObjective
+    args: GLMArgs
+    gram_eigenvalues: Float[Array, " p"]
+    gram_eigenvectors: Float[Array, "p p"]
+
+    def __init__(self, objective: ReadoutObjective, args: GLMArgs):
+        features = args.features
+        weighted = _weighted_rows(features, args.weights)
+        gram = matmul(weighted.T, features) / features.shape[0]
+        eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
+        # Rounding may leave tiny negative eigenvalues of these positive semidefinite
+        # matrices; the preconditioner must stay positive definite.
+        self.gram_eigenvalues = jnp.maximum(eigenvalues, 0)
+        self.objective = objective
+        self.args = args
+
+    def __call__(self, coef: Float[Array, "p k"]) -> lx.FunctionLinearOperator:
+        mean = self.objective.mean_curvature(coef, self.args)
+        eigenvalues, eigenvectors = jnp.linalg.eigh(mean)
+        scale = 1 / (
+            self.gram_eigenvalues[:, None] * jnp.maximum(eigenvalues, 0)[None, :] + self.args.alpha2
+        )
+        apply = jtu.Partial(_kronecker_solve, self.gram_eigenvectors, eigenvectors, scale)
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+
+def _kronecker_solve(left, right, scale, vector):
+    return matmul(matmul(left, scale * matmul(matmul(left.T, vector), right)), right.T)
