@@ -80,14 +80,14 @@ def vploss_bce(
     minimisers stopped when $\max|\nabla J| \le$ `gtol`:
 
     - `vploss.Newton()` or `"newton"`: Newton's method with a backtracking Armijo
-        line search on the exact Hessian $\hat F^\top D_c \hat F/N + \alpha_2 I$ (one matmul per accepted
-        step), solved by `lineax.Cholesky`. The search tolerates changes of the
+        line search on the exact Hessian $\hat F^\top D_c \hat F/N + \alpha_2 I$
+        (one matmul per accepted step), solved by `lineax.Cholesky`. The search tolerates changes of the
         objective within its rounding, so a last step whose decrease is below it is
         taken, not refused. Quadratic convergence: about 5-12 steps from a cold
         start, 1-3 from a warm start.
     - `vploss.NewtonCG()` or `"newton-cg"`: truncated Newton: the same line search
-        with the Newton step from `lineax.CG` on closed-form Hessian-vector products (two matmuls over samples,
-        $O(N(m+1)k)$ each; the Hessian is never formed): at most
+        with the Newton step from `lineax.CG` on closed-form Hessian-vector products
+        (two matmuls over samples, $O(N(m+1)k)$ each; the Hessian is never formed): at most
         5 CG iterations per step (20 for `gtol < 1e-5`), stopped at the relative
         residual `min(0.5, max(sqrt(|g|), gtol/(2|g|)))`, preconditioned by
         $(\bar A \otimes \hat F^\top\hat F/N + \alpha_2 I)^{-1}$ with $\bar A$
@@ -119,8 +119,8 @@ def vploss_bce(
     - `use_bias`: whether the readout has a bias $b$.
     - `solver`: as above.
     - `gtol`: with a solver name, the tolerance on the max-norm of the gradient of
-        the inner objective, each coefficient row divided by $\min(1, \sqrt{\frac1N\sum_j \hat f_{jp}^2 +
-        \alpha_2})$ (so that features of size 1e-6 are solved as accurately as
+        the inner objective, each coefficient row divided by $\min(1,
+        \sqrt{\frac1N\sum_j \hat f_{jp}^2 + \alpha_2})$ (so that features of size 1e-6 are solved as accurately as
         features of size 1; larger features are held to the plain max-norm);
         default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
         Newton's last step usually lands far below it). `readout.stats.gradient_norm`
