@@ -83,8 +83,8 @@ def vploss_bce(
         line search on the exact Hessian $\hat F^\top D_c \hat F/N + \alpha_2 I$
         (one matmul per accepted step), solved by `lineax.Cholesky`. The search
         tolerates changes of the objective within its rounding, so a last step whose
-        decrease is below it is taken, not refused. Quadratic convergence: about 5-12 steps from a cold
-        start, 1-3 from a warm start.
+        decrease is below it is taken, not refused. Quadratic convergence: about 5-12 steps from a
+        cold start, 1-3 from a warm start.
     - `vploss.NewtonCG()` or `"newton-cg"`: truncated Newton: the same line search
         with the Newton step from `lineax.CG` on closed-form Hessian-vector products
         (two matmuls over samples, $O(N(m+1)k)$ each; the Hessian is never formed): at most
@@ -121,8 +121,8 @@ def vploss_bce(
     - `gtol`: with a solver name, the tolerance on the max-norm of the gradient of
         the inner objective, each coefficient row divided by $\min(1,
         \sqrt{\frac1N\sum_j \hat f_{jp}^2 + \alpha_2})$ (so that features of size
-        1e-6 are solved as accurately as features of size 1; larger features are held to the plain max-norm);
-        default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
+        1e-6 are solved as accurately as features of size 1; larger features are held to the plain
+        max-norm); default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
         Newton's last step usually lands far below it). `readout.stats.gradient_norm`
         is measured the same way. The solve also stops only once the loss is within
         $\sqrt{\varepsilon}\,|J| + 16\varepsilon(1 + |J|)$ of its minimum, by the
