@@ -17,7 +17,6 @@ from .helpers import (
     logistic_reference,
     mlp,
     random_direction,
-    taylor_remainders,
     tree_dot,
 )
 
@@ -104,29 +103,6 @@ def test_newton_cg_float32_converges(alpha2):
     assert bool(warm.stats.converged), warm.stats
 
 
-@pytest.mark.slow  # a long compile; CI runs it after the README's command
-def test_envelope_gradient_float64():
-    model = mlp()
-    x, y = _data()
-    loss_fn = eqx.filter_jit(lambda m: vploss_ce(m, x, y, alpha2=1e-3, num_classes=K)[0])
-    fd, ad = directional_derivative_check(loss_fn, model)
-    assert abs(fd - ad) <= 1e-6 * abs(ad)
-    remainders = taylor_remainders(loss_fn, model)
-    np.testing.assert_allclose(remainders[:-1] / remainders[1:], 4.0, rtol=0.15)
-
-
-def test_warm_start_and_non_convergence():
-    model = mlp()
-    x, y = _data()
-    _, cold = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K)
-    _, warm = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, init=cold)
-    assert int(warm.stats.num_steps) < int(cold.stats.num_steps)
-    _, readout = vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, max_steps=1, throw=False)
-    assert not bool(readout.stats.converged)
-    with pytest.raises(Exception, match="did not converge"):
-        vploss_ce(model, x, y, alpha2=1e-3, num_classes=K, max_steps=1)
-
-
 def test_label_errors():
     model = mlp()
     x, y = _data()
@@ -145,15 +121,6 @@ def test_label_errors():
         vploss_ce(model, x, probabilities, alpha2=1e-2, num_classes=K + 1)
     with pytest.raises(ValueError, match="alpha2"):
         vploss_ce(model, x, y, alpha2=-1.0, num_classes=K)
-
-
-def test_jit_and_vmap():
-    model = mlp()
-    x, y = _data()
-    loss = lambda x, y: vploss_ce(model, x, y, alpha2=1e-2, num_classes=K)[0]
-    batched = jax.jit(jax.vmap(loss))(jnp.stack([x, -x]), jnp.stack([y, y]))
-    np.testing.assert_allclose(batched[0], loss(x, y), rtol=1e-10)
-    np.testing.assert_allclose(batched[1], loss(-x, y), rtol=1e-10)
 
 
 @pytest.mark.slow

@@ -272,7 +272,7 @@ def refit_readout(
     # Pairs as tuples or lists (as many data loaders yield them), checked in the body.
     batches: Iterable[Any],
     *,
-    loss: Callable[..., Any],
+    loss: Callable[..., Any] | AbstractReadoutLoss,
     alpha2: ArrayLike,
     num_classes: int | None = None,
     use_bias: bool = True,

@@ -1,0 +1,178 @@
+"""Checks every readout loss (`AbstractReadoutLoss`: `vploss_bce`, `vploss_ce`,
+`vploss_poisson`) must pass, run over the list `LOSSES`; the per-loss files keep what
+is specific to one loss (references, labels, the solvers' corner cases)."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vploss
+
+from .helpers import cast, directional_derivative_check, flatten, mlp, taylor_remainders
+
+
+N = 40
+X = jax.random.normal(jax.random.PRNGKey(0), (N, 3))
+_SCORE = jnp.sin(2 * X[:, 0] + X[:, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    function: Callable[..., Any]
+    loss: vploss.AbstractReadoutLoss
+    y: Any
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, model, x=X, y=None, **kwargs):
+        y = self.y if y is None else y
+        return self.function(model, x, y, alpha2=1e-2, **self.kwargs, **kwargs)
+
+
+LOSSES = {
+    "bce": Case(vploss.vploss_bce, vploss.SigmoidBinaryCrossEntropy(), (_SCORE > 0) * 1.0),
+    "ce": Case(
+        vploss.vploss_ce,
+        vploss.SoftmaxCrossEntropy(num_classes=3),
+        jnp.digitize(_SCORE, jnp.array([-0.5, 0.5])),
+        {"num_classes": 3},
+    ),
+    "poisson": Case(
+        vploss.vploss_poisson,
+        vploss.PoissonLogLikelihood(),
+        jax.random.poisson(jax.random.PRNGKey(1), jnp.exp(_SCORE)).astype(jnp.float64),
+    ),
+}
+CASES = pytest.mark.parametrize("case", LOSSES.values(), ids=LOSSES.keys())
+# Integer weights: 0 drops a sample, 2 and 3 repeat it.
+WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
+
+
+@CASES
+def test_envelope_gradient_float64(case):
+    """The gradient is the derivative of the reduced loss: central differences agree to
+    1e-6 and the Taylor remainder falls as O(h²) (SPEC section 4)."""
+    model = mlp()
+    loss_fn = eqx.filter_jit(lambda m: case(m, alpha1=1e-3)[0])
+    fd, ad = directional_derivative_check(loss_fn, model)
+    assert abs(fd - ad) <= 1e-6 * abs(ad)
+    remainders = taylor_remainders(loss_fn, model)
+    np.testing.assert_allclose(remainders[:-1] / remainders[1:], 4.0, rtol=0.15)
+
+
+@CASES
+def test_weights_are_repeated_and_dropped_samples(case):
+    """Integer weights give the loss, readout and gradient of the data set with each
+    sample repeated that many times (zero: dropped)."""
+    model = mlp()
+    repeat = np.repeat(np.arange(N), WEIGHTS)
+
+    def weighted(m):
+        return case(m, weights=jnp.asarray(WEIGHTS), gtol=1e-12)
+
+    def repeated(m):
+        return case(m, x=X[repeat], y=case.y[repeat], gtol=1e-12)
+
+    (loss, readout), grad = eqx.filter_value_and_grad(weighted, has_aux=True)(model)
+    (expected, expected_readout), expected_grad = eqx.filter_value_and_grad(repeated, has_aux=True)(
+        model
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-12)
+    np.testing.assert_allclose(readout.weight, expected_readout.weight, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(readout.bias, expected_readout.bias, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flatten(grad), flatten(expected_grad), rtol=1e-8, atol=1e-12)
+
+
+@CASES
+def test_warm_start_and_non_convergence(case):
+    model = mlp()
+    _, cold = case(model)
+    _, warm = case(model, init=cold)
+    assert int(warm.stats.num_steps) < int(cold.stats.num_steps)
+    _, readout = case(model, max_steps=1, throw=False)
+    assert not bool(readout.stats.converged)
+    assert int(readout.stats.num_steps) == 1
+    with pytest.raises(Exception, match="did not converge"):
+        case(model, max_steps=1)
+    # Also when only the gradient is used.
+    with pytest.raises(Exception, match="did not converge"):
+        eqx.filter_grad(lambda m: case(m, max_steps=1)[0])(model)
+
+
+@CASES
+def test_jit_and_vmap(case):
+    model = mlp()
+    loss = lambda x: case(model, x=x)[0]  # noqa: E731
+    batched = jax.jit(jax.vmap(loss))(jnp.stack([X, -X]))
+    np.testing.assert_allclose(batched[0], loss(X), rtol=1e-10)
+    np.testing.assert_allclose(batched[1], loss(-X), rtol=1e-10)
+
+
+@CASES
+def test_float32_loss_matches_float64_on_the_same_features(case):
+    """A float32 model: the loss is within the solve's tolerance (`loss_tolerance`,
+    $\\sqrt\\varepsilon|J| + 16\\varepsilon(1 + |J|)$) plus the rounding of the mean
+    of the per-sample terms ($16\\varepsilon(1 + |J|)$ again) of the float64 loss on the
+    same (float32) features."""
+    model32 = cast(mlp(), jnp.float32)
+    x32 = X.astype(jnp.float32)
+    y32 = case.y.astype(jnp.float32) if jnp.issubdtype(case.y.dtype, jnp.floating) else case.y
+    features = jax.vmap(model32)(x32)
+    loss32, _ = case(model32, x=x32, y=y32)
+    loss64, _ = case(lambda f: f, x=features.astype(jnp.float64))
+    assert loss32.dtype == jnp.float32
+    eps = float(jnp.finfo(jnp.float32).eps)
+    value = abs(float(loss64))
+    assert abs(float(loss32) - float(loss64)) <= eps**0.5 * value + 32 * eps * (1 + value)
+
+
+@CASES
+def test_solver_objects_equal_their_names(case):
+    model = mlp()
+    for name, solver in [("newton", vploss.Newton), ("newton-cg", vploss.NewtonCG)]:
+        by_name, _ = case(model, solver=name, gtol=1e-11)
+        by_object, _ = case(model, solver=solver(gtol=1e-11))
+        np.testing.assert_allclose(by_object, by_name, rtol=1e-12)
+    with pytest.raises(ValueError, match="belong to the solver object"):
+        case(model, solver=vploss.Newton(), gtol=1e-6)
+    with pytest.raises(ValueError, match="gtol"):
+        vploss.Newton(gtol=-1.0)
+
+
+@CASES
+def test_the_generic_loss_and_the_refit_take_the_loss_object(case):
+    """`vploss_glm(loss, ...)` is the named function; `refit_readout` takes the loss
+    object (or the function) and weighted batches, and fits the same readout."""
+    model = mlp()
+    weights = jnp.asarray(WEIGHTS, jnp.float64)
+    loss, readout = case(model, weights=weights, gtol=1e-12)
+    generic, _ = vploss.vploss_glm(
+        case.loss, model, X, case.y, alpha2=1e-2, weights=weights, gtol=1e-12
+    )
+    np.testing.assert_allclose(generic, loss, rtol=1e-14)
+    batches = [(X[i : i + 15], case.y[i : i + 15], weights[i : i + 15]) for i in range(0, N, 15)]
+    for loss_argument in (case.loss, case.function):
+        refit = vploss.refit_readout(
+            model, batches, loss=loss_argument, alpha2=1e-2, gtol=1e-11, **case.kwargs
+        )
+        np.testing.assert_allclose(refit.weight, readout.weight, rtol=1e-8, atol=1e-11)
+
+
+@CASES
+def test_bad_weights(case):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"`weights` must have shape \(N,\)"):
+        case(model, weights=jnp.ones(N - 1))
+    with pytest.raises(TypeError, match="weights"):
+        case(model, weights=jnp.ones(N, bool))
+    for bad in (-jnp.ones(N), jnp.zeros(N), jnp.ones(N).at[3].set(jnp.nan)):
+        with pytest.raises(Exception, match="`weights` must be finite and nonnegative"):
+            case(model, weights=bad)
+    # Checked when only the gradient is used, too.
+    with pytest.raises(Exception, match="`weights` must be finite and nonnegative"):
+        eqx.filter_grad(lambda m: case(m, weights=-jnp.ones(N))[0])(model)
