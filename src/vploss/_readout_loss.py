@@ -88,10 +88,10 @@ class AbstractReadoutLoss(eqx.Module):
 
 
 class GLMArgs(eqx.Module):
-    """The data of a readout loss's inner problem (the differentiable `args` of
+    r"""The data of a readout loss's inner problem (the differentiable `args` of
     `envelope_minimise`).
 
-    - `features`: $\\hat F$, shape `(N, p)` (with the ones column for a bias).
+    - `features`: $\hat F$, shape `(N, p)` (with the ones column for a bias).
     - `labels`: shape `(N, k)`.
     - `alpha2`: the readout penalty, a scalar.
     - `weights`: per-sample weights normalised to mean 1, shape `(N,)`, or `None`
