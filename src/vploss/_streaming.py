@@ -297,7 +297,8 @@ def refit_readout(
         (a scaled, shifted Cholesky factor with two steps of refinement) and sets
         the penalised intercept exactly. One pass; `batches` may be a one-shot
         iterator.
-    - `loss=vploss_bce` or `vploss_ce`: damped Newton on the full objective. Each pass
+    - a readout loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`, or an
+        `AbstractReadoutLoss`): damped Newton on the full objective. Each pass
         accumulates its value, gradient and Hessian (the same functions as the
         one-shot losses' `"newton"` solver); the Newton step solves the Hessian by
         Cholesky, and a backtracking (Armijo) line search checks each trial point
@@ -321,7 +322,9 @@ def refit_readout(
     - `model`: the trained feature map, mapping ONE sample to its features.
     - `batches`: an iterable of `(x, y)` pairs, `x` batch-first and `y` as `loss`
         takes it; batches may differ in size.
-    - `loss`: `vploss.vploss_msereg`, `vploss.vploss_bce` or `vploss.vploss_ce`: the
+    - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss
+        (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or any readout loss object
+        (`vploss.AbstractReadoutLoss`, e.g. `vploss.SoftmaxCrossEntropy(10)`): the
         inner problem to solve.
     - `alpha2`: the readout penalty (the one used in training); `> 0` for the
         logistic losses.
