@@ -171,7 +171,8 @@ class LogBarrier(eqx.Module):
         operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
         direction, newton = newton_direction(operator, gradient)
         step = -direction
-        # λ²/2; a fallback direction says nothing of the distance to the centre.
+        # The Newton decrement λ²/2 = gᵀH⁻¹g/2 estimates φ_t − min φ_t; a fallback
+        # direction's gᵀd/2 does not, so only a Newton direction can find the centre.
         decrement = jnp.dot(gradient, direction, precision=lax.Precision.HIGHEST) / 2
         centred = newton & (decrement <= decrement_tol)
         size, ok = self._line_search(barrier, state.point, state.weight, value, gradient, step)
@@ -271,9 +272,7 @@ class _Barrier(eqx.Module):
         return jnp.asarray(self.mask.sum(), weight.dtype) / weight
 
 
-def _boundary_step(
-    mask: np.ndarray, point: Float[Array, " n"], step: Float[Array, " n"]
-) -> Scalar:
+def _boundary_step(mask: np.ndarray, point: Float[Array, " n"], step: Float[Array, " n"]) -> Scalar:
     """The largest step size, at most 1, keeping the constrained entries of `point +
     size * step` positive, shortened by 1% so that none lands on the boundary."""
     decreasing = step < 0
