@@ -29,6 +29,12 @@ def bounded_above(w, args):
     return jnp.where(jnp.all(w < 1), value, jnp.inf)
 
 
+def double_well(w, args):
+    """`Σ w⁴/4 − w²`: concave for `|w| < (2/3)^½`, minimised over `w ≥ 0` at `√2`."""
+    del args
+    return jnp.sum(w**4 / 4 - w**2)
+
+
 @pytest.fixture(scope="module")
 def problem():
     rng = np.random.default_rng(0)
@@ -116,7 +122,7 @@ def test_vmap_over_problems(problem):
 
 def test_non_convergence_is_reported(problem):
     a, b = problem
-    _, _, stats = solve(
+    _, w, stats = solve(
         least_squares,
         (a, b),
         jnp.ones(8),
@@ -124,6 +130,20 @@ def test_non_convergence_is_reported(problem):
         solver=vploss.LogBarrier(max_steps=3),
     )
     assert not bool(stats.converged) and int(stats.num_steps) == 3
+    # The loop stopped on the step budget, not on a failed line search: the iterate
+    # moved and stayed strictly feasible, short of the gap.
+    assert np.all(np.asarray(w) > 0) and not np.allclose(w, 1)
+    assert float(stats.duality_gap) > 1e-12
+
+
+def test_indefinite_hessian_falls_back():
+    # At t0 = 10 the barrier Hessian at w = 0.5 is 10 (3/4 − 2) + 4 = −8.5: the plain
+    # Cholesky direction is NaN, so the step must come from a fallback direction.
+    solver = vploss.LogBarrier(gap_tol=1e-10, initial_weight=10.0)
+    _, w, stats = solve(double_well, (), jnp.array([0.5, 2.0]), constrained=True, solver=solver)
+    assert bool(stats.converged)
+    assert int(stats.fallback_steps) > 0
+    np.testing.assert_allclose(w, np.full(2, np.sqrt(2)), atol=1e-8)
 
 
 def test_infeasible_start_is_reported(problem):

@@ -1,3 +1,6 @@
+from collections.abc import Callable
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.flatten_util as jfu
@@ -6,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Float, PyTree, Scalar
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from ._diagnostics import InnerStats
 from ._envelope import (
@@ -18,13 +21,15 @@ from ._envelope import (
     Objective,
     Params,
 )
+from ._newton import armijo_accepts, newton_direction
 
 
 class BarrierStats(InnerStats):
     r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats`
     (`num_steps` counts Newton steps over all centerings, `gradient_norm` is the norm
     of the gradient of the barrier objective $J - \frac1t\sum_i \log w_i$ at the
-    returned point), and
+    returned point, `fallback_steps` counts the steps whose Newton direction was
+    unusable and was replaced by a shifted Newton or a gradient direction), and
 
     - `duality_gap`: the bound $p/t$ on $J(w) - \min J$ at the final barrier weight
         $t$, for $p$ constrained entries; the complementary slackness products
@@ -46,18 +51,23 @@ class LogBarrier(eqx.Module):
 
     $$\varphi_t(w) = t\,J(w) - \sum_{i \in C} \log w_i$$
 
-    by damped Newton steps, the Newton system solved by a Cholesky factorisation
-    (lineax) of the Hessian of $\varphi_t$. A step is accepted by a backtracking
-    (Armijo) line search that starts at the largest step keeping every constrained
-    entry positive and halves it while $\varphi_t$ is not finite or does not decrease
-    enough, so every iterate stays strictly feasible. An objective with a domain of
-    its own (e.g. $\log\det$ of a matrix that must stay positive definite) expresses it
-    by returning `+inf` (or NaN) outside it: such steps are rejected like infeasible
-    ones. When the Newton decrement $\lambda^2/2 = -\tfrac12 \nabla\varphi_t^\top
-    \Delta w$ falls below `decrement_tol`, the point is centred; then, if the duality
-    gap $|C|/t$ is below `gap_tol` the solve ends, else $t \leftarrow \mu t$. The
-    returned point $w_t$ satisfies $J(w_t) - \min J \le |C|/t$ (up to the centering
-    accuracy).
+    by damped Newton steps. The Newton direction $\Delta w = -H^{-1}\nabla\varphi_t$
+    is that of every Newton method here (`newton_direction`): a Cholesky factorisation
+    (lineax) of the Hessian $H$ of $\varphi_t$, and where $H$ is not numerically
+    positive definite (rounding in float32, or an objective that is not convex far
+    from its minimum) a shifted Newton or a gradient direction instead, counted in
+    `BarrierStats.fallback_steps`. A step is accepted by a backtracking (Armijo) line
+    search that starts at the largest step keeping every constrained entry positive
+    and halves it while $\varphi_t$ is not finite or does not decrease enough
+    (`armijo_accepts`: by the fraction `armijo` of the predicted decrease, up to the
+    rounding of $\varphi_t$), so every iterate stays strictly feasible. An objective
+    with a domain of its own (e.g. $\log\det$ of a matrix that must stay positive
+    definite) expresses it by returning `+inf` (or NaN) outside it: such steps are
+    rejected like infeasible ones. When the Newton decrement $\lambda^2/2 = -\tfrac12
+    \nabla\varphi_t^\top \Delta w$ falls below `decrement_tol` (a fallback direction
+    never counts as centred), the point is centred; then, if the duality gap $|C|/t$
+    is below `gap_tol` the solve ends, else $t \leftarrow \mu t$. The returned point
+    $w_t$ satisfies $J(w_t) - \min J \le |C|/t$ (up to the centering accuracy).
 
     Everything runs in one `lax.while_loop`, so the solve is jittable and vmappable.
     The Hessian of $\varphi_t$ is formed by forward-over-reverse autodiff of the
@@ -117,85 +127,157 @@ class LogBarrier(eqx.Module):
         pytree mask and the envelope derivative.
         """
         flat_init, unravel = jfu.ravel_pytree(init)
-        dtype = flat_init.dtype
-        mask = _constraint_mask(init, constrained)
-        num_constraints = int(mask.sum())
-        eps = float(jnp.finfo(dtype).eps)
-        gap_tol = np.sqrt(eps) if self.gap_tol is None else self.gap_tol
-        decrement_tol = np.sqrt(eps) if self.decrement_tol is None else self.decrement_tol
-
-        def barrier(w, t):
-            safe = jnp.where(mask, w, 1)
-            logs = jnp.sum(jnp.where(mask, jnp.log(safe), 0))
-            value = t * objective(unravel(w), args) - logs
-            feasible = jnp.all(jnp.where(mask, w > 0, True)) & jnp.isfinite(value)
-            return jnp.where(feasible, value, jnp.inf)
-
-        def derivatives(w, t):
-            def gradient(v):
-                value, grad = jax.value_and_grad(barrier)(v, t)
-                return grad, (grad, value)
-
-            hessian, (grad, value) = jax.jacfwd(gradient, has_aux=True)(w)
-            return value, grad, 0.5 * (hessian + hessian.T)
-
-        def line_search(w, t, value, gradient, step):
-            slope = jnp.dot(gradient, step, precision=lax.Precision.HIGHEST)
-            # The largest step keeping the constrained entries positive, shortened so
-            # that none lands on the boundary.
-            ratios = jnp.where(mask & (step < 0), -w / jnp.where(step < 0, step, -1), jnp.inf)
-            first = jnp.minimum(1, 0.99 * jnp.min(ratios, initial=jnp.inf))
-            # Rounding slack: near the centre the decrease is below the resolution of
-            # φ_t, and a correct Newton step must not be refused for it.
-            slack = 16 * eps * (1 + jnp.abs(value))
-
-            def cond(carry):
-                _, tries, accepted = carry
-                return ~accepted & (tries <= self.max_backtracks)
-
-            def body(carry):
-                size, tries, _ = carry
-                size = size / 2
-                trial = barrier(w + size * step, t)
-                accepted = trial <= value + self.armijo * size * slope + slack
-                return size, tries + 1, accepted
-
-            size, _, accepted = lax.while_loop(cond, body, (2 * first, 0, jnp.array(False)))
-            return size, accepted & jnp.isfinite(value) & jnp.isfinite(slope) & (slope <= 0)
-
-        def cond(state):
-            _, _, steps, _, done, _ = state
-            return ~done & (steps < self.max_steps)
-
-        def body(state):
-            w, t, steps, centring_steps, _, _ = state
-            value, gradient, hessian = derivatives(w, t)
-            operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
-            step = lx.linear_solve(operator, -gradient, lx.Cholesky(), throw=False).value
-            decrement = -jnp.dot(gradient, step, precision=lax.Precision.HIGHEST) / 2
-            size, ok = line_search(w, t, value, gradient, step)
-            w = jnp.where(ok, w + size * step, w)
-            centred = decrement <= decrement_tol
-            next_weight = centred | (centring_steps + 1 >= self.max_centering_steps)
-            finished = centred & (num_constraints / t <= gap_tol)
-            converged = finished & ok
-            done = finished | ~ok
-            t = jnp.where(next_weight & ~done, self.weight_factor * t, t)
-            centring_steps = jnp.where(next_weight, 0, centring_steps + 1)
-            return w, t, steps + 1, centring_steps, done, converged
-
+        barrier = _Barrier(objective, args, unravel, _constraint_mask(init, constrained))
         # Without constraints the gap is 0, and the first centering is the whole solve.
-        t0 = jnp.asarray(self.initial_weight, dtype)
-        state = (flat_init, t0, 0, 0, jnp.array(False), jnp.array(False))
-        w, t, steps, _, _, converged = lax.while_loop(cond, body, state)
-        gradient = jax.grad(barrier)(w, t) / t
-        stats = BarrierStats(
-            num_steps=jnp.asarray(steps),
-            gradient_norm=jnp.linalg.norm(gradient),
-            converged=converged,
-            duality_gap=jnp.asarray(num_constraints, dtype) / t,
+        zero = jnp.zeros((), jnp.int32)
+        state = _BarrierState(
+            point=flat_init,
+            weight=jnp.asarray(self.initial_weight, flat_init.dtype),
+            num_steps=zero,
+            centring_steps=zero,
+            fallback_steps=zero,
+            done=jnp.array(False),
+            converged=jnp.array(False),
         )
-        return unravel(w), stats
+        state = lax.while_loop(
+            lambda state: ~state.done & (state.num_steps < self.max_steps),
+            lambda state: self._newton_step(barrier, state),
+            state,
+        )
+        gradient = jax.grad(barrier)(state.point, state.weight) / state.weight
+        stats = BarrierStats(
+            num_steps=state.num_steps,
+            gradient_norm=jnp.linalg.norm(gradient),
+            converged=state.converged,
+            fallback_steps=state.fallback_steps,
+            duality_gap=barrier.duality_gap(state.weight),
+        )
+        return unravel(state.point), stats
+
+    def _tolerances(self, dtype: Any) -> tuple[float, float]:
+        """`(gap_tol, decrement_tol)`, their defaults `sqrt(eps)` of `dtype`."""
+        root_eps = float(np.sqrt(jnp.finfo(dtype).eps))
+        gap_tol = root_eps if self.gap_tol is None else self.gap_tol
+        decrement_tol = root_eps if self.decrement_tol is None else self.decrement_tol
+        return gap_tol, decrement_tol
+
+    def _newton_step(self, barrier: "_Barrier", state: "_BarrierState") -> "_BarrierState":
+        r"""One damped Newton step on $\varphi_t$, then the centering and stopping
+        tests: a centred point ends the solve when the duality gap is below `gap_tol`,
+        else moves on to the next barrier weight (as does a centering out of steps).
+        A line search that finds no step ends the solve unconverged."""
+        gap_tol, decrement_tol = self._tolerances(state.point.dtype)
+        value, gradient, hessian = barrier.derivatives(state.point, state.weight)
+        operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
+        direction, newton = newton_direction(operator, gradient)
+        step = -direction
+        # The Newton decrement λ²/2 = gᵀH⁻¹g/2 estimates φ_t − min φ_t; a fallback
+        # direction's gᵀd/2 does not, so only a Newton direction can find the centre.
+        decrement = jnp.dot(gradient, direction, precision=lax.Precision.HIGHEST) / 2
+        centred = newton & (decrement <= decrement_tol)
+        size, ok = self._line_search(barrier, state.point, state.weight, value, gradient, step)
+        next_weight = centred | (state.centring_steps + 1 >= self.max_centering_steps)
+        finished = centred & (barrier.duality_gap(state.weight) <= gap_tol)
+        done = finished | ~ok
+        return _BarrierState(
+            point=jnp.where(ok, state.point + size * step, state.point),
+            weight=jnp.where(next_weight & ~done, self.weight_factor * state.weight, state.weight),
+            num_steps=state.num_steps + 1,
+            centring_steps=jnp.where(next_weight, 0, state.centring_steps + 1),
+            fallback_steps=state.fallback_steps + (~newton).astype(jnp.int32),
+            done=done,
+            converged=finished & ok,
+        )
+
+    def _line_search(
+        self,
+        barrier: "_Barrier",
+        point: Float[Array, " n"],
+        weight: Scalar,
+        value: Scalar,
+        gradient: Float[Array, " n"],
+        step: Float[Array, " n"],
+    ) -> tuple[Scalar, Bool[Array, ""]]:
+        r"""Backtracking from the largest step that keeps the constrained entries
+        positive (`_boundary_step`): the step size $s$ is halved, at most
+        `max_backtracks` times, until $\varphi_t(w + s\Delta w)$ passes `armijo_accepts`
+        (a non-finite value, outside the domain, never does). Returns $s$ and whether
+        it was accepted (never from a point outside the domain)."""
+        slope = jnp.dot(gradient, step, precision=lax.Precision.HIGHEST)
+
+        def cond(carry):
+            _, tries, accepted = carry
+            return ~accepted & (tries <= self.max_backtracks)
+
+        def body(carry):
+            size, tries, _ = carry
+            size = size / 2
+            trial = barrier(point + size * step, weight)
+            return size, tries + 1, armijo_accepts(value, trial, size * slope, self.armijo)
+
+        first = _boundary_step(barrier.mask, point, step)
+        size, _, accepted = lax.while_loop(cond, body, (2 * first, 0, jnp.array(False)))
+        return size, accepted & jnp.isfinite(value)
+
+
+class _BarrierState(eqx.Module):
+    """The loop state of `LogBarrier.solve`."""
+
+    # The flattened iterate $w$ and the barrier weight $t$.
+    point: Float[Array, " n"]
+    weight: Float[Array, ""]
+    num_steps: Int[Array, ""]
+    # Newton steps taken at the current weight.
+    centring_steps: Int[Array, ""]
+    fallback_steps: Int[Array, ""]
+    done: Bool[Array, ""]
+    converged: Bool[Array, ""]
+
+
+class _Barrier(eqx.Module):
+    r"""The barrier objective $\varphi_t(w) = t\,J(w) - \sum_{i \in C} \log w_i$ of
+    the flattened parameters $w$ (`+inf` outside the domain: a constrained entry
+    $\le 0$, or $J$ not finite), and its derivatives."""
+
+    objective: Objective
+    args: Args
+    unravel: Callable[[Float[Array, " n"]], Params]
+    # One bool per entry of `w`: whether it is constrained.
+    mask: np.ndarray
+
+    def __call__(self, point: Float[Array, " n"], weight: Scalar) -> Scalar:
+        value = weight * self.objective(self.unravel(point), self.args) - self.log_sum(point)
+        inside = jnp.all(jnp.where(self.mask, point > 0, True)) & jnp.isfinite(value)
+        return jnp.where(inside, value, jnp.inf)
+
+    def log_sum(self, point: Float[Array, " n"]) -> Scalar:
+        r"""$\sum_{i \in C} \log w_i$ (NaN where a constrained entry is negative)."""
+        return jnp.sum(jnp.where(self.mask, jnp.log(jnp.where(self.mask, point, 1)), 0))
+
+    def derivatives(
+        self, point: Float[Array, " n"], weight: Scalar
+    ) -> tuple[Scalar, Float[Array, " n"], Float[Array, "n n"]]:
+        """The value, the gradient and the (symmetrised) Hessian at `point`, by
+        forward-over-reverse autodiff."""
+
+        def gradient(v):
+            value, grad = jax.value_and_grad(self)(v, weight)
+            return grad, (grad, value)
+
+        hessian, (grad, value) = jax.jacfwd(gradient, has_aux=True)(point)
+        return value, grad, 0.5 * (hessian + hessian.T)
+
+    def duality_gap(self, weight: Scalar) -> Scalar:
+        """$|C|/t$."""
+        return jnp.asarray(self.mask.sum(), weight.dtype) / weight
+
+
+def _boundary_step(mask: np.ndarray, point: Float[Array, " n"], step: Float[Array, " n"]) -> Scalar:
+    """The largest step size, at most 1, keeping the constrained entries of `point +
+    size * step` positive, shortened by 1% so that none lands on the boundary."""
+    decreasing = step < 0
+    ratios = jnp.where(mask & decreasing, -point / jnp.where(decreasing, step, -1), jnp.inf)
+    return jnp.minimum(1, 0.99 * jnp.min(ratios, initial=jnp.inf))
 
 
 def _constraint_mask(params: Params, constrained: tuple[bool, ...]) -> np.ndarray:
@@ -223,11 +305,13 @@ class _BarrierInnerSolver(AbstractInnerSolver):
 
     def hessian_solve(self, objective, solution, stats, args):
         flat, unravel = jfu.ravel_pytree(solution)
-        mask = _constraint_mask(solution, self.constrained)
-        inverse_weight = stats.duality_gap / max(int(mask.sum()), 1)
-        hessian = jax.hessian(lambda v: objective(unravel(v), args))(flat)
-        barrier_curvature = jnp.where(mask, inverse_weight / jnp.where(mask, flat, 1) ** 2, 0)
-        return dense_hessian_solve(hessian + jnp.diag(barrier_curvature), unravel)
+        barrier = _Barrier(objective, args, unravel, _constraint_mask(solution, self.constrained))
+        inverse_weight = stats.duality_gap / max(int(barrier.mask.sum()), 1)
+
+        def scaled_barrier(v):
+            return objective(unravel(v), args) - inverse_weight * barrier.log_sum(v)
+
+        return dense_hessian_solve(jax.hessian(scaled_barrier)(flat), unravel)
 
 
 def barrier_minimise(

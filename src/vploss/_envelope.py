@@ -65,7 +65,11 @@ class AbstractInnerSolver(eqx.Module):
 def dense_hessian_solve(
     hessian: Float[Array, "n n"], unravel: Callable[[Float[Array, " n"]], Params]
 ) -> Callable[[Params], Params]:
-    """`rhs ↦ hessian⁻¹ rhs` by Cholesky, for parameters flattened by `ravel_pytree`."""
+    """`rhs ↦ hessian⁻¹ rhs` by Cholesky (`lx.Cholesky`), for a positive definite
+    Hessian of the parameters flattened by `ravel_pytree` (`unravel` undoes it): the
+    one dense solve of the implicit derivatives (`AbstractInnerSolver.hessian_solve`,
+    the log-barrier's, the readout losses' up to `MAX_DENSE_SOLVE_SIZE`). A Hessian
+    that is not numerically positive definite gives NaN tangents, not an error."""
     operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
 
     def solve(rhs):

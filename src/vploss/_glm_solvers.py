@@ -8,13 +8,14 @@ from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
 import jax
+import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float
 
 from ._diagnostics import InnerStats
-from ._envelope import AbstractInnerSolver
+from ._envelope import AbstractInnerSolver, dense_hessian_solve
 from ._newton import (
     DampedNewton,
     default_gtol,
@@ -266,10 +267,11 @@ class InnerMinimise(AbstractInnerSolver):
     minimiser on the `ReadoutObjective` from `init` or from zero, and reports
     `InnerStats`.
 
-    The readout's (implicit) derivative solves with the exact Hessian: by Cholesky up
-    to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on Hessian-vector products
-    with the Kronecker preconditioner, to a relative residual of `eps**0.75`, raising
-    an error where CG cannot reach it (never a silently wrong tangent)."""
+    The readout's (implicit) derivative solves with the exact Hessian: by Cholesky
+    (`dense_hessian_solve`) up to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on
+    Hessian-vector products with the Kronecker preconditioner, to a relative residual
+    of `eps**0.75`, raising an error where CG cannot reach it (never a silently wrong
+    tangent)."""
 
     solver: AbstractGLMSolver
 
@@ -313,8 +315,8 @@ class InnerMinimise(AbstractInnerSolver):
     ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
         del stats
         if solution.size <= MAX_DENSE_SOLVE_SIZE:
-            operator = objective.hessian(solution, args)
-            return lambda rhs: lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
+            _, unravel = jfu.ravel_pytree(solution)
+            return dense_hessian_solve(objective.hessian(solution, args).as_matrix(), unravel)
         operator = objective.hessian_product(solution, args)
         tol = float(jnp.finfo(solution.dtype).eps) ** 0.75
         linear_solver = lx.CG(rtol=tol, atol=0.0, max_steps=10 * solution.size)

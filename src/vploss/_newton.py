@@ -309,17 +309,18 @@ def _is_descent(gradient, direction):
 
 
 def newton_direction(
-    hessian: lx.AbstractLinearOperator, gradient: Float[Array, "p k"]
-) -> tuple[Float[Array, "p k"], Bool[Array, ""]]:
+    hessian: lx.AbstractLinearOperator, gradient: Float[Array, "*shape"]
+) -> tuple[Float[Array, "*shape"], Bool[Array, ""]]:
     r"""The Newton direction $H^{-1}g$ by Cholesky (`lx.Cholesky`), with fallbacks for
     a Hessian that is not numerically positive definite (rounding of large or uneven
     features in float32): where the Newton direction is not finite or not a descent
     direction ($g^\top d \le 0$), the shifted Newton direction $(H + \delta I)^{-1}g$
-    with $\delta = pk\,\varepsilon \max_i H_{ii}$ (above the rounding of the computed
-    Hessian's eigenvalues), and where that fails too, the gradient step $g/\operatorname
-    {tr} H$ (a step no longer than $1/L$). Returns the direction and whether it is the
-    plain Newton direction. The one Cholesky solve of every Newton method here (the
-    one-shot losses and the streaming refit)."""
+    with $\delta = n\,\varepsilon \max_i H_{ii}$ for $n$ unknowns (above the rounding
+    of the computed Hessian's eigenvalues), and where that fails too, the gradient step
+    $g/\operatorname{tr} H$ (a step no longer than $1/L$). Returns the direction and
+    whether it is the plain Newton direction. The one Cholesky solve of every Newton
+    method here (the one-shot losses, the streaming refit, `LogBarrier`); `gradient`
+    has the shape of the operator's input (`(p, k)` coefficients, or a flat vector)."""
     newton = lx.linear_solve(hessian, gradient, lx.Cholesky(), throw=False).value
     ok = _is_descent(gradient, newton)
 
