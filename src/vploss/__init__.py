@@ -10,6 +10,12 @@ from ._diagnostics import InnerStats as InnerStats
 from ._gcv import GCVStats as GCVStats
 from ._icnn import ICNN as ICNN
 from ._logistic import vploss_bce as vploss_bce
+from ._lstsq import (
+    AutoRidge as AutoRidge,
+    CholeskyRidge as CholeskyRidge,
+    DualRidge as DualRidge,
+    SVDRidge as SVDRidge,
+)
 from ._readout import VPLinear as VPLinear
 from ._residual import (
     vpjacobian_msereg as vpjacobian_msereg,
