@@ -451,21 +451,6 @@ ROWS = {
         lambda: ridge(identity, 0 * F, Y, alpha2="gcv", use_bias=False),
         check=all_zero_features_fit_the_mean(use_bias=False),
     ),
-    "ridge-weights-negative": Row(
-        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(-1.0)),
-        RUNTIME,
-        "must be >= 0",
-    ),
-    "ridge-weights-nan": Row(
-        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(jnp.nan)),
-        RUNTIME,
-        "are not finite",
-    ),
-    "ridge-weights-wrong-shape": Row(
-        lambda: ridge(identity, F, Y, weights=jnp.ones(N - 1)),
-        ValueError,
-        "must have shape (N,) = (30,)",
-    ),
     "ridge-alpha1-negative": Row(
         lambda: ridge(identity, F, Y, alpha1=-0.5), ValueError, "`alpha1`"
     ),
@@ -813,6 +798,22 @@ ROWS = {
     ),
     "ridge-svd-readout-hessian-repeated-singular-values": Row(
         _hadamard_readout_curvature, check=finite_and_matches_difference
+    ),
+    # Per-sample weights of the ridge loss
+    "ridge-weights-negative": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(-1.0)),
+        RUNTIME,
+        "must be >= 0",
+    ),
+    "ridge-weights-nan": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(jnp.nan)),
+        RUNTIME,
+        "are not finite",
+    ),
+    "ridge-weights-wrong-shape": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N - 1)),
+        ValueError,
+        "must have shape (N,) = (30,)",
     ),
 }
 

@@ -60,7 +60,7 @@ class _Moments(eqx.Module):
 
 
 @eqx.filter_jit
-def _ridge_moments(model, x, targets, weights, use_bias):
+def _ridge_moments(model, x, targets, use_bias, weights=None):
     r"""The moments of one batch (features without the ones column), weighted when
     `weights` is not `None`, and whether the batch is finite."""
     features, targets = glm_features(model, x, targets, False)
@@ -200,7 +200,7 @@ def _refit_ridge(model, batches, alpha2, use_bias):
     for index, x, y, scalar_output, weights in _batches(batches, what, _ridge_labels):
         first = first or (y.shape[1], scalar_output)
         _check_shapes(index, y, scalar_output, first)
-        batch, finite = _ridge_moments(model, x, y, weights, use_bias)
+        batch, finite = _ridge_moments(model, x, y, use_bias, weights)
         if not bool(finite):
             raise _not_finite(index)
         moments = batch if moments is None else moments + batch
