@@ -87,10 +87,11 @@ def taylor_remainders(loss_fn, model, *, seed=1, h0=1e-3, halvings=4):
     )
 
 
-def ridge_reference(features, targets, alpha2, use_bias=True):
+def ridge_reference(features, targets, alpha2, use_bias=True, weights=None):
     """The ridge readout and loss from `numpy.linalg.lstsq` on the stacked system
-    `[F̂/√N; √alpha2 I] Ŵᵀ ≈ [Y/√N; 0]` (float64). Returns `(loss, coef)`."""
-    a, b = stacked_ridge(np.asarray(features, np.float64), targets, alpha2, use_bias)
+    `[F̂/√N; √alpha2 I] Ŵᵀ ≈ [Y/√N; 0]` (float64; with `weights`, the rows scaled by
+    `√(w_j/S)` instead). Returns `(loss, coef)`."""
+    a, b = stacked_ridge(np.asarray(features, np.float64), targets, alpha2, use_bias, weights)
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     loss = 0.5 * np.sum((a @ coef - b) ** 2)
     return loss, coef
@@ -156,23 +157,33 @@ def logistic_reference(features, labels, alpha2, softmax=False, use_bias=True):
     return value_grad_hess(coef)[0], coef
 
 
-def stacked_ridge(features, targets, alpha2, use_bias=True):
-    """`[F̂/√N; √alpha2 I]` and `[Y/√N; 0]` in the dtype of `features`."""
+def stacked_ridge(features, targets, alpha2, use_bias=True, weights=None):
+    """`[F̂/√N; √alpha2 I]` and `[Y/√N; 0]` in the dtype of `features`; with per-sample
+    `weights`, the rows scaled by `√(w_j/S)` (S their sum) instead of `1/√N`."""
     features = np.asarray(features)
     targets = np.asarray(targets).reshape(len(features), -1)
     n = len(features)
+    if weights is None:
+        scale = np.full((n, 1), 1 / np.sqrt(n))
+    else:
+        weights = np.asarray(weights, np.float64)
+        scale = np.sqrt(weights / weights.sum())[:, None]
     if use_bias:
         features = np.c_[features, np.ones(n, features.dtype)]
     p = features.shape[1]
-    a = np.r_[features / np.sqrt(n), np.sqrt(alpha2) * np.eye(p)].astype(features.dtype)
-    b = np.r_[targets / np.sqrt(n), np.zeros((p, targets.shape[1]))].astype(features.dtype)
+    a = np.r_[features * scale, np.sqrt(alpha2) * np.eye(p)].astype(features.dtype)
+    b = np.r_[targets * scale, np.zeros((p, targets.shape[1]))].astype(features.dtype)
     return a, b
 
 
-def ridge_loss64(features, targets, alpha2, coef, use_bias=True):
-    """The ridge objective of the stacked coefficients `coef`, in float64."""
+def ridge_loss64(features, targets, alpha2, coef, use_bias=True, weights=None):
+    """The (weighted) ridge objective of the stacked coefficients `coef`, in float64."""
     a, b = stacked_ridge(
-        np.asarray(features, np.float64), np.asarray(targets, np.float64), alpha2, use_bias
+        np.asarray(features, np.float64),
+        np.asarray(targets, np.float64),
+        alpha2,
+        use_bias,
+        weights,
     )
     return 0.5 * np.sum((a @ np.asarray(coef, np.float64) - b) ** 2)
 
@@ -185,13 +196,20 @@ def stacked_coef(readout):
     return np.r_[weight, np.asarray(readout.bias)[None]]
 
 
-def same_precision_ridge_loss(features, targets, alpha2, use_bias=True):
+def same_precision_ridge_loss(features, targets, alpha2, use_bias=True, weights=None):
     """The float64 loss of the same-precision backward-stable solve, and a floor for
     problems fitted to rounding level (interpolation): the residual of a computed
     solution cannot be resolved below ~eps·|y| per sample, so the loss below ~(c·eps)²
-    times ½ mean(y²); c = 100."""
-    a, b = stacked_ridge(features, targets, alpha2, use_bias)
+    times ½ mean(y²); c = 100. With `weights`, of the weighted problem."""
+    a, b = stacked_ridge(features, targets, alpha2, use_bias, weights)
     coef = np.linalg.lstsq(a, b, rcond=None)[0]
     eps = np.finfo(np.asarray(features).dtype).eps
     floor = (100 * eps) ** 2 * 0.5 * np.mean(np.asarray(targets, np.float64) ** 2)
-    return ridge_loss64(features, targets, alpha2, coef, use_bias), floor
+    return ridge_loss64(features, targets, alpha2, coef, use_bias, weights), floor
+
+
+def repeated(weights, *arrays):
+    """`arrays` with sample j repeated `weights[j]` times (integer weights; a zero
+    drops the sample): the data set that integer weights stand for."""
+    index = np.repeat(np.arange(len(weights)), np.asarray(weights))
+    return tuple(np.asarray(a)[index] for a in arrays)

@@ -9,7 +9,7 @@ import pytest
 
 from vploss import GCVStats, vploss_msereg
 
-from .helpers import directional_derivative_check, mlp, random_direction, tree_dot
+from .helpers import directional_derivative_check, mlp, random_direction, repeated, tree_dot
 
 
 def identity(features):
@@ -25,19 +25,23 @@ def _problem(n, m, k, noise, seed=0):
     return jnp.asarray(features), jnp.asarray(targets)
 
 
-def brute_force_gcv(features, targets, alphas, use_bias):
+def brute_force_gcv(features, targets, alphas, use_bias, weights=None):
     """`N‖(I − H_α)Y‖² / (N − tr H_α)²` from the hat matrix
     `H_α = F̂ (F̂ᵀF̂/N + αI)⁻¹ F̂ᵀ/N = U diag(s²/(s² + α)) Uᵀ`, formed explicitly for every
     α from NumPy's SVD of `F̂/√N` (backward stable, so also for features with a large
-    offset, whose Gram matrix would lose the small directions)."""
+    offset, whose Gram matrix would lose the small directions). With `weights`, the
+    weighted problem with n = S = Σw: `S‖(I − H_α)D^½Y‖²/(S − tr H_α)²`, the SVD of
+    `D^½F̂/√S`."""
     features = np.asarray(features, np.float64)
     targets = np.asarray(targets, np.float64).reshape(features.shape[0], -1)
     n = features.shape[0]
     if use_bias:
         features = np.concatenate([features, np.ones((n, 1))], axis=1)
-    p = features.shape[1]
-    u, singular, _ = np.linalg.svd(features / np.sqrt(n), full_matrices=False)
-    del p
+    root = np.ones((n, 1)) if weights is None else np.sqrt(np.asarray(weights, float))[:, None]
+    if weights is not None:
+        n = float(np.sum(weights))
+    targets = root * targets
+    u, singular, _ = np.linalg.svd(root * features / np.sqrt(n), full_matrices=False)
     values, traces = [], []
     for alpha in np.atleast_1d(alphas):
         hat = (u * (singular**2 / (singular**2 + alpha))) @ u.T
@@ -201,3 +205,44 @@ def test_unknown_string_is_an_error(bad):
     features, targets = _problem(20, 3, 1, 0.1)
     with pytest.raises(ValueError, match='`alpha2` must be a number >= 0 or the string "gcv"'):
         vploss_msereg(identity, features, targets, alpha2=bad)
+
+
+@pytest.mark.parametrize(
+    "n, m, k, use_bias, noise",
+    # The centred, primal and dual forms.
+    [(40, 6, 1, True, 0.3), (100, 10, 3, False, 1.0), (8, 12, 2, True, 0.3)],
+)
+def test_weighted_penalty_repeats_and_drops_samples(n, m, k, use_bias, noise):
+    """Integer weights with zeros choose the penalty of the data set with each sample
+    repeated w_j times and the zero-weight ones dropped, and that penalty minimises the
+    brute-force weighted GCV curve. The two problems differ in shape (and form), so
+    their GCV values agree to rounding (measured 2e-12; 1e-10), and the golden-section
+    minimiser and the trace at it to about the square root of that, GCV being flat at
+    its minimum (measured 1.2e-7 in alpha; 1e-6). With fewer samples than coefficients
+    (the dual form) only 0/1 weights: repeating samples there makes the fit interpolate
+    as alpha → 0 with n − tr H > 0, so GCV has no interior minimum (its argmin is the
+    bottom of the grid, which depends on the form)."""
+    features, targets = _problem(n, m, k, noise)
+    rng = np.random.default_rng(0)
+    if n < m:
+        weights = (rng.uniform(size=n) > 0.25).astype(int)
+    else:
+        weights = rng.integers(0, 4, n)
+    kwargs = dict(alpha2="gcv", use_bias=use_bias)
+    gcv = eqx.filter_jit(vploss_msereg)
+    weighted = gcv(identity, features, targets, weights=jnp.asarray(weights), **kwargs)
+    rep = gcv(identity, *map(jnp.asarray, repeated(weights, features, targets)), **kwargs)
+    stats, rep_stats = weighted[1].stats, rep[1].stats
+    np.testing.assert_allclose(float(stats.alpha2), float(rep_stats.alpha2), rtol=1e-6)
+    np.testing.assert_allclose(float(stats.gcv), float(rep_stats.gcv), rtol=1e-10)
+    np.testing.assert_allclose(float(stats.dof), float(rep_stats.dof), rtol=1e-6)
+    np.testing.assert_allclose(float(weighted[0]), float(rep[0]), rtol=1e-6)
+    alpha = float(stats.alpha2)
+    _, _, top = brute_force_gcv(features, targets, 1.0, use_bias, weights)
+    assert 1e-12 * top < alpha < top, "the test problem should have an interior minimum"
+    value, trace, _ = brute_force_gcv(features, targets, alpha, use_bias, weights)
+    np.testing.assert_allclose(float(stats.gcv), value[0], rtol=1e-8)
+    np.testing.assert_allclose(float(stats.dof), trace[0], rtol=1e-8)
+    near = alpha * np.logspace(-0.2, 0.2, 9)
+    curve, _, _ = brute_force_gcv(features, targets, near, use_bias, weights)
+    assert value[0] <= curve.min() * (1 + 1e-10)

@@ -799,6 +799,22 @@ ROWS = {
     "ridge-svd-readout-hessian-repeated-singular-values": Row(
         _hadamard_readout_curvature, check=finite_and_matches_difference
     ),
+    # Per-sample weights of the ridge loss
+    "ridge-weights-negative": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(-1.0)),
+        RUNTIME,
+        "must be >= 0",
+    ),
+    "ridge-weights-nan": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N).at[2].set(jnp.nan)),
+        RUNTIME,
+        "are not finite",
+    ),
+    "ridge-weights-wrong-shape": Row(
+        lambda: ridge(identity, F, Y, weights=jnp.ones(N - 1)),
+        ValueError,
+        "must have shape (N,) = (30,)",
+    ),
 }
 
 

@@ -125,6 +125,23 @@ def test_streamed_refit_matches_a_backward_stable_solve(case, dtype):
     assert loss <= 1.1 * reference + floor, (loss, reference, floor)
 
 
+@pytest.mark.parametrize("solver", ["cholesky", "svd"])
+def test_weighted_float32_offset_matches_a_backward_stable_solve(solver):
+    """Float32 features around 1e6 with per-sample weights (zeros included): the
+    weighted loss within the bound of the unweighted cases, 1.1x NumPy's float32
+    `lstsq` of the weighted stacked system plus the interpolation floor."""
+    features, targets = _line(np.float32, 1e6)
+    weights = np.random.default_rng(5).integers(0, 4, len(features)).astype(np.float32)
+    alpha2 = 1e-6
+    _, readout = vploss_msereg(
+        _identity, features, targets, alpha2=alpha2, solver=solver, weights=weights
+    )
+    assert readout.weight.dtype == np.float32
+    loss = ridge_loss64(features, targets, alpha2, stacked_coef(readout), weights=weights)
+    reference, floor = same_precision_ridge_loss(features, targets, alpha2, weights=weights)
+    assert loss <= 1.1 * reference + floor, (loss, reference, floor)
+
+
 def test_the_issue_line_example_in_float32():
     """`vploss_msereg(lambda v: v, t, 2020 + 2020 t)` on t = 0..1999 in float32: the
     intercept was about 1902 instead of 2020."""

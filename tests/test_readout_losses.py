@@ -170,9 +170,13 @@ def test_bad_weights(case):
         case(model, weights=jnp.ones(N - 1))
     with pytest.raises(TypeError, match="weights"):
         case(model, weights=jnp.ones(N, bool))
-    for bad in (-jnp.ones(N), jnp.zeros(N), jnp.ones(N).at[3].set(jnp.nan)):
-        with pytest.raises(Exception, match="`weights` must be finite and nonnegative"):
+    for bad, match in [
+        (-jnp.ones(N), "must be >= 0"),
+        (jnp.zeros(N), "sum to zero"),
+        (jnp.ones(N).at[3].set(jnp.nan), "not finite"),
+    ]:
+        with pytest.raises(Exception, match=match):
             case(model, weights=bad)
     # Checked when only the gradient is used, too.
-    with pytest.raises(Exception, match="`weights` must be finite and nonnegative"):
+    with pytest.raises(Exception, match="must be >= 0"):
         eqx.filter_grad(lambda m: case(m, weights=-jnp.ones(N))[0])(model)

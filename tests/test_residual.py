@@ -137,3 +137,39 @@ def test_assembled_jacobian_equals_forward_mode(k, kwargs):
     expected_residual, expected_readout = vpresidual_msereg(model, x, y, **kwargs)
     np.testing.assert_allclose(residual, expected_residual, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(readout.weight, expected_readout.weight, rtol=1e-12)
+
+
+RESIDUAL_WEIGHTS = jnp.asarray(np.random.default_rng(2).integers(0, 4, N), jnp.float64)
+
+
+def test_weighted_half_squared_norm_is_the_weighted_loss():
+    """Data rows √(w_j/S)(Ŵf̂_j − y_j): ½‖r‖² is the weighted loss, zero weights give
+    zero rows, and the residual keeps its length."""
+    model = mlp(IN, features=M)
+    x, y = _data()
+    kwargs = dict(alpha1=1e-2, alpha2=1e-3, weights=RESIDUAL_WEIGHTS)
+    residual, readout = eqx.filter_jit(vpresidual_msereg)(model, x, y, **kwargs)
+    loss, expected = eqx.filter_jit(vploss_msereg)(model, x, y, **kwargs)
+    assert residual.shape == (N * 2 + (M + 1) * 2 + flatten(model).size,)
+    np.testing.assert_allclose(0.5 * jnp.sum(residual**2), loss, rtol=1e-12)
+    np.testing.assert_allclose(readout.weight, expected.weight, rtol=1e-12)
+    assert np.all(np.asarray(residual[: 2 * N]).reshape(N, 2)[RESIDUAL_WEIGHTS == 0] == 0)
+
+
+@pytest.mark.slow  # a long compile (jacfwd of the residual), as the unweighted test
+def test_weighted_jacobian_equals_forward_mode():
+    """`vpjacobian_msereg` with weights equals `jax.jacfwd` of the weighted residual
+    (a small model, so the compile stays short)."""
+    model = mlp(IN, width=4, depth=1, features=3)
+    x, y = _data()
+    kwargs = dict(alpha2=1e-3, weights=RESIDUAL_WEIGHTS)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    theta, unflatten = jax.flatten_util.ravel_pytree(params)
+    jacobian, residual, _ = eqx.filter_jit(vpjacobian_msereg)(model, x, y, **kwargs)
+    expected = jax.jit(
+        jax.jacfwd(
+            lambda t: vpresidual_msereg(eqx.combine(unflatten(t), static), x, y, **kwargs)[0]
+        )
+    )(theta)
+    np.testing.assert_allclose(jacobian, expected, rtol=0, atol=1e-9 * np.max(np.abs(expected)))
+    np.testing.assert_allclose(residual, vpresidual_msereg(model, x, y, **kwargs)[0], rtol=1e-12)

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import vploss
 from vploss import VPLinear, vploss_msereg
 
 from .helpers import (
@@ -15,8 +16,10 @@ from .helpers import (
     flatten,
     mlp,
     random_direction,
+    repeated,
     ridge_float32_error_bound,
     ridge_reference,
+    stacked_coef,
     taylor_remainders,
 )
 
@@ -447,3 +450,196 @@ def test_second_derivative_of_the_loss():
         grad(along(params, direction, -h)),
     )
     np.testing.assert_allclose(flatten(hvp), flatten(fd), rtol=1e-6, atol=1e-8)
+
+
+# Per-sample weights. Integer weights with zeros: the weighted problem is the data set
+# with each sample repeated w_j times, and without the zero-weight ones.
+WEIGHTS = np.array([2, 0, 1, 3, 0, 1])
+
+
+@eqx.filter_jit
+def _weighted_value_and_grad(model, x, y, weights, solver, use_bias):
+    def loss_fn(m):
+        return vploss_msereg(
+            m, x, y, alpha2=1e-3, solver=solver, use_bias=use_bias, weights=weights
+        )
+
+    return eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_weights_repeat_and_drop_samples(solver, use_bias):
+    """Integer weights with zeros give the loss, readout and model gradient of the data
+    set with each sample repeated w_j times and the zero-weight ones left out (both
+    properties at once), for every solver; with the bias, also those of the same
+    weights without the zero-weight samples (zero weights alone). 6 samples, 7
+    coefficients with the bias: "auto" takes the dual form for the weighted problem,
+    the primal one for the repeated data. Measured: equal to 1e-15 relative; 1e-10
+    allows for other BLAS builds."""
+    model = mlp(IN, features=M)
+    x, y = _data(n=len(WEIGHTS), k=2)
+    kept = WEIGHTS > 0
+    cases = {"repeated": (*map(jnp.asarray, repeated(WEIGHTS, x, y)), None)}
+    if use_bias:
+        cases["dropped"] = (x[kept], y[kept], jnp.asarray(WEIGHTS[kept]))
+    (loss, readout), grad = _weighted_value_and_grad(
+        model, x, y, jnp.asarray(WEIGHTS), solver, use_bias
+    )
+    for name, case in cases.items():
+        (other_loss, other_readout), other_grad = _weighted_value_and_grad(
+            model, *case, solver, use_bias
+        )
+        np.testing.assert_allclose(loss, other_loss, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(
+            stacked_coef(readout), stacked_coef(other_readout), rtol=1e-10, atol=1e-12
+        )
+        np.testing.assert_allclose(flatten(grad), flatten(other_grad), rtol=1e-9, atol=1e-12)
+
+
+def test_weighted_readout_against_scikit_learn():
+    """`sklearn.linear_model.Ridge(fit_intercept=False)` on the features with a ones
+    column appended (our bias is penalised) and `sample_weight=w` minimises
+    `Σ w_j‖r_j‖² + a‖Ŵ‖²`, our objective times 2S with `a = alpha2·S`; and NumPy's
+    `lstsq` on the rows scaled by √(w_j/S)."""
+    from sklearn.linear_model import Ridge
+
+    model = mlp(IN, features=M)
+    x, y = _data(k=2)
+    weights = np.random.default_rng(0).uniform(0, 3, N)
+    alpha2, use_bias = 1e-2, True
+    loss, readout = eqx.filter_jit(vploss_msereg)(
+        model, x, y, alpha2=alpha2, weights=jnp.asarray(weights)
+    )
+    features = np.asarray(jax.vmap(model)(x))
+    design = np.c_[features, np.ones(N)]
+    ridge = Ridge(alpha=alpha2 * weights.sum(), fit_intercept=False, solver="svd", tol=1e-14)
+    ridge.fit(design, np.asarray(y), sample_weight=weights)
+    coef = stacked_coef(readout).T
+    np.testing.assert_allclose(coef, ridge.coef_, rtol=1e-8, atol=1e-10)
+    ref_loss, ref_coef = ridge_reference(features, y, alpha2, use_bias, weights)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-10)
+    np.testing.assert_allclose(coef, ref_coef.T, rtol=1e-8, atol=1e-10)
+
+
+def test_weighted_loss_gradient_in_the_weights_is_the_envelope_gradient():
+    """The weights are data: dL/dw_j = (½‖r_j‖² − data term)/S at the fitted readout."""
+    model = mlp(IN, features=M)
+    x, y = _data(k=2)
+    weights = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2, N))
+    value_and_grad = jax.jit(
+        jax.value_and_grad(
+            lambda w: vploss_msereg(model, x, y, alpha2=1e-3, weights=w), has_aux=True
+        )
+    )
+    (_, readout), grad = value_and_grad(weights)
+    squares = 0.5 * np.sum((np.asarray(jax.vmap(lambda s: readout(model(s)))(x)) - y) ** 2, 1)
+    data = squares @ np.asarray(weights) / float(weights.sum())
+    np.testing.assert_allclose(grad, (squares - data) / float(weights.sum()), rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "weights, error, match",
+    [
+        (
+            jnp.ones(N - 1),
+            ValueError,
+            r"`weights` of `vploss_msereg` must have shape \(N,\) = \(40,\)",
+        ),
+        (np.ones(N, bool), TypeError, r"weights"),
+        (jnp.ones(N, jnp.complex64), TypeError, r"weights"),
+    ],
+    ids=["wrong-length", "bool", "complex"],
+)
+def test_bad_weights_raise_at_trace_time(weights, error, match):
+    x, y = _data()
+    with pytest.raises(error, match=match):
+        vploss_msereg(mlp(IN, features=M), x, y, weights=weights)
+
+
+def test_weight_dtype_errors_without_the_type_checker():
+    """The library's own messages (the jaxtyping hook rejects bool and complex weights
+    by their annotation first)."""
+    from vploss._checks import as_weights
+
+    with pytest.raises(TypeError, match=r"real dtype \(floating or integer\); got dtype bool"):
+        as_weights(np.ones(3, bool), 3, what="`vploss_msereg`")
+    with pytest.raises(TypeError, match="got dtype complex64"):
+        as_weights(jnp.ones(3, jnp.complex64), 3)
+    weights, _ = as_weights(np.arange(3), 3)
+    assert weights is not None and jnp.issubdtype(weights.dtype, jnp.floating)
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        (jnp.ones(N).at[0].set(-1.0), "must be >= 0"),
+        (jnp.ones(N).at[3].set(jnp.nan), "not finite"),
+        (jnp.zeros(N), "sum to zero"),
+    ],
+    ids=["negative", "nan", "all-zero"],
+)
+def test_bad_weight_values_raise_at_run_time_in_a_gradient_only_step(weights, match):
+    """The checks fire in a compiled step returning the model's gradient alone, and in
+    `jax.grad` in the weights (the loss's own path: the hostile-input rows)."""
+    model = mlp(IN, features=M)
+    x, y = _data()
+    with pytest.raises(Exception, match=match):
+        _model_gradient_alone(model, x, y, weights)
+    with pytest.raises(Exception, match=match):
+        _weights_gradient_alone(model, x, y, weights)
+
+
+@eqx.filter_jit
+def _model_gradient_alone(model, x, y, weights):
+    return eqx.filter_grad(lambda m: vploss_msereg(m, x, y, weights=weights)[0])(model)
+
+
+@eqx.filter_jit
+def _weights_gradient_alone(model, x, y, weights):
+    return jax.grad(lambda w: vploss_msereg(model, x, y, weights=w)[0])(weights)
+
+
+@pytest.mark.parametrize(
+    "name, solver",
+    [
+        ("auto", vploss.AutoRidge()),
+        ("cholesky", vploss.CholeskyRidge()),
+        ("svd", vploss.SVDRidge()),
+        ("dual", vploss.DualRidge()),
+    ],
+)
+def test_solver_objects_equal_their_strings(name, solver):
+    model = mlp(IN, features=M)
+    x, y = _data(n=10, k=2)
+    by_name = vploss_msereg(model, x, y, alpha2=1e-3, solver=name)
+    by_object = vploss_msereg(model, x, y, alpha2=1e-3, solver=solver)
+    np.testing.assert_array_equal(by_name[0], by_object[0])
+    np.testing.assert_array_equal(by_name[1].weight, by_object[1].weight)
+    # The residual takes objects too.
+    residual = vploss.vpresidual_msereg(model, x, y, alpha2=1e-3, solver=solver)[0]
+    np.testing.assert_allclose(0.5 * jnp.sum(residual**2), by_name[0], rtol=1e-12)
+
+
+def test_auto_ridge_picks_by_shape_and_penalty():
+    auto = vploss.AutoRidge()
+    assert isinstance(auto.select(6, 7, False), vploss.DualRidge)
+    assert isinstance(auto.select(7, 7, False), vploss.CholeskyRidge)
+    assert isinstance(auto.select(700, 7, True), vploss.SVDRidge)
+    assert vploss.CholeskyRidge(refine_steps=1).select(6, 7, True).refine_steps == 1
+
+
+def test_bad_solvers_raise_clear_errors():
+    model = mlp(IN, features=M)
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"`solver` must be one of .*'qr'"):
+        vploss_msereg(model, x, y, solver="qr")
+    # A wrong type: the jaxtyping hook's TypeError here, the library's ValueError without.
+    with pytest.raises((TypeError, ValueError), match="solver"):
+        vploss_msereg(model, x, y, solver=3)
+    from vploss._ridge import as_ridge_solver
+
+    with pytest.raises(ValueError, match=r"or a ridge solver object.*got 3"):
+        as_ridge_solver(3)
+    with pytest.raises(ValueError, match="refine_steps"):
+        vploss.CholeskyRidge(refine_steps=-1)

@@ -7,8 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vploss import vploss_msereg
-from vploss._lstsq import CholeskyLstsq, DualLstsq
+from vploss import CholeskyRidge, DualRidge, vploss_msereg
 from vploss._ridge import _ridge_solver
 
 from .helpers import flatten, mlp
@@ -16,7 +15,7 @@ from .helpers import flatten, mlp
 
 @pytest.mark.parametrize(
     "num_samples, num_coefficients, expected",
-    [(6, 7, DualLstsq), (7, 7, CholeskyLstsq), (256, 4097, DualLstsq), (4096, 257, CholeskyLstsq)],
+    [(6, 7, DualRidge), (7, 7, CholeskyRidge), (256, 4097, DualRidge), (4096, 257, CholeskyRidge)],
 )
 def test_auto_picks_the_form_by_shape(num_samples, num_coefficients, expected):
     solver = _ridge_solver(

@@ -182,6 +182,51 @@ def _bad_inputs():
     ]
 
 
+def test_weighted_ridge_triples_equal_one_shot():
+    """`(x, y, w)` triples: the readout of the one-shot weighted loss on the
+    concatenated data, with a batch whose weights are all zero (it adds nothing)."""
+    labels, x = _data()
+    y = labels["regression"]
+    weights = np.random.default_rng(0).uniform(0, 2, N)
+    weights[16:32] = 0  # the second batch
+    model = mlp(IN, features=M)
+    _, one_shot = vploss.vploss_msereg(
+        model, x, y, alpha2=1e-4, solver="svd", weights=jnp.asarray(weights)
+    )
+    streamed = vploss.refit_readout(
+        model, _split(x, y, weights), loss=vploss.vploss_msereg, alpha2=1e-4
+    )
+    _assert_same_readout(streamed, one_shot, rtol=1e-10, atol=1e-12)
+
+
+def _bad_weights():
+    labels, x = _data()
+    y = labels["scalar"]
+    ones = np.ones(N)
+    ridge = vploss.vploss_msereg
+    return [
+        (ridge, _split(x, y, ones)[:1] + _split(x, y)[1:], ValueError, "same kind"),
+        (ridge, _split(x, y, ones.astype(bool)), TypeError, "got dtype bool"),
+        (ridge, [(x[:10], y[:10], ones[:9])], ValueError, r"shape \(N,\) = \(10,\)"),
+        (ridge, _split(x, y, -ones), ValueError, "batch 0: `weights` .* must be >= 0"),
+        (ridge, _split(x, y, ones * np.nan), ValueError, "batch 0: `weights` .* not finite"),
+        (ridge, _split(x, y, 0 * ones), ValueError, "sum to zero over all batches"),
+        (
+            vploss.vploss_bce,
+            _split(x, labels["binary"], 0 * ones),
+            ValueError,
+            "sum to zero over all batches",
+        ),
+        (vploss.vploss_bce, _split(x, labels["binary"], -ones), ValueError, "must be >= 0"),
+    ]
+
+
+@pytest.mark.parametrize("loss, batches, error, match", _bad_weights())
+def test_bad_weights_raise_clear_errors(loss, batches, error, match):
+    with pytest.raises(error, match=match):
+        vploss.refit_readout(mlp(IN, features=M), batches, loss=loss, alpha2=1e-3)
+
+
 @pytest.mark.parametrize("kwargs, error, match", _bad_inputs())
 def test_bad_input_raises_clear_errors(kwargs, error, match):
     kwargs = dict(alpha2=1e-3) | kwargs

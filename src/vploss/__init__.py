@@ -22,6 +22,12 @@ from ._logistic import (
     SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
     vploss_bce as vploss_bce,
 )
+from ._lstsq import (
+    AutoRidge as AutoRidge,
+    CholeskyRidge as CholeskyRidge,
+    DualRidge as DualRidge,
+    SVDRidge as SVDRidge,
+)
 from ._poisson import PoissonLogLikelihood as PoissonLogLikelihood, vploss_poisson as vploss_poisson
 from ._readout import VPLinear as VPLinear
 from ._readout_loss import (

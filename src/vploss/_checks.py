@@ -70,6 +70,76 @@ def as_targets(name: str, value: ArrayLike, num_samples: int) -> tuple[Array, bo
     return array, False
 
 
+def as_weights(
+    weights: ArrayLike | None,
+    num_samples: int,
+    *,
+    what: str = "the loss",
+    total: bool = True,
+) -> tuple[Array | None, list[tuple[Bool[Array, ""], str]]]:
+    r"""Per-sample weights $w_j \ge 0$ of shape `(N,)`, and their runtime checks.
+
+    Shape and dtype are checked now (`ValueError`/`TypeError`): a real dtype (floating
+    or integer; bool and complex are refused), one weight per sample of `x`. Integer
+    weights are converted to the default floating dtype; the caller casts the result to
+    its working dtype. The values are checked at run time: the returned `(flag,
+    message)` pairs (negative weights, non-finite weights and, with `total`, weights
+    summing to zero) go to `RuntimeChecks(errors=...)`, which attaches them where the
+    gradient alone uses them too. `None` (no weights) gives `(None, [])`.
+
+    **Arguments:**
+
+    - `weights`: the weights, or `None`.
+    - `num_samples`: N, the batch size of `x`.
+    - `what`: the function, as the messages name it (e.g. "`vploss_msereg`").
+    - `total`: whether a zero total is an error (not for one of several streamed
+        batches, whose total over all batches counts).
+    """
+    if weights is None:
+        return None, []
+    if isinstance(weights, bool):
+        raise TypeError(f"`weights` of {what} must be an array of shape (N,); got a bool.")
+    try:
+        array = jnp.asarray(weights)
+    except TypeError as e:
+        raise TypeError(
+            f"`weights` of {what} must be an array of shape (N,); got {type(weights).__name__}."
+        ) from e
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(
+            f"`weights` of {what} must have a real dtype (floating or integer); got dtype "
+            f"{array.dtype}. Convert them with `.astype(jnp.float32)` (a boolean mask "
+            "becomes 0/1 weights)."
+        )
+    if array.shape != (num_samples,):
+        raise ValueError(
+            f"`weights` of {what} must have shape (N,) = ({num_samples},), one weight per "
+            f"sample of `x`; got shape {array.shape}."
+        )
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        array = array.astype(jnp.result_type(float))
+    errors = [
+        (
+            ~jnp.all(jnp.isfinite(array)),
+            f"`weights` of {what} are not finite: they contain NaN or inf; clean them, or "
+            "give the samples to drop a weight of 0.",
+        ),
+        (
+            jnp.any(array < 0),
+            f"`weights` of {what} must be >= 0; got a negative weight. Drop such samples "
+            "or give them a weight of 0.",
+        ),
+    ]
+    if total:
+        errors.append(
+            (
+                ~(jnp.sum(array) > 0),
+                f"`weights` of {what} sum to zero: at least one sample needs a positive weight.",
+            )
+        )
+    return array, errors
+
+
 def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
     """A regularisation weight: a real scalar, `>= 0` (or `> 0` where `positive`).
 
@@ -185,32 +255,3 @@ class RuntimeChecks(eqx.Module):
         if isinstance(stats, InnerStats):
             out = check_converged(out, stats, self.throw, self.what)
         return out
-
-
-def as_weights(
-    what: str, weights: ArrayLike, num_samples: int
-) -> tuple[Array, tuple[Bool[Array, ""], str]]:
-    """Per-sample weights: a real array of shape `(N,)` (checked at trace time), with
-    the runtime check that they are finite, nonnegative and not all zero (a `(flag,
-    message)` pair for `RuntimeChecks`)."""
-    if isinstance(weights, bool):
-        raise TypeError("`weights` must be an array of shape (N,); got a bool.")
-    try:
-        array = jnp.asarray(weights)
-    except TypeError as e:
-        raise TypeError(f"`weights` must be an array; got {type(weights).__name__}.") from e
-    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
-        raise TypeError(
-            f"`weights` must have a real dtype (floating or integer); got dtype {array.dtype}."
-        )
-    if array.shape != (num_samples,):
-        raise ValueError(
-            f"`weights` must have shape (N,) = ({num_samples},), one per sample of `x`; "
-            f"got shape {array.shape}."
-        )
-    invalid = ~(jnp.all(jnp.isfinite(array) & (array >= 0)) & (jnp.sum(array) > 0))
-    message = (
-        f"{what}: `weights` must be finite and nonnegative, and not all zero; got a "
-        "negative, NaN or infinite weight, or all zeros."
-    )
-    return array, (invalid, message)

@@ -6,6 +6,20 @@ $H_\alpha Y$ with the hat matrix $H_\alpha = \hat F(\hat F^\top\hat F/N + \alpha
 
 $$\mathrm{GCV}(\alpha) = \frac{N\,\|(I - H_\alpha)Y\|_F^2}{(N - \mathrm{tr}\,H_\alpha)^2}.$$
 
+With per-sample weights $w_j \ge 0$ of total $S = \sum_j w_j$ it is the GCV of the
+weighted problem, with the sample count $N$ replaced by $S$:
+
+$$\mathrm{GCV}(\alpha) = \frac{S\,\|(I - H_\alpha)D^{1/2}Y\|_F^2}{(S -
+\mathrm{tr}\,H_\alpha)^2}, \qquad H_\alpha = D^{1/2}\hat F(\hat F^\top D\hat F/S +
+\alpha I)^{-1}\hat F^\top D^{1/2}/S, \quad D = \operatorname{diag}(w).$$
+
+The weighted residual $\|(I - H_\alpha)D^{1/2}Y\|_F^2$, $\mathrm{tr}\,H_\alpha$ (from the
+eigenvalues of $\hat F^\top D\hat F/S$) and $S$ are those of the data set with sample $j$
+repeated $w_j$ times (dropped when $w_j = 0$), so such a data set has the same GCV curve
+and the same penalty. (The weighted problem is computed as the unweighted formulas on the
+rows scaled by $\sqrt{w_j N/S}$, centred at the weighted means, with $S$ in place of $N$
+in the trace term.)
+
 One symmetric eigendecomposition makes it cheap for every $\alpha$: `O(p)` per value.
 """
 
@@ -17,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
+from ._lstsq import sample_scale
 from ._misc import column_mean, matmul
 
 
@@ -63,15 +78,11 @@ class _Spectrum(eqx.Module):
     # The scale below which eps times it is lost in rounding: λ_max, or for centred
     # features the largest eigenvalue of diag(C, 1) (the offset direction is exact).
     resolved: Scalar
-    num_samples: int = eqx.field(static=True)
-    num_coefficients: int = eqx.field(static=True)
+    # n in GCV's formula: N, or the total weight S.
+    count: Scalar | int
     # The residual as a sum of non-negative terms (dual and centred forms), not as ‖Y‖²
     # minus the fitted part (primal).
     spectral: bool = eqx.field(static=True)
-
-    @property
-    def dual(self) -> bool:
-        return self.num_samples <= self.num_coefficients
 
     def __call__(self, log_alpha: Float[Array, "*g"]) -> tuple[Float[Array, "*g"], ...]:
         """`(GCV, tr H)` at `alpha = exp(log_alpha)`, elementwise."""
@@ -84,9 +95,6 @@ class _Spectrum(eqx.Module):
             # α → 0) and for targets with a large mean (the centred form), where the
             # primal residual below is the difference of two nearly equal numbers.
             residual = self.total + jnp.sum(shrink**2 * self.weights, axis=-1)
-            slack = jnp.sum(shrink, axis=-1)
-            if not self.dual:
-                slack = slack + (self.num_samples - self.num_coefficients)
         else:
             # ‖(I−H)Y‖²/N = ‖Y‖²/N − Σ ‖b_i‖²(λ_i + 2α)/(λ_i + α)², written without the
             # division by λ_i that ‖c_i‖² = ‖b_i‖²/λ_i would need.
@@ -95,23 +103,36 @@ class _Spectrum(eqx.Module):
             # cannot produce a zero (or negative) residual and with it a spurious minimum.
             floor = jnp.finfo(lam.dtype).eps * self.total
             residual = jnp.maximum(self.total - fitted, floor)
-            # N − tr H = (N − p) + Σ α/(λ_i + α), exact for every α > 0.
-            slack = (self.num_samples - self.num_coefficients) + jnp.sum(shrink, axis=-1)
-        slack = slack / self.num_samples
-        # N − tr H > 0 for every α > 0 (a sum of positive terms, plus N − p > 0 in the
+        # n − tr H = (n − r) + Σ α/(λ_i + α) over the r eigenvalues (r = p, or N in the
+        # dual form, where n − r is 0 without weights), exact for every α > 0.
+        slack = (self.count - lam.shape[-1]) + jnp.sum(shrink, axis=-1)
+        slack = slack / self.count
+        # n − tr H > 0 for every α > 0 (a sum of positive terms, plus N − p > 0 in the
         # primal form), but it underflows as α/λ_max → 0 with N ≤ p; such an α counts as
         # +inf (GCV is then 0/0), never as a NaN.
         ok = slack > 0
         gcv = jnp.where(ok, residual / jnp.where(ok, slack, 1) ** 2, jnp.inf)
-        return gcv, self.num_samples * (1 - slack)
+        return gcv, self.count * (1 - slack)
 
 
 def _spectrum(
-    features: Float[Array, "N p"], targets: Float[Array, "N k"], intercept: bool
+    features: Float[Array, "N p"],
+    targets: Float[Array, "N k"],
+    intercept: bool,
+    weights: Float[Array, " N"] | None,
 ) -> _Spectrum:
     num_samples, num_coefficients = features.shape
     spectral = True
+    if weights is None:
+        count = num_samples
+        rows = lambda a: a  # noqa: E731
+    else:
+        # The rows scaled by sqrt(w_j N / S): the formulas' 1/N then weigh by w_j / S.
+        count = jnp.sum(weights)
+        scale = math.sqrt(num_samples) * sample_scale(weights)[:, None]
+        rows = lambda a: a * scale  # noqa: E731
     if num_samples <= num_coefficients:
+        features, targets = rows(features), rows(targets)
         kernel = matmul(features, features.T) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(kernel)
         projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
@@ -125,8 +146,10 @@ def _spectrum(
         # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
         # singular values and right singular vectors of the small matrix
         # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
-        mean, target_mean = column_mean(features[:, :-1]), column_mean(targets)
-        centred = features[:, :-1] - mean
+        mean = column_mean(features[:, :-1], weights)
+        target_mean = column_mean(targets, weights)
+        centred = rows(features[:, :-1] - mean)
+        targets = rows(targets - target_mean)
         centred_gram = matmul(centred.T, centred) / num_samples
         centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
         root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T
@@ -152,12 +175,13 @@ def _spectrum(
         projected = matmul(left.T, coordinates)
         # The part of Y outside the range of F̂ = span(F_c, 1): of Y_c outside that of
         # F_c (the offset ȳ never enters).
-        centred_total = jnp.sum((targets - target_mean) ** 2) / num_samples
+        centred_total = jnp.sum(targets**2) / num_samples
         total = jnp.maximum(centred_total - jnp.sum(whitened**2), 0)
         resolved = jnp.maximum(centred_eigenvalues[-1], 1)
     else:
         # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
         # like the Cholesky solver.
+        features, targets = rows(features), rows(targets)
         gram = matmul(features.T, features) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(gram)
         projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
@@ -170,8 +194,7 @@ def _spectrum(
         weights=jnp.sum(projected**2, axis=1),
         total=total,
         resolved=resolved,
-        num_samples=num_samples,
-        num_coefficients=num_coefficients,
+        count=count,
         spectral=spectral,
     )
 
@@ -180,7 +203,10 @@ def _spectrum(
 # otherwise be traced and compiled again on every call.
 @functools.partial(jax.jit, static_argnames="intercept")
 def gcv_penalty(
-    features: Float[Array, "N p"], targets: Float[Array, "N k"], intercept: bool = False
+    features: Float[Array, "N p"],
+    targets: Float[Array, "N k"],
+    intercept: bool = False,
+    weights: Float[Array, " N"] | None = None,
 ) -> tuple[Scalar, GCVStats]:
     r"""The ridge penalty $\alpha^* = \operatorname{argmin}_{\alpha > 0}\mathrm{GCV}(\alpha)$
     for the features $\hat F$ (`(N, p)`, the ones column included when there is a bias)
@@ -208,7 +234,7 @@ def gcv_penalty(
 
     `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
     """
-    spectrum = _spectrum(features, targets, intercept)
+    spectrum = _spectrum(features, targets, intercept, weights)
     dtype = spectrum.eigenvalues.dtype
     eps = jnp.finfo(dtype).eps
     top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order

@@ -127,17 +127,20 @@ def vploss_glm(
     dtype = features.dtype
     objective = ReadoutObjective(loss)
     shape = (features.shape[1], values.shape[1])
-    errors = [(labels.invalid, labels.message)]
+    weights, weight_errors = as_weights(weights, x.shape[0], what=f"`vploss_glm` ({loss.name})")
     if weights is not None:
-        weights, weight_error = as_weights(loss.name, weights, x.shape[0])
         weights = normalised_weights(weights.astype(dtype))
-        errors.append(weight_error)
     value, coef, stats = envelope_minimise(
         objective,
         InnerMinimise(inner_solver),
         GLMArgs(features, values, alpha2.astype(dtype), weights),
         as_readout_init(init, objective, use_bias, shape, dtype),
-        check=RuntimeChecks(loss.name, errors=errors, finite={"x": x}, throw=throw),
+        check=RuntimeChecks(
+            loss.name,
+            errors=[(labels.invalid, labels.message), *weight_errors],
+            finite={"x": x},
+            throw=throw,
+        ),
     )
     total = value + parameter_penalty(model, alpha1.astype(dtype))
     readout = readout_from_coefficients(

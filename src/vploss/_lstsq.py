@@ -43,7 +43,7 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Scalar
 
-from ._misc import column_mean, matmul
+from ._misc import column_mean, matmul, row_mean
 
 
 # An array or a `Stack`: anything with `+`.
@@ -82,12 +82,25 @@ class Stack(eqx.Module):
         return jnp.concatenate([self.rows, self.extra[None, :]])
 
 
+def sample_scale(weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    r"""$\sqrt{w_j/S}$ with $S = \sum_j w_j$: the factor of sample $j$'s row in the
+    weighted problem, so that the sum of its squared rows is the weighted mean. A zero
+    weight gives a zero row, and a zero (not infinite) derivative of its factor: at the
+    boundary $w_j = 0$ of the weights' domain, the readout's derivative in $w_j$ treats
+    the sample as absent (the loss's envelope derivative, from the objective, is
+    exact)."""
+    ratio = weights / jnp.sum(weights)
+    positive = ratio > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, ratio, 1)), 0)
+
+
 def centred_problem(
     features: Float[Array, "N p"],
     targets: Float[Array, "N k"],
     alpha2: Scalar,
     intercept: bool,
     eliminate: bool,
+    weights: Float[Array, " N"] | None = None,
 ) -> tuple[Stack, Stack, Callable[[Float[Array, "c k"]], Float[Array, "p k"]]]:
     r"""`(Z, T, coefficients)`: a ridge problem $\min_x \frac12\|Zx - T\|^2 +
     \frac\alpha2\|x\|^2$ with the minimiser of the ridge readout of $\hat F = [F,
@@ -102,28 +115,38 @@ def centred_problem(
         minimum-norm least-squares readout with $\alpha = 0$, which eliminating the
         intercept does not preserve (it minimises $\|W\|$ alone).
 
-    Without an intercept, $Z = \hat F/\sqrt N$ with a zero extra row."""
-    root_n = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
+    Without an intercept, $Z = \hat F/\sqrt N$ with a zero extra row.
+
+    With `weights` $w_j \ge 0$ (total $S$), the data term is the weighted mean
+    $\frac1{2S}\sum_j w_j\|\hat W\hat f_j - y_j\|^2$ and the same holds with the
+    weighted means $\mu = \sum_j w_j f_j/S$, $\bar y$ and each row's $1/\sqrt N$
+    replaced by $\sqrt{w_j/S}$ (`sample_scale`; a zero weight is a zero row)."""
+    if weights is None:
+        root_n = jnp.sqrt(jnp.asarray(features.shape[0], features.dtype))
+        rows = lambda a: a / root_n  # noqa: E731
+    else:
+        scale = sample_scale(weights)[:, None]
+        rows = lambda a: a * scale  # noqa: E731
     if not intercept:
         zeros = lambda a: jnp.zeros(a.shape[1], a.dtype)  # noqa: E731
-        design = Stack(features / root_n, zeros(features))
-        response = Stack(targets / root_n, zeros(targets))
+        design = Stack(rows(features), zeros(features))
+        response = Stack(rows(targets), zeros(targets))
         return design, response, lambda x: x
     features = features[:, :-1]
-    mean = column_mean(features)
-    target_mean = column_mean(targets)
-    response_rows = (targets - target_mean) / root_n
+    mean = column_mean(features, weights)
+    target_mean = column_mean(targets, weights)
+    response_rows = rows(targets - target_mean)
     if not eliminate:
-        rows = jnp.concatenate([features - mean, jnp.zeros_like(features[:, :1])], axis=1)
-        design = Stack(rows / root_n, jnp.concatenate([mean, jnp.ones_like(mean[:1])]))
+        centred = jnp.concatenate([features - mean, jnp.zeros_like(features[:, :1])], axis=1)
+        design = Stack(rows(centred), jnp.concatenate([mean, jnp.ones_like(mean[:1])]))
         return design, Stack(response_rows, target_mean), lambda x: x
     gamma = jnp.sqrt(alpha2 / (1 + alpha2))
-    design = Stack((features - mean) / root_n, gamma * mean)
+    design = Stack(rows(features - mean), gamma * mean)
     response = Stack(response_rows, gamma * target_mean)
     return (
         design,
         response,
-        lambda w: with_intercept(w, jnp.mean(targets - matmul(features, w), axis=0), alpha2),
+        lambda w: with_intercept(w, row_mean(targets - matmul(features, w), weights), alpha2),
     )
 
 
@@ -131,22 +154,47 @@ def with_intercept(
     weight: Float[Array, "m k"], residual_mean: Float[Array, " k"], alpha2: Scalar
 ) -> Float[Array, "p k"]:
     r"""$[W; b^\top]$ with the optimal penalised intercept given $W$, $b = \bar r/(1 +
-    \alpha)$, where $\bar r = \bar y - W^\top\mu$ is the mean residual of the weights
-    alone. (From the samples, $\bar r = \frac1N\sum_j (y_j - W^\top f_j)$ is the
-    accurate form: each difference is taken before the sum, whereas $\bar y$ and
+    \alpha)$, where $\bar r = \bar y - W^\top\mu$ is the (weighted) mean residual of
+    the weights alone. (From the samples, $\bar r = \frac1N\sum_j (y_j - W^\top f_j)$
+    is the accurate form: each difference is taken before the sum, whereas $\bar y$ and
     $W^\top\mu$ of features with a large offset cancel in their leading digits.)"""
     bias = residual_mean / (1 + alpha2)
     return jnp.concatenate([weight, bias[None, :]])
 
 
-class AbstractLstsqMethod(eqx.Module):
+class AbstractRidgeSolver(eqx.Module):
+    r"""A way to compute the readout of `vploss_msereg`, `vpresidual_msereg` and
+    `vpjacobian_msereg`, passed as their `solver=`: `CholeskyRidge`, `SVDRidge`,
+    `DualRidge`, or `AutoRidge`, which picks one of them from the problem's shape."""
+
+    @abc.abstractmethod
+    def select(
+        self, num_samples: int, num_coefficients: int, unregularised: bool
+    ) -> "AbstractLstsqMethod":
+        r"""The method that solves a problem with `num_samples` rows and
+        `num_coefficients` unknowns per output (the bias included); `unregularised`:
+        `alpha2` is concretely zero."""
+
+
+class AbstractLstsqMethod(AbstractRidgeSolver):
     r"""A way to solve $\min_W \frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2$, i.e. the
     normal equations $(Z^\top Z + \alpha I)W = Z^\top T$ (with $\alpha = 0$ a
     least-squares solution)."""
 
+    def select(
+        self, num_samples: int, num_coefficients: int, unregularised: bool
+    ) -> "AbstractLstsqMethod":
+        del num_samples, num_coefficients, unregularised
+        return self
+
     @abc.abstractmethod
     def lstsq(self, design: Stack, response: Stack, alpha2: Scalar) -> Float[Array, "m k"]:
         """The minimiser $W$, computed (differentiate `ridge_lstsq`, not this)."""
+
+
+def _check_refine_steps(refine_steps: object) -> None:
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"`refine_steps` must be a Python int >= 0; got {refine_steps!r}.")
 
 
 def ridge_lstsq(
@@ -154,9 +202,9 @@ def ridge_lstsq(
 ) -> Float[Array, "m k"]:
     r"""The minimiser $W$ of $\frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2$ by `method`,
     with its derivative: implicit differentiation of the normal equations, solved by the
-    method's `solve`; for `DualLstsq`, the derivative of the dual formula $W = Z^\top C$.
+    method's `solve`; for `DualRidge`, the derivative of the dual formula $W = Z^\top C$.
     No decomposition is differentiated."""
-    if isinstance(method, DualLstsq):
+    if isinstance(method, DualRidge):
         return design.rmv(_kernel_solve(method, design, alpha2, response))
     return _ridge_lstsq(method, design, response, alpha2)
 
@@ -208,16 +256,40 @@ def gram_lstsq(
     return _refine(solve, residual, solve(cross), refine_steps)
 
 
-class CholeskyLstsq(AbstractLstsqMethod):
-    r"""The `(m, m)` Gram matrix $Z^\top Z$ (its only reduction over samples is a sum), a
-    scaled and shifted Cholesky factor (`_shifted_cholesky`) and `refine_steps` steps of
-    iterative refinement whose residual $Z^\top(T - ZW) - \alpha W$ is computed from the
-    tall matrix: its rounding lies in the range of $Z^\top$, so the error is that of a
-    QR solve ($\kappa(Z)\varepsilon$), not of the normal equations ($\kappa(Z)^2
-    \varepsilon$). With $\alpha = 0$ and rank-deficient $Z$ it returns a least-squares
-    solution whose null-space component is set by rounding."""
+class CholeskyRidge(AbstractLstsqMethod):
+    r"""The ridge readout from the normal equations of the centred problem, refined to
+    the accuracy of a QR solve. The default of `solver="auto"` when there are at least
+    as many samples as coefficients and `alpha2 > 0`.
 
-    refine_steps: int = 3
+    Every ridge solver works on the exactly equivalent centred problem $\min_W
+    \frac12\|ZW - T\|^2 + \frac{\alpha_2}2\|W\|^2$ (see `vploss_msereg`: the penalised
+    intercept eliminated, the features centred). This one forms the `(m, m)` Gram
+    matrix $Z^\top Z$, factors $D^{-1/2}(Z^\top Z + \alpha_2 I)D^{-1/2} + \delta I$
+    ($D$ its diagonal, $\delta = \varepsilon m$) by Cholesky, and takes `refine_steps`
+    steps of iterative refinement $W \leftarrow W + M^{-1}(Z^\top(T - ZW) -
+    \alpha_2 W)$ with the residual computed from the tall matrix $Z$: its rounding lies
+    in the range of $Z^\top$, so the error is that of a QR solve ($\kappa(Z)
+    \varepsilon$), not of the normal equations ($\kappa(Z)^2\varepsilon$).
+
+    **When to use it:** tall problems ($N \ge m + 1$), and batches sharded over devices:
+    its only reductions over the samples are sums (the means and one matmul), so the
+    batch stays sharded. With `alpha2 = 0` and rank-deficient features it returns a
+    least-squares readout whose component in the null space is set by rounding (use
+    `SVDRidge` for the minimum-norm one).
+
+    **Cost:** $O(Nm^2 + m^3)$, one small Cholesky factor; no LAPACK call on the tall
+    matrix.
+
+    **Arguments:**
+
+    - `refine_steps`: the steps of iterative refinement (default 3; each costs two
+        matmuls with the tall matrix).
+    """
+
+    refine_steps: int = eqx.field(default=3, static=True)
+
+    def __check_init__(self):
+        _check_refine_steps(self.refine_steps)
 
     def lstsq(self, design, response, alpha2):
         solve = _shifted_cholesky(design.gram(), alpha2)
@@ -246,10 +318,21 @@ def _svd(design: Stack, alpha2: Scalar):
     return u, s, vt, inverse
 
 
-class SVDLstsq(AbstractLstsqMethod):
-    r"""The regularised SVD solution $W = V\operatorname{diag}(s/(s^2 + \alpha))U^\top T$
-    of the stacked matrix (backward stable; with $\alpha = 0$ the pseudo-inverse, see
-    `_svd`). It gathers a sharded batch."""
+class SVDRidge(AbstractLstsqMethod):
+    r"""The ridge readout from the thin SVD $Z = USV^\top$ of the centred problem (see
+    `CholeskyRidge`): the regularised solution $W = V\operatorname{diag}(s_i/(s_i^2 +
+    \alpha_2))U^\top T$. With `alpha2 = 0` the singular values below
+    $\varepsilon\max(N, m)s_{\max}$ are dropped: the minimum-norm least-squares readout
+    (the pseudo-inverse, as `numpy.linalg.lstsq`). The choice of `solver="auto"` when
+    `alpha2` is concretely zero.
+
+    **When to use it:** `alpha2 = 0` with possibly rank-deficient features, or as a
+    backward-stable reference. It gathers a batch sharded over devices.
+
+    **Cost:** $O(Nm^2)$, but an SVD of the tall matrix (LAPACK), several times the
+    Cholesky solver's time, and much slower with multi-threaded OpenBLAS on a busy
+    machine.
+    """
 
     def lstsq(self, design, response, alpha2):
         u, s, vt, inverse = _svd(design, alpha2)
@@ -257,7 +340,7 @@ class SVDLstsq(AbstractLstsqMethod):
 
     def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
         r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` for the readout's derivative: by the refined
-        Cholesky solve of `CholeskyLstsq` when $\alpha > 0$, since a reverse-mode
+        Cholesky solve of `CholeskyRidge` when $\alpha > 0$, since a reverse-mode
         derivative transposes this solve, and a second derivative would then
         differentiate the SVD (NaN at repeated singular values; a Cholesky factor's
         derivative is finite). With $\alpha = 0$, $V\operatorname{diag}(1/s^2)V^\top$
@@ -268,28 +351,44 @@ class SVDLstsq(AbstractLstsqMethod):
             _, _, vt, inverse = _svd(design, alpha2)
             return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
 
-        regularised = lambda: CholeskyLstsq().solve(design, alpha2, rhs)  # noqa: E731
+        regularised = lambda: CholeskyRidge().solve(design, alpha2, rhs)  # noqa: E731
         if not isinstance(alpha2, jax.core.Tracer):
             return regularised() if alpha2 > 0 else pseudo_inverse()
         return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse)
 
 
-class DualLstsq(AbstractLstsqMethod):
-    r"""The dual (kernel) form for fewer samples than features: $W = Z^\top C$ with
-    $(ZZ^\top + \alpha I)C = T$, an `(N+1, N+1)` system (`kernel_solve`). Its derivative
-    is that of this formula, with no `(m, m)` solve. It gathers a sharded batch.
+class DualRidge(AbstractLstsqMethod):
+    r"""The ridge readout from the dual (kernel) form of the centred problem (see
+    `CholeskyRidge`): $W = Z^\top C$ with $(ZZ^\top + \alpha_2 I)C = T$, an
+    `(N+1, N+1)` system. The choice of `solver="auto"` when there are fewer samples than
+    coefficients ($N < m + 1$) and `alpha2` may be non-zero.
 
-    The extra row is eliminated exactly (its Schur complement), and the remaining
-    `(N, N)` matrix solved through its eigendecomposition, with the eigenvalues below
-    $\varepsilon N\lambda_{\max}$ (below what it resolves in working precision)
-    dropped, and `refine_steps` steps of refinement with the residual $T -
-    Z(Z^\top C) - \alpha C$ from the wide matrix. Dropping them matters whenever the
-    least-squares residual is not zero (rank-deficient rows, e.g. repeated inputs):
-    its component along a (numerical) null direction of the kernel would be divided by
-    $\lambda + \alpha$, a shift or $\alpha$ itself, and $Z^\top$ of that large vector
-    is rounding noise of the size of $W$. With $\alpha = 0$ it is the pseudo-inverse."""
+    The extra row of $Z$ (the eliminated intercept's) is removed exactly by its Schur
+    complement, and the remaining `(N, N)` matrix solved through its
+    eigendecomposition, with the eigenvalues below $\varepsilon N\lambda_{\max}$ (below
+    what it resolves in working precision) dropped, then `refine_steps` steps of
+    refinement with the residual $T - Z(Z^\top C) - \alpha_2 C$ from the wide matrix.
+    Dropping them matters whenever the least-squares residual is not zero
+    (rank-deficient rows, e.g. repeated inputs, or zero per-sample weights): its
+    component along a null direction of the kernel would be divided by $\alpha_2$ and
+    come back as rounding noise of the size of $W$. With `alpha2 = 0` it is the
+    pseudo-inverse. Its derivative is that of the formula $W = Z^\top C$, with no
+    `(m, m)` solve.
 
-    refine_steps: int = 3
+    **When to use it:** overparameterised features ($m$ larger than the batch). It
+    couples all samples, so it gathers a batch sharded over devices.
+
+    **Cost:** $O(N^2 m + N^3)$.
+
+    **Arguments:**
+
+    - `refine_steps`: the steps of iterative refinement (default 3).
+    """
+
+    refine_steps: int = eqx.field(default=3, static=True)
+
+    def __check_init__(self):
+        _check_refine_steps(self.refine_steps)
 
     def lstsq(self, design, response, alpha2):
         return design.rmv(self.kernel_solve(design, alpha2, response))
@@ -316,6 +415,30 @@ class DualLstsq(AbstractLstsqMethod):
 
         residual = lambda c: rhs - design.mv(design.rmv(c)) - c.scale(alpha2)  # noqa: E731
         return _refine(step, residual, step(rhs), self.refine_steps)
+
+
+class AutoRidge(AbstractRidgeSolver):
+    r"""Picks the ridge solver from the problem (the default, `solver="auto"`):
+
+    - `SVDRidge` when `alpha2` is concretely zero: only the SVD tells the null space of
+        rank-deficient features from rounding noise, which the minimum-norm
+        (pseudo-inverse) readout needs;
+    - else `DualRidge` when there are fewer samples than coefficients, $N < m + 1$
+        (with the bias): the `(N+1, N+1)` kernel is the smaller system;
+    - else `CholeskyRidge`.
+
+    A traced `alpha2` (a JAX array under `jit`) counts as non-zero. The choice is made
+    at trace time, from static shapes, at no run-time cost.
+    """
+
+    def select(
+        self, num_samples: int, num_coefficients: int, unregularised: bool
+    ) -> AbstractLstsqMethod:
+        if unregularised:
+            return SVDRidge()
+        if num_samples < num_coefficients:
+            return DualRidge()
+        return CholeskyRidge()
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

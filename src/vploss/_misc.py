@@ -12,13 +12,26 @@ def matmul(a: Float[Array, "..."], b: Float[Array, "..."]) -> Float[Array, "..."
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def column_mean(a: Float[Array, "N c"]) -> Float[Array, " c"]:
-    """The mean over the rows, corrected by a second pass: `m + mean(a − m)`.
+def row_mean(a: Float[Array, "N ..."], weights: Float[Array, " N"] | None = None) -> Array:
+    r"""The mean over the rows (axis 0) in one pass: `jnp.mean`, or with `weights`
+    $w_j \ge 0$ the weighted mean $\sum_j w_j a_j / \sum_j w_j$ (a matmul: a sum over
+    the rows, so a sharded batch stays sharded)."""
+    if weights is None:
+        return jnp.mean(a, axis=0)
+    return matmul(weights, a) / jnp.sum(weights)
+
+
+def column_mean(
+    a: Float[Array, "N c"], weights: Float[Array, " N"] | None = None
+) -> Float[Array, " c"]:
+    r"""The mean over the rows, corrected by a second pass: `m + mean(a − m)`; with
+    `weights` $w_j \ge 0$ the weighted mean $\sum_j w_j a_j/\sum_j w_j$, corrected the
+    same way (both passes weighted, `row_mean`).
 
     A plain float32 mean of values around 1e6 is off by about eps·log2(N)·1e6 (a
     whole unit for a few hundred rows), so the "centred" columns would not sum to zero,
     which the exact elimination of the intercept relies on; the second pass sums the
     small deviations instead (Chan, Golub and LeVeque's corrected two-pass algorithm).
     Sums over the rows only, so a sharded batch stays sharded."""
-    first = jnp.mean(a, axis=0)
-    return first + jnp.mean(a - first, axis=0)
+    first = row_mean(a, weights)
+    return first + row_mean(a - first, weights)

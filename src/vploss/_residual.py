@@ -7,10 +7,11 @@ import jax.core
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Shaped
+from jaxtyping import Array, ArrayLike, Float, Real, Shaped
 
 from ._checks import as_batch
 from ._features import augment
+from ._lstsq import AbstractRidgeSolver, sample_scale
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
 from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
@@ -24,7 +25,8 @@ def vpresidual_msereg(
     alpha1: ArrayLike = 0.0,
     alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
-    solver: RidgeSolverName | str = "auto",
+    solver: RidgeSolverName | str | AbstractRidgeSolver = "auto",
+    weights: Real[ArrayLike, " _N"] | None = None,
 ) -> tuple[Float[Array, " R"], VPLinear]:
     r"""The reduced residual of the ridge loss, for Gauss–Newton and
     Levenberg–Marquardt training of the model (Golub and Pereyra, 1973).
@@ -34,6 +36,11 @@ def vpresidual_msereg(
     $$r(\theta) = \begin{bmatrix} (\hat F \hat W^{*\top} - Y)/\sqrt N \\
     \sqrt{\alpha_2}\,\hat W^* \\ \sqrt{\alpha_1}\,\theta \end{bmatrix}, \qquad
     \tfrac12\|r(\theta)\|^2 = L(\theta),$$
+
+    and with per-sample `weights` $w_j \ge 0$ of total $S$ the data block's row $j$ is
+    $\sqrt{w_j/S}\,(\hat W^*\hat f_j - y_j)$, so that $\frac12\|r\|^2$ is still the
+    weighted loss of `vploss_msereg` (a zero weight gives zero rows; the residual keeps
+    its length).
 
     flattened into one vector (row-major: the `(N, k)` data block, then the `(p, k)`
     coefficients $\hat W^{*\top}$, then the model's inexact-array leaves in
@@ -72,16 +79,32 @@ def vpresidual_msereg(
     by floating-point targets and to at least float32 (a bfloat16 or float16 model is
     solved in float32); gradients come back in the dtype of each parameter.
     """
-    fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
+    fit = fit_ridge(
+        model,
+        x,
+        y,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        use_bias=use_bias,
+        solver=solver,
+        weights=weights,
+        what="`vpresidual_msereg`",
+    )
     residual = _stacked_residual(fit, model, alpha1, alpha2)
     return residual, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
 
 
+def _data_rows(fit: RidgeFit, rows: Array) -> Array:
+    """`rows` (sample j's first, along axis 0) times each sample's factor in the
+    residual: `1/sqrt(N)`, or `sqrt(w_j/S)` with weights."""
+    if fit.weights is None:
+        return rows / jnp.sqrt(jnp.asarray(rows.shape[0], fit.coef.dtype))
+    scale = sample_scale(fit.weights)
+    return rows * scale.reshape(-1, *(1,) * (rows.ndim - 1))
+
+
 def _stacked_residual(fit: RidgeFit, model: Any, alpha1: Any, alpha2: Any) -> Array:
-    num_samples = fit.features.shape[0]
-    data = (matmul(fit.features, fit.coef) - fit.targets) / jnp.sqrt(
-        jnp.asarray(num_samples, fit.coef.dtype)
-    )
+    data = _data_rows(fit, matmul(fit.features, fit.coef) - fit.targets)
     blocks = [data.ravel()]
     # Decided on the caller's arguments (checked by `fit_ridge`), not on `fit.alpha*`:
     # under `jit` every array computed inside the trace is a tracer, so a concrete zero
@@ -112,7 +135,8 @@ def vpjacobian_msereg(
     alpha1: ArrayLike = 0.0,
     alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
-    solver: RidgeSolverName | str = "auto",
+    solver: RidgeSolverName | str | AbstractRidgeSolver = "auto",
+    weights: Real[ArrayLike, " _N"] | None = None,
 ) -> tuple[Float[Array, "R P"], Float[Array, " R"], VPLinear]:
     r"""The Jacobian of `vpresidual_msereg` in the model's parameters, assembled from
     the structure of the problem rather than by pushing every parameter direction through
@@ -126,7 +150,8 @@ def vpjacobian_msereg(
     \hat W^*\frac{\partial \hat f_j}{\partial\theta}\Big|_{\hat W^*} +
     \hat f_j^\top \frac{\mathrm{d}\hat W^{*\top}}{\mathrm{d}\theta}\Big),$$
 
-    the first term one reverse pass per sample and output (vectorised over the batch:
+    (with `weights`, $\sqrt{w_j/S}$ in place of $1/\sqrt N$), the first term one
+    reverse pass per sample and output (vectorised over the batch:
     sample $j$'s rows depend on sample $j$ only), the second the derivative of the
     fitted readout by reverse mode through the implicit derivative, $p k$ passes over
     the batch for the $p k$ coefficients. The penalty rows are
@@ -160,6 +185,8 @@ def vpjacobian_msereg(
             alpha2=alpha2,
             use_bias=use_bias,
             solver=solver,
+            weights=weights,
+            what="`vpjacobian_msereg`",
         )
         return fit.coef, fit
 
@@ -181,9 +208,8 @@ def vpjacobian_msereg(
     through_readout = jnp.einsum(
         "jq,qkP->jkP", fit.features, d_coef, precision=jax.lax.Precision.HIGHEST
     )
-    num_samples, num_params = fit.features.shape[0], d_coef.shape[-1]
-    scale = jnp.sqrt(jnp.asarray(num_samples, coef.dtype))
-    blocks = [((frozen + through_readout) / scale).reshape(-1, num_params)]
+    num_params = d_coef.shape[-1]
+    blocks = [_data_rows(fit, frozen + through_readout).reshape(-1, num_params)]
     if _maybe_nonzero(alpha2):
         blocks.append(jnp.sqrt(fit.alpha2) * d_coef.reshape(-1, num_params))
     if _maybe_nonzero(alpha1):

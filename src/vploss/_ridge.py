@@ -5,57 +5,63 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Scalar, Shaped
+from jaxtyping import Array, ArrayLike, Float, Real, Scalar, Shaped
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, RuntimeChecks
+from ._checks import as_alpha, as_batch, as_flag, as_targets, as_weights, RuntimeChecks
 from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from ._features import glm_features, parameter_penalty
 from ._gcv import gcv_penalty, GCVStats
 from ._lstsq import (
     AbstractLstsqMethod,
+    AbstractRidgeSolver,
+    AutoRidge,
     centred_problem,
-    CholeskyLstsq,
-    DualLstsq,
+    CholeskyRidge,
+    DualRidge,
     ridge_lstsq,
-    SVDLstsq,
+    SVDRidge,
 )
-from ._misc import column_mean, matmul
+from ._misc import column_mean, matmul, row_mean
 from ._readout import readout_from_coefficients, VPLinear
 
 
-RidgeArgs: TypeAlias = tuple[Float[Array, "N p"], Float[Array, "N k"], Scalar]
+RidgeArgs: TypeAlias = tuple[
+    Float[Array, "N p"], Float[Array, "N k"], Scalar, Float[Array, " N"] | None
+]
 
 #: Default readout penalty of `vploss_msereg`; see its docstring for the reasoning.
 DEFAULT_RIDGE_ALPHA2 = 1e-6
 
 
 class RidgeObjective(eqx.Module):
-    r"""$J(\hat W; \hat F, Y, \alpha_2) = \frac{1}{2N}\|\hat F \hat W^\top - Y\|_F^2
-    + \frac{\alpha_2}{2}\|\hat W\|_F^2$, with `coef` $= \hat W^\top$.
+    r"""$J(\hat W; \hat F, Y, \alpha_2, w) = \frac{1}{2S}\sum_j w_j\|\hat W\hat f_j -
+    y_j\|^2 + \frac{\alpha_2}{2}\|\hat W\|_F^2$, with `coef` $= \hat W^\top$ and $S =
+    \sum_j w_j$; without weights ($w$ `None`) $w_j = 1$, $S = N$.
 
     With an intercept (the last column of $\hat F$ is ones) the residual is evaluated
     as $(F - \mathbf 1\mu^\top)W - (Y - \mathbf 1\bar y^\top) + \mathbf 1(b + W^\top\mu -
-    \bar y)^\top$ with the column means $\mu$, $\bar y$: the same value, without the
-    cancellation of a large common offset of the features (its rounding would
-    otherwise swamp the residual, and the gradient, in float32)."""
+    \bar y)^\top$ with the (weighted) column means $\mu$, $\bar y$: the same value,
+    without the cancellation of a large common offset of the features (its rounding
+    would otherwise swamp the residual, and the gradient, in float32). The weights are
+    data: the envelope derivative in them comes from this function."""
 
     intercept: bool = eqx.field(static=True)
 
     def __call__(self, coef: Float[Array, "p k"], args: RidgeArgs) -> Scalar:
-        features, targets, alpha2 = args
+        features, targets, alpha2, weights = args
         if self.intercept:
             features = features[:, :-1]
-            mean, target_mean = column_mean(features), column_mean(targets)
+            mean, target_mean = column_mean(features, weights), column_mean(targets, weights)
             weight, bias = coef[:-1], coef[-1]
             offset = bias + matmul(mean, weight) - target_mean
             residual = matmul(features - mean, weight) - (targets - target_mean) + offset
         else:
             residual = matmul(features, coef) - targets
-        data = 0.5 * jnp.sum(residual**2) / features.shape[0]
+        data = 0.5 * row_mean(jnp.sum(residual**2, axis=1), weights)
         return data + 0.5 * alpha2 * jnp.sum(coef**2)
 
 
-class RidgeSolver(AbstractInnerSolver):
+class RidgeInnerSolver(AbstractInnerSolver):
     r"""The ridge readout in closed form through the centred problem (`_lstsq.py`):
     exact for features with any offset, solved by `method`, and differentiable in the
     data (the readout's derivative differentiates the solution formula, whose linear
@@ -65,11 +71,11 @@ class RidgeSolver(AbstractInnerSolver):
     intercept: bool = eqx.field(static=True)
 
     def coefficients(self, args: RidgeArgs) -> Float[Array, "p k"]:
-        features, targets, alpha2 = args
+        features, targets, alpha2, weights = args
 
         def solve(eliminate):
             design, response, coefficients = centred_problem(
-                features, targets, alpha2, self.intercept, eliminate
+                features, targets, alpha2, self.intercept, eliminate, weights
             )
             return coefficients(ridge_lstsq(self.method, design, response, alpha2))
 
@@ -79,7 +85,7 @@ class RidgeSolver(AbstractInnerSolver):
         # sqrt(alpha2) times it). With alpha2 = 0 it would not give the minimum-norm
         # [W; b] (it minimises |W| alone), so the SVD and the kernel take the
         # equivalent uneliminated rows there.
-        if isinstance(self.method, CholeskyLstsq):
+        if isinstance(self.method, CholeskyRidge):
             return solve(True)
         if not isinstance(alpha2, jax.core.Tracer):
             return solve(bool(alpha2 > 0))
@@ -100,24 +106,35 @@ class RidgeSolver(AbstractInnerSolver):
 
 
 RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
-_RIDGE_METHODS = {"cholesky": CholeskyLstsq, "dual": DualLstsq, "svd": SVDLstsq}
+#: The shorthands `solver="..."` for the ridge solver objects.
+_RIDGE_SOLVERS: dict[str, type[AbstractRidgeSolver]] = {
+    "auto": AutoRidge,
+    "cholesky": CholeskyRidge,
+    "dual": DualRidge,
+    "svd": SVDRidge,
+}
+
+
+def as_ridge_solver(solver: object) -> AbstractRidgeSolver:
+    """A ridge solver object from `solver=`: an instance as it is, a string by the one
+    table of shorthands."""
+    if isinstance(solver, AbstractRidgeSolver):
+        return solver
+    if isinstance(solver, str) and solver in _RIDGE_SOLVERS:
+        return _RIDGE_SOLVERS[solver]()
+    names = ", ".join(repr(name) for name in _RIDGE_SOLVERS)
+    raise ValueError(
+        f"`solver` must be one of {names} or a ridge solver object (`vploss.AutoRidge()`, "
+        f"`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`); got "
+        f"{solver!r}."
+    )
 
 
 def _ridge_solver(
-    name: str, num_samples: int, num_coefficients: int, unregularised: bool, intercept: bool
-) -> RidgeSolver:
-    if name == "auto":
-        if unregularised:
-            # Only the SVD tells the null space apart from rounding noise, which the
-            # minimum-norm (pseudo-inverse) readout needs.
-            name = "svd"
-        elif num_samples < num_coefficients:
-            name = "dual"
-        else:
-            name = "cholesky"
-    if name not in _RIDGE_METHODS:
-        raise ValueError(f"`solver` must be one of {('auto', *_RIDGE_METHODS)}; got {name!r}.")
-    return RidgeSolver(_RIDGE_METHODS[name](), intercept)
+    solver: object, num_samples: int, num_coefficients: int, unregularised: bool, intercept: bool
+) -> RidgeInnerSolver:
+    method = as_ridge_solver(solver).select(num_samples, num_coefficients, unregularised)
+    return RidgeInnerSolver(method, intercept)
 
 
 def vploss_msereg(
@@ -128,7 +145,8 @@ def vploss_msereg(
     alpha1: ArrayLike = 0.0,
     alpha2: ArrayLike | str = DEFAULT_RIDGE_ALPHA2,
     use_bias: bool = True,
-    solver: RidgeSolverName | str = "auto",
+    solver: RidgeSolverName | str | AbstractRidgeSolver = "auto",
+    weights: Real[ArrayLike, " _N"] | None = None,
 ) -> tuple[Float[Array, ""], VPLinear]:
     r"""Variable projection loss for least squares with a ridge-penalised affine readout.
 
@@ -156,30 +174,53 @@ def vploss_msereg(
         has its exact gradient. It costs nothing when only the loss is differentiated
         (the solve is dead code). Second derivatives of the loss are exact too.
 
-    **Solvers** (`solver=`). Every solver works on the exactly equivalent *centred*
-    problem (see `vploss._lstsq`): with the column means $\mu$ of $F$ and $\bar y$ of
-    $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top f_j)/(1 +
-    \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus one
-    row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
+    **Per-sample weights** (`weights=`). With weights $w_j \ge 0$ of total $S =
+    \sum_j w_j > 0$ the data term is their weighted mean,
+
+    $$L(\theta) = \min_{\hat W}\ \frac{1}{2S}\sum_{j=1}^N w_j\|\hat W \hat f_j - y_j\|^2
+    + \frac{\alpha_2}{2}\|\hat W\|_F^2 + \frac{\alpha_1}{2}\|\theta\|^2,$$
+
+    with minimiser $\hat W^{*\top} = (\hat F^\top D\hat F/S + \alpha_2 I)^{+}\hat
+    F^\top DY/S$, $D = \operatorname{diag}(w)$. A mean, not a sum, so integer weights
+    give exactly the loss and readout of the data set with sample $j$ repeated $w_j$
+    times, and zero weights those of the data set without those samples (and
+    `alpha2="gcv"` the same penalty, see below). Every solver takes them: the centred
+    problem below uses the weighted means and the rows scaled by $\sqrt{w_j/S}$ (a
+    zero weight is a zero row). The weights are data, differentiable like the
+    targets: the loss's derivative in them is the envelope one, $\partial L/\partial
+    w_j = (\frac12\|\hat W^*\hat f_j - y_j\|^2 - \text{data term})/S$; the readout's
+    derivative in a weight that is exactly zero (the boundary of their domain) treats
+    the sample as absent. `weights=None` (the default) is $w_j = 1$, computed as
+    without weights.
+
+    **Solvers** (`solver=`): a string, or the equivalent solver object
+    (`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`,
+    `vploss.AutoRidge()`; see their pages). Every solver works on the exactly equivalent
+    *centred* problem (see `vploss._lstsq`): with the column means $\mu$ of $F$ and
+    $\bar y$ of $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top
+    f_j)/(1 + \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus
+    one row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
     (time stamps, kelvin, pixels 0-255) never enters a Gram matrix, so no direction is
     lost to it (measured: within 1.1x of NumPy's backward-stable `lstsq` loss in the
     same precision for offsets up to 1e6 and column scales from 1e-3 to 1e3).
 
-    - `"cholesky"`: the `(m, m)` Gram matrix of the centred features, a Cholesky
-        factor scaled by its diagonal and shifted by $\varepsilon m$, and three steps
-        of iterative refinement with the residual $Z^\top(T - ZW) - \alpha_2 W$ of the
-        tall problem, so its error is that of a QR solve. Its only reductions over
-        samples are the means and a matmul, so it shards along the batch.
-    - `"dual"`: the `(N+1, N+1)` kernel matrix of the centred rows, for `N < m + 1`
-        (overparameterised features): its eigendecomposition, with the directions it
-        cannot resolve dropped (so a rank-deficient kernel, e.g. repeated inputs, is
-        right; with `alpha2 = 0`, the pseudo-inverse), and three steps of refinement.
-        It couples all samples, so a batch sharded over devices is gathered: use
-        `"cholesky"` there.
-    - `"svd"`: the regularised SVD of the centred rows; with `alpha2 = 0`, singular
-        values below a relative cut-off are dropped. It gathers a sharded batch too.
-    - `"auto"` (default): `"svd"` when `alpha2` is (concretely) zero, else `"dual"`
-        when `N < m + 1`, else `"cholesky"`.
+    - `"cholesky"` (`CholeskyRidge`): the `(m, m)` Gram matrix of the centred
+        features, a Cholesky factor scaled by its diagonal and shifted by
+        $\varepsilon m$, and three steps of iterative refinement with the residual
+        $Z^\top(T - ZW) - \alpha_2 W$ of the tall problem, so its error is that of a QR
+        solve. Its only reductions over samples are the means and a matmul, so it
+        shards along the batch.
+    - `"dual"` (`DualRidge`): the `(N+1, N+1)` kernel matrix of the centred rows, for
+        `N < m + 1` (overparameterised features): its eigendecomposition, with the
+        directions it cannot resolve dropped (so a rank-deficient kernel, e.g. repeated
+        inputs, is right; with `alpha2 = 0`, the pseudo-inverse), and three steps of
+        refinement. It couples all samples, so a batch sharded over devices is
+        gathered: use `"cholesky"` there.
+    - `"svd"` (`SVDRidge`): the regularised SVD of the centred rows; with `alpha2 = 0`,
+        singular values below a relative cut-off are dropped. It gathers a sharded
+        batch too.
+    - `"auto"` (`AutoRidge`, default): `"svd"` when `alpha2` is (concretely) zero, else
+        `"dual"` when `N < m + 1`, else `"cholesky"`.
 
     With `alpha2 = 0` and rank-deficient features every solver gives the least-squares
     value and finite gradients, never a NaN; `"svd"` (and so `"auto"`) and `"dual"`
@@ -201,7 +242,13 @@ def vploss_msereg(
     $$\alpha^* = \operatorname{argmin}_{\alpha > 0}\ \mathrm{GCV}(\alpha) =
     \frac{N\,\|(I - H_\alpha)Y\|_F^2}{(N - \mathrm{tr}\,H_\alpha)^2},$$
 
-    a rotation-invariant estimate of the leave-one-out prediction error. One
+    a rotation-invariant estimate of the leave-one-out prediction error. With
+    `weights`, GCV is that of the weighted problem, with the sample count $N$ replaced
+    by the total weight $S$: $H_\alpha = D^{1/2}\hat F(\hat F^\top D\hat F/S + \alpha
+    I)^{-1}\hat F^\top D^{1/2}/S$ and $\mathrm{GCV}(\alpha) = S\,\|(I -
+    H_\alpha)D^{1/2}Y\|_F^2/S\,/\,(S - \mathrm{tr}\,H_\alpha)^2$, so that repeated samples
+    (integer weights) and dropped ones (zero weights) give the same penalty as the
+    data set they stand for. One
     eigendecomposition of the `(p, p)` Gram matrix $\hat F^\top\hat F/N$ (of the `(N, N)`
     kernel matrix when $N \le p$), at the cost of the Cholesky solver, makes GCV cheap
     for every $\alpha$; it is minimised over a grid of $\log\alpha$ from
@@ -224,8 +271,12 @@ def vploss_msereg(
     - `alpha2`: penalty weight on the readout, `>= 0`, or `"gcv"` to choose it by
         generalised cross-validation, as above.
     - `use_bias`: whether the readout has a bias $b$ (a column of ones in $\hat F$).
-    - `solver`: `"auto"`, `"cholesky"`, `"dual"` or `"svd"`, as above. A traced
-        `alpha2` (a JAX array under `jit`) counts as non-zero for `"auto"`.
+    - `solver`: `"auto"`, `"cholesky"`, `"dual"` or `"svd"`, or a solver object
+        (`vploss.AutoRidge()`, `vploss.CholeskyRidge(refine_steps=...)`, ...), as
+        above. A traced `alpha2` (a JAX array under `jit`) counts as non-zero for
+        `"auto"`.
+    - `weights`: per-sample weights $w_j \ge 0$, shape `(N,)`, floating or integer,
+        with a positive total; `None` (default) for equal weights. See above.
 
     **Returns:**
 
@@ -241,10 +292,20 @@ def vploss_msereg(
     **Raises:**
 
     `TypeError`/`ValueError` at trace time for wrong shapes, dtypes or
-    hyperparameters; a runtime error (`eqx.error_if`) when `x`, `y`, the features or the
-    loss are not finite.
+    hyperparameters (`weights` not of shape `(N,)`, or not of a real dtype); a runtime
+    error (`eqx.error_if`) when `x`, `y`, the features or the loss are not finite, or
+    the weights are negative, not finite or sum to zero.
     """
-    fit = fit_ridge(model, x, y, alpha1=alpha1, alpha2=alpha2, use_bias=use_bias, solver=solver)
+    fit = fit_ridge(
+        model,
+        x,
+        y,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        use_bias=use_bias,
+        solver=solver,
+        weights=weights,
+    )
     loss = fit.value + parameter_penalty(model, fit.alpha1)
     return loss, readout_from_coefficients(fit.coef, fit.use_bias, fit.scalar_output, fit.stats)
 
@@ -252,14 +313,16 @@ def vploss_msereg(
 class RidgeFit(eqx.Module):
     r"""What `fit_ridge` computed: the ridge objective's optimal value `value` (without
     the `alpha1` penalty) and minimiser `coef` (`[W, b]ᵀ`), both differentiable, the
-    augmented `features` and the `targets` in the working dtype, the checked penalty
-    weights (`alpha2` as chosen, with `alpha2="gcv"`), the diagnostics of that choice
-    (else `None`), and the static flags."""
+    augmented `features`, the `targets` and the per-sample `weights` (or `None`) in the
+    working dtype, the checked penalty weights (`alpha2` as chosen, with
+    `alpha2="gcv"`), the diagnostics of that choice (else `None`), and the static
+    flags."""
 
     value: Scalar
     coef: Float[Array, "p k"]
     features: Float[Array, "N p"]
     targets: Float[Array, "N k"]
+    weights: Float[Array, " N"] | None
     alpha1: Scalar
     alpha2: Scalar
     stats: GCVStats | None
@@ -275,15 +338,20 @@ def fit_ridge(
     alpha1: ArrayLike,
     alpha2: ArrayLike | str,
     use_bias: bool,
-    solver: str,
+    solver: object,
+    weights: ArrayLike | None,
+    what: str = "`vploss_msereg`",
 ) -> RidgeFit:
-    r"""The body shared by `vploss_msereg` and `vpresidual_msereg`: checks, features,
-    the inner solve through `envelope_minimise`, runtime checks."""
+    r"""The body shared by `vploss_msereg`, `vpresidual_msereg` and
+    `vpjacobian_msereg` (named by `what` in messages): checks, features, the inner
+    solve through `envelope_minimise`, runtime checks."""
     x = as_batch("x", x)
     num_samples = x.shape[0]
     targets, scalar_output = as_targets("y", y, num_samples)
+    weights, weight_errors = as_weights(weights, num_samples, what=what)
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
+    solver = as_ridge_solver(solver)
     if isinstance(alpha2, str):
         if alpha2 != "gcv":
             raise ValueError(f'`alpha2` must be a number >= 0 or the string "gcv"; got {alpha2!r}.')
@@ -292,26 +360,37 @@ def fit_ridge(
         given_penalty = as_alpha("alpha2", alpha2, positive=False)
     features, targets = glm_features(model, x, targets, use_bias)
     dtype = features.dtype
+    if weights is not None:
+        weights = weights.astype(dtype)
     if given_penalty is None:
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
         penalty, stats = gcv_penalty(
-            jax.lax.stop_gradient(features), jax.lax.stop_gradient(targets), use_bias
+            jax.lax.stop_gradient(features),
+            jax.lax.stop_gradient(targets),
+            use_bias,
+            None if weights is None else jax.lax.stop_gradient(weights),
         )
         unregularised = False
     else:
         penalty, stats = given_penalty.astype(dtype), None
         unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised, use_bias)
-    checks = RuntimeChecks("the ridge loss `vploss_msereg`", finite={"x": x, "y": targets})
+    checks = RuntimeChecks(
+        f"the ridge loss {what}", errors=weight_errors, finite={"x": x, "y": targets}
+    )
     value, coef, _ = envelope_minimise(
-        RidgeObjective(use_bias), inner_solver, (features, targets, penalty), check=checks
+        RidgeObjective(use_bias),
+        inner_solver,
+        (features, targets, penalty, weights),
+        check=checks,
     )
     return RidgeFit(
         value,
         coef,
         features,
         targets,
+        weights,
         alpha1.astype(dtype),
         penalty,
         stats,

@@ -37,8 +37,9 @@ def _finite(*arrays):
 
 
 class _Moments(eqx.Module):
-    r"""The count, column means and centred sums of products of one or more batches of
-    features and targets (without an intercept: uncentred, the means zero)."""
+    r"""The count (with per-sample weights, their total), the (weighted) column means
+    and the (weighted) centred sums of products of one or more batches of features and
+    targets (without an intercept: uncentred, the means zero)."""
 
     count: Array
     mean: Float[Array, " m"]
@@ -48,9 +49,11 @@ class _Moments(eqx.Module):
 
     def __add__(self, other: "_Moments") -> "_Moments":
         r"""Merged moments (Chan, Golub & LeVeque, 1983): the centred sums of the union
-        are those of the parts plus the product of the parts' mean differences."""
+        are those of the parts plus the product of the parts' mean differences, times
+        $n_a n_b/(n_a + n_b)$ (with weights, the parts' total weights). A part of total
+        weight zero changes nothing."""
         count = self.count + other.count
-        weight = other.count / count
+        weight = other.count / jnp.where(count > 0, count, 1)
         delta, target_delta = other.mean - self.mean, other.target_mean - self.target_mean
         between = self.count * weight
         return _Moments(
@@ -63,19 +66,29 @@ class _Moments(eqx.Module):
 
 
 @eqx.filter_jit
-def _ridge_moments(model, x, targets, use_bias):
-    r"""The moments of one batch (features without the ones column), and whether the
-    batch is finite."""
+def _ridge_moments(model, x, targets, use_bias, weights=None):
+    r"""The moments of one batch (features without the ones column), weighted when
+    `weights` is not `None`, and whether the batch is finite."""
     features, targets = glm_features(model, x, targets, False)
+    if weights is None:
+        count = jnp.asarray(features.shape[0], features.dtype)
+        mean_weights = None
+    else:
+        weights = weights.astype(features.dtype)
+        count = jnp.sum(weights)
+        # A batch of total weight zero adds nothing (its sums are zero and it has no
+        # weight in the merge); centre it at its plain means, not at 0/0.
+        mean_weights = jnp.where(count > 0, weights, 1)
     if use_bias:
-        mean, target_mean = column_mean(features), column_mean(targets)
+        mean = column_mean(features, mean_weights)
+        target_mean = column_mean(targets, mean_weights)
     else:
         mean = jnp.zeros(features.shape[1], features.dtype)
         target_mean = jnp.zeros(targets.shape[1], features.dtype)
     centred = features - mean
-    gram = matmul(centred.T, centred)
-    cross = matmul(centred.T, targets - target_mean)
-    count = jnp.asarray(features.shape[0], features.dtype)
+    weighted = centred if weights is None else weights[:, None] * centred
+    gram = matmul(weighted.T, centred)
+    cross = matmul(weighted.T, targets - target_mean)
     return _Moments(count, mean, target_mean, gram, cross), _finite(x, gram, cross)
 
 
@@ -104,26 +117,37 @@ def _ridge_labels(y, num_samples):
 
 
 def _batches(batches, what, labels):
-    r"""Checks and converts each `(x, y)` or `(x, y, weights)` batch; yields `(index,
-    x, labels, weights)` with `labels` a `Labels` and `weights` `None` for pairs."""
+    r"""Checks and converts each `(x, y)` pair or `(x, y, w)` triple (all batches of
+    one kind); yields `(index, x, labels, weights)`, `labels` a `Labels` and the
+    weights `None` for pairs. Negative or non-finite weights are an error naming the
+    batch; a batch's weights may sum to zero (the total over all batches is the
+    caller's to check)."""
     count = 0
+    size = None
     for index, batch in enumerate(batches):
         if not (isinstance(batch, tuple | list) and len(batch) in (2, 3)):
             raise TypeError(
-                f"`batches` must yield `(x, y)` pairs or `(x, y, weights)` triples; batch "
-                f"{index} is a {type(batch).__name__}"
+                "`batches` must yield `(x, y)` pairs or `(x, y, w)` triples with per-sample "
+                f"weights `w`; batch {index} is a {type(batch).__name__}"
                 + (f" of length {len(batch)}." if isinstance(batch, tuple | list) else ".")
+            )
+        size = len(batch) if size is None else size
+        if len(batch) != size:
+            kinds = {2: "an `(x, y)` pair", 3: "an `(x, y, w)` triple"}
+            raise ValueError(
+                f"{what}: batch {index} is {kinds[len(batch)]}, but batch 0 was "
+                f"{kinds[size]}: all batches must be of the same kind."
             )
         x = as_batch("x", batch[0])
         parsed = labels(batch[1], x.shape[0])
         if bool(parsed.invalid):
             raise ValueError(f"`refit_readout`: batch {index}: {parsed.message}")
         weights = None
-        if len(batch) == 3:
-            weights, (invalid, message) = as_weights(what, batch[2], x.shape[0])
-            # A batch of zeros is allowed here; the total is checked at the end.
-            if bool(~jnp.all(jnp.isfinite(weights) & (weights >= 0))):
-                raise ValueError(f"batch {index}: {message}")
+        if size == 3:
+            weights, errors = as_weights(batch[2], x.shape[0], what=what, total=False)
+            for flag, message in errors:
+                if bool(flag):
+                    raise ValueError(f"{what}: batch {index}: {message}")
         count += 1
         yield index, x, parsed, weights
     if count == 0:
@@ -148,16 +172,22 @@ def _not_finite(index):
 
 def _refit_ridge(model, batches, alpha2, use_bias):
     moments = first = None
-    for index, x, parsed, _ in _batches(batches, "`vploss_msereg`", _ridge_labels):
+    what = "`vploss_msereg`"
+    for index, x, parsed, weights in _batches(batches, what, _ridge_labels):
         y, scalar_output = parsed.values, parsed.scalar_output
         first = first or (y.shape[1], scalar_output)
         _check_shapes(index, y, scalar_output, first)
-        batch, finite = _ridge_moments(model, x, y, use_bias)
+        batch, finite = _ridge_moments(model, x, y, use_bias, weights)
         if not bool(finite):
             raise _not_finite(index)
         moments = batch if moments is None else moments + batch
     # `_batches` raised on an empty iterable, so the sums exist.
     assert moments is not None and first is not None
+    if not bool(moments.count > 0):
+        raise ValueError(
+            f"`weights` of {what} sum to zero over all batches: at least one sample needs "
+            "a positive weight."
+        )
     coef, norm = _ridge_solve(moments, alpha2.astype(moments.gram.dtype), use_bias)
     stats = InnerStats(jnp.asarray(1), norm, jnp.isfinite(norm))
     return readout_from_coefficients(coef, use_bias, first[1], stats)
@@ -220,7 +250,10 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
         assert sums is not None
         *sums, total = sums
         if not bool(total > 0):
-            raise ValueError(f"{what}: the weights of all batches sum to zero.")
+            raise ValueError(
+                f"`weights` of {what} sum to zero over all batches: at least one sample "
+                "needs a positive weight."
+            )
         value, gradient, curvature, squares = (s / total for s in sums)
         hessian = hessian_operator(curvature.reshape(*shape, *shape), alpha2)
         return (
@@ -269,7 +302,7 @@ _newton_direction = jax.jit(newton_direction)
 
 def refit_readout(
     model: Callable[..., Any],
-    # Pairs as tuples or lists (as many data loaders yield them), checked in the body.
+    # Pairs or triples as tuples or lists (as data loaders yield them), checked in the body.
     batches: Iterable[Any],
     *,
     loss: Callable[..., Any] | AbstractReadoutLoss,
@@ -288,13 +321,18 @@ def refit_readout(
     only, which is noisy. This solves the same inner problem as `loss` on all $N$
     samples at once, $\min_{\hat W} \frac1N\sum_j \ell(\hat W\hat f_j, y_j) +
     \frac{\alpha_2}{2}\|\hat W\|_F^2$, with $\hat f_j = [$`model(x_j)`$, 1]$, from
-    sums over batches:
+    sums over batches. For `loss=vploss_msereg` the batches may carry per-sample
+    weights $w_j \ge 0$ (`(x, y, w)` triples): then the data term is the weighted
+    mean $\frac1S\sum_j w_j\ell(\hat W\hat f_j, y_j)$, $S = \sum_j w_j$ over all
+    batches, the readout of `vploss_msereg(..., weights=w)` on the concatenated data:
 
     - `loss=vploss_msereg`: one pass accumulates the column means and the centred
-        sums $F_c^\top F_c$, $F_c^\top Y_c$ (merged across batches by Chan, Golub &
-        LeVeque's update, so a large common offset of the features never enters a
-        sum); the readout solves the centred normal equations of `vploss_msereg`
-        (a scaled, shifted Cholesky factor with two steps of refinement) and sets
+        sums $F_c^\top F_c$, $F_c^\top Y_c$ (with weights: the total weight, the
+        weighted means and $F_c^\top DF_c$, $F_c^\top DY_c$, $D = \operatorname{diag}(w)$;
+        merged across batches by Chan, Golub & LeVeque's update, so a large common
+        offset of the features never enters a sum); the readout solves the centred
+        normal equations of `vploss_msereg` (a scaled, shifted Cholesky factor with
+        two steps of refinement) and sets
         the penalised intercept exactly. One pass; `batches` may be a one-shot
         iterator.
     - a readout loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`, or an
@@ -321,7 +359,9 @@ def refit_readout(
 
     - `model`: the trained feature map, mapping ONE sample to its features.
     - `batches`: an iterable of `(x, y)` pairs, `x` batch-first and `y` as `loss`
-        takes it; batches may differ in size.
+        takes it; batches may differ in size. Or `(x, y, w)` triples with per-sample
+        weights `w >= 0` of shape `(len(x),)` (every batch a triple; a batch's weights
+        may sum to zero, not all of them): the data term is then the weighted mean.
     - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss
         (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or any readout loss object
         (`vploss.AbstractReadoutLoss`, e.g. `vploss.SoftmaxCrossEntropy(10)`): the
@@ -346,9 +386,11 @@ def refit_readout(
 
     **Raises:**
 
-    `TypeError`/`ValueError` for bad arguments, batches that are not `(x, y)` pairs,
-    targets whose shape changes between batches, invalid labels, or non-finite data
-    or features (naming the batch); `RuntimeError` as described for `throw`.
+    `TypeError`/`ValueError` for bad arguments, batches that are not `(x, y)` pairs or
+    `(x, y, w)` triples (or a mix), targets whose shape changes between batches,
+    invalid labels, weights of the wrong shape or dtype, negative or not finite, or
+    summing to zero over all batches, or non-finite data or features (naming the
+    batch); `RuntimeError` as described for `throw`.
     """
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
