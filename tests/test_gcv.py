@@ -92,7 +92,9 @@ def _mlp_problem(dtype=jnp.float64):
     return model, x, y
 
 
-@pytest.mark.parametrize("solver", ["auto", "svd", "cholesky"])
+@pytest.mark.parametrize(
+    "solver", [pytest.param("auto", marks=pytest.mark.slow), "svd", "cholesky"]
+)
 def test_loss_and_readout_equal_the_explicit_penalty(solver):
     model, x, y = _mlp_problem()
     loss, readout = vploss_msereg(model, x, y, alpha2="gcv", alpha1=0.1, solver=solver)

@@ -823,6 +823,8 @@ SLOW_ROWS = {
     "cpflow-bfloat16-model",
     "cpflow-x-nan",
     "cpflow-max-steps-1",
+    "jacobian-bfloat16-model",
+    "ridge-float16-model",
     "ridge-svd-readout-hessian-repeated-singular-values",
 }
 

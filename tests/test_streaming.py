@@ -78,7 +78,7 @@ def test_ridge_float32():
     assert error <= bound * np.linalg.norm(coef(reference))
 
 
-@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("warm", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_bce_newton_passes_equal_one_shot(warm):
     labels, x = _data()
     y = labels["binary"]
