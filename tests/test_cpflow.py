@@ -117,6 +117,7 @@ def test_gradient_finite_differences(model, data):
     np.testing.assert_allclose(ad, fd, rtol=1e-5)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_gradient_taylor(model, data):
     remainders = taylor_remainders(reduced_loss(data), model, h0=5e-4)
     ratios = remainders[:-1] / remainders[1:]
@@ -162,6 +163,7 @@ def test_warm_start_gives_the_same_solution(model, data, fitted):
     np.testing.assert_allclose(warm.weight, flow.weight, atol=1e-7)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_non_convergence(model, data):
     solver = vploss.LogBarrier(max_steps=2)
     _, flow = loss_and_flow(model, data, solver=solver, throw=False)

@@ -212,7 +212,11 @@ def test_unknown_string_is_an_error(bad):
 @pytest.mark.parametrize(
     "n, m, k, use_bias, noise",
     # The centred, primal and dual forms.
-    [(40, 6, 1, True, 0.3), (100, 10, 3, False, 1.0), (8, 12, 2, True, 0.3)],
+    [
+        (40, 6, 1, True, 0.3),
+        pytest.param(100, 10, 3, False, 1.0, marks=pytest.mark.slow),
+        pytest.param(8, 12, 2, True, 0.3, marks=pytest.mark.slow),
+    ],
 )
 def test_weighted_penalty_repeats_and_drops_samples(n, m, k, use_bias, noise):
     """Integer weights with zeros choose the penalty of the data set with each sample

@@ -825,6 +825,17 @@ SLOW_ROWS = {
     "cpflow-max-steps-1",
     "jacobian-bfloat16-model",
     "ridge-float16-model",
+    "cpflow-x-nan-gradient-alone",
+    "cpflow-max-steps-1-gradient-alone",
+    "ce-vmap-one-bad-member",
+    "bce-vmap-one-bad-member",
+    "bce-labels-plus-minus-one",
+    "residual-bfloat16-model",
+    "refit-ce-bfloat16-model",
+    "refit-bce-bfloat16-model",
+    "ridge-dual-pixels-relu-float32",
+    "ridge-column-scales-float32",
+    "ridge-sharded-single-device",
     "ridge-svd-readout-hessian-repeated-singular-values",
 }
 

@@ -262,6 +262,7 @@ def test_optax_loop_decreases_loss():
     assert losses[-1] < 0.9 * losses[0]
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 @pytest.mark.parametrize("solver", ["newton", "newton-cg"])
 def test_validation_loss_through_the_readout(solver):
     """The readout carries dŴ*/dθ (implicit function theorem with the inner Hessian):

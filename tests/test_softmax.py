@@ -49,6 +49,7 @@ def test_matches_numpy_newton(kind, alpha2):
     assert jax.vmap(lambda xi: readout(model(xi)))(x).shape == (N, K)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_newton_last_step_below_rounding():
     """As in `vploss_bce`: features of size 5-10, alpha2 = 1, a last Newton step
     below the rounding of the objective (the plain Armijo search stalled at a gradient
@@ -240,7 +241,7 @@ def test_float32_newton_on_uncentred_pixels():
     np.testing.assert_allclose(centred(logits), centred(ref_logits), atol=1e-2)
 
 
-@pytest.mark.parametrize("cg_solve", [False, True])
+@pytest.mark.parametrize("cg_solve", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_second_derivative_newton_cg(cg_solve, monkeypatch):
     """Second derivatives on the Newton-CG path ((m + 1)K = 305 > 256): they raised
     "Unexpected tangent" (a preconditioner from traced data passed to lineax). With

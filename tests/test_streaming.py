@@ -78,7 +78,10 @@ def test_ridge_float32():
     assert error <= bound * np.linalg.norm(coef(reference))
 
 
-@pytest.mark.parametrize("warm", [pytest.param(False, marks=pytest.mark.slow), True])
+# The readout losses' refit is checked against the one-shot fit in
+# test_readout_losses.py too.
+@pytest.mark.slow
+@pytest.mark.parametrize("warm", [False, True])
 def test_bce_newton_passes_equal_one_shot(warm):
     labels, x = _data()
     y = labels["binary"]
@@ -98,7 +101,8 @@ def test_bce_newton_passes_equal_one_shot(warm):
     assert int(streamed.stats.num_steps) <= 12
 
 
-@pytest.mark.parametrize("one_hot", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow
+@pytest.mark.parametrize("one_hot", [False, True])
 def test_ce_newton_passes_equal_one_shot(one_hot):
     labels, x = _data()
     y = labels["classes"]
