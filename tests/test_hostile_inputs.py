@@ -815,6 +815,19 @@ ROWS = {
         ValueError,
         "must have shape (N,) = (30,)",
     ),
+    # The readout losses' weights and the Poisson loss's counts
+    "bce-weights-zero-total-gradient-alone": Row(
+        lambda: eqx.filter_grad(
+            lambda m: vploss.vploss_bce(m, F, Y_BINARY_INT, alpha2=1e-3, weights=jnp.zeros(N))[0]
+        )(identity),
+        RUNTIME,
+        "sum to zero",
+    ),
+    "poisson-negative-counts": Row(
+        lambda: vploss.vploss_poisson(identity, F, Y_BINARY.at[0].set(-1.0), alpha2=1e-3),
+        RUNTIME,
+        "counts or rates >= 0",
+    ),
 }
 
 

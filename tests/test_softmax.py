@@ -204,6 +204,7 @@ def _loss_tolerance(value, dtype):
     return eps**0.5 * abs(value) + 16 * eps * (1 + abs(value))
 
 
+@pytest.mark.slow  # the logistic loss's twin runs with the README's command
 def test_reduced_loss_independent_of_the_warm_start():
     """At the default float32 tolerance the loss from a warm start and from a cold one
     agree, and match the float64 optimum, to the documented loss tolerance (the gradient
