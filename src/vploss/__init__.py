@@ -23,6 +23,7 @@ from ._logistic import (
     vploss_bce as vploss_bce,
 )
 from ._lstsq import (
+    AbstractRidgeSolver as AbstractRidgeSolver,
     AutoRidge as AutoRidge,
     CholeskyRidge as CholeskyRidge,
     DualRidge as DualRidge,
