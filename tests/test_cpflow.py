@@ -61,7 +61,7 @@ def fitted(model, data):
 def objective_args(model, x):
     jac = jax.vmap(jax.jacfwd(model))(x)
     hess = jax.vmap(jax.hessian(model))(x)
-    return (jnp.moveaxis(jac, 1, -1), jnp.moveaxis(hess, 1, -1), x, jnp.asarray(ALPHA2))
+    return (jnp.moveaxis(jac, 1, -1), jnp.moveaxis(hess, 1, -1), x, jnp.asarray(ALPHA2), None)
 
 
 def test_inner_solution_against_scipy(model, data, fitted):
@@ -234,3 +234,17 @@ def test_held_out_nll_through_the_fitted_flow(model, data):
 
     fd, ad = directional_derivative_check(eqx.filter_jit(held_out_nll), model)
     assert abs(fd - ad) <= 1e-6 * abs(ad)
+
+
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
+def test_weights_are_repeated_and_dropped_samples(model, data):
+    """Integer weights give the loss and the flow of the data set with each sample
+    repeated that many times (zero: dropped)."""
+    weights = np.resize([1, 0, 2, 1, 3], len(data))
+    repeated = np.repeat(np.arange(len(data)), weights)
+    loss, flow = vploss.vploss_cpflow(model, data, alpha2=ALPHA2, weights=jnp.asarray(weights))
+    expected, expected_flow = vploss.vploss_cpflow(model, data[repeated], alpha2=ALPHA2)
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    np.testing.assert_allclose(flow.weight, expected_flow.weight, rtol=1e-7, atol=1e-10)
+    with pytest.raises(Exception, match="must be >= 0"):
+        vploss.vploss_cpflow(model, data, alpha2=ALPHA2, weights=-jnp.ones(len(data)))

@@ -212,7 +212,7 @@ def _cpflow_objective_at_centre(model, x, alpha2):
     jacobians, hessians = _feature_derivatives(model, x)
     m = jacobians.shape[-1]
     centre = (jnp.full((m,), 1 / m), jnp.ones(()), jnp.zeros(x.shape[1]))
-    return cpflow_objective(centre, (jacobians, hessians, x, alpha2))
+    return cpflow_objective(centre, (jacobians, hessians, x, alpha2, None))
 
 
 # The barrier's compile is long: even the quick run is with the slow tests.

@@ -9,17 +9,17 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._checks import as_alpha, as_batch, as_flag, RuntimeChecks
+from ._checks import as_alpha, as_batch, as_flag, as_weights, RuntimeChecks
 from ._features import feature_map, parameter_penalty, working_dtype
-from ._misc import matmul
+from ._misc import matmul, normalised_weights, weighted_mean
 
 
 #: The readout `(w, c, a)` as the inner solver sees it.
 FlowParams: TypeAlias = tuple[Float[Array, " m"], Float[Array, ""], Float[Array, " n"]]
 #: The per-sample feature derivatives `∂u/∂x` `(N, n, m)`, `∂²u/∂x²` `(N, n, n, m)`, the
-#: samples `(N, n)` and `alpha2`.
+#: samples `(N, n)`, `alpha2` and the sample weights normalised to mean 1 (or `None`).
 FlowArgs: TypeAlias = tuple[
-    Float[Array, "N n m"], Float[Array, "N n n m"], Float[Array, "N n"], Scalar
+    Float[Array, "N n m"], Float[Array, "N n n m"], Float[Array, "N n"], Scalar, Any
 ]
 
 # Only the nonnegative weights and the quadratic coefficient are constrained.
@@ -64,17 +64,18 @@ def _negative_log_likelihood(
 
 
 def cpflow_objective(params: FlowParams, args: FlowArgs) -> Scalar:
-    r"""$J(w, c, a) = \frac1N\sum_j \ell(x_j) + \frac{\alpha_2}{2}(\|w\|^2 + c^2 +
-    \|a\|^2)$ with $\nabla\Phi(x_j) = J_u(x_j)^\top w + c\,x_j + a$ and
-    $\nabla^2\Phi(x_j) = \sum_i w_i \nabla^2 u_i(x_j) + c I$; `+inf` where some
+    r"""$J(w, c, a) = \frac1N\sum_j \omega_j\ell(x_j) + \frac{\alpha_2}{2}(\|w\|^2 + c^2 +
+    \|a\|^2)$ (weights $\omega_j$ of mean 1, or all 1) with $\nabla\Phi(x_j) = J_u(x_j)^\top w +
+    c\,x_j + a$ and $\nabla^2\Phi(x_j) = \sum_i w_i \nabla^2 u_i(x_j) + c I$; `+inf` where some
     $\nabla^2\Phi(x_j)$ is not positive definite."""
     weight, quadratic, linear = params
-    jacobians, hessians, x, alpha2 = args
+    jacobians, hessians, x, alpha2, weights = args
     identity = jnp.eye(x.shape[1], dtype=x.dtype)
     transport = matmul(jacobians, weight) + quadratic * x + linear
     hessian = matmul(hessians, weight) + quadratic * identity
     penalty = jnp.sum(weight**2) + quadratic**2 + jnp.sum(linear**2)
-    return jnp.mean(_negative_log_likelihood(transport, hessian)) + 0.5 * alpha2 * penalty
+    nll = weighted_mean(_negative_log_likelihood(transport, hessian), weights)
+    return nll + 0.5 * alpha2 * penalty
 
 
 def _feature_derivatives(
@@ -241,6 +242,7 @@ def vploss_cpflow(
     *,
     alpha1: Real[ArrayLike, ""] = 0.0,
     alpha2: Real[ArrayLike, ""],
+    weights: Real[ArrayLike, " _N"] | None = None,
     init: CPFlow | None = None,
     solver: LogBarrier | None = None,
     check_convexity: bool = True,
@@ -291,6 +293,10 @@ def vploss_cpflow(
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
     - `alpha2`: penalty weight on the readout, `> 0` (required; it makes the inner
         problem strictly convex).
+    - `weights`: per-sample weights $w_j \ge 0$, shape `(N,)`, not all zero, or
+        `None`: the data term becomes the weighted mean $\sum_j w_j\ell(x_j) /
+        \sum_j w_j$ (integer weights equal repeated samples, zero weights dropped
+        ones).
     - `init`: a previous `CPFlow` to warm-start from (pulled 5% of the way to the
         centre $w = 1/m$, $c = 1$, $a = 0$ to be strictly feasible), or `None` to
         start at that centre.
@@ -332,9 +338,12 @@ def vploss_cpflow(
     dtype = working_dtype(jacobians.dtype, x.dtype)
     n, m = jacobians.shape[1:]
     jacobians, hessians = jacobians.astype(dtype), hessians.astype(dtype)
-    args = (jacobians, hessians, x.astype(dtype), alpha2.astype(dtype))
+    weights, weight_errors = as_weights(weights, x.shape[0], what="`vploss_cpflow`")
+    if weights is not None:
+        weights = normalised_weights(weights.astype(dtype))
+    args = (jacobians, hessians, x.astype(dtype), alpha2.astype(dtype), weights)
     start = jax.lax.stop_gradient(_starting_point(init, m, n, dtype))
-    errors = []
+    errors = list(weight_errors)
     if check_convexity:
         errors.append(
             (

@@ -11,8 +11,9 @@ from ._checks import as_alpha, as_batch, as_flag, as_weights, RuntimeChecks
 from ._envelope import envelope_minimise
 from ._features import glm_features, parameter_penalty
 from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
+from ._misc import normalised_weights
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from ._readout_loss import AbstractReadoutLoss, GLMArgs, normalised_weights, ReadoutObjective
+from ._readout_loss import AbstractReadoutLoss, GLMArgs, ReadoutObjective
 
 
 #: The `vploss_*` function of each readout loss, mapped to its loss as a function of

@@ -13,7 +13,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
 
-from ._misc import matmul
+from ._misc import matmul, weighted_mean
 
 
 class Labels(NamedTuple):
@@ -102,20 +102,6 @@ class GLMArgs(eqx.Module):
     labels: Real[Array, "N k"]
     alpha2: Scalar
     weights: Float[Array, " N"] | None = None
-
-
-def normalised_weights(weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    r"""$\omega_j = N w_j / \sum_i w_i$: weights of mean 1, so that every objective is a
-    weighted mean $\sum_j w_j\ell_j / \sum_j w_j = \frac1N\sum_j\omega_j\ell_j$
-    (integer weights are repeated samples, zero weights dropped ones)."""
-    return weights * (weights.shape[0] / jnp.sum(weights))
-
-
-def weighted_mean(values: Float[Array, "N ..."], weights: Float[Array, " N"] | None) -> Array:
-    """The mean over the first axis with weights of mean 1 (`None`: the plain mean)."""
-    if weights is not None:
-        values = values * weights.reshape(-1, *([1] * (values.ndim - 1)))
-    return jnp.mean(values, axis=0)
 
 
 def _weighted_rows(rows: Float[Array, "N k"], weights: Float[Array, " N"] | None) -> Array:
