@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vploss._envelope import AbstractInnerSolver, envelope_minimise
+from vploss._envelope import (
+    AbstractInnerSolver,
+    autodiff_hessian_solve,
+    envelope_minimise,
+    implicit_solution_jvp,
+)
 
 
 def quartic_objective(w, args):
@@ -35,6 +40,10 @@ class NewtonWhileLoop(AbstractInnerSolver):
 
         w, steps = jax.lax.while_loop(cond, body, (w0, 0))
         return w, steps
+
+    def solution_jvp(self, objective, solution, stats, args, t_args):
+        solve = autodiff_hessian_solve(objective, solution, args)
+        return implicit_solution_jvp(solve, objective, solution, args, t_args)
 
 
 @jax.jit  # compiled once per transformation, not dispatched op by op

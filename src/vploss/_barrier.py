@@ -18,6 +18,7 @@ from ._envelope import (
     Check,
     dense_hessian_solve,
     envelope_minimise,
+    implicit_solution_jvp,
     Objective,
     Params,
 )
@@ -302,6 +303,10 @@ class _BarrierInnerSolver(AbstractInnerSolver):
         self, objective: Objective, args: Args, init: Params
     ) -> tuple[Params, BarrierStats]:
         return self.barrier.solve(objective, self.constrained, args, init)
+
+    def solution_jvp(self, objective, solution, stats, args, t_args):
+        solve = self.hessian_solve(objective, solution, stats, args)
+        return implicit_solution_jvp(solve, objective, solution, args, t_args)
 
     def hessian_solve(self, objective, solution, stats, args):
         flat, unravel = jfu.ravel_pytree(solution)

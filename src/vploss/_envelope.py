@@ -25,10 +25,11 @@ class AbstractInnerSolver(eqx.Module):
     r"""An inner solver for `envelope_minimise`: it minimises a convex objective
     $J(w; a)$ over $w$, and says how its minimiser moves with the data $a$.
 
-    Subclasses implement `__call__`, and may replace `hessian_solve` (the default
-    forms the dense Hessian of $J$ by autodiff, fine for a few hundred unknowns) or
-    `solution_jvp` (the default is the implicit function theorem with
-    `hessian_solve`) by something that exploits the problem's structure.
+    Both methods are abstract (Equinox's abstract/final pattern: no default is
+    overridden). Most solvers implement `solution_jvp` by the implicit function
+    theorem, `implicit_solution_jvp`, with their own Hessian solve (the dense
+    `autodiff_hessian_solve` suits a few hundred unknowns); the ridge solvers exploit
+    their closed form instead.
     """
 
     @abc.abstractmethod
@@ -39,27 +40,39 @@ class AbstractInnerSolver(eqx.Module):
         as optimistix passes `fn`, never stored), from the warm start `init` (or a
         default start when `None`), and diagnostics (a pytree of arrays)."""
 
-    def hessian_solve(
-        self, objective: Objective, solution: Params, stats: Stats, args: Args
-    ) -> Callable[[Params], Params]:
-        r"""A function $r \mapsto H^{-1} r$ for the Hessian $H = \partial_w^2 J(w^*; a)$
-        of the objective the solver minimised (positive definite)."""
-        del stats
-        flat, unravel = jfu.ravel_pytree(solution)
-        hessian = jax.hessian(lambda v: objective(unravel(v), args))(flat)
-        return dense_hessian_solve(hessian, unravel)
-
+    @abc.abstractmethod
     def solution_jvp(
         self, objective: Objective, solution: Params, stats: Stats, args: Args, t_args: Tangent
     ) -> Params:
-        r"""The tangent of the minimiser, $\dot w = -H^{-1}\,\partial_a \nabla_w
-        J(w^*; a)\,\dot a$ (implicit function theorem applied to $\nabla_w J(w^*(a);
-        a) = 0$)."""
-        _, mixed = partial_jvp(lambda a: jax.grad(objective)(solution, a), args, t_args)
-        if mixed is None:
-            return jtu.tree_map(jnp.zeros_like, solution)
-        solve = self.hessian_solve(objective, solution, stats, args)
-        return jtu.tree_map(jnp.negative, solve(mixed))
+        r"""The tangent $\dot w$ of the minimiser for the tangent `t_args` of the data
+        (`None` leaves: symbolic zeros)."""
+
+
+def implicit_solution_jvp(
+    hessian_solve: Callable[[Params], Params],
+    objective: Objective,
+    solution: Params,
+    args: Args,
+    t_args: Tangent,
+) -> Params:
+    r"""The tangent of the minimiser by the implicit function theorem applied to
+    $\nabla_w J(w^*(a); a) = 0$: $\dot w = -H^{-1}\,\partial_a \nabla_w J(w^*;
+    a)\,\dot a$, with `hessian_solve` $r \mapsto H^{-1}r$ for the Hessian $H =
+    \partial_w^2 J(w^*; a)$ (positive definite)."""
+    _, mixed = partial_jvp(lambda a: jax.grad(objective)(solution, a), args, t_args)
+    if mixed is None:
+        return jtu.tree_map(jnp.zeros_like, solution)
+    return jtu.tree_map(jnp.negative, hessian_solve(mixed))
+
+
+def autodiff_hessian_solve(
+    objective: Objective, solution: Params, args: Args
+) -> Callable[[Params], Params]:
+    """`rhs ↦ H⁻¹ rhs` with the dense Hessian of `objective` at `solution` formed by
+    autodiff (`dense_hessian_solve`): fine for a few hundred unknowns."""
+    flat, unravel = jfu.ravel_pytree(solution)
+    hessian = jax.hessian(lambda v: objective(unravel(v), args))(flat)
+    return dense_hessian_solve(hessian, unravel)
 
 
 def dense_hessian_solve(
@@ -67,7 +80,7 @@ def dense_hessian_solve(
 ) -> Callable[[Params], Params]:
     """`rhs ↦ hessian⁻¹ rhs` by Cholesky (`lx.Cholesky`), for a positive definite
     Hessian of the parameters flattened by `ravel_pytree` (`unravel` undoes it): the
-    one dense solve of the implicit derivatives (`AbstractInnerSolver.hessian_solve`,
+    one dense solve of the implicit derivatives (`autodiff_hessian_solve`,
     the log-barrier's, the readout losses' up to `MAX_DENSE_SOLVE_SIZE`). A Hessian
     that is not numerically positive definite gives NaN tangents, not an error."""
     operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
@@ -169,7 +182,7 @@ def envelope_minimise(
 
     The rule holds for constrained problems too when the solver minimises a barrier
     objective $J - \frac1t\sum\log w_i$ whose barrier term does not depend on $a$ (its
-    `hessian_solve` includes the barrier's curvature).
+    implicit derivative includes the barrier's curvature).
 
     **Arguments:**
 

@@ -15,7 +15,7 @@ import optimistix as optx
 from jaxtyping import Array, Float
 
 from ._diagnostics import InnerStats
-from ._envelope import AbstractInnerSolver, dense_hessian_solve
+from ._envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
 from ._newton import (
     DampedNewton,
     default_gtol,
@@ -309,6 +309,17 @@ class InnerMinimise(AbstractInnerSolver):
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
             fallback_steps=jnp.zeros((), jnp.int32) if fallbacks is None else fallbacks,
         )
+
+    def solution_jvp(
+        self,
+        objective: ReadoutObjective,
+        solution: Float[Array, "p k"],
+        stats: Any,
+        args: GLMArgs,
+        t_args: Any,
+    ) -> Float[Array, "p k"]:
+        solve = self.hessian_solve(objective, solution, stats, args)
+        return implicit_solution_jvp(solve, objective, solution, args, t_args)
 
     def hessian_solve(
         self, objective: ReadoutObjective, solution: Float[Array, "p k"], stats: Any, args: GLMArgs
