@@ -655,3 +655,44 @@ def test_bad_solvers_raise_clear_errors():
         as_ridge_solver(3)
     with pytest.raises(ValueError, match="refine_steps"):
         vploss.CholeskyRidge(refine_steps=-1)
+
+
+class _Bottleneck(eqx.Module):
+    """Features `B tanh(A x)`: rank 2 whatever their number, spanning a subspace
+    that turns with the parameters."""
+
+    a: jax.Array
+    b: jax.Array
+
+    def __call__(self, x):
+        return self.b @ jnp.tanh(self.a @ x)
+
+
+@pytest.mark.parametrize(
+    "num_samples, features, solver",
+    # A tall problem solved in the dual; a wide one, where "auto" picks the dual.
+    [pytest.param(25, 4, "dual", marks=pytest.mark.slow), (8, 15, "auto")],
+)
+def test_readout_derivative_when_the_null_space_turns(num_samples, features, solver):
+    """The dual readout's derivative needs the kernel's null directions that its value
+    drops (`DualRidge`): without them the readout's tangent was 100% off and the
+    loss's second derivative 70-160% (the loss and its gradient were right)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(num_samples, IN)))
+    y = jnp.asarray(rng.normal(size=(num_samples, 2)))
+    b = jnp.asarray(rng.normal(size=(features, 2)))
+    a, direction = jnp.asarray(rng.normal(size=(2, IN))), jnp.asarray(rng.normal(size=(2, IN)))
+
+    @jax.jit
+    def fit(a):
+        return vploss_msereg(_Bottleneck(a, b), x, y, alpha2=0.03, solver=solver)
+
+    gradient = jax.jit(jax.grad(lambda a: fit(a)[0]))
+
+    h = 1e-6
+    _, tangent = jax.jvp(lambda a: fit(a)[1].weight, (a,), (direction,))
+    difference = (fit(a + h * direction)[1].weight - fit(a - h * direction)[1].weight) / (2 * h)
+    np.testing.assert_allclose(tangent, difference, rtol=1e-6, atol=1e-8)
+    _, curvature = jax.jvp(gradient, (a,), (direction,))
+    difference = (gradient(a + h * direction) - gradient(a - h * direction)) / (2 * h)
+    np.testing.assert_allclose(curvature, difference, rtol=1e-6, atol=1e-8)

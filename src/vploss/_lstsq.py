@@ -205,7 +205,7 @@ def ridge_lstsq(
     method's `solve`; for `DualRidge`, the derivative of the dual formula $W = Z^\top C$.
     No decomposition is differentiated."""
     if isinstance(method, DualRidge):
-        return design.rmv(_kernel_solve(method, design, alpha2, response))
+        return _dual_lstsq(method, design, response, alpha2)
     return _ridge_lstsq(method, design, response, alpha2)
 
 
@@ -372,8 +372,14 @@ class DualRidge(AbstractLstsqMethod):
     (rank-deficient rows, e.g. repeated inputs, or zero per-sample weights): its
     component along a null direction of the kernel would be divided by $\alpha_2$ and
     come back as rounding noise of the size of $W$. With `alpha2 = 0` it is the
-    pseudo-inverse. Its derivative is that of the formula $W = Z^\top C$, with no
-    `(m, m)` solve.
+    pseudo-inverse.
+
+    Its derivative is that of the formula $W = Z^\top C$, $\mathrm dW = \mathrm
+    dZ^\top C + Z^\top\mathrm dC$, with no `(m, m)` solve, and with the exact $C$
+    (no direction dropped, when `alpha2 > 0`): $Z^\top$ annihilates $C$'s null
+    directions, $\mathrm dZ^\top$ does not, so where the null space turns with the
+    features (rank-deficient features that depend on the parameters, or a tall
+    problem) the dropped part is needed for the derivative, though not for $W$.
 
     **When to use it:** overparameterised features ($m$ larger than the batch). It
     couples all samples, so it gathers a batch sharded over devices.
@@ -393,7 +399,11 @@ class DualRidge(AbstractLstsqMethod):
     def lstsq(self, design, response, alpha2):
         return design.rmv(self.kernel_solve(design, alpha2, response))
 
-    def kernel_solve(self, design: Stack, alpha2: Scalar, rhs: Stack) -> Stack:
+    def kernel_solve(
+        self, design: Stack, alpha2: Scalar, rhs: Stack, keep_null: bool = False
+    ) -> Stack:
+        """$C = (ZZ^\top + \alpha_2 I)^{-1}$ `rhs`, the kernel's unresolved directions
+        dropped, or (`keep_null`, for the derivative) kept where `alpha2 > 0`."""
         # The extra row is eliminated by its Schur complement: it holds the offset
         # (sqrt(alpha2) times it, or itself with alpha2 = 0) and would otherwise set
         # the largest eigenvalue, and the cut-off with it, far above every data
@@ -406,7 +416,10 @@ class DualRidge(AbstractLstsqMethod):
         eigenvalues, eigenvectors = jnp.linalg.eigh(schur)
         eps = jnp.finfo(schur.dtype).eps
         kept = eigenvalues > eps * schur.shape[0] * jnp.max(eigenvalues)
-        inverse = jnp.where(kept, 1 / jnp.where(kept, eigenvalues + alpha2, 1), 0)
+        if keep_null:
+            kept = kept | (alpha2 > 0)
+        shifted = jnp.maximum(eigenvalues, 0) + alpha2
+        inverse = jnp.where(kept, 1 / jnp.where(kept, shifted, 1), 0)
 
         def step(r):
             reduced = r.rows - inverse_pivot * jnp.outer(column, r.extra)
@@ -475,8 +488,25 @@ def _ridge_solve_jvp(method, primals, tangents):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _dual_lstsq(method, design, response, alpha2):
+    return method.lstsq(design, response, alpha2)
+
+
+@_dual_lstsq.defjvp
+def _dual_lstsq_jvp(method, primals, tangents):
+    # W = ZᵀC with the exact C (`keep_null`): dW = dZᵀC + Zᵀ dC, dC = K⁻¹(dT − dK C).
+    design, response, alpha2 = primals
+    t_design, t_response, t_alpha2 = tangents
+    c = _kernel_solve(method, design, alpha2, response)
+    t_kernel_c = t_design.mv(design.rmv(c)) + design.mv(t_design.rmv(c)) + c.scale(t_alpha2)
+    t_c = _kernel_solve(method, design, alpha2, t_response - t_kernel_c)
+    return _dual_lstsq(method, design, response, alpha2), t_design.rmv(c) + design.rmv(t_c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_solve(method, design, alpha2, rhs):
-    return method.kernel_solve(design, alpha2, rhs)
+    """The exact kernel solve of `_dual_lstsq`'s derivative (`keep_null`)."""
+    return method.kernel_solve(design, alpha2, rhs, keep_null=True)
 
 
 @_kernel_solve.defjvp
