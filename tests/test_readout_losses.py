@@ -185,3 +185,56 @@ def test_bad_weights(case):
     # Checked when only the gradient is used, too.
     with pytest.raises(Exception, match="must be >= 0"):
         eqx.filter_grad(lambda m: case(m, weights=-jnp.ones(N))[0])(model)
+
+
+class _WrongShapes(vploss.AbstractReadoutLoss):
+    """A custom loss whose methods return the wrong shapes (per `wrong`)."""
+
+    wrong: str = eqx.field(static=True)
+    name = "a custom loss"
+
+    def labels(self, y, num_samples):
+        return vploss.Labels(jnp.reshape(y, (num_samples, -1)), False, jnp.array(False), "")
+
+    def loss(self, logits, labels):
+        per_output = 0.5 * (logits - labels) ** 2
+        return per_output if self.wrong == "loss" else jnp.sum(per_output, axis=1)
+
+    def curvature(self, logits, labels):
+        diagonal = jnp.ones_like(logits)
+        return vploss.Curvature(diagonal[:, 0] if self.wrong == "curvature" else diagonal, None)
+
+    def basis(self, num_outputs):
+        return np.ones((num_outputs, num_outputs)) if self.wrong == "basis" else None
+
+
+@pytest.mark.parametrize("wrong", ["loss", "curvature", "basis"])
+def test_a_custom_loss_with_wrong_shapes_gets_a_clear_error(wrong):
+    y = jnp.stack([X[:, 0], X[:, 1]], axis=1)
+    with pytest.raises(ValueError, match=rf"`_WrongShapes.{wrong}\("):
+        vploss.vploss_glm(_WrongShapes(wrong), mlp(), X, y, alpha2=1e-2)
+
+
+def test_solver_objects_check_their_minimiser():
+    with pytest.raises(TypeError, match="AbstractQuasiNewton"):
+        vploss.QuasiNewton(vploss.Newton())
+    with pytest.raises(TypeError, match="AbstractMinimiser"):
+        vploss.OptimistixMinimiser("bfgs")
+
+
+@pytest.mark.parametrize("function", [vploss.vploss_bce, vploss.vploss_msereg])
+def test_weights_of_any_scale(function):
+    """The loss does not depend on the weights' overall scale, and its gradient in them
+    scales inversely, in float32 too: the derivative of w/Σw holds w/(Σw)², which
+    overflowed at weights of 1e20 and underflowed at 1e-30."""
+    model = cast(mlp(), jnp.float32)
+    x, y = X.astype(jnp.float32), LOSSES["bce"].y.astype(jnp.float32)
+    weights = jnp.asarray(np.resize([1.0, 0.5, 2.0], N), jnp.float32)
+    value_and_grad = jax.jit(
+        jax.value_and_grad(lambda w: function(model, x, y, alpha2=1e-2, weights=w)[0])
+    )
+    loss, grad = value_and_grad(weights)
+    for scale in (1e20, 1e-30):
+        scaled_loss, scaled_grad = value_and_grad(scale * weights)
+        np.testing.assert_allclose(scaled_loss, loss, rtol=1e-6)
+        np.testing.assert_allclose(scale * scaled_grad, grad, rtol=1e-4, atol=1e-6)

@@ -4,6 +4,8 @@ through `envelope_minimise`, runtime checks, readout."""
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Real
 
@@ -13,13 +15,49 @@ from ._features import glm_features, parameter_penalty
 from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
 from ._misc import normalised_weights
 from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from ._readout_loss import AbstractReadoutLoss, GLMArgs, ReadoutObjective
+from ._readout_loss import AbstractReadoutLoss, Curvature, GLMArgs, ReadoutObjective
 
 
 #: The `vploss_*` function of each readout loss, mapped to its loss as a function of
 #: `num_classes` (ignored where the loss has no classes): how `refit_readout(loss=...)`
 #: finds the readout loss of a function. Each loss module registers its own.
 READOUT_LOSSES: dict[Callable[..., Any], Callable[[int | None], AbstractReadoutLoss]] = {}
+
+
+def check_readout_loss(loss: AbstractReadoutLoss, labels: Array, dtype: Any) -> None:
+    """Checks at trace time that a readout loss's methods return what the interface
+    says, so that a custom loss gets an error naming the method rather than one from
+    deep inside the solver."""
+    name = type(loss).__name__
+    num_samples, k = labels.shape
+    logits = jax.ShapeDtypeStruct(labels.shape, dtype)
+    per_sample = jax.eval_shape(loss.loss, logits, labels)
+    if getattr(per_sample, "shape", None) != (num_samples,):
+        raise ValueError(
+            f"`{name}.loss(logits, labels)` must return one value per sample, shape (N,) "
+            f"= ({num_samples},), summed over the {k} output(s); got "
+            f"{getattr(per_sample, 'shape', per_sample)}."
+        )
+    curvature = jax.eval_shape(loss.curvature, logits, labels)
+    shapes = [getattr(part, "shape", part) for part in curvature]
+    if not (
+        isinstance(curvature, Curvature)
+        and shapes[0] == labels.shape
+        and (curvature.rank_one is None or shapes[1] == labels.shape)
+    ):
+        raise ValueError(
+            f"`{name}.curvature(logits, labels)` must return a `vploss.Curvature(d, u)` "
+            f"with `d` of shape (N, k) = {labels.shape} and `u` of that shape or None; "
+            f"got {curvature!r}."
+        )
+    basis = loss.basis(k)
+    if basis is not None and not (
+        np.shape(basis) == (k, k) and np.allclose(np.transpose(basis) @ basis, np.eye(k))
+    ):
+        raise ValueError(
+            f"`{name}.basis({k})` must return None or an orthogonal ({k}, {k}) NumPy "
+            f"matrix; got {basis!r}."
+        )
 
 
 def as_readout_init(
@@ -126,9 +164,10 @@ def vploss_glm(
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
     features, values = glm_features(model, x, labels.values, use_bias)
     dtype = features.dtype
+    check_readout_loss(loss, values, dtype)
     objective = ReadoutObjective(loss)
     shape = (features.shape[1], values.shape[1])
-    weights, weight_errors = as_weights(weights, x.shape[0], what=f"`vploss_glm` ({loss.name})")
+    weights, weight_errors = as_weights(weights, x.shape[0], what=loss.name)
     if weights is not None:
         weights = normalised_weights(weights.astype(dtype))
     value, coef, stats = envelope_minimise(

@@ -102,7 +102,8 @@ class _AtData(eqx.Module):
 
 class Newton(AbstractGLMSolver):
     r"""Newton's method on the exact Hessian $\frac1N\sum_j\omega_j C_j\otimes\hat f_j
-    \hat f_j^\top + \alpha_2 I$ ($C_j$ the loss's curvature in the logits), solved by
+    \hat f_j^\top + \alpha_2 I$ ($C_j$ the loss's curvature in the logits, $\omega_j =
+    N w_j/\sum_i w_i$ the normalised sample weights, 1 without weights), solved by
     Cholesky (`lineax.Cholesky`, with a shifted and a gradient fallback where it is not
     numerically positive definite), with a backtracking Armijo line search that
     allows for the objective's rounding. Quadratic convergence: about 5-12 steps from
@@ -197,6 +198,13 @@ class QuasiNewton(AbstractGLMSolver):
     gtol: float | None = None
     max_steps: int = _DEFAULT_MAX_STEPS
 
+    def __check_init__(self):
+        if not isinstance(self.minimiser, optx.AbstractQuasiNewton):
+            raise TypeError(
+                "`QuasiNewton` needs an `optimistix.AbstractQuasiNewton` (e.g. "
+                f"`optx.BFGS(rtol=0.0, atol=0.0)`); got {self.minimiser!r}."
+            )
+
     def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
         del num_coefficients
         return _terminated(self.minimiser, objective, args, gtol)
@@ -216,6 +224,13 @@ class OptimistixMinimiser(AbstractGLMSolver):
     minimiser: optx.AbstractMinimiser
     gtol: float | None = None
     max_steps: int = _DEFAULT_MAX_STEPS
+
+    def __check_init__(self):
+        if not isinstance(self.minimiser, optx.AbstractMinimiser):
+            raise TypeError(
+                f"`OptimistixMinimiser` needs an `optimistix.AbstractMinimiser`; got "
+                f"{self.minimiser!r}."
+            )
 
     def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
         del objective, args, gtol, num_coefficients

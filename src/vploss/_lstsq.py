@@ -43,7 +43,7 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Scalar
 
-from ._misc import column_mean, matmul, row_mean
+from ._misc import column_mean, matmul, row_mean, unit_scaled
 
 
 # An array or a `Stack`: anything with `+`.
@@ -89,6 +89,7 @@ def sample_scale(weights: Float[Array, " N"]) -> Float[Array, " N"]:
     boundary $w_j = 0$ of the weights' domain, the readout's derivative in $w_j$ treats
     the sample as absent (the loss's envelope derivative, from the objective, is
     exact)."""
+    weights = unit_scaled(weights)
     ratio = weights / jnp.sum(weights)
     positive = ratio > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, ratio, 1)), 0)

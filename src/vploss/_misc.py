@@ -12,12 +12,26 @@ def matmul(a: Float[Array, "..."], b: Float[Array, "..."]) -> Float[Array, "..."
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
+def unit_scaled(weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    r"""`weights / max(weights)`, the maximum held constant under differentiation.
+
+    For a function of the weights that does not change with their overall scale (a
+    weighted mean, $w_j/\sum_i w_i$) this gives the same value and the same
+    derivative (a function homogeneous of degree 0 has a gradient of degree $-1$), but
+    with sums of order one: the derivative of $w/\sum w$ holds $w/(\sum w)^2$, which
+    overflowed for float32 weights of 1e20 and underflowed for 1e-30, and the sum
+    itself overflowed at 1e37."""
+    top = jax.lax.stop_gradient(jnp.max(weights))
+    return weights / jnp.where(top > 0, top, 1)
+
+
 def row_mean(a: Float[Array, "N ..."], weights: Float[Array, " N"] | None = None) -> Array:
     r"""The mean over the rows (axis 0) in one pass: `jnp.mean`, or with `weights`
     $w_j \ge 0$ the weighted mean $\sum_j w_j a_j / \sum_j w_j$ (a matmul: a sum over
     the rows, so a sharded batch stays sharded)."""
     if weights is None:
         return jnp.mean(a, axis=0)
+    weights = unit_scaled(weights)
     return matmul(weights, a) / jnp.sum(weights)
 
 
@@ -41,6 +55,7 @@ def normalised_weights(weights: Float[Array, " N"]) -> Float[Array, " N"]:
     r"""$\omega_j = N w_j / \sum_i w_i$: weights of mean 1, so that every objective is a
     weighted mean $\sum_j w_j\ell_j / \sum_j w_j = \frac1N\sum_j\omega_j\ell_j$
     (integer weights are repeated samples, zero weights dropped ones)."""
+    weights = unit_scaled(weights)
     return weights * (weights.shape[0] / jnp.sum(weights))
 
 

@@ -72,6 +72,11 @@ def vploss_poisson(
     **Arguments:** as `vploss_bce`, with `y` counts or rates $\ge 0$ of shape `(N,)` or
     `(N, k)` (k independent outputs).
 
+    The stopping test is absolute (`gtol` on the scaled gradient, as for every readout
+    loss), and the gradient's rounding grows with the counts: in float32 with counts
+    of order $c \gg 1$ pass `gtol` of about $\sqrt\varepsilon\,c$, or compute in
+    float64.
+
     **Returns:** `(loss, readout)`: `readout(model(x[j]))` is the log-mean of sample
     `j` (apply `jnp.exp` for the predicted mean), `readout.stats` a
     `vploss.InnerStats`.

@@ -321,10 +321,10 @@ def refit_readout(
     only, which is noisy. This solves the same inner problem as `loss` on all $N$
     samples at once, $\min_{\hat W} \frac1N\sum_j \ell(\hat W\hat f_j, y_j) +
     \frac{\alpha_2}{2}\|\hat W\|_F^2$, with $\hat f_j = [$`model(x_j)`$, 1]$, from
-    sums over batches. For `loss=vploss_msereg` the batches may carry per-sample
+    sums over batches. The batches may carry per-sample
     weights $w_j \ge 0$ (`(x, y, w)` triples): then the data term is the weighted
     mean $\frac1S\sum_j w_j\ell(\hat W\hat f_j, y_j)$, $S = \sum_j w_j$ over all
-    batches, the readout of `vploss_msereg(..., weights=w)` on the concatenated data:
+    batches, the readout of `loss(..., weights=w)` on the concatenated data:
 
     - `loss=vploss_msereg`: one pass accumulates the column means and the centred
         sums $F_c^\top F_c$, $F_c^\top Y_c$ (with weights: the total weight, the
