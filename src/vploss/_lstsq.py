@@ -403,7 +403,7 @@ class DualRidge(AbstractLstsqMethod):
     def kernel_solve(
         self, design: Stack, alpha2: Scalar, rhs: Stack, keep_null: bool = False
     ) -> Stack:
-        """$C = (ZZ^\top + \alpha_2 I)^{-1}$ `rhs`, the kernel's unresolved directions
+        r"""$C = (ZZ^\top + \alpha_2 I)^{-1}$ `rhs`, the kernel's unresolved directions
         dropped, or (`keep_null`, for the derivative) kept where `alpha2 > 0`."""
         # The extra row is eliminated by its Schur complement: it holds the offset
         # (sqrt(alpha2) times it, or itself with alpha2 = 0) and would otherwise set
