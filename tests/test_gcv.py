@@ -55,9 +55,9 @@ def brute_force_gcv(features, targets, alphas, use_bias, weights=None):
     "n, m, k, use_bias, noise",
     [
         (40, 6, 1, True, 0.3),
-        (100, 10, 3, False, 1.0),
+        pytest.param(100, 10, 3, False, 1.0, marks=pytest.mark.slow),
         (8, 12, 2, True, 0.3),  # N < p: the kernel matrix
-        (11, 10, 1, True, 0.1),  # N = p
+        pytest.param(11, 10, 1, True, 0.1, marks=pytest.mark.slow),  # N = p
     ],
 )
 def test_alpha_against_brute_force_gcv_curve(n, m, k, use_bias, noise):
@@ -93,7 +93,7 @@ def _mlp_problem(dtype=jnp.float64):
 
 
 @pytest.mark.parametrize(
-    "solver", [pytest.param("auto", marks=pytest.mark.slow), "svd", "cholesky"]
+    "solver", [pytest.param(s, marks=pytest.mark.slow) for s in ("auto", "svd")] + ["cholesky"]
 )
 def test_loss_and_readout_equal_the_explicit_penalty(solver):
     model, x, y = _mlp_problem()

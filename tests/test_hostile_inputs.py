@@ -849,6 +849,8 @@ SLOW_ROWS = {
     "ridge-dual-pixels-relu-float32",
     "ridge-column-scales-float32",
     "ridge-sharded-single-device",
+    "bce-bfloat16-model",
+    "ce-bfloat16-model",
     "ridge-svd-readout-hessian-repeated-singular-values",
 }
 

@@ -34,7 +34,12 @@ def _data(k=None, soft=False, seed=0):
 
 @pytest.mark.parametrize(
     "k, soft, use_bias",
-    [(None, False, True), (None, True, True), (3, False, True), (2, True, False)],
+    [
+        (None, False, True),
+        (None, True, True),
+        pytest.param(3, False, True, marks=pytest.mark.slow),
+        pytest.param(2, True, False, marks=pytest.mark.slow),
+    ],
 )
 def test_matches_numpy_newton(k, soft, use_bias):
     model = mlp()

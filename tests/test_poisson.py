@@ -18,7 +18,7 @@ def _data(n=80, seed=0):
     return x, jax.random.poisson(jax.random.PRNGKey(seed + 1), rate).astype(jnp.float64)
 
 
-@pytest.mark.parametrize("alpha2", [1e-3, 1e-1])
+@pytest.mark.parametrize("alpha2", [1e-3, pytest.param(1e-1, marks=pytest.mark.slow)])
 def test_matches_scikit_learn(alpha2):
     """scikit-learn's `PoissonRegressor` minimises half the mean deviance plus
     `alpha/2 |w|²`, whose minimiser is ours for `alpha = alpha2` when its intercept is

@@ -49,7 +49,9 @@ LOSSES = {
     ),
 }
 CASES = pytest.mark.parametrize("case", LOSSES.values(), ids=LOSSES.keys())
-WEIGHT_CASES = [pytest.param(LOSSES[name], id=name) for name in ("ce", "poisson")]
+# Where a check compiles long, the logistic loss runs it with the slow tests: its
+# curvature is diagonal like the Poisson loss's, the same code.
+CE_AND_POISSON = [pytest.param(LOSSES[name], id=name) for name in ("ce", "poisson")]
 # Integer weights: 0 drops a sample, 2 and 3 repeat it.
 WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
 
@@ -68,8 +70,7 @@ def test_envelope_gradient_float64(case):
 
 @pytest.mark.parametrize(
     "case",
-    # The logistic loss's curvature is diagonal like the Poisson loss's: the same code.
-    [pytest.param(LOSSES["bce"], id="bce", marks=pytest.mark.slow), *WEIGHT_CASES],
+    [pytest.param(LOSSES["bce"], id="bce", marks=pytest.mark.slow), *CE_AND_POISSON],
 )
 def test_weights_are_repeated_and_dropped_samples(case):
     """Integer weights give the loss, readout and gradient of the data set with each
@@ -118,7 +119,9 @@ def test_jit_and_vmap(case):
     np.testing.assert_allclose(batched[1], loss(-X), rtol=1e-10)
 
 
-@CASES
+@pytest.mark.parametrize(
+    "case", [pytest.param(LOSSES["bce"], id="bce", marks=pytest.mark.slow), *CE_AND_POISSON]
+)
 def test_float32_loss_matches_float64_on_the_same_features(case):
     """A float32 model: the loss is within the solve's tolerance (`loss_tolerance`,
     $\\sqrt\\varepsilon|J| + 16\\varepsilon(1 + |J|)$) plus the rounding of the mean
@@ -149,7 +152,9 @@ def test_solver_objects_equal_their_names(case):
         vploss.Newton(gtol=-1.0)
 
 
-@CASES
+@pytest.mark.parametrize(
+    "case", [pytest.param(LOSSES["bce"], id="bce", marks=pytest.mark.slow), *CE_AND_POISSON]
+)
 def test_the_generic_loss_and_the_refit_take_the_loss_object(case):
     """`vploss_glm(loss, ...)` is the named function; `refit_readout` takes the loss
     object (or the function) and weighted batches, and fits the same readout."""

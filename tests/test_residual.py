@@ -24,7 +24,12 @@ def _data(seed=0):
 
 @pytest.mark.parametrize(
     "alpha1, alpha2, extra",
-    [(0.0, 1e-3, (M + 1) * 2), (1e-2, 1e-3, (M + 1) * 2), (0.0, 0.0, 0), (1e-2, 0.0, 0)],
+    [
+        pytest.param(0.0, 1e-3, (M + 1) * 2, marks=pytest.mark.slow),
+        (1e-2, 1e-3, (M + 1) * 2),
+        (0.0, 0.0, 0),
+        (1e-2, 0.0, 0),
+    ],
 )
 def test_half_squared_norm_is_the_loss(alpha1, alpha2, extra):
     model = mlp(IN, features=M)
@@ -69,7 +74,7 @@ def test_jacobian_against_finite_differences_both_modes():
     assert float(jnp.max(jnp.abs(partial.ravel() / np.sqrt(N) - jvp[: 2 * N]))) > 1e-3
 
 
-@pytest.mark.parametrize("jac", ["fwd", "bwd"])
+@pytest.mark.parametrize("jac", [pytest.param("fwd", marks=pytest.mark.slow), "bwd"])
 def test_levenberg_marquardt_lowers_the_loss(jac):
     model = mlp(IN, features=M)
     x, y = _data()

@@ -25,7 +25,7 @@ def test_auto_picks_the_form_by_shape(num_samples, num_coefficients, expected):
 
 
 @pytest.mark.parametrize(
-    "num_samples", [pytest.param(9, marks=pytest.mark.slow), 40]
+    "num_samples", [pytest.param(n, marks=pytest.mark.slow) for n in (9, 40)]
 )  # fewer, more samples than features
 def test_dual_equals_primal(num_samples):
     model = mlp(3, features=16)
