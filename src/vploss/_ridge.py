@@ -248,7 +248,9 @@ def vploss_msereg(
     I)^{-1}\hat F^\top D^{1/2}/S$ and $\mathrm{GCV}(\alpha) = S\,\|(I -
     H_\alpha)D^{1/2}Y\|_F^2/S\,/\,(S - \mathrm{tr}\,H_\alpha)^2$, so that repeated samples
     (integer weights) and dropped ones (zero weights) give the same penalty as the
-    data set they stand for. One
+    data set they stand for. Unlike the loss for a given penalty, the chosen penalty
+    therefore depends on the weights' overall scale ($S$ counts samples): pass
+    frequencies, not weights normalised to sum to 1. One
     eigendecomposition of the `(p, p)` Gram matrix $\hat F^\top\hat F/N$ (of the `(N, N)`
     kernel matrix when $N \le p$), at the cost of the Cholesky solver, makes GCV cheap
     for every $\alpha$; it is minimised over a grid of $\log\alpha$ from
