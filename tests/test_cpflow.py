@@ -124,6 +124,7 @@ def test_gradient_taylor(model, data):
     np.testing.assert_allclose(ratios, 4, rtol=0.1)
 
 
+@pytest.mark.slow  # a long compile; CI runs it after the README's command
 def test_inverse_round_trip(model, data, fitted):
     _, flow = fitted
     x = inverses(flow, model, transports(flow, model, data))

@@ -60,7 +60,10 @@ def test_matches_numpy_newton(k, soft, use_bias):
     assert bool(readout.stats.converged)
 
 
-@pytest.mark.parametrize("solver", ["newton-cg", "bfgs", optx.BFGS(rtol=1e-10, atol=1e-10)])
+@pytest.mark.parametrize(
+    "solver",
+    [pytest.param("newton-cg", marks=pytest.mark.slow), "bfgs", optx.BFGS(rtol=1e-10, atol=1e-10)],
+)
 def test_other_solvers_agree(solver):
     model = mlp()
     x, y = _data()

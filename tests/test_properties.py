@@ -29,6 +29,8 @@ EXAMPLES = [
     pytest.param(6, SHAPES[:1], id="quick"),
     pytest.param(1000, SHAPES, id="slow", marks=pytest.mark.slow),
 ]
+# The logistic losses' quick runs too (their shared checks are in test_readout_losses.py).
+SLOW_EXAMPLES = [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow) for p in EXAMPLES]
 
 
 @st.composite
@@ -183,7 +185,7 @@ def test_ridge_properties(examples, shapes):
     _run(examples, shapes, check)
 
 
-@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+@pytest.mark.parametrize("examples, shapes", SLOW_EXAMPLES)
 def test_bce_properties(examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
@@ -194,7 +196,7 @@ def test_bce_properties(examples, shapes):
     _run(examples, shapes, check)
 
 
-@pytest.mark.parametrize("examples, shapes", EXAMPLES)
+@pytest.mark.parametrize("examples, shapes", SLOW_EXAMPLES)
 def test_ce_properties(examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)

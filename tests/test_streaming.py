@@ -37,7 +37,7 @@ def _assert_same_readout(streamed, one_shot, rtol, atol):
     assert streamed.scalar_output == one_shot.scalar_output
 
 
-@pytest.mark.parametrize("target", ["regression", "scalar"])
+@pytest.mark.parametrize("target", [pytest.param("regression", marks=pytest.mark.slow), "scalar"])
 def test_ridge_in_one_pass_equals_one_shot(target):
     labels, x = _data()
     y = labels[target]
