@@ -495,12 +495,15 @@ def _dual_lstsq(method, design, response, alpha2):
 
 @_dual_lstsq.defjvp
 def _dual_lstsq_jvp(method, primals, tangents):
-    # W = ZᵀC with the exact C (`keep_null`): dW = dZᵀC + Zᵀ dC, dC = K⁻¹(dT − dK C).
+    # W = ZᵀC with the exact C (`keep_null`) and its tangent (`_kernel_solve`'s rule):
+    # dW = dZᵀC + Zᵀ dC.
     design, response, alpha2 = primals
     t_design, t_response, t_alpha2 = tangents
-    c = _kernel_solve(method, design, alpha2, response)
-    t_kernel_c = t_design.mv(design.rmv(c)) + design.mv(t_design.rmv(c)) + c.scale(t_alpha2)
-    t_c = _kernel_solve(method, design, alpha2, t_response - t_kernel_c)
+    c, t_c = jax.jvp(
+        functools.partial(_kernel_solve, method),
+        (design, alpha2, response),
+        (t_design, t_alpha2, t_response),
+    )
     return _dual_lstsq(method, design, response, alpha2), t_design.rmv(c) + design.rmv(t_c)
 
 
