@@ -2,7 +2,7 @@
 
 For each loss (`vploss_msereg`, `vploss_bce`, `vploss_ce` with K = 10 classes), batch
 size N and feature count m, the feature map is an MLP 2 → 64 → 64 → m (tanh, float32,
-CPU) and the script compiles one `value_and_grad` step of
+on the default device) and the script compiles one `value_and_grad` step of
 
 - the VarPro loss (`solver="auto"`), after 100 Adam steps of VarPro training on
   mini-batches of 1024 samples, the logistic losses warm started from the readout of
@@ -11,7 +11,10 @@ CPU) and the script compiles one `value_and_grad` step of
   or softmax cross-entropy) on the same features,
 
 and prints, per (N, m): the median step times (interleaved, in the same run) and their
-ratio, the peak memory of each compiled step (`memory_analysis()`: arguments + outputs
+ratio; beside it the ratio a flop model predicts (`varpro_flops` / `plain_flops`: the
+matmul flops of each step, with the inner solve's counted iterations), the limit the
+VarPro step would reach at the plain step's speed per flop, and how far the measured
+ratio is from it; the peak memory of each compiled step (`memory_analysis()`: arguments + outputs
 + temporaries), whether the compiled VarPro step holds an N×N array, the time to trace
 and compile the VarPro step, and the steps and convergence of its inner solve. Below
 each table, the fitted exponent a of time ∝ N^a for each m. Then the ridge solvers at
@@ -47,7 +50,7 @@ from _common import (  # noqa: E402
     peaks,
 )
 
-from vploss import vploss_bce, vploss_ce, vploss_msereg  # noqa: E402
+from vploss import CholeskyRidge, vploss_bce, vploss_ce, vploss_msereg  # noqa: E402
 
 
 SIZES = (1024, 4096, 16384, 65536)
@@ -99,6 +102,54 @@ LOSSES = {
 }
 
 
+HIDDEN = 64  # the feature MLP's hidden width (`feature_mlp`)
+
+
+def _mlp_flops(m):
+    """Matmul flops per sample of the feature MLP 2 → 64 → 64 → m: forward, and backward
+    (the weights' gradients of every layer, the inputs' of all but the first)."""
+    shapes = ((2, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, m))
+    forward = sum(2 * a * b for a, b in shapes)
+    return 3 * forward - 2 * 2 * HIDDEN
+
+
+def plain_flops(n, m, outputs):
+    """Matmul flops of the plain step: the MLP and its trainable head (forward, the
+    gradients of its weights and of its input), `outputs` = k columns."""
+    return n * (_mlp_flops(m) + 6 * m * outputs)
+
+
+def varpro_flops(name, n, m, outputs, stats):
+    r"""Matmul flops of the VarPro step (the flop model of the limit column), from the
+    inner solve's counted iterations (`stats`): the MLP as in the plain step, plus, with
+    $p = m + 1$ coefficients per output and $k$ outputs,
+
+    - ridge: the Gram matrix $2Np^2$, $\hat F^\top y$, the loss's residual and its
+      gradient in the features ($2Npk$ each), the refinement steps ($4Npk$ each,
+      `CholeskyRidge().refine_steps` of them) and two Cholesky factors ($p^3/3$ each);
+    - logistic: per inner step (`num_steps`, each one evaluation of the objective and
+      its gradient, $4Npk$), exact Newton's Hessian ($2Np^2$ per output, and $2N(p(k -
+      1))^2$ more for the softmax's rank-one term) and its Cholesky factor
+      ($(pk)^3/3$), or Newton–CG's `cg_steps` Hessian products and one more per step
+      for the decrement bound ($4Npk$ each) and its preconditioner's Gram matrix
+      ($2Np^2$, once); then the objective's value and gradient at the solution and the
+      loss's gradient in the features ($8Npk$).
+    """
+    p, k = m + 1, outputs
+    features = n * _mlp_flops(m)
+    if name == "msereg":
+        refine_steps = CholeskyRidge().refine_steps
+        return features + n * (2 * p * p + (6 + 4 * refine_steps) * p * k) + 2 * p**3 / 3
+    steps = int(stats.num_steps)
+    evaluations = steps * 4 * n * p * k
+    if int(stats.cg_steps) == 0:  # `AutoNewton` chose exact Newton
+        rank_one = 0 if k == 1 else 2 * (p * (k - 1)) ** 2
+        hessians = steps * (n * (2 * k * p * p + rank_one) + (p * k) ** 3 / 3)
+    else:
+        hessians = 2 * n * p * p + (int(stats.cg_steps) + steps) * 4 * n * p * k
+    return features + evaluations + hessians + 8 * n * p * k
+
+
 def _compile(loss_fn, model, *args, has_aux):
     """`value_and_grad` of `loss_fn(model, *args)` in the model's inexact leaves,
     traced and compiled now. Returns the step as a zero-argument callable, the seconds
@@ -122,24 +173,27 @@ def _peak_bytes(compiled):
 
 
 @functools.cache
-def _trained(name, m):
-    """The model after `WARMUP_STEPS` Adam steps of VarPro training on mini-batches of
+def _trained(name, m, warmup_steps):
+    """The model after `warmup_steps` Adam steps of VarPro training on mini-batches of
     `WARMUP_BATCH` samples, and the readout of the last one: the next step's warm start,
     fitted on another batch, as in a training loop. The same for every N."""
     loss = LOSSES[name]
     model = feature_mlp(m, key=jax.random.PRNGKey(0))
-    x = jax.random.uniform(jax.random.PRNGKey(1), (WARMUP_BATCH, 2), minval=-2.0, maxval=2.0)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (WARMUP_BATCH, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
-    return adam_steps(model, lambda mdl, init: loss.varpro(mdl, x, y, init), WARMUP_STEPS)
+    return adam_steps(model, lambda mdl, init: loss.varpro(mdl, x, y, init), warmup_steps)
 
 
-def _cell(name, n, m, repeats):
+def cell(name, n, m, repeats, warmup_steps=WARMUP_STEPS):
+    """One cell of a loss's table: the step times of VarPro and the plain head at
+    batch size `n` and feature count `m`, their ratio and its flop-model limit, memory,
+    compile time and the inner solve's iterations."""
     loss = LOSSES[name]
-    model, init = _trained(name, m)
+    model, init = _trained(name, m, warmup_steps)
     init = init if loss.warm else None
     hkey, xkey = jax.random.split(jax.random.PRNGKey(2))
     head = eqx.nn.Linear(m, loss.outputs, key=hkey)
-    x = jax.random.uniform(xkey, (n, 2), minval=-2.0, maxval=2.0)
+    x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
 
     def plain(model_and_head, x, y):
@@ -151,16 +205,43 @@ def _cell(name, n, m, repeats):
     times = interleaved_medians({"plain": plain_step, "varpro": vp_step}, repeats)
     stats = vp_step()[0][1].stats
     square = f"[{n},{n}]" in vp_compiled.as_text()
+    outputs = 1 if loss.outputs == "scalar" else loss.outputs
+    limit = varpro_flops(name, n, m, outputs, stats) / plain_flops(n, m, outputs)
     return {
         "plain_ms": times["plain"],
         "varpro_ms": times["varpro"],
         "ratio": times["varpro"] / times["plain"],
+        "limit": limit,
         "varpro_mib": _peak_bytes(vp_compiled) / 2**20,
         "plain_mib": _peak_bytes(plain_compiled) / 2**20,
         "square": square,
         "compile_s": compile_s,
-        "inner": "-" if stats is None else f"{int(stats.num_steps)} {bool(stats.converged)}",
+        "inner": "-" if stats is None else _inner(stats),
     }
+
+
+def _inner(stats):
+    cg = (
+        "" if stats.cg_steps is None or int(stats.cg_steps) == 0 else f" ({int(stats.cg_steps)} CG)"
+    )
+    return f"{int(stats.num_steps)}{cg} {bool(stats.converged)}"
+
+
+TABLE_HEADER = (
+    "| N | m | plain ms | VarPro ms | ratio | flop limit | ratio / limit | VarPro MiB "
+    "| plain MiB | N×N | compile s | inner steps, converged |"
+)
+
+
+def table_row(n, m, result):
+    """A row of `TABLE_HEADER` for the `cell` result at batch size `n`, `m` features."""
+    return (
+        f"| {n} | {m} | {result['plain_ms']:.2f} | {result['varpro_ms']:.2f} | "
+        f"{result['ratio']:.2f} | {result['limit']:.2f} | "
+        f"{result['ratio'] / result['limit']:.2f} | {result['varpro_mib']:.1f} | "
+        f"{result['plain_mib']:.1f} | {'yes' if result['square'] else 'no'} | "
+        f"{result['compile_s']:.2f} | {result['inner']} |"
+    )
 
 
 def _growth_exponent(sizes, times):
@@ -172,25 +253,15 @@ def run_loss(name, sizes, widths, repeats):
     loss = LOSSES[name]
     warm = ", warm started" if loss.warm else ""
     print(f"\n### `{loss.name}` (float32, CPU{warm})\n")
-    header = (
-        "| N | m | plain ms | VarPro ms | ratio | VarPro MiB | plain MiB | N×N | compile s "
-        "| inner steps, converged |"
-    )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print(TABLE_HEADER)
+    print("|" + "---|" * (TABLE_HEADER.count("|") - 1))
     exponents = {}
     for m in widths:
         rows = []
         for n in sizes:
-            cell = _cell(name, n, m, repeats)
-            rows.append(cell)
-            print(
-                f"| {n} | {m} | {cell['plain_ms']:.2f} | {cell['varpro_ms']:.2f} | "
-                f"{cell['ratio']:.2f} | {cell['varpro_mib']:.1f} | {cell['plain_mib']:.1f} | "
-                f"{'yes' if cell['square'] else 'no'} | {cell['compile_s']:.2f} | "
-                f"{cell['inner']} |",
-                flush=True,
-            )
+            result = cell(name, n, m, repeats)
+            rows.append(result)
+            print(table_row(n, m, result), flush=True)
         if len(sizes) > 1:
             exponents[m] = (
                 _growth_exponent(sizes, [r["varpro_ms"] for r in rows]),
@@ -210,7 +281,7 @@ def ridge_shapes(repeats):
         mkey, hkey, xkey = jax.random.split(jax.random.PRNGKey(0), 3)
         model = feature_mlp(m, key=mkey)
         head = eqx.nn.Linear(m, "scalar", key=hkey)
-        x = jax.random.uniform(xkey, (n, 2), minval=-2.0, maxval=2.0)
+        x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
         y = loss.labels(x)
 
         def plain(model_and_head, x, y):

@@ -147,9 +147,16 @@ def test_float32_loss_matches_float64_on_the_same_features(case):
 def test_solver_objects_equal_their_names(case):
     model = mlp()
     for name, solver in [("newton", vploss.Newton), ("newton-cg", vploss.NewtonCG)]:
-        by_name, _ = case(model, solver=name, gtol=1e-11)
+        by_name, readout = case(model, solver=name, gtol=1e-11)
         by_object, _ = case(model, solver=solver(gtol=1e-11))
         np.testing.assert_allclose(by_object, by_name, rtol=1e-12)
+        # A Newton–CG direction takes at least one CG iteration and at most ten times
+        # the cap (20 at this gtol) in the final polish; Cholesky directions take none.
+        steps, cg_steps = int(readout.stats.num_steps), int(readout.stats.cg_steps)
+        if name == "newton":
+            assert cg_steps == 0
+        else:
+            assert 1 <= cg_steps <= 10 * 20 * steps
     with pytest.raises(ValueError, match="belong to the solver object"):
         case(model, solver=vploss.Newton(), gtol=1e-6)
     with pytest.raises(ValueError, match="gtol"):

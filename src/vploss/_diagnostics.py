@@ -22,6 +22,10 @@ class InnerStats(eqx.Module):
         a descent direction: a Hessian that is not numerically positive definite in
         the working precision) and were replaced by a shifted Newton or gradient
         direction; `None` where the solver does not report it.
+    - `cg_steps`: the conjugate-gradient iterations of all Newton directions together
+        (each one Hessian-vector product, two matmuls over the samples; 0 for the
+        Cholesky directions of `Newton`), the main cost of `NewtonCG`; `None` where
+        the solver does not report it.
     """
 
     num_steps: Int[Array, ""]
@@ -29,6 +33,7 @@ class InnerStats(eqx.Module):
     converged: Bool[Array, ""]
     loss_error_bound: Float[Array, ""] | None = eqx.field(default=None, kw_only=True)
     fallback_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
+    cg_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
 
 
 def check_converged(

@@ -316,13 +316,15 @@ class InnerMinimise(AbstractInnerSolver):
         converged = (solution.result == optx.RESULTS.successful) & inner_converged(
             value, gradient, scale, args.alpha2, gtol, decrement
         )
-        fallbacks = getattr(getattr(solution.state, "descent_state", None), "fallbacks", None)
+        descent_state = getattr(solution.state, "descent_state", None)
+        zero = jnp.zeros((), jnp.int32)
         return coef, InnerStats(
             solution.stats["num_steps"],
             scaled_gradient_norm(gradient, scale),
             converged,
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
-            fallback_steps=jnp.zeros((), jnp.int32) if fallbacks is None else fallbacks,
+            fallback_steps=getattr(descent_state, "fallbacks", zero),
+            cg_steps=getattr(descent_state, "cg_steps", None),
         )
 
     def solution_jvp(

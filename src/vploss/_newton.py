@@ -267,6 +267,13 @@ class _NewtonState(eqx.Module):
     fallbacks: Int[Array, ""]
     # `newton_decrement_bound` of `newton` (inf for a fallback direction).
     decrement: Float[Array, ""]
+    # CG iterations of the directions so far (0 for the Cholesky directions).
+    cg_steps: Int[Array, ""]
+
+
+def _initial_state(y: Float[Array, "p k"]) -> _NewtonState:
+    zero = jnp.zeros((), jnp.int32)
+    return _NewtonState(y, zero, jnp.full((), jnp.inf, y.dtype), zero)
 
 
 def newton_decrement_bound(
@@ -349,14 +356,15 @@ class FallbackNewtonDescent(optx.AbstractDescent):
 
     def init(self, y, f_info_struct):
         del f_info_struct
-        return _NewtonState(y, jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, y.dtype))
+        return _initial_state(y)
 
     def query(self, y, f_info, state):
         gradient = f_info.grad
         newton, ok = newton_direction(f_info.hessian, gradient)
         decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
         decrement = jnp.where(ok, decrement, jnp.inf)
-        return _NewtonState(newton, state.fallbacks + (~ok).astype(jnp.int32), decrement)
+        fallbacks = state.fallbacks + (~ok).astype(jnp.int32)
+        return _NewtonState(newton, fallbacks, decrement, state.cg_steps)
 
     def step(self, step_size, state):
         return -step_size * state.newton, optx.RESULTS.successful
@@ -384,7 +392,7 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
 
     def init(self, y, f_info_struct):
         del f_info_struct
-        return _NewtonState(y, jnp.zeros((), jnp.int32), jnp.full((), jnp.inf, y.dtype))
+        return _initial_state(y)
 
     def query(self, y, f_info, state):
         gradient = f_info.grad
@@ -406,12 +414,13 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
             cg = lx.CG(rtol=forcing, atol=atol, max_steps=max_steps)  # pyright: ignore[reportArgumentType]
             # A truncated solve is a valid step here, so CG's `max_steps_reached` is
             # not an error.
-            return lx.linear_solve(f_info.hessian, gradient, cg, options=options, throw=False).value
+            solution = lx.linear_solve(f_info.hessian, gradient, cg, options=options, throw=False)
+            return solution.value, solution.stats["num_steps"]
 
         # Once the gradient test holds and only the loss test is left, the residual
         # must be small against `alpha2`: allow ten times the CG iterations.
         polish = gradient_norm <= self.gtol
-        newton = jax.lax.cond(
+        newton, cg_steps = jax.lax.cond(
             polish,
             lambda: solve(10 * self.max_cg_steps),
             lambda: solve(self.max_cg_steps),
@@ -420,7 +429,9 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
         newton = jnp.where(ok, newton, preconditioner.mv(gradient))
         decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
         decrement = jnp.where(ok, decrement, jnp.inf)
-        return _NewtonState(newton, state.fallbacks + (~ok).astype(jnp.int32), decrement)
+        fallbacks = state.fallbacks + (~ok).astype(jnp.int32)
+        cg_steps = state.cg_steps + cg_steps.astype(jnp.int32)
+        return _NewtonState(newton, fallbacks, decrement, cg_steps)
 
     def step(self, step_size, state):
         return -step_size * state.newton, optx.RESULTS.successful
