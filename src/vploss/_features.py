@@ -1,3 +1,4 @@
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,16 @@ def feature_map(model: Callable[[Array], Array], x: Array) -> Callable[[Array], 
             f"`model(x[j])` failed on one sample of shape {x.shape[1:]} and dtype "
             f"{x.dtype} (`x` has shape {x.shape}, batch first): {e}"
         ) from e
+    except _nnx_state_update_errors() as e:
+        # Flax's own message says only that a variable was mutated "from a different
+        # trace level", not why a per-sample model may not update its state, nor the fix.
+        raise ValueError(
+            "`model(x[j])` updated a variable of the model (a Flax NNX module with state, "
+            "such as BatchNorm or Dropout in training mode). The losses evaluate "
+            "`jax.vmap(model)(x)`, one sample at a time, so the model must be a pure "
+            "function of its sample: call `model.eval()` first (BatchNorm then uses its "
+            f"running statistics, Dropout does nothing). Flax's error: {e}"
+        ) from e
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise TypeError(
             f"`model(x[j])` must return one array of features; got {type(out).__name__}."
@@ -39,6 +50,13 @@ def feature_map(model: Callable[[Array], Array], x: Array) -> Callable[[Array], 
     if out.size == 0:
         raise ValueError("`model(x[j])` returned no features (m = 0).")
     return lambda sample: jnp.reshape(model(sample), (-1,))
+
+
+def _nnx_state_update_errors() -> tuple[type[Exception], ...]:
+    """The exception Flax NNX raises for a variable updated inside a JAX transform, or
+    none. Flax is looked up, never imported: if it is not loaded, it raised nothing."""
+    errors = sys.modules.get("flax.errors")
+    return (errors.TraceContextError,) if errors is not None else ()
 
 
 def evaluate_features(model: Callable[[Array], Array], x: Array) -> Float[Array, "N m"]:
