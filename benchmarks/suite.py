@@ -150,7 +150,7 @@ def varpro_flops(name, n, m, outputs, stats):
     return features + evaluations + hessians + 8 * n * p * k
 
 
-def _compile(loss_fn, model, *args, has_aux):
+def compile_step(loss_fn, model, *args, has_aux):
     """`value_and_grad` of `loss_fn(model, *args)` in the model's inexact leaves,
     traced and compiled now. Returns the step as a zero-argument callable, the seconds
     spent tracing and compiling, and the compiled executable."""
@@ -172,8 +172,18 @@ def _peak_bytes(compiled):
     return memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
 
 
+def plain_loss(loss):
+    """The baseline's loss of `(model, head)`: the MLP with a plain trainable head."""
+
+    def plain(model_and_head, x, y):
+        features_to_output = lambda xj: model_and_head[1](model_and_head[0](xj))
+        return loss.plain(jax.vmap(features_to_output)(x), y)
+
+    return plain
+
+
 @functools.cache
-def _trained(name, m, warmup_steps):
+def trained(name, m, warmup_steps):
     """The model after `warmup_steps` Adam steps of VarPro training on mini-batches of
     `WARMUP_BATCH` samples, and the readout of the last one: the next step's warm start,
     fitted on another batch, as in a training loop. The same for every N."""
@@ -189,19 +199,16 @@ def cell(name, n, m, repeats, warmup_steps=WARMUP_STEPS):
     batch size `n` and feature count `m`, their ratio and its flop-model limit, memory,
     compile time and the inner solve's iterations."""
     loss = LOSSES[name]
-    model, init = _trained(name, m, warmup_steps)
+    model, init = trained(name, m, warmup_steps)
     init = init if loss.warm else None
     hkey, xkey = jax.random.split(jax.random.PRNGKey(2))
     head = eqx.nn.Linear(m, loss.outputs, key=hkey)
     x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
 
-    def plain(model_and_head, x, y):
-        features_to_output = lambda xj: model_and_head[1](model_and_head[0](xj))
-        return loss.plain(jax.vmap(features_to_output)(x), y)
-
-    vp_step, compile_s, vp_compiled = _compile(loss.varpro, model, x, y, init, has_aux=True)
-    plain_step, _, plain_compiled = _compile(plain, (model, head), x, y, has_aux=False)
+    plain = plain_loss(loss)
+    vp_step, compile_s, vp_compiled = compile_step(loss.varpro, model, x, y, init, has_aux=True)
+    plain_step, _, plain_compiled = compile_step(plain, (model, head), x, y, has_aux=False)
     times = interleaved_medians({"plain": plain_step, "varpro": vp_step}, repeats)
     stats = vp_step()[0][1].stats
     square = f"[{n},{n}]" in vp_compiled.as_text()
@@ -216,11 +223,11 @@ def cell(name, n, m, repeats, warmup_steps=WARMUP_STEPS):
         "plain_mib": _peak_bytes(plain_compiled) / 2**20,
         "square": square,
         "compile_s": compile_s,
-        "inner": "-" if stats is None else _inner(stats),
+        "inner": "-" if stats is None else inner_summary(stats),
     }
 
 
-def _inner(stats):
+def inner_summary(stats):
     cg = (
         "" if stats.cg_steps is None or int(stats.cg_steps) == 0 else f" ({int(stats.cg_steps)} CG)"
     )
@@ -284,14 +291,10 @@ def ridge_shapes(repeats):
         x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
         y = loss.labels(x)
 
-        def plain(model_and_head, x, y):
-            features_to_output = lambda xj: model_and_head[1](model_and_head[0](xj))
-            return loss.plain(jax.vmap(features_to_output)(x), y)
-
-        steps = {"plain": _compile(plain, (model, head), x, y, has_aux=False)[0]}
+        steps = {"plain": compile_step(plain_loss(loss), (model, head), x, y, has_aux=False)[0]}
         for solver in ("dual", "cholesky"):
             ridge = lambda mdl, x, y, s=solver: vploss_msereg(mdl, x, y, alpha2=1e-6, solver=s)
-            steps[solver] = _compile(ridge, model, x, y, has_aux=True)[0]
+            steps[solver] = compile_step(ridge, model, x, y, has_aux=True)[0]
         times = interleaved_medians(steps, repeats)
         auto = "dual" if n < m + 1 else "cholesky"
         print(

@@ -246,7 +246,8 @@ def low_precision_loss(loss, dtype=jnp.bfloat16, model=None):
     model = low_precision_mlp(dtype) if model is None else model
 
     def call():
-        value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+        # Compiled: op-by-op dispatch of the whole solve took seconds per row.
+        value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
         (value, readout), grad = value_and_grad(model)
         return value, readout, grad, model, loss
 
@@ -255,7 +256,7 @@ def low_precision_loss(loss, dtype=jnp.bfloat16, model=None):
 
 def matches_float32(result):
     value, readout, grad, model, loss = result
-    reference, reference_readout = loss(Float32Output(model))
+    reference, reference_readout = eqx.filter_jit(loss)(Float32Output(model))
     assert value.dtype == jnp.float32 and reference.dtype == jnp.float32
     close(value, float(reference), rtol=LOW_PRECISION_RTOL, atol=0)
     for leaf, ref in zip(jax.tree.leaves(readout), jax.tree.leaves(reference_readout), strict=True):

@@ -247,6 +247,7 @@ def test_transforms():
     np.testing.assert_allclose(batched[1], loss(model, 2 * x, 1 - y), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_optax_loop_decreases_loss():
     model = mlp(in_size=3, features=4)
     x, y = _data()
@@ -304,6 +305,7 @@ def test_concrete_array_hyperparameters_under_jit(dtype):
         )
 
 
+@pytest.mark.slow
 def test_reduced_loss_independent_of_the_warm_start():
     """At the default float32 tolerance the loss from a warm start and from a cold one
     agree, and match the float64 optimum, to the documented loss tolerance

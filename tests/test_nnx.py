@@ -292,6 +292,7 @@ def python_blocks(path):
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
 
 
+@slow
 def test_the_documentation_snippets_run():
     """docs/nnx.md: its code blocks, run in order in one namespace, as a reader would."""
     blocks = python_blocks(pathlib.Path(__file__).parent.parent / "docs" / "nnx.md")

@@ -52,11 +52,15 @@ CASES = pytest.mark.parametrize("case", LOSSES.values(), ids=LOSSES.keys())
 # Where a check compiles long, the logistic loss runs it with the slow tests: its
 # curvature is diagonal like the Poisson loss's, the same code.
 CE_AND_POISSON = [pytest.param(LOSSES[name], id=name) for name in ("ce", "poisson")]
+# The shared checks with the logistic loss's variant among the slow tests.
+SLOW_BCE = pytest.mark.parametrize(
+    "case", [pytest.param(LOSSES["bce"], id="bce", marks=pytest.mark.slow), *CE_AND_POISSON]
+)
 # Integer weights: 0 drops a sample, 2 and 3 repeat it.
 WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
 
 
-@CASES
+@SLOW_BCE
 def test_envelope_gradient_float64(case):
     """The gradient is the derivative of the reduced loss: central differences agree to
     1e-6 and the Taylor remainder falls as O(h²) (SPEC section 4)."""
@@ -143,7 +147,7 @@ def test_float32_loss_matches_float64_on_the_same_features(case):
     assert abs(float(loss32) - float(loss64)) <= eps**0.5 * value + 32 * eps * (1 + value)
 
 
-@CASES
+@SLOW_BCE
 def test_solver_objects_equal_their_names(case):
     model = mlp()
     for name, solver in [("newton", vploss.Newton), ("newton-cg", vploss.NewtonCG)]:

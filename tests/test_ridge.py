@@ -295,6 +295,7 @@ def test_traced_alpha2_under_filter_jit():
         step(model, x, y, alpha2=jnp.asarray(-1.0))
 
 
+@pytest.mark.slow
 def test_optax_training_loop_decreases_the_loss():
     model = mlp(2, width=16, features=16, dtype=jnp.float32)
     x = jax.random.uniform(jax.random.PRNGKey(3), (128, 2), jnp.float32, -2, 2)
