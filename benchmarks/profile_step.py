@@ -1,22 +1,24 @@
-"""Where a VarPro step's time goes: the XLA operations of one compiled `value_and_grad`
-step of `benchmarks/suite.py`, timed by the JAX profiler, grouped by what they compute.
+"""Where a VarPro step's time goes: one compiled `value_and_grad` step of
+`benchmarks/suite.py`, split into separately compiled pieces and timed, and its XLA
+operations counted by the JAX profiler, grouped by what they compute.
 
     python benchmarks/profile_step.py ce 4096 64     # loss (msereg, bce, ce), N, m
 
-The step is the suite's (the same model, warm start and data). It runs a few times
-under `jax.profiler.trace`; each XLA operation's time is read from the trace and
-attributed by its `op_name` (the JAX transformation path recorded in the compiled HLO):
+The step is the suite's (the same model, warm start and data). Wall times (medians,
+interleaved) of:
 
-- feature map: the MLP's forward and backward pass (`eqx.nn.*` in the path);
-- inner solve, CG: the conjugate-gradient iterations of Newton–CG (`linear_solve`
-  inside the solver's loop);
-- inner solve, other: the rest of the solver's loop (objective, gradient, Hessian,
-  Cholesky, line search);
-- readout and gradient: everything outside the loop (the ridge solve, the checks, the
-  loss at the solution and its gradient in the features).
+- the plain step (MLP and trainable head) and the VarPro step;
+- the feature map alone, forward and backward (`jax.vjp` of the MLP on the batch);
+- the readout alone: the VarPro loss and its gradient in the features, on the
+  features computed once (what VarPro adds to the feature map), and its forward pass
+  (the solve and the checks without the envelope gradient).
 
-The same is printed for the plain step (MLP and trainable head), then the ten most
-expensive operations of the VarPro step with their paths and call counts.
+Then, from a trace of the VarPro step, how many XLA operations run per step in each
+part: the feature map (`eqx.nn.*` in the operation's `op_name`, the JAX path in the
+compiled HLO), the inner solver's loop, the conjugate-gradient iterations inside it
+(`linear_solve`), and the rest; and the operations run most often. On a CPU the
+trace's per-operation durations are not reported: large operations run asynchronously
+on the runtime's thread pool, and their events cover only the launch.
 """
 
 import os
@@ -26,6 +28,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before JAX loads, as in su
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -36,6 +39,7 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import suite  # noqa: E402
+from _common import interleaved_medians  # noqa: E402
 
 
 CALLS = 5
@@ -61,13 +65,13 @@ def _phase(op_name):
         return "feature map"
     if "while" in op_name:
         cg = re.search(r"linear_solve\)?/while", op_name)
-        return "inner solve, CG" if cg else "inner solve, other"
+        return "inner solve, CG iterations" if cg else "inner solve, the rest"
     return "readout and gradient"
 
 
-def profile(step, compiled):
-    """`(phase -> ms per call, [(ms per call, calls per call, name, op_name)])` of the
-    XLA operations of `step` (a zero-argument callable running `compiled`)."""
+def operation_counts(step, compiled):
+    """`(phase -> operations per call, [(calls per call, name, op_name)])` of the XLA
+    operations that `step` (a zero-argument callable running `compiled`) runs."""
     for _ in range(2):
         jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as directory:
@@ -78,18 +82,13 @@ def profile(step, compiled):
         events = json.load(gzip.open(trace))
     events = events["traceEvents"] if isinstance(events, dict) else events
     names = _op_names(compiled)
-    microseconds, counts = collections.Counter(), collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event.get("name") in names:
-            microseconds[event["name"]] += event.get("dur", 0)
-            counts[event["name"]] += 1
+    counts = collections.Counter(
+        event["name"] for event in events if event.get("ph") == "X" and event.get("name") in names
+    )
     phases = collections.Counter()
-    for name, total in microseconds.items():
-        phases[_phase(names[name])] += total / CALLS / 1e3
-    top = [
-        (total / CALLS / 1e3, counts[name] / CALLS, name, names[name])
-        for name, total in microseconds.most_common(10)
-    ]
+    for name, count in counts.items():
+        phases[_phase(names[name])] += count / CALLS
+    top = [(count / CALLS, name, names[name]) for name, count in counts.most_common(8)]
     return phases, top
 
 
@@ -98,6 +97,7 @@ def main():
     parser.add_argument("loss", choices=list(suite.LOSSES))
     parser.add_argument("n", type=int, help="batch size N")
     parser.add_argument("m", type=int, help="features m")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per piece")
     args = parser.parse_args()
     loss = suite.LOSSES[args.loss]
     model, init = suite.trained(args.loss, args.m, suite.WARMUP_STEPS)
@@ -105,24 +105,52 @@ def main():
     x = jax.random.uniform(jax.random.PRNGKey(2), (args.n, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
     head = eqx.nn.Linear(args.m, loss.outputs, key=jax.random.PRNGKey(3))
-    varpro = suite.compile_step(loss.varpro, model, x, y, init, has_aux=True)
-    plain = suite.compile_step(suite.plain_loss(loss), (model, head), x, y, has_aux=False)
-    stats = varpro[0]()[0][1].stats
+    features = jax.vmap(model)(x)
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def feature_map(params, x, cotangent):
+        evaluate = lambda p: jax.vmap(eqx.combine(p, static))(x)
+        return jax.vjp(evaluate, params)[1](cotangent)
+
+    def readout(model, features, y, init):  # `model` is the identity on the features
+        return loss.varpro(model, features, y, init)
+
+    identity = eqx.nn.Identity()
+    varpro, _, varpro_compiled = suite.compile_step(loss.varpro, model, x, y, init, has_aux=True)
+    steps = {
+        "plain step": suite.compile_step(
+            suite.plain_loss(loss), (model, head), x, y, has_aux=False
+        )[0],
+        "VarPro step": varpro,
+        "feature map, forward and backward": functools.partial(
+            eqx.filter_jit(feature_map), params, x, jnp.ones_like(features)
+        ),
+        "readout: loss and gradient in the features": functools.partial(
+            eqx.filter_jit(jax.value_and_grad(lambda f, *a: readout(identity, f, *a)[0])),
+            features,
+            y,
+            init,
+        ),
+        "readout: loss alone (solve and checks)": functools.partial(
+            eqx.filter_jit(readout), identity, features, y, init
+        ),
+    }
+    times = interleaved_medians(steps, args.repeats)
+    stats = varpro()[0][1].stats
     print(f"`{loss.name}`, N = {args.n}, m = {args.m}, float32, {jax.devices()[0].platform}")
     if stats is not None:
         print(f"inner solve: {suite.inner_summary(stats)}")
-    results = {"plain": profile(plain[0], plain[2]), "VarPro": profile(varpro[0], varpro[2])}
-    print("\n| phase | plain ms | VarPro ms |\n|---|---|---|")
-    phases = sorted(set(results["plain"][0]) | set(results["VarPro"][0]))
-    for phase in phases + ["total"]:
-        cells = [
-            sum(result[0].values()) if phase == "total" else result[0].get(phase, 0.0)
-            for result in results.values()
-        ]
-        print(f"| {phase} | {cells[0]:.2f} | {cells[1]:.2f} |")
-    print("\n| VarPro op | ms per step | calls per step | op_name |\n|---|---|---|---|")
-    for ms, calls, name, op_name in results["VarPro"][1]:
-        print(f"| {name} | {ms:.2f} | {calls:g} | `{op_name[-90:]}` |")
+    print("\n| piece | ms | / plain step |\n|---|---|---|")
+    for name, ms in times.items():
+        print(f"| {name} | {ms:.2f} | {ms / times['plain step']:.2f} |")
+    phases, top = operation_counts(varpro, varpro_compiled)
+    print("\n| part of the VarPro step | operations run |\n|---|---|")
+    for phase, count in sorted(phases.items()):
+        print(f"| {phase} | {count:.0f} |")
+    print("\n| operation | runs per step | op_name |\n|---|---|---|")
+    for count, name, op_name in top:
+        print(f"| {name} | {count:g} | `{op_name[-90:]}` |")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ def test_outer_bfgs_trains_the_model_full_batch():
 
 @pytest.mark.slow
 def test_validation_loss_through_the_readout_large():
-    """Beyond 256 coefficients the readout's derivative solves with the Hessian by
-    preconditioned CG on Hessian-vector products: checked against central differences."""
+    """A readout of 287 coefficients: its derivative, through the solve with the exact
+    Hessian, checked against central differences."""
     model = mlp(features=40)  # K(m + 1) = 7 · 41 = 287 coefficients
     x = jax.random.normal(jax.random.PRNGKey(0), (N, 3))
     y = jnp.floor(7 * jax.nn.sigmoid(2 * x[:, 0] + x[:, 1])).astype(jnp.int32)

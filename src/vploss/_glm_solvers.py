@@ -33,12 +33,17 @@ from ._readout_loss import GLMArgs, KroneckerPreconditioner, ReadoutObjective
 
 SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
 
-#: `AutoNewton` uses the exact Newton method while the readout has at most this many
-#: coefficients `p·k`, and Newton–CG beyond. Measured (float32, N = 4096, jitted
-#: `value_and_grad` step, alpha2 = 1e-4 and 1e-6): exact Newton is faster up to about
-#: 200 coefficients (1.5-2x at 33 and 99), even at 195, and slower from 325 on (1.7x at
-#: alpha2 = 1e-4, even at 1e-6; 4-5x at 650).
-MAX_EXACT_NEWTON_SIZE = 256
+#: `AutoNewton` uses the exact Newton method while one of its Hessians costs at most
+#: this many Hessian-vector products (`exact_newton_cost`), and Newton–CG beyond.
+#: Measured (float32, one CPU core, warm-started `value_and_grad` steps of an MLP
+#: 2 → 64 → 64 → m, N = 4096 and 16384, alpha2 = 1e-4; warm from another batch's
+#: readout and from the same batch's): exact Newton was 1.3-2.7x faster at costs 32-150
+#: (logistic with m = 256, 512, 1024; softmax with K = 5, m = 64 and K = 10, m = 16,
+#: 32), within 30% either way at 215 (K = 4, m = 128), and Newton–CG 1.2-1.7x faster
+#: at 234 (K = 3, m = 256) and 304 (K = 10, m = 64). Its float32 steps near the
+#: solution need many CG iterations (the loss test's residual), which exact Newton's
+#: Cholesky direction does not.
+MAX_EXACT_NEWTON_COST = 220
 
 #: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
 #: Hessian by Cholesky up to this many coefficients `p·k` (building it costs
@@ -164,10 +169,32 @@ class NewtonCG(AbstractGLMSolver):
         return _terminated(newton, objective, args, gtol)
 
 
+def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+    r"""The cost of one exact Newton step's Hessian in Hessian-vector products (the
+    unit of Newton–CG's cost), from the shapes alone: forming it costs $2Np^2(k +
+    r^2)$ flops (`ReadoutObjective.hessian`: the per-output Gram matrices and the
+    rank-one term's, $r$ its columns: $k - 1$ with a `basis`, else $k$; 0 without one)
+    and factoring it $(pk)^3/3$, for $N$ samples, $p$ coefficients per output and $k$
+    outputs; a product costs $4Np\max(k, 4)$: it reads the $N 	imes p$ features
+    twice, which costs about as much as a product with four columns (memory-bound)."""
+    num_samples, p = args.features.shape
+    k = args.labels.shape[1]
+    logits = jax.ShapeDtypeStruct((num_samples, k), args.features.dtype)
+    curvature = jax.eval_shape(objective.loss.curvature, logits, args.labels)
+    if curvature.rank_one is None:
+        rank_one = 0
+    else:
+        rank_one = k if objective.loss.basis(k) is None else k - 1
+    hessian = 2 * num_samples * p**2 * (k + rank_one**2) + (p * k) ** 3 / 3
+    return hessian / (4 * num_samples * p * max(k, 4))
+
+
 class AutoNewton(AbstractGLMSolver):
-    """`Newton` while the readout has at most `MAX_EXACT_NEWTON_SIZE = 256`
-    coefficients $(m+1)k$, else `NewtonCG` (measured: exact Newton is faster up to
-    about 200 coefficients, slower from 325 on). The default.
+    r"""`Newton` while one of its Hessians costs at most `MAX_EXACT_NEWTON_COST = 220`
+    Hessian-vector products (`exact_newton_cost`), else `NewtonCG`: exact Newton for
+    the logistic and Poisson losses up to about a thousand features, for the softmax
+    loss with K = 10 classes up to about 45 (its Hessian has the rank-one term of
+    $K - 1$ columns: $O(NK^2m^2)$ flops). The default.
 
     **Arguments:** `gtol`, `max_steps` as for `Newton`.
     """
@@ -176,7 +203,8 @@ class AutoNewton(AbstractGLMSolver):
     max_steps: int = _DEFAULT_MAX_STEPS
 
     def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
-        solver = Newton if num_coefficients <= MAX_EXACT_NEWTON_SIZE else NewtonCG
+        cheap = exact_newton_cost(objective, args) <= MAX_EXACT_NEWTON_COST
+        solver = Newton if cheap else NewtonCG
         return solver(gtol=self.gtol, max_steps=self.max_steps).optimistix_minimiser(
             objective, args, gtol, num_coefficients
         )

@@ -100,9 +100,9 @@ def vploss_bce(
     - an `optimistix.AbstractMinimiser` instance (e.g. `optx.BFGS(rtol, atol)`): used
         as it is, with its own stopping rule; it counts as converged when it reports
         success and the gradient is below `gtol`.
-    - `vploss.AutoNewton()` or `"auto"` (default): `"newton"` while the readout has
-        at most `MAX_EXACT_NEWTON_SIZE = 256` coefficients $(m+1)k$, else
-        `"newton-cg"`.
+    - `vploss.AutoNewton()` or `"auto"` (default): `"newton"` while one exact
+        Hessian costs at most `MAX_EXACT_NEWTON_COST = 220` Hessian-vector products
+        (`exact_newton_cost`: one output up to about m = 1000), else `"newton-cg"`.
 
     **Arguments:**
 
