@@ -260,3 +260,21 @@ def test_weights_of_any_scale(function):
         scaled_loss, scaled_grad = value_and_grad(scale * weights)
         np.testing.assert_allclose(scaled_loss, loss, rtol=1e-6)
         np.testing.assert_allclose(scale * scaled_grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_chooses_newton_by_the_cost_of_a_hessian():
+    """`"auto"` takes exact Newton where a Hessian costs few Hessian-vector products (one
+    output, 300 features: about 50) and Newton–CG where it costs many (ten classes, 48
+    features: the rank-one term of nine columns, about 320), and both converge."""
+    features = jax.random.normal(jax.random.PRNGKey(0), (200, 300))
+    logistic = (features[:, 0] > 0).astype(features.dtype)
+    bce = jax.jit(lambda f, y: vploss.vploss_bce(lambda s: s, f, y, alpha2=1e-2)[1].stats)
+    stats = bce(features, logistic)
+    assert int(stats.cg_steps) == 0 and bool(stats.converged)
+
+    classes = jnp.argmax(features[:, :10], axis=1)
+    ce = jax.jit(
+        lambda f, y: vploss.vploss_ce(lambda s: s, f, y, alpha2=1e-2, num_classes=10)[1].stats
+    )
+    stats = ce(features[:, :48], classes)
+    assert int(stats.cg_steps) > 0 and bool(stats.converged)
