@@ -104,7 +104,7 @@ def main():
     init = init if loss.warm else None
     x = jax.random.uniform(jax.random.PRNGKey(2), (args.n, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
-    head = eqx.nn.Linear(args.m, loss.outputs, key=jax.random.PRNGKey(3))
+    head = eqx.nn.Linear(args.m, loss.outputs, key=jax.random.PRNGKey(3), dtype=jnp.float32)
     features = jax.vmap(model)(x)
 
     params, static = eqx.partition(model, eqx.is_inexact_array)

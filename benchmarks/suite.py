@@ -202,7 +202,7 @@ def cell(name, n, m, repeats, warmup_steps=WARMUP_STEPS):
     model, init = trained(name, m, warmup_steps)
     init = init if loss.warm else None
     hkey, xkey = jax.random.split(jax.random.PRNGKey(2))
-    head = eqx.nn.Linear(m, loss.outputs, key=hkey)
+    head = eqx.nn.Linear(m, loss.outputs, key=hkey, dtype=jnp.float32)
     x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
     y = loss.labels(x)
 
@@ -287,7 +287,7 @@ def ridge_shapes(repeats):
     for n, m in ((256, 4096), (4096, 256)):
         mkey, hkey, xkey = jax.random.split(jax.random.PRNGKey(0), 3)
         model = feature_mlp(m, key=mkey)
-        head = eqx.nn.Linear(m, "scalar", key=hkey)
+        head = eqx.nn.Linear(m, "scalar", key=hkey, dtype=jnp.float32)
         x = jax.random.uniform(xkey, (n, 2), jnp.float32, -2.0, 2.0)
         y = loss.labels(x)
 
