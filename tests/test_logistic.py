@@ -35,7 +35,7 @@ def _data(k=None, soft=False, seed=0):
 @pytest.mark.parametrize(
     "k, soft, use_bias",
     [
-        (None, False, True),
+        pytest.param(None, False, True, marks=pytest.mark.slow),
         (None, True, True),
         pytest.param(3, False, True, marks=pytest.mark.slow),
         pytest.param(2, True, False, marks=pytest.mark.slow),

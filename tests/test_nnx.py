@@ -161,11 +161,14 @@ def _sum_of_squares(residual_and_readout):
 x_cls = jax.random.normal(jax.random.key(2), (48, 2), jnp.float64)
 y_cls = (x_cls[:, 0] > 0).astype(jnp.int32) + (x_cls[:, 1] > 0.5).astype(jnp.int32)
 # The losses share the feature evaluation (`jax.vmap(model)(x)`, or its derivatives in
-# `x` for the flow), so one classification loss runs by default, the others with the
-# slow tests (about two seconds of compilation each, three times that for the flow).
+# `x` for the flow), which the default run checks with the ridge loss's training test;
+# every loss runs with the slow tests (about two seconds of compilation each, three
+# times that for the flow).
 slow = pytest.mark.slow
 LOSSES = [
-    pytest.param(lambda m: vploss.vploss_ce(m, x_cls, y_cls, num_classes=3, alpha2=1e-3), id="ce"),
+    pytest.param(
+        lambda m: vploss.vploss_ce(m, x_cls, y_cls, num_classes=3, alpha2=1e-3), id="ce", marks=slow
+    ),
     pytest.param(
         lambda m: vploss.vploss_bce(m, x_cls, (y_cls > 0).astype(float), alpha2=1e-3),
         id="bce",

@@ -175,7 +175,7 @@ def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
     r^2)$ flops (`ReadoutObjective.hessian`: the per-output Gram matrices and the
     rank-one term's, $r$ its columns: $k - 1$ with a `basis`, else $k$; 0 without one)
     and factoring it $(pk)^3/3$, for $N$ samples, $p$ coefficients per output and $k$
-    outputs; a product costs $4Np\max(k, 4)$: it reads the $N 	imes p$ features
+    outputs; a product costs $4Np\max(k, 4)$: it reads the $N \times p$ features
     twice, which costs about as much as a product with four columns (memory-bound)."""
     num_samples, p = args.features.shape
     k = args.labels.shape[1]
