@@ -170,7 +170,7 @@ def _print_stats(name, stats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--bce-alpha2", type=float, default=1e-6)
     parser.add_argument("--ce-alpha2", type=float, nargs="+", default=[1e-4, 1e-6])

@@ -93,7 +93,7 @@ def operation_counts(step, compiled):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("loss", choices=list(suite.LOSSES))
     parser.add_argument("n", type=int, help="batch size N")
     parser.add_argument("m", type=int, help="features m")
@@ -140,7 +140,7 @@ def main():
     stats = varpro()[0][1].stats
     print(f"`{loss.name}`, N = {args.n}, m = {args.m}, float32, {jax.devices()[0].platform}")
     if stats is not None:
-        print(f"inner solve: {suite.inner_summary(stats)}")
+        print(f"inner solve (steps, CG iterations, converged): {suite.inner_summary(stats)}")
     print("\n| piece | ms | / plain step |\n|---|---|---|")
     for name, ms in times.items():
         print(f"| {name} | {ms:.2f} | {ms / times['plain step']:.2f} |")

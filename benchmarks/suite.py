@@ -305,10 +305,12 @@ def ridge_shapes(repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--quick", action="store_true", help="a small grid, fewer repeats")
     parser.add_argument("--repeats", type=int, help="timed calls per step (default 10, quick 5)")
-    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    parser.add_argument(
+        "--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses to run"
+    )
     parser.add_argument("--skip-shapes", action="store_true", help="skip the ridge shapes")
     args = parser.parse_args()
     sizes, widths = (QUICK_SIZES, QUICK_WIDTHS) if args.quick else (SIZES, WIDTHS)

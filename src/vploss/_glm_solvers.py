@@ -42,7 +42,9 @@ SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
 #: 32), within 30% either way at 215 (K = 4, m = 128), and Newton–CG 1.2-1.7x faster
 #: at 234 (K = 3, m = 256) and 304 (K = 10, m = 64). Its float32 steps near the
 #: solution need many CG iterations (the loss test's residual), which exact Newton's
-#: Cholesky direction does not.
+#: Cholesky direction does not. From a cold start (no `init`) Newton–CG was 2-4x faster
+#: near the threshold (softmax at costs 150-215), from a warm start exact Newton; warm
+#: starts are the training loop's case.
 MAX_EXACT_NEWTON_COST = 220
 
 #: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
@@ -192,7 +194,8 @@ def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
 class AutoNewton(AbstractGLMSolver):
     r"""`Newton` while one of its Hessians costs at most `MAX_EXACT_NEWTON_COST = 220`
     Hessian-vector products (`exact_newton_cost`), else `NewtonCG`: exact Newton for
-    the logistic and Poisson losses up to about a thousand features, for the softmax
+    the logistic and Poisson losses up to about 1,400-1,700 features at N ≥ 1000
+    (about 600 at N = 50: the factorisation's share grows), for the softmax
     loss with K = 10 classes up to about 45 (its Hessian has the rank-one term of
     $K - 1$ columns: $O(NK^2m^2)$ flops). The default.
 

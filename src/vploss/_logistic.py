@@ -102,7 +102,8 @@ def vploss_bce(
         success and the gradient is below `gtol`.
     - `vploss.AutoNewton()` or `"auto"` (default): `"newton"` while one exact
         Hessian costs at most `MAX_EXACT_NEWTON_COST = 220` Hessian-vector products
-        (`exact_newton_cost`: one output up to about m = 1000), else `"newton-cg"`.
+        (see `vploss.AutoNewton`: one output up to about m = 1500), else
+        `"newton-cg"`.
 
     **Arguments:**
 

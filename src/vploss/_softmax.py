@@ -170,7 +170,7 @@ def vploss_ce(
     $\frac1N\sum_j(\operatorname{diag}(s_j) - s_j s_j^\top)\otimes\hat f_j\hat
     f_j^\top + \alpha_2 I$ has $(K(m+1))^2$ entries and costs $O(N K^2 m^2)$ per
     step, so `"auto"` uses `"newton"` while that costs at most `MAX_EXACT_NEWTON_COST
-    = 220` Hessian-vector products (`exact_newton_cost`; K = 10: up to about m = 45)
+    = 220` Hessian-vector products (`vploss.AutoNewton`; K = 10: up to about m = 45)
     and `"newton-cg"` beyond: Hessian-vector products $\hat F^\top(S \odot U -
     S \odot (S \odot U)\mathbf 1\mathbf 1^\top)/N + \alpha_2 V$, $U = \hat F V$
     ($O(N K m)$ each), preconditioned by the Kronecker factors of the mean curvature
