@@ -25,6 +25,7 @@ One symmetric eigendecomposition makes it cheap for every $\alpha$: `O(p)` per v
 
 import functools
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -199,6 +200,50 @@ def _spectrum(
     )
 
 
+def minimise_on_log_grid(
+    fn: Callable[[Float[Array, "*g"]], Float[Array, "*g"]], grid: Float[Array, " g"]
+) -> Scalar:
+    r"""The minimiser of a function of one variable (here $\log\alpha$) over an
+    interval: `fn` (elementwise, so evaluated on the whole ascending `grid` at once) is
+    minimised on the grid, and the best point refined by golden-section search between
+    its two neighbours (`_REFINE_STEPS` steps). The refinement can only improve on the
+    grid point (a multimodal cell never makes it worse). All `jax.lax`: jittable and
+    vmappable; the penalty choice of GCV and of the stochastic readout's sampled GCV."""
+    values = fn(grid)
+    best = jnp.argmin(values)
+    last = grid.shape[0] - 1
+    lo = grid[jnp.maximum(best - 1, 0)]
+    hi = grid[jnp.minimum(best + 1, last)]
+
+    def golden_step(_, state):
+        lo, hi, c, fc, d, fd = state
+        # Keep the better interior point and place a new one in the larger part.
+        left = fc < fd
+        new_lo = jnp.where(left, lo, c)
+        new_hi = jnp.where(left, d, hi)
+        new = jnp.where(
+            left,
+            new_hi - _INV_GOLDEN * (new_hi - new_lo),
+            new_lo + _INV_GOLDEN * (new_hi - new_lo),
+        )
+        f_new = fn(new)
+        # Left: the old c becomes d and the new point c; right: the old d becomes c.
+        c, fc, d, fd = (
+            jnp.where(left, new, d),
+            jnp.where(left, f_new, fd),
+            jnp.where(left, c, new),
+            jnp.where(left, fc, f_new),
+        )
+        return new_lo, new_hi, c, fc, d, fd
+
+    c = hi - _INV_GOLDEN * (hi - lo)
+    d = lo + _INV_GOLDEN * (hi - lo)
+    state = (lo, hi, c, fn(c), d, fn(d))
+    _, _, c, fc, d, fd = jax.lax.fori_loop(0, _REFINE_STEPS, golden_step, state)
+    candidates = jnp.stack([grid[best], c, d])
+    return candidates[jnp.argmin(jnp.stack([values[best], fc, fd]))]
+
+
 # Compiled once per shape and dtype: called eagerly, the golden-section loop would
 # otherwise be traced and compiled again on every call.
 @functools.partial(jax.jit, static_argnames="intercept")
@@ -247,40 +292,7 @@ def gcv_penalty(
         _GRID_POINTS,
         dtype=dtype,
     )
-    values, _ = spectrum(grid)
-    best = jnp.argmin(values)
-    lo = grid[jnp.maximum(best - 1, 0)]
-    hi = grid[jnp.minimum(best + 1, _GRID_POINTS - 1)]
-    f = lambda t: spectrum(t)[0]  # noqa: E731
-
-    def golden_step(_, state):
-        lo, hi, c, fc, d, fd = state
-        # Keep the better interior point and place a new one in the larger part.
-        left = fc < fd
-        new_lo = jnp.where(left, lo, c)
-        new_hi = jnp.where(left, d, hi)
-        new = jnp.where(
-            left,
-            new_hi - _INV_GOLDEN * (new_hi - new_lo),
-            new_lo + _INV_GOLDEN * (new_hi - new_lo),
-        )
-        f_new = f(new)
-        # Left: the old c becomes d and the new point c; right: the old d becomes c.
-        c, fc, d, fd = (
-            jnp.where(left, new, d),
-            jnp.where(left, f_new, fd),
-            jnp.where(left, c, new),
-            jnp.where(left, fc, f_new),
-        )
-        return new_lo, new_hi, c, fc, d, fd
-
-    c = hi - _INV_GOLDEN * (hi - lo)
-    d = lo + _INV_GOLDEN * (hi - lo)
-    state = (lo, hi, c, f(c), d, f(d))
-    _, _, c, fc, d, fd = jax.lax.fori_loop(0, _REFINE_STEPS, golden_step, state)
-    # The refinement can only improve on the grid (a multimodal cell never makes it worse).
-    candidates = jnp.stack([grid[best], c, d])
-    log_alpha = candidates[jnp.argmin(jnp.stack([values[best], fc, fd]))]
+    log_alpha = minimise_on_log_grid(lambda t: spectrum(t)[0], grid)
     gcv, dof = spectrum(log_alpha)
     alpha = jnp.exp(log_alpha)
     return alpha, GCVStats(alpha2=alpha, gcv=gcv, dof=dof)
