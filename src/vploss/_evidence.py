@@ -2,7 +2,7 @@ r"""The readout penalty of a readout loss by the Laplace approximation of the ev
 (MacKay's fixed point), for the stochastic readout `WindowedReadout`."""
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, ArrayLike, Float, Scalar
 
 from ._misc import matmul
 from ._readout_loss import class_grams, GLMArgs, ReadoutObjective
@@ -33,7 +33,7 @@ def data_hessian_eigenvalues(
 
 
 def evidence_penalty(
-    objective: ReadoutObjective, coef: Float[Array, "p k"], args: GLMArgs, count: Scalar
+    objective: ReadoutObjective, coef: Float[Array, "p k"], args: GLMArgs, count: ArrayLike
 ) -> tuple[Scalar, Scalar]:
     r"""MacKay's fixed-point update of the readout penalty (MacKay, "Bayesian
     interpolation", Neural Comput. 4(3), 1992; "The evidence framework applied to
