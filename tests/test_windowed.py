@@ -50,8 +50,7 @@ def _stacked(readout):
     return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]], axis=0)
 
 
-@pytest.mark.parametrize("classes", [None, 3])
-@pytest.mark.parametrize("memory", [0, 2])
+@pytest.mark.parametrize(("classes", "memory"), [(None, 0), (3, 2)])
 def test_readout_is_the_exact_readout_of_the_window(classes, memory):
     """After each batch the readout minimises the loss over the current batch and the
     last `memory` stored batches (fewer at the start) at the state's penalty: checked
@@ -156,6 +155,7 @@ def test_gradient_is_that_of_the_batch_loss_at_the_fixed_readout():
     np.testing.assert_allclose(flatten(grads), flatten(expected), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_scan_and_checkpoint():
     """The state is a pytree: a `lax.scan` equals the Python loop, and a state saved and
     loaded with `eqx.tree_serialise_leaves` continues identically."""
@@ -184,6 +184,7 @@ def test_scan_and_checkpoint():
     np.testing.assert_array_equal(resumed.coef, final.coef)
 
 
+@pytest.mark.slow
 def test_float32_window_is_within_its_loss_bound():
     """Float32 (an MLP's features): the window's objective at the float32 readout,
     evaluated in float64, exceeds the float64 minimum by at most the solver's reported

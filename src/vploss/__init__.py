@@ -42,9 +42,9 @@ from ._residual import (
 )
 from ._ridge import vploss_msereg as vploss_msereg
 from ._slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
-from ._windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 from ._softmax import SoftmaxCrossEntropy as SoftmaxCrossEntropy, vploss_ce as vploss_ce
 from ._streaming import refit_readout as refit_readout
+from ._windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 
 
 __version__ = importlib.metadata.version("vploss")

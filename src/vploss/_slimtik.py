@@ -233,7 +233,10 @@ class SlimTik(eqx.Module):
         as_flag("use_bias", self.use_bias)
 
     def init(
-        self, model: Callable[..., Any], x: Shaped[ArrayLike, "N ..."], y: Shaped[ArrayLike, " _N *k"]
+        self,
+        model: Callable[..., Any],
+        x: Shaped[ArrayLike, "N ..."],
+        y: Shaped[ArrayLike, " _N *k"],
     ) -> SlimTikState:
         """The state before the first batch: a zero readout, an empty memory, $a_0 = 0$.
 
@@ -304,7 +307,11 @@ class SlimTik(eqx.Module):
             )
         features, targets = glm_features(model, x, targets, self.use_bias)
         expected = (features.shape[1], targets.shape[1])
-        if state.coef.shape != expected or state.grams.shape != (self.memory, expected[0], expected[0]):
+        if state.coef.shape != expected or state.grams.shape != (
+            self.memory,
+            expected[0],
+            expected[0],
+        ):
             raise ValueError(
                 f"`state` is for {state.coef.shape[0]} coefficients and "
                 f"{state.coef.shape[1]} output(s) with a memory of "

@@ -129,7 +129,9 @@ class WindowedReadout(eqx.Module):
     alpha2: float | str = eqx.field(static=True, default="evidence")
     alpha2_init: float = eqx.field(static=True, default=1e-3)
     use_bias: bool = eqx.field(static=True, default=True)
-    solver: AbstractGLMSolver = eqx.field(default="auto", converter=lambda s: as_glm_solver(s, None, None))
+    solver: AbstractGLMSolver = eqx.field(
+        default="auto", converter=lambda s: as_glm_solver(s, None, None)
+    )
     throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
@@ -140,8 +142,7 @@ class WindowedReadout(eqx.Module):
         if isinstance(self.alpha2, str):
             if self.alpha2 != "evidence":
                 raise ValueError(
-                    '`alpha2` must be a number > 0 or the string "evidence"; got '
-                    f"{self.alpha2!r}."
+                    f'`alpha2` must be a number > 0 or the string "evidence"; got {self.alpha2!r}.'
                 )
         else:
             as_alpha("alpha2", self.alpha2, positive=True)
@@ -288,8 +289,5 @@ class WindowedReadout(eqx.Module):
         scale = jnp.where(scale > 0, scale, 1)
         eps = jnp.finfo(alpha2.dtype).eps
         proposal = jnp.where(jnp.isfinite(proposal), proposal, _MAX_PENALTY_FACTOR * alpha2)
-        proposal = jnp.clip(
-            proposal, alpha2 / _MAX_PENALTY_FACTOR, alpha2 * _MAX_PENALTY_FACTOR
-        )
+        proposal = jnp.clip(proposal, alpha2 / _MAX_PENALTY_FACTOR, alpha2 * _MAX_PENALTY_FACTOR)
         return jnp.clip(proposal, eps * scale, 100 * scale)
-
