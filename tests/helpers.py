@@ -213,3 +213,18 @@ def repeated(weights, *arrays):
     drops the sample): the data set that integer weights stand for."""
     index = np.repeat(np.arange(len(weights)), np.asarray(weights))
     return tuple(np.asarray(a)[index] for a in arrays)
+
+
+def scanned_updates(rule, model):
+    """`run(state, xs, ys) -> (state, losses)`: the stochastic readout `rule`'s `update`
+    on the batches `(xs[i], ys[i])` in turn, in one compiled `lax.scan`."""
+
+    @eqx.filter_jit
+    def run(state, xs, ys):
+        def body(state, batch):
+            loss, (_, state) = rule.update(model, *batch, state)
+            return state, loss
+
+        return jax.lax.scan(body, state, (xs, ys))
+
+    return run

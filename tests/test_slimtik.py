@@ -12,7 +12,7 @@ import pytest
 import vploss
 from vploss import SlimTik, SlimTikState, vploss_msereg
 
-from .helpers import flatten, mlp
+from .helpers import flatten, mlp, scanned_updates
 
 
 def identity(features):
@@ -179,14 +179,7 @@ def test_scan_checkpoint_and_vmap():
     xs = jnp.asarray(np.stack([b[0] for b in batches]))
     ys = jnp.asarray(np.stack([b[1] for b in batches]))
     state0 = slimtik.init(identity, xs[0], ys[0])
-
-    @eqx.filter_jit
-    def run(state, xs, ys):
-        def body(state, batch):
-            loss, (_, state) = slimtik.update(identity, *batch, state)
-            return state, loss
-
-        return jax.lax.scan(body, state, (xs, ys))
+    run = scanned_updates(slimtik, identity)
 
     final, _ = run(state0, xs, ys)
     looped = _run(slimtik, batches)[-1][2]

@@ -15,7 +15,7 @@ from vploss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, WindowedReado
 from vploss._evidence import data_hessian_eigenvalues
 from vploss._readout_loss import GLMArgs, ReadoutObjective
 
-from .helpers import flatten, logistic_reference, mlp
+from .helpers import flatten, logistic_reference, mlp, scanned_updates
 
 
 def identity(features):
@@ -164,14 +164,7 @@ def test_scan_and_checkpoint():
     xs = jnp.asarray(np.stack([b[0] for b in batches]))
     ys = jnp.asarray(np.stack([b[1] for b in batches]))
     state0 = rule.init(identity, xs[0], ys[0])
-
-    @eqx.filter_jit
-    def run(state, xs, ys):
-        def body(state, batch):
-            loss, (_, state) = rule.update(identity, *batch, state)
-            return state, loss
-
-        return jax.lax.scan(body, state, (xs, ys))
+    run = scanned_updates(rule, identity)
 
     final, _ = run(state0, xs, ys)
     looped = _run(rule, batches)[-1][3]

@@ -175,6 +175,21 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
     return array
 
 
+def check_stochastic_options(memory: object, alpha2: object, rule: str) -> None:
+    """The options of a stochastic readout (`SlimTik`, `WindowedReadout`): `memory` a
+    Python integer `>= 0` (it sets the state's shape), `alpha2` a number `> 0` or the
+    string `rule` that chooses it automatically."""
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise ValueError(f"`memory` must be an integer >= 0; got {memory!r}.")
+    if isinstance(alpha2, str):
+        if alpha2 != rule:
+            raise ValueError(
+                f'`alpha2` must be a number > 0 or the string "{rule}"; got {alpha2!r}.'
+            )
+    else:
+        as_alpha("alpha2", alpha2, positive=True)  # pyright: ignore[reportArgumentType]
+
+
 def as_flag(name: str, value: object) -> bool:
     """A static Python bool (it changes shapes, so it cannot be traced)."""
     if not isinstance(value, bool):

@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar, Shaped
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, RuntimeChecks
+from ._checks import (
+    as_alpha,
+    as_batch,
+    as_flag,
+    as_targets,
+    check_stochastic_options,
+    RuntimeChecks,
+)
 from ._features import glm_features, parameter_penalty
 from ._gcv import GCVStats, minimise_on_log_grid
 from ._misc import matmul
@@ -221,15 +228,7 @@ class SlimTik(eqx.Module):
     use_bias: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
-            raise ValueError(f"`memory` must be an integer >= 0; got {self.memory!r}.")
-        if isinstance(self.alpha2, str):
-            if self.alpha2 != "sgcv":
-                raise ValueError(
-                    f'`alpha2` must be a number > 0 or the string "sgcv"; got {self.alpha2!r}.'
-                )
-        else:
-            as_alpha("alpha2", self.alpha2, positive=True)
+        check_stochastic_options(self.memory, self.alpha2, "sgcv")
         as_flag("use_bias", self.use_bias)
 
     def init(

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
 
-from ._checks import as_alpha, as_batch, as_flag, RuntimeChecks
+from ._checks import as_alpha, as_batch, as_flag, check_stochastic_options, RuntimeChecks
 from ._envelope import envelope_minimise
 from ._evidence import evidence_penalty
 from ._features import glm_features, parameter_penalty
@@ -137,15 +137,7 @@ class WindowedReadout(eqx.Module):
     def __check_init__(self):
         if not isinstance(self.loss, AbstractReadoutLoss):
             raise TypeError(f"`loss` must be a `vploss.AbstractReadoutLoss`; got {self.loss!r}.")
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 0:
-            raise ValueError(f"`memory` must be an integer >= 0; got {self.memory!r}.")
-        if isinstance(self.alpha2, str):
-            if self.alpha2 != "evidence":
-                raise ValueError(
-                    f'`alpha2` must be a number > 0 or the string "evidence"; got {self.alpha2!r}.'
-                )
-        else:
-            as_alpha("alpha2", self.alpha2, positive=True)
+        check_stochastic_options(self.memory, self.alpha2, "evidence")
         as_alpha("alpha2_init", self.alpha2_init, positive=True)
         as_flag("use_bias", self.use_bias)
         as_flag("throw", self.throw)
