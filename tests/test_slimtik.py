@@ -152,12 +152,11 @@ def test_gradient_is_that_of_the_batch_loss_at_the_fixed_updated_readout():
     rng = np.random.default_rng(3)
     x, y = jnp.asarray(rng.normal(size=(16, 3))), jnp.asarray(rng.normal(size=(16, 2)))
     slimtik = SlimTik(memory=3)
-    state = slimtik.init(model, x, y)
-    _, (_, state) = slimtik.update(model, x, y, state)  # a non-trivial memory
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(slimtik.update, has_aux=True))
+    # A first batch, for a non-trivial memory.
+    (_, (_, state)), _ = value_and_grad(model, x, y, slimtik.init(model, x, y), alpha1=0.01)
     x2, y2 = x + 0.1, y[::-1]
-    (loss, (readout, _)), grads = eqx.filter_value_and_grad(slimtik.update, has_aux=True)(
-        model, x2, y2, state, alpha1=0.01
-    )
+    (loss, (readout, _)), grads = value_and_grad(model, x2, y2, state, alpha1=0.01)
 
     def fixed_readout_loss(model):
         predictions = jax.vmap(lambda xi: readout(model(xi)))(x2)
