@@ -157,6 +157,7 @@ def test_samples(model, fitted):
     assert bool(jnp.all(jnp.isfinite(log_probs(flow, model, x))))
 
 
+@pytest.mark.slow
 def test_warm_start_gives_the_same_solution(model, data, fitted):
     loss, flow = fitted
     warm_loss, warm = loss_and_flow(model, data, solver=SOLVER, init=flow)

@@ -185,6 +185,7 @@ def test_float32_gradient_close_to_float64():
     assert unexplained <= 4 * evaluation + second_order
 
 
+@pytest.mark.slow
 def test_separable_small_alpha2_cold_start():
     x = jax.random.normal(jax.random.PRNGKey(3), (N, 2))
     y = (x[:, 0] > 0).astype(jnp.float64)

@@ -48,7 +48,10 @@ def _stacked(readout):
     return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]], axis=0)
 
 
-@pytest.mark.parametrize(("memory", "alpha2"), [(0, "sgcv"), (2, 0.05), (8, "sgcv")])
+@pytest.mark.parametrize(
+    ("memory", "alpha2"),
+    [(0, "sgcv"), (2, 0.05), pytest.param(8, "sgcv", marks=pytest.mark.slow)],
+)
 def test_update_solves_the_windowed_problem(memory, alpha2):
     """Each update is the minimiser of the windowed problem: the current batch, the
     previous readout weighted by the remembered batches' Gram matrices and the previous
@@ -129,6 +132,7 @@ def test_sampled_gcv_minimises_a_brute_force_curve():
         seen.append(features)
 
 
+@pytest.mark.slow
 def test_first_step_without_memory_is_ordinary_gcv():
     """From a zero readout with no memory, sGCV is the GCV of the batch's ridge problem:
     the penalty of `vploss_msereg(alpha2="gcv")`'s GCV (of the uncentred problem, the

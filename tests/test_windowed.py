@@ -50,7 +50,9 @@ def _stacked(readout):
     return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]], axis=0)
 
 
-@pytest.mark.parametrize(("classes", "memory"), [(None, 0), (3, 2)])
+@pytest.mark.parametrize(
+    ("classes", "memory"), [pytest.param(None, 0, marks=pytest.mark.slow), (3, 2)]
+)
 def test_readout_is_the_exact_readout_of_the_window(classes, memory):
     """After each batch the readout minimises the loss over the current batch and the
     last `memory` stored batches (fewer at the start) at the state's penalty: checked
