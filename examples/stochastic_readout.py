@@ -105,6 +105,8 @@ def train(kind, data, steps, evaluate_every, key, lr=3e-3):
     jax.block_until_ready(step(params, opt_state, state, x[batches[0]], y[batches[0]]))
     rows, elapsed = [], 0.0
     for i in tqdm(range(1, steps + 1), desc=kind, leave=False, disable=None):
+        # The penalty this step solves with (the new state holds the next step's).
+        penalty = state.alpha2 if kind == "windowed" else np.nan
         start = time.perf_counter()
         params, opt_state, state, readout = step(
             params, opt_state, state, x[batches[i - 1]], y[batches[i - 1]]
@@ -113,8 +115,7 @@ def train(kind, data, steps, evaluate_every, key, lr=3e-3):
         elapsed += time.perf_counter() - start
         if i % evaluate_every == 0:
             net = params[0] if kind == "plain" else params
-            penalty = float(state.alpha2) if kind == "windowed" else np.nan
-            rows.append((i, elapsed, float(predict(net, readout)), penalty))
+            rows.append((i, elapsed, float(predict(net, readout)), float(penalty)))
     return np.array(rows)
 
 

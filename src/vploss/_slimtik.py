@@ -183,7 +183,12 @@ class SlimTik(eqx.Module):
     $100\lambda_{\max}(S_k) + 10a_{k-1}$, refined by golden-section search; one
     eigendecomposition of $S_k$ serves every $a$. So the readout needs neither a
     learning rate nor a penalty. On the first batch from a zero readout with `memory=0`
-    it is ordinary GCV. A number `alpha2` fixes $\lambda_k = \alpha_2$ instead.
+    it is ordinary GCV. A number `alpha2` fixes $\lambda_k = \alpha_2$ instead; then
+    $a_k = k\alpha_2$ grows with the step, and with a finite memory the readout moves
+    less and less (a decreasing step, as in the sampled Tikhonov methods, which converge
+    to the Tikhonov solution of fixed data), which suits fixed features. For features
+    that change, sGCV can lower $a_k$. Note that `readout.stats.alpha2` is the total
+    $a_k$, not $\lambda_k$.
 
     **The gradient** for the network's parameters $\theta$ is that of the current
     batch's loss at the updated readout, held fixed (slimTrain):
@@ -241,9 +246,10 @@ class SlimTik(eqx.Module):
 
         **Arguments:**
 
-        - `model`, `x`, `y`: the feature map and a batch (or one sample) shaped like the
-            training batches, from which the shapes and the working dtype are read
-            (the model is not run: `jax.eval_shape`).
+        - `model`, `x`, `y`: the feature map and a batch, batch-first like the training
+            batches (`x[:1]`, `y[:1]` will do: the batch size may differ), from which
+            the shapes and the working dtype are read (the model is not run:
+            `jax.eval_shape`).
 
         **Returns:**
 

@@ -119,7 +119,9 @@ class WindowedReadout(eqx.Module):
     - `alpha2`: `"evidence"` or a number $> 0$, the penalty.
     - `alpha2_init`: with `"evidence"`, the penalty of the first solve (default 1e-3).
     - `use_bias`: whether the readout has a bias $b$ (penalised like $W$).
-    - `solver`: the inner solver, as `vploss_glm`'s `solver` (default `"auto"`).
+    - `solver`: the inner solver, as `vploss_glm`'s `solver` (default `"auto"`); a
+        solver object carries its tolerance and step budget (e.g.
+        `vploss.Newton(gtol=1e-6, max_steps=50)`).
     - `throw`: whether an inner solve that did not converge is a runtime error (else
         read `readout.stats.converged`).
     """
@@ -203,8 +205,9 @@ class WindowedReadout(eqx.Module):
         `(loss, (readout, state))`, for `eqx.filter_value_and_grad(..., has_aux=True)`:
         the batch's mean loss at the window's readout plus
         $\frac{\alpha_1}2\|\theta\|^2$, the `VPLinear` (its `stats` a
-        `vploss.InnerStats` of the window's solve) and the new state (its `alpha2` the
-        next step's penalty).
+        `vploss.InnerStats` of the window's solve, at the penalty of the state passed in)
+        and the new state (its `alpha2` the next step's penalty, so record the state's
+        `alpha2` before the call for the penalty this step used).
 
         **Raises:**
 
@@ -248,7 +251,7 @@ class WindowedReadout(eqx.Module):
             state.coef.astype(dtype),
             check=RuntimeChecks(
                 f"the windowed readout of {self.loss.name}",
-                errors=[(labels.invalid, labels.message)],
+                errors=[(labels.invalid, f"In `WindowedReadout.update`: {labels.message}")],
                 finite={"x": x},
                 throw=self.throw,
             ),
