@@ -4,8 +4,7 @@ r"""The readout penalty of a readout loss by the Laplace approximation of the ev
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Scalar
 
-from ._misc import matmul
-from ._readout_loss import class_grams, GLMArgs, ReadoutObjective
+from ._readout_loss import class_grams, GLMArgs, ReadoutObjective, weighted_gram
 
 
 def data_hessian_eigenvalues(
@@ -23,9 +22,7 @@ def data_hessian_eigenvalues(
     if rank_one is None and curved is None:
         grams = jnp.moveaxis(class_grams(features, diagonal), 1, 0)
         return jnp.maximum(jnp.linalg.eigvalsh(grams), 0).reshape(-1)
-    weights = jnp.ones(features.shape[0], features.dtype) if args.weights is None else args.weights
-    gram = matmul((features * weights[:, None]).T, features) / features.shape[0]
-    gram_eigenvalues = jnp.maximum(jnp.linalg.eigvalsh(gram), 0)
+    gram_eigenvalues = jnp.maximum(jnp.linalg.eigvalsh(weighted_gram(features, args.weights)), 0)
     curvature_eigenvalues = jnp.maximum(
         jnp.linalg.eigvalsh(objective.mean_curvature(coef, args)), 0
     )

@@ -108,6 +108,14 @@ def _weighted_rows(rows: Float[Array, "N k"], weights: Float[Array, " N"] | None
     return rows if weights is None else rows * weights[:, None]
 
 
+def weighted_gram(
+    features: Float[Array, "N p"], weights: Float[Array, " N"] | None
+) -> Float[Array, "p p"]:
+    r"""$\hat F^\top\Omega\hat F/N$, the Gram matrix of the features with the sample
+    weights (normalised to mean 1; `None`: all 1): one matmul over samples."""
+    return matmul(_weighted_rows(features, weights).T, features) / features.shape[0]
+
+
 def class_grams(
     features: Float[Array, "N p"], diagonal: Float[Array, "N k"]
 ) -> Float[Array, "p k p"]:
@@ -281,9 +289,7 @@ class KroneckerPreconditioner(eqx.Module):
     gram_eigenvectors: Float[Array, "p p"]
 
     def __init__(self, objective: ReadoutObjective, args: GLMArgs):
-        features = args.features
-        weighted = _weighted_rows(features, args.weights)
-        gram = matmul(weighted.T, features) / features.shape[0]
+        gram = weighted_gram(args.features, args.weights)
         eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
         # Rounding may leave tiny negative eigenvalues of these positive semidefinite
         # matrices; the preconditioner must stay positive definite.

@@ -56,7 +56,6 @@ class _Spectrum(eqx.Module):
     $S = V\Lambda V^\top$ of the memory, and its sampled GCV on the current batch."""
 
     eigenvalues: Float[Array, " p"]
-    eigenvectors: Float[Array, "p p"]
     projected_features: Float[Array, "n p"]  # B = F̂_k V
     gradient: Float[Array, "p k"]  # Vᵀ g
     coef: Float[Array, "p k"]  # Vᵀ Ŵ_{k-1}
@@ -112,7 +111,6 @@ def slimtik_update(
     residual = matmul(features, state.coef) - targets
     spectrum = _Spectrum(
         eigenvalues=eigenvalues,
-        eigenvectors=eigenvectors,
         projected_features=matmul(features, eigenvectors),
         gradient=matmul(eigenvectors.T, matmul(features.T, residual) / num_samples),
         coef=matmul(eigenvectors.T, state.coef),
