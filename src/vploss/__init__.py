@@ -8,6 +8,12 @@ from ._barrier import (
 from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
 from ._diagnostics import InnerStats as InnerStats
 from ._gcv import GCVStats as GCVStats
+from ._ggn import (
+    GaussNewtonOutputs as GaussNewtonOutputs,
+    GeneralisedGaussNewton as GeneralisedGaussNewton,
+    ggn_operator as ggn_operator,
+    vpggn as vpggn,
+)
 from ._glm import vploss_glm as vploss_glm
 from ._glm_solvers import (
     AbstractGLMSolver as AbstractGLMSolver,

@@ -1,0 +1,324 @@
+"""`vpggn`, `ggn_operator` and `GeneralisedGaussNewton`: the generalised Gauss–Newton
+matrix of the reduced loss, against a dense GGN assembled from Jacobians and an
+independently written loss Hessian, against finite differences of independently fitted
+readouts, against `vpjacobian_msereg` for ridge, and the minimiser against optimistix's
+Levenberg–Marquardt and the stationarity condition."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import vploss
+
+from .helpers import along, logistic_reference, mlp, random_direction, ridge_reference
+
+
+N, IN, M = 24, 2, 4
+
+
+def _problem(name, dtype=jnp.float64, weighted=True):
+    """`(x, loss function, y, keyword arguments)` of a small problem of each kind."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, IN), dtype)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    weights = jax.random.uniform(keys[0], (N,), dtype).at[:3].set(0.0)
+    if name == "msereg":
+        y = jnp.stack([jnp.sin(2 * x[:, 0]) * x[:, 1], jnp.cos(x[:, 1])], axis=1)
+        return x, vploss.vploss_msereg, y, dict(alpha2=1e-3, alpha1=1e-2)
+    if name == "msereg-weights":
+        return x, vploss.vploss_msereg, jnp.sin(x[:, 0]), dict(alpha2=1e-3, weights=weights)
+    if name == "bce":
+        return x, vploss.vploss_bce, (x[:, 0] * x[:, 1] > 0).astype(dtype), dict(alpha2=1e-2)
+    if name == "ce":
+        labels = (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0.5)
+        kwargs = dict(alpha2=1e-2, num_classes=3)
+        return x, vploss.vploss_ce, labels, dict(kwargs, weights=weights) if weighted else kwargs
+    if name == "poisson":
+        counts = jax.random.poisson(keys[1], jnp.exp(x[:, 0]), (N,)).astype(dtype)
+        return x, vploss.vploss_poisson, counts, dict(alpha2=1e-2, alpha1=1e-3)
+    raise AssertionError(name)
+
+
+def _reference_mean_loss(name, logits, y, kwargs):
+    """The (weighted) mean data loss in the `(N, k)` logits, written from the SPEC's
+    definitions, independently of the library's `curvature`."""
+    if name.startswith("msereg"):
+        per_sample = 0.5 * jnp.sum((logits - y.reshape(N, -1)) ** 2, axis=1)
+    elif name == "bce":
+        z = logits[:, 0]
+        per_sample = jnp.logaddexp(0.0, z) - y * z
+    elif name == "ce":
+        per_sample = jax.nn.logsumexp(logits, axis=1) - logits[jnp.arange(N), y]
+    else:
+        per_sample = jnp.exp(logits[:, 0]) - y * logits[:, 0]
+    weights = kwargs.get("weights")
+    if weights is None:
+        return jnp.mean(per_sample)
+    return jnp.sum(weights * per_sample) / jnp.sum(weights)
+
+
+def _features(model, x):
+    features = jax.vmap(model)(x)
+    return jnp.concatenate([features, jnp.ones((N, 1), features.dtype)], axis=1)
+
+
+def _setup(name, jacobian, dtype=jnp.float64, weighted=True):
+    x, loss, y, kwargs = _problem(name, dtype, weighted)
+    model = mlp(IN, width=5, depth=1, features=M, dtype=dtype)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def fn(params, args):
+        return vploss.vpggn(loss, eqx.combine(params, static), x, y, jacobian=jacobian, **kwargs)
+
+    return x, loss, y, kwargs, params, static, fn
+
+
+@eqx.filter_jit
+def _dense_ggn(fn, params):
+    """`ggn_operator`'s value, gradient and GGN (as a dense `(P, P)` matrix, one product
+    per basis vector) and outputs, compiled as one program."""
+    value, gradient, ggn, outputs = vploss.ggn_operator(fn, params, None)
+    flat, unravel = ravel_pytree(params)
+    columns = jax.vmap(lambda e: ravel_pytree(ggn.mv(unravel(e)))[0])
+    return value, gradient, columns(jnp.eye(flat.size, dtype=flat.dtype)), outputs
+
+
+NAMES = ["msereg", "msereg-weights", "bce", "ce", "poisson"]
+
+
+# The exact Jacobian's dense reference compiles `jax.jacfwd` through the implicit
+# derivative (10-20 s a loss): one loss runs with the README's command, all with -m slow.
+CASES = [
+    *((name, "fixed_readout") for name in ("msereg-weights", "bce", "ce")),
+    ("poisson", "exact"),
+    *(
+        pytest.param(name, "fixed_readout", marks=pytest.mark.slow)
+        for name in ("msereg", "poisson")
+    ),
+    *(pytest.param(name, "exact", marks=pytest.mark.slow) for name in NAMES[:-1]),
+]
+
+
+@pytest.mark.parametrize("name, jacobian", CASES)
+def test_ggn_equals_the_dense_ggn(name, jacobian):
+    """G = J_Zᵀ H J_Z + alpha2 J_Wᵀ J_W + alpha1 I with the Jacobians by `jax.jacfwd`
+    and H the Hessian of the loss written here; the gradient is the loss's own."""
+    x, loss, y, kwargs, params, static, fn = _setup(name, jacobian)
+    value, gradient, actual, outputs = _dense_ggn(fn, params)
+    flat, unravel = ravel_pytree(params)
+
+    def coefficients(theta):
+        _, readout = loss(eqx.combine(unravel(theta), static), x, y, **kwargs)
+        return jnp.concatenate([readout.weight.T, readout.bias[None]], axis=0)
+
+    coef = coefficients(flat)
+    if jacobian == "exact":
+        logits_of = lambda t: _features(eqx.combine(unravel(t), static), x) @ coefficients(t)  # noqa: E731
+        jac_w = jax.jacfwd(coefficients)(flat).reshape(coef.size, -1)
+    else:
+        logits_of = lambda t: _features(eqx.combine(unravel(t), static), x) @ coef  # noqa: E731
+        jac_w = jnp.zeros((coef.size, flat.size))
+    logits = logits_of(flat)
+    jac_z = jax.jacfwd(logits_of)(flat).reshape(logits.size, -1)
+    hessian = jax.hessian(lambda z: _reference_mean_loss(name, z, y, kwargs))(logits)
+    hessian = hessian.reshape(logits.size, logits.size)
+    alpha1, alpha2 = kwargs.get("alpha1", 0.0), kwargs["alpha2"]
+    expected = jac_z.T @ hessian @ jac_z + alpha2 * jac_w.T @ jac_w + alpha1 * jnp.eye(flat.size)
+
+    scale = np.max(np.abs(expected))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(outputs.logits, logits, rtol=1e-12, atol=1e-12)
+    loss_value, loss_grad = eqx.filter_value_and_grad(
+        lambda p: loss(eqx.combine(p, static), x, y, **kwargs)[0]
+    )(params)
+    np.testing.assert_allclose(value, loss_value, rtol=1e-14)
+    np.testing.assert_allclose(
+        ravel_pytree(gradient)[0], ravel_pytree(loss_grad)[0], rtol=1e-12, atol=1e-14
+    )
+    ggn = vploss.ggn_operator(fn, params, None)[2]
+    assert lx.is_symmetric(ggn) and lx.is_positive_semidefinite(ggn)
+
+
+def _readout_of(name, features, y, kwargs):
+    """The readout `[W, b]ᵀ` by an independent float64 NumPy solver."""
+    alpha2 = kwargs["alpha2"]
+    if name == "msereg":
+        return ridge_reference(features, y, alpha2, use_bias=False)[1]
+    if name == "bce":
+        labels = np.asarray(y)[:, None]
+        return logistic_reference(features, labels, alpha2, use_bias=False)[1]
+    one_hot = np.eye(3)[np.asarray(y)]
+    return logistic_reference(features, one_hot, alpha2, softmax=True, use_bias=False)[1]
+
+
+@pytest.mark.parametrize(
+    "name, jacobian",
+    [
+        ("msereg", "exact"),
+        ("bce", "fixed_readout"),
+        pytest.param("msereg", "fixed_readout", marks=pytest.mark.slow),
+        pytest.param("bce", "exact", marks=pytest.mark.slow),
+        pytest.param("ce", "exact", marks=pytest.mark.slow),
+        pytest.param("ce", "fixed_readout", marks=pytest.mark.slow),
+    ],
+)
+def test_ggn_against_finite_differences(name, jacobian):
+    """uᵀGv = (J_Z u)ᵀ H (J_Z v) + alpha2 (J_W u)·(J_W v) + alpha1 uᵀv with J u by central
+    differences of the logits, the readout refitted at each point by an independent
+    NumPy solver (exact) or held at the one fitted at θ (fixed readout)."""
+    x, loss, y, kwargs, params, static, fn = _setup(name, jacobian, weighted=False)
+    _, _, ggn, outputs = vploss.ggn_operator(fn, params, None)
+    flat, unravel = ravel_pytree(params)
+    rng = np.random.default_rng(0)
+    u, v = (jnp.asarray(rng.standard_normal(flat.size)) for _ in range(2))
+    features = lambda t: np.asarray(_features(eqx.combine(unravel(t), static), x))  # noqa: E731
+    coef0 = _readout_of(name, features(flat), y, kwargs)
+
+    def outputs_at(theta):
+        coef = _readout_of(name, features(theta), y, kwargs) if jacobian == "exact" else coef0
+        return features(theta) @ coef, coef
+
+    h = 1e-5
+
+    def jvp(direction):
+        (zp, wp), (zm, wm) = outputs_at(flat + h * direction), outputs_at(flat - h * direction)
+        return (zp - zm) / (2 * h), (wp - wm) / (2 * h)
+
+    (ju_z, ju_w), (jv_z, jv_w) = jvp(u), jvp(v)
+    hessian = jax.hessian(lambda z: _reference_mean_loss(name, z, y, kwargs))(outputs.logits)
+    hessian = np.asarray(hessian).reshape(ju_z.size, ju_z.size)
+    alpha1, alpha2 = kwargs.get("alpha1", 0.0), kwargs["alpha2"]
+    expected = (
+        ju_z.ravel() @ hessian @ jv_z.ravel() + alpha2 * np.sum(ju_w * jv_w) + alpha1 * float(u @ v)
+    )
+    actual = float(u @ ravel_pytree(ggn.mv(unravel(v)))[0])
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(alpha2=1e-3, alpha1=1e-2), marks=pytest.mark.slow),
+        dict(alpha2="gcv", weights=np.linspace(0, 2, N)),
+    ],
+)
+def test_ridge_ggn_is_the_gauss_newton_matrix_of_the_residual(kwargs):
+    """For `vploss_msereg`, G = J_rᵀ J_r with J_r from `vpjacobian_msereg`."""
+    x, _, y, _ = _problem("msereg")
+    model = mlp(IN, width=5, depth=1, features=M)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def fn(params, args):
+        return vploss.vpggn(vploss.vploss_msereg, eqx.combine(params, static), x, y, **kwargs)
+
+    value, gradient, actual, outputs = _dense_ggn(fn, params)
+    # GCV's minimiser rounds differently compiled: compare at the penalty it chose.
+    reference = dict(kwargs, alpha2=outputs.alpha2)
+    jacobian, residual, _ = vploss.vpjacobian_msereg(model, x, y, **reference)
+    expected = np.asarray(jacobian.T @ jacobian)
+    np.testing.assert_allclose(actual, expected, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(ravel_pytree(gradient)[0], jacobian.T @ residual, atol=1e-12)
+    np.testing.assert_allclose(value, 0.5 * jnp.sum(residual**2), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_float32_products_as_accurate_as_a_dense_float32_ggn():
+    """In float32, the products' error (against float64) is within a small multiple of
+    that of the dense float32 GGN from the same formula (a same-precision reference)."""
+    _, _, _, _, params64, _, fn64 = _setup("ce", "fixed_readout")
+    exact = np.asarray(_dense_ggn(fn64, params64)[2])
+    x, loss, y, kwargs, params, static, fn = _setup("ce", "fixed_readout", jnp.float32)
+    actual = np.asarray(_dense_ggn(fn, params)[2])
+
+    flat, unravel = ravel_pytree(params)
+    _, readout = loss(eqx.combine(params, static), x, y, **kwargs)
+    coef = jnp.concatenate([readout.weight.T, readout.bias[None]], axis=0)
+    logits_of = lambda t: _features(eqx.combine(unravel(t), static), x) @ coef  # noqa: E731
+    jac_z = jax.jacfwd(logits_of)(flat).reshape(N * 3, -1)
+    hessian = jax.hessian(lambda z: _reference_mean_loss("ce", z, y, kwargs))(logits_of(flat))
+    dense32 = np.asarray(jac_z.T @ hessian.reshape(N * 3, N * 3) @ jac_z)
+    assert actual.dtype == np.float32
+    reference_error = np.abs(dense32 - exact).max()
+    rounding = np.finfo(np.float32).eps * np.abs(exact).max()
+    assert np.abs(actual - exact).max() <= 10 * reference_error + 10 * rounding
+
+
+@pytest.mark.parametrize("name", ["msereg", pytest.param("bce", marks=pytest.mark.slow)])
+def test_exact_jacobian_with_exact_solves_is_optimistix_levenberg_marquardt(name):
+    """With the ridge loss and an exact linear solve, the minimiser's iterates are those
+    of `optimistix.LevenbergMarquardt` on `vpresidual_msereg` (the same damped system,
+    trust region and acceptance); for other losses, the loss decreases monotonically."""
+    x, loss, y, kwargs, params, static, fn = _setup(name, "exact")
+    solver = vploss.GeneralisedGaussNewton(rtol=0.0, atol=0.0, linear_solver=lx.Cholesky())
+    steps = 6
+    ours = optx.minimise(fn, solver, params, None, has_aux=True, max_steps=steps, throw=False)
+    assert ours.result == optx.RESULTS.nonlinear_max_steps_reached
+    if name != "msereg":
+        assert ours.aux.readout.stats.converged
+        assert fn(ours.value, None)[0] < fn(params, None)[0]
+        return
+
+    def residual(params, args):
+        return vploss.vpresidual_msereg(eqx.combine(params, static), x, y, **kwargs)
+
+    theirs = optx.least_squares(
+        residual,
+        optx.LevenbergMarquardt(rtol=0.0, atol=0.0, linear_solver=lx.QR()),
+        params,
+        has_aux=True,
+        max_steps=steps,
+        throw=False,
+    )
+    np.testing.assert_allclose(
+        ravel_pytree(ours.value)[0], ravel_pytree(theirs.value)[0], rtol=1e-8, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "jacobian", [pytest.param("exact", marks=pytest.mark.slow), "fixed_readout"]
+)
+def test_minimiser_fits_a_realisable_target(jacobian):
+    """Targets made by a network of the same architecture (a zero-residual problem, where
+    Gauss–Newton converges fast): from a perturbed start, the default solver (truncated
+    conjugate gradients) drives the loss and the gradient to near zero."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, IN))
+    teacher = mlp(IN, width=5, depth=1, features=M)
+    y = jax.vmap(teacher)(x) @ jnp.array([1.0, -2.0, 0.5, 1.5]) + 0.3
+    start = along(teacher, random_direction(teacher, 3), 0.3)
+    params, static = eqx.partition(start, eqx.is_inexact_array)
+
+    def loss(params):
+        return vploss.vploss_msereg(eqx.combine(params, static), x, y, alpha2=1e-10)[0]
+
+    def fn(params, args):
+        model = eqx.combine(params, static)
+        return vploss.vpggn(vploss.vploss_msereg, model, x, y, jacobian=jacobian, alpha2=1e-10)
+
+    solver = vploss.GeneralisedGaussNewton(rtol=1e-10, atol=1e-12)
+    solution = optx.minimise(fn, solver, params, None, has_aux=True, max_steps=60, throw=False)
+    assert loss(params) > 1e-3
+    assert loss(solution.value) < 1e-8
+    gradient = ravel_pytree(eqx.filter_grad(loss)(solution.value))[0]
+    assert np.abs(gradient).max() < 1e-5
+    assert isinstance(solution.aux.readout, vploss.VPLinear)
+
+
+def test_errors_name_what_was_expected():
+    x, loss, y, kwargs, params, static, _ = _setup("bce", "exact")
+    model = eqx.combine(params, static)
+    with pytest.raises(TypeError, match="vploss_msereg"):
+        vploss.vpggn(jnp.sum, model, x, y, alpha2=1e-2)
+    with pytest.raises(ValueError, match="fixed_readout"):
+        vploss.vpggn(loss, model, x, y, jacobian="kaufman", alpha2=1e-2)
+
+    def plain(params, args):
+        return loss(eqx.combine(params, static), x, y, **kwargs)
+
+    with pytest.raises(TypeError, match="GaussNewtonOutputs"):
+        optx.minimise(
+            plain, vploss.GeneralisedGaussNewton(rtol=1e-6, atol=1e-6), params, None, has_aux=True
+        )
