@@ -67,7 +67,9 @@ class LogBarrier(eqx.Module):
     rejected like infeasible ones. When the Newton decrement $\lambda^2/2 = -\tfrac12
     \nabla\varphi_t^\top \Delta w$ falls below `decrement_tol` (a fallback direction
     never counts as centred), the point is centred; then, if the duality gap $|C|/t$
-    is below `gap_tol` the solve ends, else $t \leftarrow \mu t$. The returned point
+    is below `gap_tol` the solve ends, else $t \leftarrow \min(\mu t, |C|/$`gap_tol`$)$
+    (the last weight just meets the tolerance rather than overshooting it by up to
+    $\mu$). The returned point
     $w_t$ satisfies $J(w_t) - \min J \le |C|/t$ (up to the centering accuracy).
 
     Everything runs in one `lax.while_loop`, so the solve is jittable and vmappable.
@@ -180,9 +182,15 @@ class LogBarrier(eqx.Module):
         next_weight = centred | (state.centring_steps + 1 >= self.max_centering_steps)
         finished = centred & (barrier.duality_gap(state.weight) <= gap_tol)
         done = finished | ~ok
+        # The last weight is the one that just meets `gap_tol`: overshooting it by up to
+        # the factor μ only makes the last centering harder (in float32, t·J then
+        # rounds so coarsely that Newton's method stalls short of the centre).
+        last = barrier.duality_gap(jnp.ones_like(state.weight)) / (gap_tol * (1 - 1e-3))
+        increased = self.weight_factor * state.weight
+        increased = jnp.where(state.weight < last, jnp.minimum(increased, last), increased)
         return _BarrierState(
             point=jnp.where(ok, state.point + size * step, state.point),
-            weight=jnp.where(next_weight & ~done, self.weight_factor * state.weight, state.weight),
+            weight=jnp.where(next_weight & ~done, increased, state.weight),
             num_steps=state.num_steps + 1,
             centring_steps=jnp.where(next_weight, 0, state.centring_steps + 1),
             fallback_steps=state.fallback_steps + (~newton).astype(jnp.int32),
