@@ -259,14 +259,26 @@ def gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Arr
     return jnp.minimum(1, jnp.sqrt(mean_square + alpha2))[:, None]
 
 
+def curvature_product(
+    diagonal: Float[Array, "N k"], rank_one: Float[Array, "N k"] | None, rows: Float[Array, "N k"]
+) -> Float[Array, "N k"]:
+    r"""$(\operatorname{diag}(d_j) - u_j u_j^\top)\,v_j$ for every row $j$: a `Curvature`
+    applied sample by sample."""
+    out = diagonal * rows
+    if rank_one is None:
+        return out
+    # The row dot products as a batched matmul: XLA's CPU compiler (jax 0.10.2)
+    # miscompiles `u * jnp.sum(u * v, axis=1, keepdims=True)` in float32 under
+    # `jit(vmap)` with batches of 32 or more (errors of order one, measured).
+    along = jnp.einsum("nk,nk->n", rank_one, rows, precision=jax.lax.Precision.HIGHEST)
+    return out - rank_one * along[:, None]
+
+
 def _hessian_product(features, alpha2, diagonal, rank_one, curved, vector):
     in_outputs = vector if curved is None else matmul(vector[:, :-1], curved.T)
     directions = matmul(features, in_outputs)
-    curved_directions = diagonal * directions
-    if rank_one is not None:
-        # The rank-one rows carry √ω each, so ω u uᵀ appears once.
-        along = jnp.sum(rank_one * directions, axis=1, keepdims=True)
-        curved_directions = curved_directions - rank_one * along
+    # The rank-one rows carry √ω each, so ω u uᵀ appears once.
+    curved_directions = curvature_product(diagonal, rank_one, directions)
     data = matmul(features.T, curved_directions) / features.shape[0]
     if curved is not None:
         data = jnp.pad(matmul(data, curved), ((0, 0), (0, 1)))
