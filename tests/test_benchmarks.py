@@ -1,5 +1,6 @@
 """The GPU check (`benchmarks/gpu_check.py`) runs in its tiny CPU version: every loss's
-float32 accuracy row passes, and every `benchmarks/suite.py` cell is measured."""
+float32 accuracy row passes, and every `benchmarks/suite.py` cell is measured; the
+second-order classification benchmark runs in its quick mode."""
 
 import pathlib
 import subprocess
@@ -33,3 +34,19 @@ def test_gpu_check_runs_tiny_on_a_cpu():
     cells = [line for line in costs.splitlines() if line.startswith("| `")]
     assert [cell.split("`")[1] for cell in cells] == ["vploss_msereg", "vploss_bce", "vploss_ce"]
     assert "accuracy passed" in output
+
+
+@pytest.mark.slow
+def test_ggn_classification_runs_quick(tmp_path):
+    """The second-order classification benchmark, in its quick mode on the circle: every
+    method runs, and the curves, summary and plot are written."""
+    script = SCRIPT.parent / "ggn_classification.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "circle", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = {path.suffix for path in tmp_path.iterdir()}
+    assert {".json", ".csv", ".png"} <= written, written
