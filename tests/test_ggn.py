@@ -279,9 +279,8 @@ def test_exact_jacobian_with_exact_solves_is_optimistix_levenberg_marquardt(name
     )
 
 
-@pytest.mark.parametrize(
-    "jacobian", [pytest.param("exact", marks=pytest.mark.slow), "fixed_readout"]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("jacobian", ["exact", "fixed_readout"])
 def test_minimiser_fits_a_realisable_target(jacobian):
     """Targets made by a network of the same architecture (a zero-residual problem, where
     Gauss–Newton converges fast): from a perturbed start, the default solver (truncated
