@@ -1,6 +1,7 @@
-"""Every script in `examples/` runs: in the default run, up to its command line (imports,
-definitions and argument parsing, with `--help`); in the slow run
-(`python -m pytest -m slow`, part of CI), end to end in its fast `--quick` mode."""
+"""Every script in `examples/` runs: up to its command line (imports, definitions and
+argument parsing, with `--help`; the README's example in the default run, the others
+with the slow tests), and in the slow run (`python -m pytest -m slow`, part of CI) end to
+end in its fast `--quick` mode."""
 
 import os
 import subprocess
@@ -22,7 +23,14 @@ def _run(script, *args, timeout):
     )
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(p, marks=() if p.stem == "peaks_approximation" else pytest.mark.slow)
+        for p in EXAMPLES
+    ],
+    ids=[p.stem for p in EXAMPLES],
+)
 def test_example_parses_its_command_line(script):
     result = _run(script, "--help", timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
