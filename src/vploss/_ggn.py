@@ -285,9 +285,10 @@ def _select(pred: Bool[Array, ""], on_true: Any, on_false: Any) -> Any:
     return eqx.combine(chosen, static)
 
 
-def _damped_gradient_step(f_info: optx.FunctionInfo.EvalGradHessian, step_size: Scalar) -> Any:
+def _damped_gradient_step(f_info: Any, step_size: Scalar) -> Any:
     r"""$-\frac{g^\top g}{g^\top (G + \lambda I) g}\,g$, $\lambda = 1/$`step_size`: the
-    minimiser of the damped quadratic model along the gradient."""
+    minimiser of the damped quadratic model along the gradient (`f_info` an
+    `optimistix.FunctionInfo.EvalGradHessian`)."""
     gradient = f_info.grad
     leaves = jtu.tree_leaves(gradient)
     squared = sum(jnp.vdot(g, g) for g in leaves)
@@ -313,7 +314,7 @@ class _GaussNewtonState(eqx.Module):
     first_step: Bool[Array, ""]
     y_eval: PyTree[Array]
     search_state: Any
-    f_info: optx.FunctionInfo.EvalGradHessian
+    f_info: Any  # optimistix.FunctionInfo.EvalGradHessian
     aux: GaussNewtonOutputs
     descent_state: Any
     terminate: Bool[Array, ""]
