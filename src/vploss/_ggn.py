@@ -427,7 +427,10 @@ class GeneralisedGaussNewton(optx.AbstractMinimiser):
         # it in float32 (measured on MNIST-1D and the circle). Then the minimiser of the
         # damped model along the gradient is used instead, a descent direction.
         finite = _all_finite(y_descent)
-        y_descent = _select(finite, y_descent, _damped_gradient_step(f_info, step_size))
+        # A `cond`, so that the fallback's GGN product is paid only where CG broke down.
+        y_descent = jax.lax.cond(
+            finite, lambda: y_descent, lambda: _damped_gradient_step(f_info, step_size)
+        )
         descent_result = optx.RESULTS.where(finite, descent_result, optx.RESULTS.successful)
         result = optx.RESULTS.where(
             search_result == optx.RESULTS.successful, descent_result, search_result
