@@ -127,8 +127,9 @@ def varpro_flops(name, n, m, outputs, stats):
     - ridge: the Gram matrix $2Np^2$, $\hat F^\top y$, the loss's residual and its
       gradient in the features ($2Npk$ each), the refinement steps ($4Npk$ each,
       `CholeskyRidge().refine_steps` of them) and two Cholesky factors ($p^3/3$ each);
-    - logistic: per inner step (`num_steps`, each one evaluation of the objective and
-      its gradient, $4Npk$), exact Newton's Hessian ($2Np^2$ per output, and $2N(p(k -
+    - logistic: at the start and after each inner update (`num_steps` + 1; rejected
+      line-search trials aside), one evaluation of the objective and its gradient
+      ($4Npk$), exact Newton's Hessian ($2Np^2$ per output, and $2N(p(k -
       1))^2$ more for the softmax's rank-one term) and its Cholesky factor
       ($(pk)^3/3$), or Newton–CG's `cg_steps` Hessian products and one more per step
       for the decrement bound ($4Npk$ each) and its preconditioner's Gram matrix
@@ -140,7 +141,7 @@ def varpro_flops(name, n, m, outputs, stats):
     if name == "msereg":
         refine_steps = CholeskyRidge().refine_steps
         return features + n * (2 * p * p + (6 + 4 * refine_steps) * p * k) + 2 * p**3 / 3
-    steps = int(stats.num_steps)
+    steps = int(stats.num_steps) + 1
     evaluations = steps * 4 * n * p * k
     if int(stats.cg_steps) == 0:  # `AutoNewton` chose exact Newton
         rank_one = 0 if k == 1 else 2 * (p * (k - 1)) ** 2

@@ -228,3 +228,45 @@ def scanned_updates(rule, model):
         return jax.lax.scan(body, state, (xs, ys))
 
     return run
+
+
+def logistic_problem(features, labels, alpha2):
+    """`(evaluate, zero)`: `evaluate(coef)` gives `J`, its gradient and its Hessian (as a
+    `(pk, pk)` matrix) for the logistic inner problem with a bias, `coef` = Ŵᵀ of shape
+    `(p, k)`, in NumPy float64, written independently of the library; `zero` is the
+    zero readout."""
+    features = np.asarray(features, np.float64)
+    features = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
+    labels = np.asarray(labels, np.float64).reshape(features.shape[0], -1)
+    n, p = features.shape
+    k = labels.shape[1]
+
+    def evaluate(coef):
+        z = features @ coef
+        s = 1 / (1 + np.exp(-z))
+        value = np.sum(np.logaddexp(0, z) - labels * z) / n + 0.5 * alpha2 * np.sum(coef**2)
+        grad = features.T @ (s - labels) / n + alpha2 * coef
+        hess = np.einsum("jp,jc,cd,jq->pcqd", features, s * (1 - s), np.eye(k), features) / n
+        return value, grad, hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
+
+    return evaluate, np.zeros((p, k))
+
+
+def armijo_updates(evaluate, coef, direction, count, slope=0.1):
+    """`count` updates `coef - t d` from `coef`, `d = direction(gradient, Hessian)` and `t`
+    the first of 1, 1/2, 1/4, ... that decreases `J` by the fraction `slope` of the
+    predicted decrease `t gᵀd` (the library's Armijo tests, their allowance for rounding
+    aside), for `evaluate(coef) -> (J, gradient, Hessian)`."""
+    for _ in range(count):
+        value, grad, hess = evaluate(coef)
+        step = direction(grad, hess)
+        t = 1.0
+        while evaluate(coef - t * step)[0] > value - slope * t * np.vdot(grad, step):
+            t /= 2
+        coef = coef - t * step
+    return coef
+
+
+def newton_step(grad, hess):
+    """The Newton direction `H⁻¹g` (for `armijo_updates`), `grad` of any shape."""
+    return np.linalg.solve(hess, grad.ravel()).reshape(grad.shape)

@@ -148,8 +148,41 @@ def test_indefinite_hessian_falls_back():
 
 def test_infeasible_start_is_reported(problem):
     a, b = problem
-    _, _, stats = solve(least_squares, (a, b), -jnp.ones(8), constrained=True)
+    _, w, stats = solve(least_squares, (a, b), -jnp.ones(8), constrained=True)
     assert not bool(stats.converged)
+    # The line search found no step: the iterate did not move, and no update is counted.
+    np.testing.assert_array_equal(w, -np.ones(8))
+    assert int(stats.num_steps) == 0
+
+
+def _numpy_barrier_update(a, b, w):
+    """One damped Newton update on `½‖Aw − b‖² − Σ log w` (the barrier weight 1): the
+    step size from the largest feasible one (shortened by 1%) halved until the Armijo
+    test with slope 1/4 holds; NumPy, float64."""
+
+    def phi(v):
+        return 0.5 * np.sum((a @ v - b) ** 2) - np.sum(np.log(v)) if np.all(v > 0) else np.inf
+
+    gradient = a.T @ (a @ w - b) - 1 / w
+    step = -np.linalg.solve(a.T @ a + np.diag(1 / w**2), gradient)
+    size = min(1.0, 0.99 * np.min(-w[step < 0] / step[step < 0], initial=np.inf))
+    while not phi(w + size * step) - phi(w) <= 0.25 * size * gradient @ step:
+        size /= 2
+    return w + size * step
+
+
+@pytest.mark.parametrize("steps", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_max_steps_counts_newton_updates(problem, steps):
+    """`max_steps=k` moves the iterate k times, each a Newton update with its line
+    search, and `num_steps` counts them."""
+    a, b = problem
+    solver = vploss.LogBarrier(max_steps=steps)
+    _, w, stats = solve(least_squares, (a, b), jnp.ones(8), constrained=True, solver=solver)
+    expected = np.ones(8)
+    for _ in range(steps):
+        expected = _numpy_barrier_update(a, b, expected)
+    np.testing.assert_allclose(w, expected, rtol=1e-12)
+    assert int(stats.num_steps) == steps
 
 
 def test_bad_options():

@@ -138,6 +138,25 @@ def test_inverse_round_trip(model, data, fitted):
     np.testing.assert_allclose(back, z, rtol=resolution, atol=resolution)
 
 
+@pytest.mark.slow
+def test_inverse_max_steps_counts_updates(model, fitted):
+    """`max_steps=1` takes one BFGS update from `x = z`: a gradient step on `Φ(x) − zᵀx`
+    with the Armijo search (slope 0.1, halving from 1). Optimistix's first step only
+    evaluates the start, so it returned `z` itself."""
+    _, flow = fitted
+    z = jnp.array([0.3, -0.2])
+    x = flow.inverse(model, z, max_steps=1, throw=False)
+
+    def objective(v):
+        return float(flow.potential(model, jnp.asarray(v))) - float(np.dot(z, v))
+
+    gradient = np.asarray(flow.transport(model, z)) - np.asarray(z)
+    size = 1.0
+    while objective(z - size * gradient) > objective(z) - 0.1 * size * gradient @ gradient:
+        size /= 2
+    np.testing.assert_allclose(x, z - size * gradient, rtol=1e-12)
+
+
 def test_density_integrates_to_one(model, fitted):
     _, flow = fitted
     # The inverse flow of a circle of radius 6 in z-space bounds all but 1.5e-8 of the

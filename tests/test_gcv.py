@@ -27,9 +27,11 @@ def _problem(n, m, k, noise, seed=0):
 
 def brute_force_gcv(features, targets, alphas, use_bias, weights=None):
     """`N‖(I − H_α)Y‖² / (N − tr H_α)²` from the hat matrix
-    `H_α = F̂ (F̂ᵀF̂/N + αI)⁻¹ F̂ᵀ/N = U diag(s²/(s² + α)) Uᵀ`, formed explicitly for every
-    α from NumPy's SVD of `F̂/√N` (backward stable, so also for features with a large
-    offset, whose Gram matrix would lose the small directions). With `weights`, the
+    `H_α = F̂ (F̂ᵀF̂/N + αI)⁻¹ F̂ᵀ/N = U diag(s²/(s² + α)) Uᵀ`, for every α from NumPy's
+    full SVD of `F̂/√N` (backward stable, so also for features with a large offset,
+    whose Gram matrix would lose the small directions): `(I − H_α)Y` has the coordinates
+    `α/(s_i² + α)·u_iᵀY` (`u_iᵀY` beyond the rank), so its norm is a sum of
+    non-negative terms, accurate also where the fit interpolates (N ≤ p, α → 0). With `weights`, the
     weighted problem with n = S = Σw: `S‖(I − H_α)D^½Y‖²/(S − tr H_α)²`, the SVD of
     `D^½F̂/√S`."""
     features = np.asarray(features, np.float64)
@@ -41,13 +43,16 @@ def brute_force_gcv(features, targets, alphas, use_bias, weights=None):
     if weights is not None:
         n = float(np.sum(weights))
     targets = root * targets
-    u, singular, _ = np.linalg.svd(root * features / np.sqrt(n), full_matrices=False)
+    u, singular, _ = np.linalg.svd(root * features / np.sqrt(n))
+    coordinates = np.sum((u.T @ targets) ** 2, axis=1)
     values, traces = [], []
     for alpha in np.atleast_1d(alphas):
-        hat = (u * (singular**2 / (singular**2 + alpha))) @ u.T
-        residual = targets - hat @ targets
-        values.append(n * np.sum(residual**2) / (n - np.trace(hat)) ** 2)
-        traces.append(np.trace(hat))
+        shrink = np.ones(len(coordinates))
+        shrink[: len(singular)] = alpha / (singular**2 + alpha)
+        # n − tr H as a sum of positive terms too.
+        slack = n - len(singular) + np.sum(shrink[: len(singular)])
+        values.append(n * np.sum(shrink**2 * coordinates) / slack**2)
+        traces.append(n - slack)
     return np.array(values), np.array(traces), singular[0] ** 2
 
 
@@ -252,3 +257,78 @@ def test_weighted_penalty_repeats_and_drops_samples(n, m, k, use_bias, noise):
     near = alpha * np.logspace(-0.2, 0.2, 9)
     curve, _, _ = brute_force_gcv(features, targets, near, use_bias, weights)
     assert value[0] <= curve.min() * (1 + 1e-10)
+
+
+def _noise_free(n, m, dtype, seed=0):
+    """Gaussian features and targets they fit exactly (issue 24's report): GCV's
+    minimum is below what the working precision resolves."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, m))
+    return features.astype(dtype), (features @ rng.normal(size=m)).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "n, m, use_bias, dtype, weighted",
+    [
+        (100, 50, True, np.float64, False),  # centred form
+        (40, 50, False, np.float64, False),  # dual form, N < p
+        (100, 50, False, np.float32, False),  # primal form
+        (40, 50, True, np.float32, False),
+        (100, 50, True, np.float64, True),
+    ],
+)
+def test_noise_free_targets_choose_a_resolved_reproducible_penalty(n, m, use_bias, dtype, weighted):
+    """Targets the features fit exactly: GCV falls below its rounding error as alpha
+    → 0, so its minimiser was wherever rounding put it (1e-31 and 1e-29, with losses
+    differing by 95% and 14% between two float64 evaluations). The brute-force float64
+    GCV of the data checks the chosen penalty: at least eps·λ_max (the working
+    precision's eps; below it the penalty is lost in the Gram matrix's rounding); within
+    the rounding of the minimum over the penalties from eps·tr G (the rounding of
+    forming G; with a bias, of the centred G plus 1), which is p·eps relative and, for
+    N > p, where the residual is ‖Y_c‖² less the fitted part, p·eps·‖Y_c‖²/N divided by
+    (1 − tr H/N)²; and near the top of that flat part (3α is beyond it). The samples
+    permuted give the same penalty, loss and readout to p·eps·κ, κ the condition number
+    of F̂'s nonzero spectrum."""
+    features, targets = _noise_free(n, m, dtype)
+    weights = np.random.default_rng(1).integers(1, 4, n) if weighted else None
+    eps = float(np.finfo(dtype).eps)
+
+    def fit(order):
+        w = None if weights is None else jnp.asarray(weights[order])
+        return vploss_msereg(
+            identity,
+            jnp.asarray(features[order]),
+            jnp.asarray(targets[order]),
+            alpha2="gcv",
+            use_bias=use_bias,
+            weights=w,
+        )
+
+    loss, readout = fit(np.arange(n))
+    alpha = float(readout.stats.alpha2)
+    _, _, top = brute_force_gcv(features, targets, 1.0, use_bias, weights)
+    assert alpha >= eps * top
+    mean = np.average(features, axis=0, weights=weights) if use_bias else 0.0
+    trace = np.average(np.sum((features - mean) ** 2, axis=1), weights=weights) + use_bias
+    grid = np.geomspace(eps * trace, 100 * top, 200)
+    (value, tripled), (trace, _), _ = brute_force_gcv(
+        features, targets, [alpha, 3 * alpha], use_bias, weights
+    )
+    curve, _, _ = brute_force_gcv(features, targets, grid, use_bias, weights)
+    count = n if weights is None else np.sum(weights)
+    mean = np.average(targets, weights=weights) if use_bias else 0.0
+    spread = np.average((targets - mean) ** 2, weights=weights)
+    p = m + use_bias
+    cancelled = spread / (1 - trace / count) ** 2 if n > p else 0.0
+    rounding = p * eps * (curve.min() + cancelled)
+    assert value <= curve.min() + 2 * rounding
+    assert tripled > curve.min() + rounding
+
+    other_loss, other = fit(np.random.default_rng(2).permutation(n))
+    singular = np.linalg.svd(
+        np.concatenate([features, np.ones((n, int(use_bias)))], axis=1), compute_uv=False
+    )
+    tolerance = p * eps * (singular[0] / singular[min(n, p) - 1]) ** 2
+    assert float(other.stats.alpha2) == pytest.approx(alpha, rel=tolerance, abs=0)
+    assert float(other_loss) == pytest.approx(float(loss), rel=tolerance, abs=0)
+    np.testing.assert_allclose(other.weight, readout.weight, rtol=tolerance, atol=tolerance)

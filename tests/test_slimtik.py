@@ -282,3 +282,38 @@ def test_errors():
         eqx.filter_jit(SlimTik(memory=2).update)(identity, bad, y, state)
     assert isinstance(state, SlimTikState)
     assert vploss.SlimTik is SlimTik
+
+
+@pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
+def test_noise_free_batches_choose_resolved_reproducible_penalties(dtype):
+    """Batches the features fit exactly: sGCV falls below its rounding error as the
+    penalty falls, so its minimiser was wherever rounding put it (the same batches
+    with their samples permuted chose other penalties). At every step the penalty is at
+    least eps·λ_max(S_k) (below it the penalty is lost in the rounding of S_k + aI),
+    and the permuted batches give the same penalties and readouts to p·eps·κ, κ the
+    condition number of S_k."""
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=12)
+    batches = []
+    for _ in range(3):
+        x = rng.normal(size=(30, 12))
+        batches.append((x.astype(dtype), (x @ truth + 0.5).astype(dtype)))
+    order = np.random.default_rng(1).permutation(30)
+    history = _run(SlimTik(memory=2), batches)
+    permuted = _run(SlimTik(memory=2), [(x[order], y[order]) for x, y in batches])
+    eps = float(np.finfo(dtype).eps)
+    seen = []
+    for (x, _), (_, readout, state), (_, other, other_state) in zip(
+        batches, history, permuted, strict=True
+    ):
+        features = _augment(x.astype(np.float64))
+        n, p = features.shape
+        seen.append(features.T @ features / n)
+        eigenvalues = np.linalg.eigvalsh(sum(seen[-3:]))
+        assert float(state.penalty) >= eps * eigenvalues[-1]
+        tolerance = p * eps * eigenvalues[-1] / eigenvalues[0]
+        penalty = float(state.penalty)
+        assert float(other_state.penalty) == pytest.approx(penalty, rel=tolerance, abs=0)
+        np.testing.assert_allclose(
+            _stacked(other), _stacked(readout), rtol=tolerance, atol=tolerance
+        )

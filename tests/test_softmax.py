@@ -7,6 +7,7 @@ import optimistix as optx
 import pytest
 from sklearn.datasets import load_digits
 
+import vploss
 import vploss._glm_solvers
 from vploss import vploss_ce
 
@@ -315,3 +316,165 @@ def test_float32_readout_derivative_digits(alpha2):
     np.testing.assert_allclose(float(forward), reference, rtol=rtol)
     np.testing.assert_allclose(float(reverse), reference, rtol=rtol)
     np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-4)
+
+
+# Issue 24: six samples of one small feature, three classes, and a penalty far below the
+# rounding of the gradient along the shift of all logits.
+X_TINY = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (6, 1))
+Y_TINY = jnp.array([0, 1, 2, 0, 1, 2])
+ALPHA2_TINY = 1e-12
+SOFT_TINY = 0.7 * jax.nn.one_hot(Y_TINY, K, dtype=jnp.float64) + 0.1
+WEIGHTS_TINY = jnp.array([1.0, 2.0, 0.5, 1.5, 1.0, 3.0])
+
+
+def zero_sum_reference(features, labels, alpha2, use_bias=True, weights=None):
+    """The penalised softmax readout `coef` = Ŵᵀ, shape `(p, K)`, by a dense NumPy Newton
+    method in float64 in the parametrisation `coef = V P`, `P = [I, -1]` (the last class
+    is minus the sum of the others), written independently of the library's basis. The
+    optimum lies in that subspace (shifting every class's row changes the loss not at
+    all and raises the penalty), so this is the optimum of the full problem, with rows
+    that sum to zero to rounding."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels, np.float64)
+    n = features.shape[0]
+    if use_bias:
+        features = np.concatenate([features, np.ones((n, 1))], axis=1)
+    p, k = features.shape[1], labels.shape[1]
+    omega = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    omega = omega / omega.sum()
+    basis = np.concatenate([np.eye(k - 1), -np.ones((k - 1, 1))], axis=1)
+
+    def value_grad_hess(v):
+        coef = v @ basis
+        z = features @ coef
+        zmax = z.max(axis=1, keepdims=True)
+        lse = zmax[:, 0] + np.log(np.sum(np.exp(z - zmax), axis=1))
+        s = np.exp(z - lse[:, None])
+        value = omega @ (lse - np.sum(labels * z, axis=1)) + 0.5 * alpha2 * np.sum(coef**2)
+        grad = features.T @ (omega[:, None] * (s - labels)) @ basis.T + alpha2 * coef @ basis.T
+        curvature = np.einsum("ja,ab->jab", s, np.eye(k)) - np.einsum("ja,jb->jab", s, s)
+        reduced = np.einsum("ca,jab,db->jcd", basis, curvature, basis)
+        hess = np.einsum("j,ja,jcd,jb->acbd", omega, features, reduced, features)
+        hess += alpha2 * np.einsum("ab,cd->acbd", np.eye(p), basis @ basis.T)
+        return value, grad, hess.reshape(p * (k - 1), p * (k - 1))
+
+    v = np.zeros((p, k - 1))
+    for _ in range(100):
+        value, grad, hess = value_grad_hess(v)
+        if np.max(np.abs(grad)) <= 1e-15:
+            break
+        step = np.linalg.solve(hess, grad.ravel()).reshape(v.shape)
+        t = 1.0
+        while value_grad_hess(v - t * step)[0] > value and t > 1e-10:
+            t /= 2
+        v = v - t * step
+    return v @ basis
+
+
+def assert_zero_sum(readout, dtype=jnp.float64):
+    """The rows of the readout (weight and bias) sum to zero over the classes to the
+    rounding of a sum of K entries of size max|Ŵ|."""
+    rows = [readout.weight] + ([] if readout.bias is None else [readout.bias[:, None]])
+    rows = np.concatenate([np.asarray(r, np.float64) for r in rows], axis=1)
+    tolerance = 10 * K * float(jnp.finfo(dtype).eps) * np.max(np.abs(rows))
+    assert np.max(np.abs(rows.sum(axis=0))) <= tolerance, rows.sum(axis=0)
+
+
+def assert_matches_zero_sum_reference(readout, labels, use_bias=True, weights=None, rtol=1e-8):
+    coef = zero_sum_reference(X_TINY, labels, ALPHA2_TINY, use_bias, weights)
+    scale = np.max(np.abs(coef))
+    np.testing.assert_allclose(readout.weight, coef[:1].T, rtol=rtol, atol=rtol * scale)
+    if use_bias:
+        np.testing.assert_allclose(readout.bias, coef[1], rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize(
+    "labels, kwargs",
+    [
+        pytest.param(Y_TINY, dict(num_classes=K), id="integer"),
+        pytest.param(
+            SOFT_TINY, dict(use_bias=False), id="probabilities-no-bias", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            SOFT_TINY,
+            dict(weights=WEIGHTS_TINY, solver="newton-cg"),
+            id="probabilities-weights-newton-cg",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_zero_sum_over_classes_at_a_tiny_penalty(labels, kwargs):
+    """The softmax loss does not change when every class's row of Ŵ gains the same
+    vector, and the penalty picks the rows that sum to zero: solved in all K directions,
+    the rounding of the gradient along that shift, divided by alpha2, was a shift of
+    the readout (sums up to 1e-4 at alpha2 = 1e-12)."""
+    targets = jax.nn.one_hot(labels, K, dtype=jnp.float64) if labels.ndim == 1 else labels
+    _, readout = vploss_ce(lambda v: v, X_TINY, labels, alpha2=ALPHA2_TINY, gtol=1e-12, **kwargs)
+    assert bool(readout.stats.converged)
+    assert_zero_sum(readout)
+    assert_matches_zero_sum_reference(
+        readout, targets, kwargs.get("use_bias", True), kwargs.get("weights")
+    )
+
+
+@pytest.mark.slow
+def test_zero_sum_readout_derivative():
+    """The readout's implicit derivative (here in `x`) keeps the rows' zero sum, and
+    matches central differences of the reference."""
+    direction = jax.random.normal(jax.random.PRNGKey(3), X_TINY.shape)
+
+    def weight(x):
+        return vploss_ce(lambda v: v, x, Y_TINY, num_classes=K, alpha2=ALPHA2_TINY)[1].weight
+
+    _, tangent = jax.jvp(weight, (X_TINY,), (direction,))
+    size = float(jnp.max(jnp.abs(tangent)))
+    eps = float(jnp.finfo(jnp.float64).eps)
+    assert float(jnp.max(jnp.abs(tangent.sum(axis=0)))) <= 10 * K * eps * size
+    targets = jax.nn.one_hot(Y_TINY, K, dtype=jnp.float64)
+    h = 1e-6
+    plus, minus = (
+        zero_sum_reference(X_TINY + s * direction, targets, ALPHA2_TINY) for s in (h, -h)
+    )
+    np.testing.assert_allclose(tangent, (plus - minus)[:1].T / (2 * h), rtol=1e-5, atol=1e-5 * size)
+
+
+@pytest.mark.slow
+def test_zero_sum_float32():
+    """In float32 at alpha2 = 1e-6 the shift was more than ten times this rounding."""
+    x32 = X_TINY.astype(jnp.float32)
+    _, readout = vploss_ce(lambda v: v, x32, Y_TINY, num_classes=K, alpha2=1e-6)
+    assert readout.weight.dtype == jnp.float32 and bool(readout.stats.converged)
+    assert_zero_sum(readout, jnp.float32)
+
+
+def _windowed(labels):
+    solver = vploss.Newton(gtol=1e-12)
+    loss = vploss.SoftmaxCrossEntropy(K)
+    rule = vploss.WindowedReadout(loss, memory=0, alpha2=ALPHA2_TINY, solver=solver)
+    state = rule.init(lambda v: v, X_TINY, labels)
+    return rule.update(lambda v: v, X_TINY, labels, state)[1][0]
+
+
+def _refit(labels):
+    batches = [(X_TINY[:4], labels[:4]), (X_TINY[4:], labels[4:])]
+    return vploss.refit_readout(
+        lambda v: v, batches, loss=vploss_ce, num_classes=K, alpha2=ALPHA2_TINY, gtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        pytest.param(_windowed, id="windowed"),
+        pytest.param(_refit, id="refit", marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("labels", [Y_TINY, SOFT_TINY], ids=["integer", "probabilities"])
+def test_zero_sum_of_the_stochastic_and_streamed_readouts(fit, labels):
+    """The same for the other paths that fit a softmax readout: `WindowedReadout` (its
+    window here the batch alone) and `refit_readout`."""
+    readout = fit(labels)
+    assert bool(readout.stats.converged)
+    assert_zero_sum(readout)
+    targets = jax.nn.one_hot(labels, K, dtype=jnp.float64) if labels.ndim == 1 else labels
+    assert_matches_zero_sum_reference(readout, targets)

@@ -8,7 +8,7 @@ import pytest
 
 import vploss
 
-from .helpers import logistic_reference, mlp
+from .helpers import armijo_updates, logistic_problem, logistic_reference, mlp, newton_step
 
 
 N, IN, M = 50, 3, 6
@@ -125,16 +125,24 @@ def test_ce_newton_passes_equal_one_shot(one_hot):
     assert bool(streamed.stats.converged)
 
 
-def test_budget_and_throw():
+@pytest.mark.parametrize("passes", [2, 3])
+def test_budget_and_throw(passes):
+    """The first pass evaluates the start, each further one a trial step: `max_passes=k`
+    allows k - 1 Newton updates, here each a full step, and `stats.num_steps` counts the
+    updates (it counted the passes)."""
     labels, x = _data()
     model = mlp(IN, features=M)
     batches = _split(x, labels["binary"])
-    kwargs = dict(loss=vploss.vploss_bce, alpha2=1e-3, gtol=1e-14, max_passes=2)
-    with pytest.raises(RuntimeError, match="did not converge within 2 passes"):
+    kwargs = dict(loss=vploss.vploss_bce, alpha2=1e-3, gtol=1e-14, max_passes=passes)
+    with pytest.raises(RuntimeError, match=f"did not converge within {passes} passes"):
         vploss.refit_readout(model, batches, **kwargs)
     readout = vploss.refit_readout(model, batches, throw=False, **kwargs)
     assert not bool(readout.stats.converged)
-    assert int(readout.stats.num_steps) == 2
+    assert int(readout.stats.num_steps) == passes - 1
+    evaluate, zero = logistic_problem(jax.vmap(model)(x), labels["binary"], 1e-3)
+    expected = armijo_updates(evaluate, zero, newton_step, passes - 1, slope=0.25)
+    coef = np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]])
+    np.testing.assert_allclose(coef, expected, rtol=1e-10, atol=1e-12)
 
 
 def _bad_inputs():

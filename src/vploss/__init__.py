@@ -18,6 +18,7 @@ from ._glm import vploss_glm as vploss_glm
 from ._glm_solvers import (
     AbstractGLMSolver as AbstractGLMSolver,
     AutoNewton as AutoNewton,
+    KernelNewton as KernelNewton,
     Newton as Newton,
     NewtonCG as NewtonCG,
     OptimistixMinimiser as OptimistixMinimiser,

@@ -22,12 +22,12 @@ from ._envelope import (
     Objective,
     Params,
 )
-from ._newton import armijo_accepts, newton_direction
+from ._newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
 
 
 class BarrierStats(InnerStats):
     r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats`
-    (`num_steps` counts Newton steps over all centerings, `gradient_norm` is the norm
+    (`num_steps` counts Newton updates over all centerings, `gradient_norm` is the norm
     of the gradient of the barrier objective $J - \frac1t\sum_i \log w_i$ at the
     returned point, `fallback_steps` counts the steps whose Newton direction was
     unusable and was replaced by a shifted Newton or a gradient direction), and
@@ -86,10 +86,13 @@ class LogBarrier(eqx.Module):
         of order one; the centering at $t_0$ then pulls the start well inside).
     - `weight_factor`: $\mu > 1$ (default 20: few centerings, each a few Newton
         steps).
-    - `max_centering_steps`: Newton steps allowed per centering (default 50); a
+    - `max_centering_steps`: Newton updates allowed per centering (default 50); a
         centering that runs out moves on to the next $t$ anyway.
-    - `max_steps`: Newton steps allowed in total (default 500).
-    - `max_backtracks`: step halvings allowed per line search (default 60).
+    - `max_steps`: Newton updates allowed in total (default 500): steps that the line
+        search accepted, so `max_steps=k` moves the iterate $k$ times (unless the
+        solve ends first); `BarrierStats.num_steps` counts them.
+    - `max_backtracks`: step halvings allowed per line search (default
+        `MAX_BACKTRACKS` = 60).
     - `armijo`: the sufficient-decrease fraction of the line search (default 0.25).
 
     With the defaults the solve takes about $\log(|C|/(t_0\,\text{gap\_tol}))/\log\mu$
@@ -105,7 +108,7 @@ class LogBarrier(eqx.Module):
     weight_factor: float = 20.0
     max_centering_steps: int = 50
     max_steps: int = 500
-    max_backtracks: int = 60
+    max_backtracks: int = MAX_BACKTRACKS
     armijo: float = 0.25
 
     def __check_init__(self):
@@ -168,7 +171,8 @@ class LogBarrier(eqx.Module):
         r"""One damped Newton step on $\varphi_t$, then the centering and stopping
         tests: a centred point ends the solve when the duality gap is below `gap_tol`,
         else moves on to the next barrier weight (as does a centering out of steps).
-        A line search that finds no step ends the solve unconverged."""
+        A line search that finds no step ends the solve unconverged, with no update
+        counted."""
         gap_tol, decrement_tol = self._tolerances(state.point.dtype)
         value, gradient, hessian = barrier.derivatives(state.point, state.weight)
         operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
@@ -191,7 +195,7 @@ class LogBarrier(eqx.Module):
         return _BarrierState(
             point=jnp.where(ok, state.point + size * step, state.point),
             weight=jnp.where(next_weight & ~done, increased, state.weight),
-            num_steps=state.num_steps + 1,
+            num_steps=state.num_steps + ok.astype(jnp.int32),
             centring_steps=jnp.where(next_weight, 0, state.centring_steps + 1),
             fallback_steps=state.fallback_steps + (~newton).astype(jnp.int32),
             done=done,

@@ -13,17 +13,41 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, PyTree, Scalar
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 
 from ._diagnostics import check_converged, InnerStats
 
 
-def as_float_array(name: str, value: ArrayLike) -> Array:
-    """`value` as a JAX array of a real floating dtype, or a `TypeError`."""
+def as_array(name: str, value: ArrayLike) -> Array:
+    """`value` as a JAX array, or a `TypeError` naming `name`. NumPy arrays in a
+    non-native byte order (read from a big-endian file, say) are converted to the
+    native order first: JAX holds native arrays only."""
+    if isinstance(value, np.ndarray) and not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
     try:
-        array = jnp.asarray(value)
+        return jnp.asarray(value)
     except TypeError as e:
         raise TypeError(f"`{name}` must be an array; got {type(value).__name__}.") from e
+
+
+def concrete_value(value: object) -> float | None:
+    """The value of a real scalar argument as the user passed it, or `None` when it is
+    traced. A decision taken on an argument's value (a solver, a branch) must be the
+    same eagerly and under `jit`: a Python or NumPy scalar, or a JAX array that is not
+    a tracer, is concrete in both, but an array made from it inside `jit` is a tracer,
+    so the decision is taken on the argument itself, never on a converted copy."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return float(np.asarray(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def as_float_array(name: str, value: ArrayLike) -> Array:
+    """`value` as a JAX array of a real floating dtype, or a `TypeError`."""
+    array = as_array(name, value)
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must have a real floating-point dtype (float32 or float64); got "
@@ -32,23 +56,81 @@ def as_float_array(name: str, value: ArrayLike) -> Array:
     return array
 
 
-def as_batch(name: str, value: ArrayLike) -> Array:
-    """A batch-first floating array with at least one sample."""
+def as_float_batch(name: str, value: ArrayLike) -> Array:
+    """A batch-first floating array with at least one sample (the points of a flow,
+    which is differentiated in them)."""
     array = as_float_array(name, value)
-    if array.ndim == 0:
-        raise ValueError(f"`{name}` must be batch-first, of shape (N, ...); got a scalar.")
-    if array.shape[0] == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {array.shape}); N must be >= 1.")
+    _check_batch(name, [array])
     return array
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | complex | np.number | np.bool_)
+
+
+def as_batch(name: str, value: PyTree[ArrayLike]) -> PyTree[Array]:
+    """The model's inputs: one array, or any pytree of arrays (a tuple of token ids and
+    a mask, a dict), of any dtype the model takes (integer token ids, uint8 pixels,
+    boolean masks), every leaf batch-first with the same number of samples N >= 1.
+    Nested lists of numbers are one array."""
+    leaves = jax.tree_util.tree_leaves(value)
+    if isinstance(value, list | tuple) and leaves and all(_is_number(leaf) for leaf in leaves):
+        value = as_array(name, value)
+    value = jax.tree_util.tree_map(lambda leaf: as_array(name, leaf), value)
+    _check_batch(name, jax.tree_util.tree_leaves(value))
+    return value
+
+
+def _check_batch(name: str, leaves: Sequence[Array]) -> None:
+    if not leaves:
+        raise ValueError(f"`{name}` holds no arrays; it must be batch-first, of shape (N, ...).")
+    if any(leaf.ndim == 0 for leaf in leaves):
+        raise ValueError(f"`{name}` must be batch-first, of shape (N, ...); got a scalar.")
+    sizes = sorted({leaf.shape[0] for leaf in leaves})
+    if len(sizes) > 1:
+        shapes = [leaf.shape for leaf in leaves]
+        raise ValueError(
+            f"Every array of `{name}` must have the same batch size N along axis 0; got "
+            f"shapes {shapes}."
+        )
+    if sizes[0] == 0:
+        shapes = [leaf.shape for leaf in leaves]
+        raise ValueError(f"`{name}` is an empty batch (shapes {shapes}); N must be >= 1.")
+
+
+def batch_size(x: PyTree[Array]) -> int:
+    """N, the batch size of inputs checked by `as_batch`."""
+    return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
+def drop_zero_weight_samples(
+    weights: Float[Array, " N"] | None, *batches: PyTree[Array]
+) -> tuple[Any, ...]:
+    r"""`(weights, *batches)`, with every sample of weight zero in the `batches`
+    (batch-first pytrees: the inputs, the targets) replaced by the first sample of
+    positive weight, so that a removed sample never reaches the arithmetic: huge,
+    infinite or NaN values there neither raise nor overflow (0·inf is NaN), in the
+    loss or in any derivative (the model is never evaluated on them). Its weight stays
+    zero, so the loss and the readout are those of the data set without it, and every
+    derivative treats it as absent: the derivative in its weight is zero (the
+    boundary of the weights' domain). Without `weights`, everything unchanged."""
+    if weights is None:
+        return (None, *batches)
+    keep = weights > 0
+    first = jnp.argmax(keep)
+
+    def substitute(leaf):
+        mask = jnp.reshape(keep, (-1,) + (1,) * (leaf.ndim - 1))
+        return jnp.where(mask, leaf, leaf[first])
+
+    weights = jnp.where(keep, weights, jax.lax.stop_gradient(weights))
+    return (weights, *(jax.tree_util.tree_map(substitute, batch) for batch in batches))
 
 
 def as_targets(name: str, value: ArrayLike, num_samples: int) -> tuple[Array, bool]:
     """Real-valued targets of shape `(N,)` or `(N, k)` as an `(N, k)` matrix, and whether
     they were `(N,)`."""
-    try:
-        array = jnp.asarray(value)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be an array; got {type(value).__name__}.") from e
+    array = as_array(name, value)
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(
             f"`{name}` must have a real dtype (floating or integer); got dtype {array.dtype}."
@@ -100,7 +182,7 @@ def as_weights(
     if isinstance(weights, bool):
         raise TypeError(f"`weights` of {what} must be an array of shape (N,); got a bool.")
     try:
-        array = jnp.asarray(weights)
+        array = as_array("weights", weights)
     except TypeError as e:
         raise TypeError(
             f"`weights` of {what} must be an array of shape (N,); got {type(weights).__name__}."
@@ -147,23 +229,20 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
     """
     if isinstance(value, bool):
         raise TypeError(f"`{name}` must be a real number; got a bool.")
-    try:
-        array = jnp.asarray(value)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be a real number; got {type(value).__name__}.") from e
+    array = as_array(name, value)
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
         raise TypeError(f"`{name}` must be a real number; got dtype {array.dtype}.")
     if array.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}.")
-    array = array.astype(jnp.result_type(float))
     expected = "> 0" if positive else ">= 0"
-    if isinstance(array, jax.core.Tracer):
+    # Decided on the argument itself (`concrete_value`): a Python float is checked now,
+    # eagerly and under `jit` alike; only a traced value is checked at run time.
+    concrete = concrete_value(value)
+    if concrete is None:
+        array = array.astype(jnp.result_type(float))
         bad = ~(array > 0) if positive else ~(array >= 0)
         bad = bad | ~jnp.isfinite(array)
         return eqx.error_if(array, bad, f"`{name}` must be finite and {expected}.")
-    # Python arithmetic only: under `jax.jit` any `jnp` operation, even on a concrete
-    # (closed-over) array, returns a tracer, which `not` cannot convert to a bool.
-    concrete = float(array)
     if not (concrete > 0 if positive else concrete >= 0) or not math.isfinite(concrete):
         hint = (
             " The inner problem needs a strictly positive readout penalty to be strictly "
@@ -172,7 +251,7 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
             else ""
         )
         raise ValueError(f"`{name}` must be finite and {expected}; got {concrete!r}.{hint}")
-    return array
+    return jnp.asarray(concrete, jnp.result_type(float))
 
 
 def check_stochastic_options(memory: object, alpha2: object, rule: str) -> None:
@@ -226,7 +305,7 @@ class RuntimeChecks(eqx.Module):
         what: str,
         *,
         errors: Sequence[tuple[Bool[ArrayLike, ""], str]] = (),
-        finite: Mapping[str, Array] | None = None,
+        finite: Mapping[str, PyTree[Array]] | None = None,
         throw: bool = True,
     ):
         """**Arguments:**
@@ -234,15 +313,20 @@ class RuntimeChecks(eqx.Module):
         - `what`: the loss, as messages name it (e.g. "the logistic loss `vploss_bce`").
         - `errors`: `(flag, message)` pairs: a runtime error with `message` where
             `flag` is true.
-        - `finite`: named inputs (`x=..., y=...`) that must hold no NaN or inf. A
-            saturating model (e.g. `tanh`) can map an infinite input to finite
-            features, so the features alone would let such data through silently.
+        - `finite`: named inputs (`x=..., y=...`, arrays or pytrees of them) whose
+            floating-point arrays must hold no NaN or inf. A saturating model (e.g.
+            `tanh`) can map an infinite input to finite features, so the features
+            alone would let such data through silently. (Samples of weight zero are
+            replaced before, `drop_zero_weight_samples`, so they are not checked.)
         - `throw`: whether an inner solve that did not converge is an error.
         """
         flags = [jnp.asarray(flag) for flag, _ in errors]
         messages = [message for _, message in errors]
-        for name, array in (finite or {}).items():
-            flags.append(~jnp.all(jnp.isfinite(array)))
+        for name, tree in (finite or {}).items():
+            inexact = [a for a in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(a)]
+            if not inexact:
+                continue
+            flags.append(~jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in inexact])))
             messages.append(
                 f"`{name}` is not finite: it contains NaN or inf; clean or mask the data."
             )

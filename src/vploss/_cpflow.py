@@ -9,9 +9,17 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._checks import as_alpha, as_batch, as_flag, as_weights, RuntimeChecks
+from ._checks import (
+    as_alpha,
+    as_flag,
+    as_float_batch,
+    as_weights,
+    drop_zero_weight_samples,
+    RuntimeChecks,
+)
 from ._features import feature_map, parameter_penalty, working_dtype
 from ._misc import matmul, normalised_weights, weighted_mean
+from ._newton import minimise_updates
 
 
 #: The readout `(w, c, a)` as the inner solver sees it.
@@ -172,7 +180,8 @@ class CPFlow(eqx.Module):
         - `z`: one point, shape `(n,)`.
         - `rtol`, `atol`: the tolerances of the BFGS solve; default
             $\varepsilon^{2/3}$ of the dtype (about 4e-11 in float64).
-        - `max_steps`: the BFGS step budget.
+        - `max_steps`: the most BFGS updates (steps its line search accepted; the
+            evaluation of the start and rejected trial steps do not count).
         - `throw`: whether a failed solve raises (as `optimistix.minimise`).
 
         **Returns:**
@@ -181,13 +190,8 @@ class CPFlow(eqx.Module):
         """
         tol = float(jnp.finfo(jnp.result_type(z)).eps) ** (2 / 3)
         solver = optx.BFGS(rtol=tol if rtol is None else rtol, atol=tol if atol is None else atol)
-        solution = optx.minimise(
-            _dual_objective,
-            solver,
-            z,
-            args=(self, model, z),
-            max_steps=max_steps,
-            throw=throw,
+        solution = minimise_updates(
+            _dual_objective, solver, z, (self, model, z), max_updates=max_steps, throw=throw
         )
         return solution.value
 
@@ -321,7 +325,7 @@ def vploss_cpflow(
     convex at the samples, the data or the loss are not finite, or (with `throw`) the
     barrier solve did not converge.
     """
-    x = as_batch("x", x)
+    x = as_float_batch("x", x)
     if x.ndim != 2:
         raise ValueError(
             f"`x` must have shape (N, n): a batch of n-dimensional points; got shape {x.shape}."
@@ -333,12 +337,13 @@ def vploss_cpflow(
     solver = LogBarrier() if solver is None else solver
     if not isinstance(solver, LogBarrier):
         raise TypeError(f"`solver` must be a vploss.LogBarrier; got {solver!r}.")
+    weights, weight_errors = as_weights(weights, x.shape[0], what="`vploss_cpflow`")
+    weights, x = drop_zero_weight_samples(weights, x)
     features = feature_map(model, x)
     jacobians, hessians = _feature_derivatives(features, x)
     dtype = working_dtype(jacobians.dtype, x.dtype)
     n, m = jacobians.shape[1:]
     jacobians, hessians = jacobians.astype(dtype), hessians.astype(dtype)
-    weights, weight_errors = as_weights(weights, x.shape[0], what="`vploss_cpflow`")
     if weights is not None:
         weights = normalised_weights(weights.astype(dtype))
     args = (jacobians, hessians, x.astype(dtype), alpha2.astype(dtype), weights)

@@ -9,7 +9,10 @@ class InnerStats(eqx.Module):
 
     **Fields:**
 
-    - `num_steps`: the number of iterations the inner solver took.
+    - `num_steps`: the number of updates the inner solver took: iterates it moved to
+        (for the Newton and quasi-Newton solvers, steps their line search accepted;
+        the evaluation of the start and rejected trial steps do not count). The
+        solvers' `max_steps` bounds it, so `max_steps=1` takes one update.
     - `gradient_norm`: the norm of the gradient of the inner objective in the readout
         at the returned solution (for a constrained problem: the norm of its
         optimality residual), a measure of how far from optimal the readout is.

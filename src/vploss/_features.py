@@ -5,25 +5,28 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar
 
 
-def feature_map(model: Callable[[Array], Array], x: Array) -> Callable[[Array], Array]:
+def feature_map(model: Callable[..., Array], x: PyTree[Array]) -> Callable[..., Array]:
     """`model` as a map from one sample to its feature vector, shape `(m,)` (a scalar
-    output counts as `m = 1`), with its output checked at trace time on `x[0]`."""
+    output counts as `m = 1`), with its output checked at trace time on `x[0]` (the
+    first sample of every array, for a pytree of inputs)."""
     if not callable(model):
         raise TypeError(
             f"`model` must be callable on one sample, `model(x[j])`; got {type(model).__name__}."
         )
     try:
-        out = jax.eval_shape(model, x[0])
+        out = jax.eval_shape(model, jax.tree_util.tree_map(lambda leaf: leaf[0], x))
     except (TypeError, ValueError) as e:
         # The model's own error (often from deep inside a matmul) does not say that the
         # sample it was given has the wrong shape or dtype.
-        raise ValueError(
-            f"`model(x[j])` failed on one sample of shape {x.shape[1:]} and dtype "
-            f"{x.dtype} (`x` has shape {x.shape}, batch first): {e}"
-        ) from e
+        if isinstance(x, jax.Array):
+            sample = f"of shape {x.shape[1:]} and dtype {x.dtype} (`x` has shape {x.shape}"
+        else:
+            shapes = jax.tree_util.tree_map(lambda leaf: f"{leaf.dtype}{list(leaf.shape)}", x)
+            sample = f"taken from `x` = {shapes} (every array"
+        raise ValueError(f"`model(x[j])` failed on one sample {sample}, batch first): {e}") from e
     except _nnx_state_update_errors() as e:
         # Flax's own message says only that a variable was mutated "from a different
         # trace level", not why a per-sample model may not update its state, nor the fix.
@@ -59,7 +62,7 @@ def _nnx_state_update_errors() -> tuple[type[Exception], ...]:
     return (errors.TraceContextError,) if errors is not None else ()
 
 
-def evaluate_features(model: Callable[[Array], Array], x: Array) -> Float[Array, "N m"]:
+def evaluate_features(model: Callable[..., Array], x: PyTree[Array]) -> Float[Array, "N m"]:
     """`F = jax.vmap(model)(x)`, checked to be one real feature vector per sample."""
     return jax.vmap(feature_map(model, x))(x)
 
@@ -88,7 +91,7 @@ def working_dtype(features: Any, labels: Any = None) -> Any:
 
 
 def glm_features(
-    model: Callable[[Array], Array], x: Array, labels: Array, use_bias: bool
+    model: Callable[..., Array], x: PyTree[Array], labels: Array, use_bias: bool
 ) -> tuple[Float[Array, "N p"], Float[Array, "N k"]]:
     """`F̂` of `x` and the `labels` (or targets) of a loss with a linear readout, both
     in the `working_dtype`."""

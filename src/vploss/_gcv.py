@@ -36,10 +36,8 @@ from ._lstsq import sample_scale
 from ._misc import column_mean, matmul
 
 
-#: Points of the log-spaced grid over the penalty (see `gcv_penalty`).
+#: Points of the log-spaced grid over the penalty (see `choose_log_penalty`).
 _GRID_POINTS = 64
-#: The grid spans `[eps·λ_max, _GRID_TOP·λ_max]`.
-_GRID_TOP = 1e2
 #: Golden-section steps of the refinement: each shrinks the bracket by 0.618, so 40 steps
 #: take the two grid cells around the best point (under 0.6 decades) to a relative
 #: precision of about 1e-8 in `alpha`.
@@ -53,8 +51,15 @@ class GCVStats(eqx.Module):
 
     **Fields:**
 
-    - `alpha2`: the chosen penalty $\alpha^*$, the minimiser of $\mathrm{GCV}$.
-    - `gcv`: the minimal value $\mathrm{GCV}(\alpha^*) = N\|(I - H_{\alpha^*})Y\|_F^2 /
+    - `alpha2`: the chosen penalty $\alpha^*$, the minimiser of $\mathrm{GCV}$ over
+        $\alpha \ge \varepsilon\,\mathrm{tr}\,G$, the smallest penalty the working
+        precision resolves ($G$ the Gram matrix $\hat F^\top\hat F/N$; see
+        `gcv_penalty`). Where GCV is flat to within its rounding error (targets the
+        features fit exactly, an interpolating fit), the largest penalty on that flat
+        part, a point of the search grid (set by $\mathrm{tr}\,G$ and $\lambda_{\max}$
+        alone): a resolution limit, reproducible (samples permuted, eager or jitted),
+        not a sharp optimum. In float32 that part reaches higher than in float64.
+    - `gcv`: the value $\mathrm{GCV}(\alpha^*) = N\|(I - H_{\alpha^*})Y\|_F^2 /
         (N - \mathrm{tr}\,H_{\alpha^*})^2$.
     - `dof`: the effective number of parameters (per output) $\mathrm{tr}\,H_{\alpha^*}$,
         between 0 and $\min(N, p)$.
@@ -76,9 +81,13 @@ class _Spectrum(eqx.Module):
     weights: Float[Array, " r"]
     # Primal: ‖Y‖²/N; centred: ‖Y_⊥‖²/N, the part of Y outside the range of F̂; dual: 0.
     total: Scalar
-    # The scale below which eps times it is lost in rounding: λ_max, or for centred
-    # features the largest eigenvalue of diag(C, 1) (the offset direction is exact).
-    resolved: Scalar
+    # The trace of the Gram matrix (of diag(C, 1) for centred features: the offset
+    # direction is exact), the scale of the rounding in forming and factoring it.
+    trace: Scalar
+    # The size of the terms whose difference gave the residual's part outside the sum
+    # over directions (‖Y‖²/N in the primal form, ‖Y_c‖²/N centred, 0 dual): the
+    # residual is lost below eps times it.
+    cancelled: Scalar
     # n in GCV's formula: N, or the total weight S.
     count: Scalar | int
     # The residual as a sum of non-negative terms (dual and centred forms), not as ‖Y‖²
@@ -86,9 +95,12 @@ class _Spectrum(eqx.Module):
     spectral: bool = eqx.field(static=True)
 
     def __call__(self, log_alpha: Float[Array, "*g"]) -> tuple[Float[Array, "*g"], ...]:
-        """`(GCV, tr H)` at `alpha = exp(log_alpha)`, elementwise."""
+        """`(GCV, tr H, rounding)` at `alpha = exp(log_alpha)`, elementwise: `rounding`
+        bounds the rounding error of GCV, `r·eps` relative to it and to the cancelled
+        part of the residual (r eigenvalues summed)."""
         alpha = jnp.exp(log_alpha)[..., None]
         lam = self.eigenvalues
+        eps = jnp.finfo(lam.dtype).eps
         shrink = alpha / (lam + alpha)  # α/(λ+α), the part of each direction not fitted
         if self.spectral:
             # ‖(I−H)Y‖²/N = ‖Y_⊥‖²/N + Σ (α/(λ_i + α))² ‖c_i‖²: sums of non-negative terms,
@@ -102,8 +114,7 @@ class _Spectrum(eqx.Module):
             fitted = jnp.sum(self.weights * (lam + 2 * alpha) / (lam + alpha) ** 2, axis=-1)
             # The subtraction rounds at the level eps·‖Y‖²/N: clip there, so that rounding
             # cannot produce a zero (or negative) residual and with it a spurious minimum.
-            floor = jnp.finfo(lam.dtype).eps * self.total
-            residual = jnp.maximum(self.total - fitted, floor)
+            residual = jnp.maximum(self.total - fitted, eps * self.cancelled)
         # n − tr H = (n − r) + Σ α/(λ_i + α) over the r eigenvalues (r = p, or N in the
         # dual form, where n − r is 0 without weights), exact for every α > 0.
         slack = (self.count - lam.shape[-1]) + jnp.sum(shrink, axis=-1)
@@ -112,8 +123,10 @@ class _Spectrum(eqx.Module):
         # primal form), but it underflows as α/λ_max → 0 with N ≤ p; such an α counts as
         # +inf (GCV is then 0/0), never as a NaN.
         ok = slack > 0
-        gcv = jnp.where(ok, residual / jnp.where(ok, slack, 1) ** 2, jnp.inf)
-        return gcv, self.count * (1 - slack)
+        safe = jnp.where(ok, slack, 1) ** 2
+        gcv = jnp.where(ok, residual / safe, jnp.inf)
+        rounding = lam.shape[-1] * eps * (gcv + self.cancelled / safe)
+        return gcv, self.count * (1 - slack), rounding
 
 
 def _spectrum(
@@ -136,8 +149,9 @@ def _spectrum(
         features, targets = rows(features), rows(targets)
         kernel = matmul(features, features.T) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(kernel)
+        trace = jnp.trace(kernel)
         projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
-        resolved = eigenvalues[-1]
+        cancelled = jnp.zeros((), targets.dtype)
         # Every direction of the targets is in the kernel's range (up to its null
         # space, whose terms are in the sum with λ = 0).
         total = jnp.zeros((), targets.dtype)
@@ -176,40 +190,69 @@ def _spectrum(
         projected = matmul(left.T, coordinates)
         # The part of Y outside the range of F̂ = span(F_c, 1): of Y_c outside that of
         # F_c (the offset ȳ never enters).
-        centred_total = jnp.sum(targets**2) / num_samples
-        total = jnp.maximum(centred_total - jnp.sum(whitened**2), 0)
-        resolved = jnp.maximum(centred_eigenvalues[-1], 1)
+        cancelled = jnp.sum(targets**2) / num_samples
+        total = jnp.maximum(cancelled - jnp.sum(whitened**2), 0)
+        trace = jnp.trace(centred_gram) + 1
     else:
         # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
         # like the Cholesky solver.
         features, targets = rows(features), rows(targets)
         gram = matmul(features.T, features) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(gram)
+        trace = jnp.trace(gram)
         projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
-        resolved = eigenvalues[-1]
-        total = jnp.sum(targets**2) / num_samples
+        total = cancelled = jnp.sum(targets**2) / num_samples
         spectral = False
     return _Spectrum(
         # Rounding can make the eigenvalues of a singular matrix slightly negative.
         eigenvalues=jnp.maximum(eigenvalues, 0),
         weights=jnp.sum(projected**2, axis=1),
         total=total,
-        resolved=resolved,
+        trace=trace,
+        cancelled=cancelled,
         count=count,
         spectral=spectral,
     )
 
 
-def minimise_on_log_grid(
-    fn: Callable[[Float[Array, "*g"]], Float[Array, "*g"]], grid: Float[Array, " g"]
+def choose_log_penalty(
+    fn: Callable[[Float[Array, "*g"]], tuple[Float[Array, "*g"], ...]],
+    trace: Scalar,
+    top: Scalar,
 ) -> Scalar:
-    r"""The minimiser of a function of one variable (here $\log\alpha$) over an
-    interval: `fn` (elementwise, so evaluated on the whole ascending `grid` at once) is
-    minimised on the grid, and the best point refined by golden-section search between
-    its two neighbours (`_REFINE_STEPS` steps). The refinement can only improve on the
-    grid point (a multimodal cell never makes it worse). All `jax.lax`: jittable and
-    vmappable; the penalty choice of GCV and of the stochastic readout's sampled GCV."""
-    values = fn(grid)
+    r"""The logarithm of the penalty $\alpha$ minimising a criterion (GCV, or the
+    stochastic readout's sampled GCV) over $[\varepsilon\,\mathrm{tr}\,G, \alpha_{\rm
+    top}]$, for the Gram matrix $G$ of trace `trace` of the penalised solve $(G + \alpha
+    I)^{-1}$ and `top` $= \alpha_{\rm top}$.
+
+    The bottom is the smallest penalty the working precision resolves: forming and
+    factoring $G$ rounds it by about $\varepsilon\,\mathrm{tr}\,G$ (at least
+    $\varepsilon\lambda_{\max}$, at most $p\,\varepsilon\lambda_{\max}$), so below that the
+    rounding, not the penalty, decides how the small directions are solved, and two
+    evaluations of the same problem (samples permuted, eager or jitted) disagree.
+
+    `fn` maps $\log\alpha$ (elementwise) to `(value, ..., rounding)`, the criterion
+    and a bound on its rounding error. It is evaluated on `_GRID_POINTS` points of
+    $\log\alpha$ spaced evenly over the interval, and the best refined by golden-section
+    search between its two neighbours (`_REFINE_STEPS` steps; a multimodal cell never
+    makes it worse). A point may be the minimiser if its value less its rounding bound
+    is at most the least value plus rounding bound of all points. The result is the
+    largest grid point that may be, or the refined point of least value plus bound
+    where no grid point may be: where the criterion is flat to within rounding (an
+    exact or interpolating fit) the largest penalty it cannot tell from the best, so
+    the best-conditioned solve, and a grid point, a function of `trace` and `top`
+    alone, rather than wherever rounding put the minimum; at a sharper minimum the
+    minimiser itself. All `jax.lax`: jittable and vmappable."""
+    dtype = jnp.result_type(trace)
+    eps = jnp.finfo(dtype).eps
+    grid = jnp.linspace(
+        jnp.log(eps * jnp.where(trace > 0, trace, 1)),  # all-zero features: any scale
+        jnp.log(top),
+        _GRID_POINTS,
+        dtype=dtype,
+    )
+    value = lambda t: fn(t)[0]  # noqa: E731
+    values, *_, rounding = fn(grid)
     best = jnp.argmin(values)
     last = grid.shape[0] - 1
     lo = grid[jnp.maximum(best - 1, 0)]
@@ -226,7 +269,7 @@ def minimise_on_log_grid(
             new_hi - _INV_GOLDEN * (new_hi - new_lo),
             new_lo + _INV_GOLDEN * (new_hi - new_lo),
         )
-        f_new = fn(new)
+        f_new = value(new)
         # Left: the old c becomes d and the new point c; right: the old d becomes c.
         c, fc, d, fd = (
             jnp.where(left, new, d),
@@ -238,10 +281,19 @@ def minimise_on_log_grid(
 
     c = hi - _INV_GOLDEN * (hi - lo)
     d = lo + _INV_GOLDEN * (hi - lo)
-    state = (lo, hi, c, fn(c), d, fn(d))
+    state = (lo, hi, c, value(c), d, value(d))
     _, _, c, fc, d, fd = jax.lax.fori_loop(0, _REFINE_STEPS, golden_step, state)
-    candidates = jnp.stack([grid[best], c, d])
-    return candidates[jnp.argmin(jnp.stack([values[best], fc, fd]))]
+    refined = jnp.stack([c, d])
+    refined_values, *_, refined_rounding = fn(refined)
+    upper = jnp.minimum(jnp.min(values + rounding), jnp.min(refined_values + refined_rounding))
+    tied = values - rounding <= upper
+    # The grid depends on the data only through `trace` and `top`: a tied grid point
+    # is reproducible where a refined point is wherever rounding put the minimum.
+    return jnp.where(
+        jnp.any(tied),
+        jnp.max(jnp.where(tied, grid, -jnp.inf)),
+        refined[jnp.argmin(refined_values + refined_rounding)],
+    )
 
 
 # Compiled once per shape and dtype: called eagerly, the golden-section loop would
@@ -261,16 +313,17 @@ def gcv_penalty(
 
     With the eigenvalues $\lambda_i$ of $\hat F^\top\hat F/N$ (or of $\hat F\hat F^\top/N$
     when $N \le p$), $\mathrm{tr}\,H_\alpha = \sum_i \lambda_i/(\lambda_i + \alpha)$ and the
-    residual is a similar sum (see `_Spectrum`). GCV is evaluated on 64 points of
-    $\log\alpha$ spaced evenly over $[\varepsilon^q\lambda_{\rm res}, 100\lambda_{\max}]$
-    ($\lambda_{\rm res} = \lambda_{\max}$, or with an intercept the largest eigenvalue
-    of the centred Gram matrix and 1, since the offset is handled exactly): with the
-    residual as ‖Y‖² minus the fitted part (no intercept, N > p), $q = 1$, below which
-    the penalty is lost in the rounding of that difference; with the residual as a sum
-    of non-negative terms (an intercept, or N ≤ p), $q = 2$; above
+    residual is a similar sum (see `_Spectrum`). GCV is minimised by `choose_log_penalty`
+    over $\log\alpha \in [\log(\varepsilon\,\mathrm{tr}\,G), \log(100\lambda_{\max})]$,
+    $G = \hat F^\top\hat F/N$ (with an intercept, $\mathrm{tr}\,G$ is that of the centred
+    Gram matrix plus 1, since the offset is handled exactly): below $\varepsilon\,
+    \mathrm{tr}\,G$ the penalty is lost in the rounding of the Gram matrix; above
     $100\lambda_{\max}$ every direction is shrunk by over 99% and GCV is flat at its
-    limit $\|Y\|_F^2/N$. The best grid point is then refined by golden-section search
-    on $\log\alpha$ between its two neighbours.
+    limit $\|Y\|_F^2/N$. GCV's rounding error is about $r\varepsilon$ ($r$ eigenvalues)
+    relative to its value and to the residual's cancelled part ($\|Y\|_F^2/N$ when the
+    residual is $\|Y\|^2$ minus the fitted part, no intercept and $N > p$;
+    $\|Y - \bar Y\|_F^2/N$ with an intercept); where it is flat to within that, as for
+    targets the features fit exactly, the largest such penalty is taken.
 
     Everything is `jax.lax`, so it is jittable and vmappable. The inputs are not
     differentiated (the caller holds $\alpha^*$ fixed).
@@ -280,19 +333,10 @@ def gcv_penalty(
     `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
     """
     spectrum = _spectrum(features, targets, intercept, weights)
-    dtype = spectrum.eigenvalues.dtype
-    eps = jnp.finfo(dtype).eps
     top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
-    resolved = jnp.log(jnp.where(spectrum.resolved > 0, spectrum.resolved, 1))
     # All-zero features: every alpha fits nothing, and any scale will do.
-    log_top = jnp.log(jnp.where(top > 0, top, 1))
-    grid = jnp.linspace(
-        resolved + (2 if spectrum.spectral else 1) * math.log(eps),
-        log_top + math.log(_GRID_TOP),
-        _GRID_POINTS,
-        dtype=dtype,
-    )
-    log_alpha = minimise_on_log_grid(lambda t: spectrum(t)[0], grid)
-    gcv, dof = spectrum(log_alpha)
+    top = 100 * jnp.where(top > 0, top, 1)
+    log_alpha = choose_log_penalty(spectrum, spectrum.trace, top)
+    gcv, dof, _ = spectrum(log_alpha)
     alpha = jnp.exp(log_alpha)
     return alpha, GCVStats(alpha2=alpha, gcv=gcv, dof=dof)

@@ -7,9 +7,18 @@ from typing import Any
 import jax
 import numpy as np
 import optimistix as optx
-from jaxtyping import Array, ArrayLike, Float, Real
+from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from ._checks import as_alpha, as_batch, as_flag, as_weights, RuntimeChecks
+from ._checks import (
+    as_alpha,
+    as_array,
+    as_batch,
+    as_flag,
+    as_weights,
+    batch_size,
+    drop_zero_weight_samples,
+    RuntimeChecks,
+)
 from ._envelope import envelope_minimise
 from ._features import glm_features, parameter_penalty
 from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
@@ -84,7 +93,7 @@ def as_readout_init(
 def vploss_glm(
     loss: AbstractReadoutLoss,
     model: Callable[..., Any],
-    x: Real[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Real[ArrayLike, " _N *k"],
     *,
     alpha1: Real[ArrayLike, ""] = 0.0,
@@ -116,7 +125,8 @@ def vploss_glm(
     - `loss`: the readout loss, e.g. `vploss.SigmoidBinaryCrossEntropy()`.
     - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
         features, shape `(m,)` or a scalar.
-    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `x`: the inputs, batch-first, shape `(N, ...)`: an array or any pytree of arrays
+        the model takes (of any dtype: token ids, pixels, masks), with one batch size N.
     - `y`: the labels, as `loss` reads them (`AbstractReadoutLoss.labels`).
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
     - `alpha2`: penalty weight on the readout (bias included), `> 0`.
@@ -156,7 +166,11 @@ def vploss_glm(
     if not isinstance(loss, AbstractReadoutLoss):
         raise TypeError(f"`loss` must be a `vploss.AbstractReadoutLoss`; got {loss!r}.")
     x = as_batch("x", x)
-    labels = loss.labels(y, x.shape[0])
+    num_samples = batch_size(x)
+    weights, weight_errors = as_weights(weights, num_samples, what=loss.name)
+    # Before the labels are parsed: a removed sample's label is never read.
+    weights, x, y = drop_zero_weight_samples(weights, x, as_array("y", y))
+    labels = loss.labels(y, num_samples)
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
     inner_solver = as_glm_solver(solver, gtol, max_steps)
@@ -167,7 +181,6 @@ def vploss_glm(
     check_readout_loss(loss, values, dtype)
     objective = ReadoutObjective(loss)
     shape = (features.shape[1], values.shape[1])
-    weights, weight_errors = as_weights(weights, x.shape[0], what=loss.name)
     if weights is not None:
         weights = normalised_weights(weights.astype(dtype))
     value, coef, stats = envelope_minimise(

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float
 
 from ._diagnostics import InnerStats
 from ._envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
+from ._kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
 from ._newton import (
     DampedNewton,
     default_gtol,
@@ -24,6 +25,7 @@ from ._newton import (
     GradientNormTermination,
     inner_converged,
     loss_error_bound,
+    minimise_updates,
     newton_cg_max_steps,
     scaled_gradient_norm,
     TruncatedNewtonDescent,
@@ -31,7 +33,7 @@ from ._newton import (
 from ._readout_loss import GLMArgs, KroneckerPreconditioner, ReadoutObjective
 
 
-SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "bfgs", "lbfgs"]
+SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", "bfgs", "lbfgs"]
 
 #: `AutoNewton` uses the exact Newton method while one of its Hessians costs at most
 #: this many Hessian-vector products (`exact_newton_cost`), and Newton–CG beyond.
@@ -56,6 +58,11 @@ MAX_EXACT_NEWTON_COST = 220
 #: error is bounded by the condition number times `eps`.
 MAX_DENSE_SOLVE_SIZE = 2048
 
+#: The Newton steps of a solve from zero, the low end of `Newton`'s 5-12: how many
+#: `KernelNewton` steps `NewtonCG`'s one-off preconditioner cost is shared by in
+#: `AutoNewton`'s choice.
+COLD_NEWTON_STEPS = 5
+
 _DEFAULT_MAX_STEPS = 100
 
 
@@ -73,7 +80,9 @@ class AbstractGLMSolver(eqx.Module):
     (`ReadoutObjective`) over the readout's coefficients until the scaled gradient
     $\max_{p,c}|\partial J/\partial\hat W_{cp}| / s_p \le$ `gtol` ($s_p$ the scale of
     feature $p$, `ReadoutObjective.gradient_scale`) and the loss is within its tolerance
-    of the minimum, in at most `max_steps` iterations.
+    of the minimum, in at most `max_steps` updates: iterates it moves to (steps that
+    leave the iterate in place, like a rejected line-search trial, do not count;
+    `UpdateBudget`), so `max_steps=1` takes one update.
 
     Subclasses set the fields `gtol` (`None`: $\sqrt\varepsilon$ of the dtype) and
     `max_steps`, and implement `optimistix_minimiser`."""
@@ -122,7 +131,8 @@ class Newton(AbstractGLMSolver):
 
     - `gtol`: the tolerance on the scaled gradient; `None` (default): $\sqrt
         \varepsilon$ of the dtype (3.5e-4 in float32, 1.5e-8 in float64).
-    - `max_steps`: the step budget (default 100).
+    - `max_steps`: the most Newton updates (steps its line search accepted; rejected
+        trial step sizes do not count), default 100.
     """
 
     gtol: float | None = None
@@ -191,13 +201,44 @@ def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
     return hessian / (4 * num_samples * p * max(k, 4))
 
 
-class AutoNewton(AbstractGLMSolver):
-    r"""`Newton` while one of its Hessians costs at most `MAX_EXACT_NEWTON_COST = 220`
-    Hessian-vector products (`exact_newton_cost`), else `NewtonCG`: exact Newton for
-    the logistic and Poisson losses up to about 1,400-1,700 features at N ≥ 1000
-    (about 600 at N = 50: the factorisation's share grows), for the softmax
-    loss with K = 10 classes up to about 45 (its Hessian has the rank-one term of
-    $K - 1$ columns: $O(NK^2m^2)$ flops). The default.
+def kernel_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+    r"""The cost of one `KernelNewton` step in Hessian-vector products (the unit of
+    `exact_newton_cost`), from the shapes alone: the QR factorisation of the `(p, N)`
+    features $\hat F^\top$ with its basis formed, about $4pN^2$ flops (once per solve,
+    counted whole), and the Hessian of $N$ features, `exact_newton_cost` at $p = N$,
+    over a product's $4Np\max(k, 4)$."""
+    num_samples, p = args.features.shape
+    k = args.labels.shape[1]
+    reduced = eqx.tree_at(
+        lambda a: a.features,
+        args,
+        jax.ShapeDtypeStruct((num_samples, num_samples), args.features.dtype),
+    )
+    unit = 4 * num_samples * max(k, 4)
+    hessian = exact_newton_cost(objective, reduced) * unit * num_samples
+    return (4 * p * num_samples**2 + hessian) / (unit * p)
+
+
+class KernelNewton(AbstractGLMSolver):
+    r"""Newton's method for fewer samples than coefficients ($N < p$): the line search
+    and stopping test of `Newton`, with the exact Newton direction from the span of
+    the features' rows (a kernel, or dual, form). With the Householder QR
+    factorisation $\hat F^\top = QR$ (`(p, N)` and `(N, N)`, once per solve) and the
+    coefficients $V = Qc + V_\perp$,
+
+    $$H^{-1}g = Q\tilde H^{-1}Q^\top g + V_\perp,$$
+
+    where $\tilde H$ is the Hessian of the same loss with the $N$ features $\tilde F =
+    R^\top$ (`(Nk, Nk)`, formed and factored as `Newton` does, with its fallbacks),
+    and on $V_\perp$, orthogonal to every sample's features, the Hessian is $\alpha_2
+    I$ and the gradient $\alpha_2 V_\perp$. This holds because the penalty is on every
+    coefficient (the bias included) and the data term sees the readout only through
+    the logits $\hat F\hat W^\top$. Per-sample weights, `use_bias=False`, several
+    outputs and the softmax's basis are those of the Hessian of $\tilde F$. A step
+    costs $O(N^3k^2 + (Nk)^3 + Npk)$ instead of $O(N(pk)^2 + (pk)^3)$, and no `(p,
+    p)` array is formed. The iterates are `Newton`'s up to rounding, including a warm
+    start outside the features' span (a readout fitted on another batch). The choice
+    of `AutoNewton` for wide features.
 
     **Arguments:** `gtol`, `max_steps` as for `Newton`.
     """
@@ -206,9 +247,71 @@ class AutoNewton(AbstractGLMSolver):
     max_steps: int = _DEFAULT_MAX_STEPS
 
     def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
-        cheap = exact_newton_cost(objective, args) <= MAX_EXACT_NEWTON_COST
-        solver = Newton if cheap else NewtonCG
-        return solver(gtol=self.gtol, max_steps=self.max_steps).optimistix_minimiser(
+        del num_coefficients
+        descent = KernelNewtonDescent(objective, args, RowSpace(args.features))
+        # The line search's Hessian is only multiplied (the Newton decrement bound).
+        newton = DampedNewton(hessian=_AtData(objective.hessian_product, args), descent=descent)
+        return _terminated(newton, objective, args, gtol)
+
+
+def kronecker_preconditioner_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+    r"""The one-off cost of `NewtonCG`'s preconditioner (`KroneckerPreconditioner`) in
+    Hessian-vector products (`exact_newton_cost`'s unit): the `(p, p)` Gram matrix,
+    $2Np^2$ flops, and its eigendecomposition, about $9p^3$ (Golub and Van Loan's count
+    for the symmetric QR algorithm with eigenvectors). Small beside a solve's products
+    when $N \gg p$; with wide features it exceeds the kernel method's whole step."""
+    del objective
+    num_samples, p = args.features.shape
+    k = args.labels.shape[1]
+    return (2 * num_samples * p**2 + 9 * p**3) / (4 * num_samples * p * max(k, 4))
+
+
+class AutoNewton(AbstractGLMSolver):
+    r"""An exact Newton method while one of its steps is cheap against `NewtonCG`,
+    else `NewtonCG`, by the flop counts of the shapes (each in Hessian-vector
+    products, `NewtonCG`'s unit of cost):
+
+    - `KernelNewton` when a step costs less than `Newton`'s (`kernel_newton_cost`
+        against `exact_newton_cost`: fewer samples than coefficients per output, $N
+        \lesssim p = m + 1$) and at most `MAX_EXACT_NEWTON_COST = 220` plus
+        `NewtonCG`'s one-off cost (`kronecker_preconditioner_cost`: the `(p, p)` Gram
+        matrix and its eigendecomposition, which the kernel method never forms) shared
+        by `COLD_NEWTON_STEPS = 5` steps. With one output (logistic, Poisson) that is
+        from about $m = 2N$ on, at any width (a step's $O(N^3)$ does not grow with $m$);
+        with K = 10 classes, whose reduced Hessian is `(NK, NK)`, from about m = 1,100
+        at N = 200 and m = 2,400 at N = 400.
+    - else `Newton` while its step costs at most `MAX_EXACT_NEWTON_COST`: the logistic
+        and Poisson losses up to about 1,400-1,700 features at N ≥ 1000 (about 600 at N
+        = 50: the factorisation's share grows), the softmax loss with K = 10 classes up
+        to about 45 (its Hessian has the rank-one term of $K - 1$ columns:
+        $O(NK^2m^2)$ flops).
+    - else `NewtonCG`.
+
+    The default. `choose` tells which solver a problem gets.
+
+    **Arguments:** `gtol`, `max_steps` as for `Newton`.
+    """
+
+    gtol: float | None = None
+    max_steps: int = _DEFAULT_MAX_STEPS
+
+    def choose(self, objective: ReadoutObjective, args: GLMArgs) -> AbstractGLMSolver:
+        """The solver this problem gets, from the shapes of `args` alone."""
+        kernel = kernel_newton_cost(objective, args)
+        exact = exact_newton_cost(objective, args)
+        # `NewtonCG`'s one-off cost, shared by the steps of a cold exact Newton solve.
+        one_off = kronecker_preconditioner_cost(objective, args) / COLD_NEWTON_STEPS
+        allowance = MAX_EXACT_NEWTON_COST + one_off
+        if kernel < exact and kernel <= allowance:
+            solver = KernelNewton
+        elif exact <= MAX_EXACT_NEWTON_COST:
+            solver = Newton
+        else:
+            solver = NewtonCG
+        return solver(gtol=self.gtol, max_steps=self.max_steps)
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        return self.choose(objective, args).optimistix_minimiser(
             objective, args, gtol, num_coefficients
         )
 
@@ -222,7 +325,10 @@ class QuasiNewton(AbstractGLMSolver):
     **Arguments:**
 
     - `minimiser`: the quasi-Newton minimiser, e.g. `optx.BFGS(rtol=0.0, atol=0.0)`.
-    - `gtol`, `max_steps`: as for `Newton`.
+    - `gtol`, `max_steps`: as for `Newton`: `max_steps` counts the quasi-Newton
+        updates (steps its line search accepted). A line search that rejects more than
+        `MAX_BACKTRACKS = 60` trial steps in a row, as a stalled one does, ends the
+        solve.
     """
 
     minimiser: optx.AbstractQuasiNewton
@@ -249,7 +355,11 @@ class OptimistixMinimiser(AbstractGLMSolver):
     **Arguments:**
 
     - `minimiser`: an `optx.AbstractMinimiser`.
-    - `gtol`, `max_steps`: as for `Newton`.
+    - `gtol`, `max_steps`: as for `Newton`: `max_steps` counts the minimiser's
+        optimistix steps that move the iterate (for a quasi-Newton minimiser, its
+        accepted steps), not those that leave it in place (its evaluation of the start,
+        rejected trials), of which more than `MAX_BACKTRACKS = 60` in a row end the
+        solve.
     """
 
     minimiser: optx.AbstractMinimiser
@@ -272,6 +382,7 @@ _SOLVERS: dict[str, Callable[..., AbstractGLMSolver]] = {
     "auto": AutoNewton,
     "newton": Newton,
     "newton-cg": NewtonCG,
+    "kernel-newton": KernelNewton,
     # Cauchy criteria off: the gradient test stops them.
     "bfgs": lambda gtol, max_steps: QuasiNewton(
         minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
@@ -309,11 +420,15 @@ def as_glm_solver(solver: Any, gtol: float | None, max_steps: int | None) -> Abs
 
 
 class InnerMinimise(AbstractInnerSolver):
-    """The `AbstractInnerSolver` of a readout loss: runs `solver`'s optimistix
+    r"""The `AbstractInnerSolver` of a readout loss: runs `solver`'s optimistix
     minimiser on the `ReadoutObjective` from `init` or from zero, and reports
     `InnerStats`.
 
-    The readout's (implicit) derivative solves with the exact Hessian: by Cholesky
+    The readout's (implicit) derivative solves with the exact Hessian: in kernel form
+    (`kernel_hessian_solve`, a Cholesky factorisation of its `(Nk, Nk)` part in the
+    span of the features' rows) where that costs less than the Hessian
+    (`kernel_newton_cost` against `exact_newton_cost`) and $Nk \le$
+    `MAX_DENSE_SOLVE_SIZE`, else by Cholesky
     (`dense_hessian_solve`) up to `MAX_DENSE_SOLVE_SIZE` coefficients, beyond by CG on
     Hessian-vector products with the Kronecker preconditioner, to a relative residual
     of `eps**0.75`, raising an error where CG cannot reach it (never a silently wrong
@@ -328,12 +443,12 @@ class InnerMinimise(AbstractInnerSolver):
         if init is None:
             init = jnp.zeros(shape, dtype)
         minimiser = self.solver.optimistix_minimiser(objective, args, gtol, shape[0] * shape[1])
-        solution = optx.minimise(
+        solution = minimise_updates(
             objective,
             minimiser,
             init,
             args,
-            max_steps=self.solver.max_steps,
+            max_updates=self.solver.max_steps,
             throw=False,
             # The solve is never differentiated (the envelope rule replaces it).
             adjoint=optx.RecursiveCheckpointAdjoint(),
@@ -343,14 +458,15 @@ class InnerMinimise(AbstractInnerSolver):
         scale = objective.gradient_scale(args)
         # The descent's state holds its direction at the last accepted iterate, the
         # returned one.
-        decrement = descent_loss_error(solution.state)
+        state = solution.state.inner
+        decrement = descent_loss_error(state)
         converged = (solution.result == optx.RESULTS.successful) & inner_converged(
             value, gradient, scale, args.alpha2, gtol, decrement
         )
-        descent_state = getattr(solution.state, "descent_state", None)
+        descent_state = getattr(state, "descent_state", None)
         zero = jnp.zeros((), jnp.int32)
         return coef, InnerStats(
-            solution.stats["num_steps"],
+            solution.state.updates,
             scaled_gradient_norm(gradient, scale),
             converged,
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
@@ -373,6 +489,10 @@ class InnerMinimise(AbstractInnerSolver):
         self, objective: ReadoutObjective, solution: Float[Array, "p k"], stats: Any, args: GLMArgs
     ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
         del stats
+        num_samples, k = args.labels.shape
+        cheaper = kernel_newton_cost(objective, args) < exact_newton_cost(objective, args)
+        if cheaper and num_samples * k <= MAX_DENSE_SOLVE_SIZE:
+            return kernel_hessian_solve(objective, solution, args)
         if solution.size <= MAX_DENSE_SOLVE_SIZE:
             _, unravel = jfu.ravel_pytree(solution)
             return dense_hessian_solve(objective.hessian(solution, args).as_matrix(), unravel)

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, ArrayLike, Float, Real
+from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
 from ._checks import as_targets
 from ._glm import READOUT_LOSSES, vploss_glm
@@ -46,7 +46,7 @@ class SigmoidBinaryCrossEntropy(AbstractReadoutLoss):
 
 def vploss_bce(
     model: Callable[..., Any],
-    x: Real[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Real[ArrayLike, " _N *k"],
     *,
     alpha1: Real[ArrayLike, ""] = 0.0,
@@ -109,7 +109,8 @@ def vploss_bce(
 
     - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
         features, shape `(m,)` or a scalar.
-    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `x`: the inputs, batch-first, shape `(N, ...)`: an array or any pytree of arrays
+        the model takes (of any dtype: token ids, pixels, masks), with one batch size N.
     - `y`: labels in [0, 1], shape `(N,)` or `(N, k)` (hard 0/1 labels or
         probabilities; for ±1 labels pass `(y + 1) / 2`).
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.

@@ -23,9 +23,11 @@ uncentred Gram matrix $\hat F^\top\hat F/N$ is made of, whose shifted Cholesky f
 otherwise leaves every direction with an eigenvalue below $\varepsilon\,\mathrm{tr}$
 unsolved. The means are sums over samples, so a sharded batch stays sharded.
 
-**Derivatives.** `ridge_lstsq` and `ridge_solve` have custom JVP rules built from the
-same solves (implicit differentiation of the normal equations), so a Cholesky factor,
-an SVD or an eigendecomposition is never differentiated: second derivatives are exact
+**Derivatives.** `ridge_lstsq` has a custom JVP rule built from the same solves
+(implicit differentiation of the normal equations), and those solves are
+`jax.lax.custom_linear_solve`s, differentiated through their matrix-vector products
+and transposed as the same symmetric solve, so a Cholesky factor, an SVD or an
+eigendecomposition is never differentiated, to any order: second derivatives are exact
 and finite at repeated singular values (whose decomposition derivatives divide by
 $s_i^2 - s_j^2$).
 """
@@ -73,10 +75,6 @@ class Stack(eqx.Module):
     def rmv(self, a: "Stack") -> Float[Array, "c k"]:
         r"""$Z^\top a$ for a stack `a` with `k` columns."""
         return matmul(self.rows.T, a.rows) + self.extra[:, None] * a.extra[None, :]
-
-    def gram(self) -> Float[Array, "c c"]:
-        r"""$Z^\top Z$, a sum over the rows."""
-        return matmul(self.rows.T, self.rows) + jnp.outer(self.extra, self.extra)
 
     def dense(self) -> Float[Array, "R c"]:
         return jnp.concatenate([self.rows, self.extra[None, :]])
@@ -151,6 +149,29 @@ def centred_problem(
     )
 
 
+def offset_reflection(
+    row: Float[Array, " m"],
+) -> tuple[Callable[[Float[Array, "m ..."]], Float[Array, "m ..."]], Float[Array, " m"]]:
+    r"""The Householder reflection $Q = I - 2vv^\top/v^\top v$ (symmetric, orthogonal)
+    that maps `row` $e$ onto the first axis, $Qe = -s\|e\|e_1$ with $s$ the sign of
+    $e_1$, as a function applying $Q$ along the first axis of an array, and $Qe$ (set
+    exactly). $e = 0$ gives a reflection too. Used inside solves that are never
+    differentiated (their derivatives are implicit)."""
+    sign = jnp.where(row[0] >= 0, 1, -1).astype(row.dtype)
+    squares = jnp.sum(row**2)
+    positive = squares > 0
+    norm = jnp.sqrt(jnp.where(positive, squares, 0))
+    axis = jnp.zeros_like(row).at[0].set(1)
+    direction = jnp.where(positive, row + sign * norm * axis, axis)
+    # vᵀv = 2‖e‖(‖e‖ + |e₁|), formed without cancellation.
+    length = jnp.where(positive, 2 * norm * (norm + jnp.abs(row[0])), 1)
+
+    def reflect(a):
+        return a - jnp.outer(direction, matmul(direction, a) * (2 / length)).reshape(a.shape)
+
+    return reflect, -sign * norm * axis
+
+
 def with_intercept(
     weight: Float[Array, "m k"], residual_mean: Float[Array, " k"], alpha2: Scalar
 ) -> Float[Array, "p k"]:
@@ -210,33 +231,54 @@ def ridge_lstsq(
     return _ridge_lstsq(method, design, response, alpha2)
 
 
+def _diagonal_scale(matrix: Float[Array, "n n"]) -> Float[Array, " n"]:
+    diagonal = jnp.diagonal(matrix)
+    return jnp.sqrt(jnp.where(diagonal > 0, diagonal, 1))
+
+
 def _shifted_cholesky(
-    matrix: Float[Array, "n n"], alpha2: Scalar
+    matrix: Float[Array, "n n"], alpha2: Scalar, extra: Float[Array, " n"] | None = None
 ) -> Callable[[Float[Array, "n k"]], Float[Array, "n k"]]:
-    r"""An approximate inverse of $A + \alpha I$ for a positive semidefinite $A$ formed in
-    working precision: the Cholesky factor of $D^{-1/2}(A + \alpha I)D^{-1/2} + \delta I$
-    with $D = \operatorname{diag}(A)$ and $\delta = \varepsilon n$ (or $\sqrt\varepsilon$
-    where that factor breaks down).
+    r"""An approximate inverse of $A + \alpha I + ee^\top$ for a positive semidefinite
+    $A$ formed in working precision and an optional extra row $e$ (the eliminated
+    intercept's; `None`: none): the Cholesky factor of $D^{-1/2}(A + \alpha I)D^{-1/2}
+    + \delta I$ with $D = \operatorname{diag}(A)$ and $\delta = \varepsilon n$ (or
+    $\sqrt\varepsilon$ where that factor breaks down).
 
     The diagonal scaling makes the shift relative to each column's own scale (a column
     of scale $10^{-3}$ beside one of $10^3$ is not swamped), and the shift keeps the
     factor finite when $A$ is numerically indefinite or singular. Iterative refinement
     with an exact residual then removes the shift: it multiplies the error along an
     eigenvector of the scaled matrix with eigenvalue $\lambda$ by
-    $\delta/(\lambda + \delta)$."""
+    $\delta/(\lambda + \delta)$.
+
+    The row $e$ is not added to $A$ before the scaling: $\gamma\mu$ of features with a
+    large offset $\mu$ would set every diagonal entry, and the data's own directions
+    (relative size $\|F_c\|^2/\gamma^2\|\mu\|^2$) would fall below the shift. Instead
+    the scaled row $D^{-1/2}e$ is reflected onto the first axis (`offset_reflection`),
+    where it adds to one diagonal entry, and a second diagonal scaling absorbs it."""
     n = matrix.shape[0]
-    diagonal = jnp.diagonal(matrix)
-    scale = jnp.sqrt(jnp.where(diagonal > 0, diagonal, 1))
-    outer = scale[:, None] * scale[None, :]
     eps = jnp.finfo(matrix.dtype).eps
-    scaled = matrix / outer + jnp.diag(alpha2 / scale**2)
+    scale = _diagonal_scale(matrix)
+    scaled = matrix / (scale[:, None] * scale[None, :]) + jnp.diag(alpha2 / scale**2)
+    reflect = lambda a: a  # noqa: E731
+    if extra is not None:
+        reflect, reflected = offset_reflection(extra / scale)
+        scaled = reflect(reflect(scaled).T) + jnp.outer(reflected, reflected)
+    inner = _diagonal_scale(scaled)
+    scaled = scaled / (inner[:, None] * inner[None, :])
     factor = jnp.linalg.cholesky(scaled + eps * n * jnp.eye(n, dtype=matrix.dtype))
     # A rank-deficient matrix (fewer samples than features) can still break down in
     # float32 at that shift: then the factor of a shift of sqrt(eps), which the
     # refinement removes more slowly.
     fallback = jnp.linalg.cholesky(scaled + jnp.sqrt(eps) * jnp.eye(n, dtype=matrix.dtype))
     factor = jnp.where(jnp.all(jnp.isfinite(factor)), factor, fallback)
-    return lambda b: jsl.cho_solve((factor, True), b / scale[:, None]) / scale[:, None]
+
+    def solve(b):
+        reflected_b = reflect(b / scale[:, None]) / inner[:, None]
+        return reflect(jsl.cho_solve((factor, True), reflected_b) / inner[:, None]) / scale[:, None]
+
+    return solve
 
 
 def _refine(solve: Callable[[T], T], residual: Callable[[T], T], x: T, steps: int) -> T:
@@ -247,13 +289,31 @@ def _refine(solve: Callable[[T], T], residual: Callable[[T], T], x: T, steps: in
 
 
 def gram_lstsq(
-    gram: Float[Array, "m m"], cross: Float[Array, "m k"], alpha2: Scalar, refine_steps: int
+    gram: Float[Array, "m m"],
+    cross: Float[Array, "m k"],
+    alpha2: Scalar,
+    refine_steps: int,
+    intercept: tuple[Float[Array, " m"], Float[Array, " k"]] | None = None,
 ) -> Float[Array, "m k"]:
-    r"""$(G + \alpha I)^{-1}B$ from the Gram matrix alone (when the tall matrix is gone,
-    as in a streamed fit): the refinement's residual comes from $G$, so it removes the
-    factor's shift, not the rounding of $G$ (centre the features before forming it)."""
-    solve = _shifted_cholesky(gram, alpha2)
-    residual = lambda x: cross - matmul(gram, x) - alpha2 * x  # noqa: E731
+    r"""The ridge weights $W$ from the Gram matrix alone (when the tall matrix is gone,
+    as in a streamed fit): $(G + \alpha I)^{-1}B$, or with `intercept` $= (\mu, \bar
+    y)$ the centred problem's $(G + ee^\top + \alpha I)^{-1}(B + e\gamma\bar y^\top)$,
+    $e = \gamma\mu$, $\gamma^2 = \alpha/(1 + \alpha)$, with $e$ kept out of the factor's
+    scaling (`_shifted_cholesky`). The refinement's residual comes from $G$, so it
+    removes the factor's shift, not the rounding of $G$ (centre the features before
+    forming it)."""
+    extra = None
+    if intercept is not None:
+        mean, target_mean = intercept
+        gamma = jnp.sqrt(alpha2 / (1 + alpha2))
+        extra = gamma * mean
+        cross = cross + jnp.outer(extra, gamma * target_mean)
+    solve = _shifted_cholesky(gram, alpha2, extra)
+
+    def residual(x):
+        out = cross - matmul(gram, x) - alpha2 * x
+        return out if extra is None else out - jnp.outer(extra, matmul(extra, x))
+
     return _refine(solve, residual, solve(cross), refine_steps)
 
 
@@ -266,7 +326,9 @@ class CholeskyRidge(AbstractLstsqMethod):
     \frac12\|ZW - T\|^2 + \frac{\alpha_2}2\|W\|^2$ (see `vploss_msereg`: the penalised
     intercept eliminated, the features centred). This one forms the `(m, m)` Gram
     matrix $Z^\top Z$, factors $D^{-1/2}(Z^\top Z + \alpha_2 I)D^{-1/2} + \delta I$
-    ($D$ its diagonal, $\delta = \varepsilon m$) by Cholesky, and takes `refine_steps`
+    ($D$ its diagonal, $\delta = \varepsilon m$; the eliminated intercept's row, which
+    holds $\sqrt{\alpha_2}$ times the features' offset, is kept out of $D$ and
+    reflected onto one axis first, `_shifted_cholesky`) by Cholesky, and takes `refine_steps`
     steps of iterative refinement $W \leftarrow W + M^{-1}(Z^\top(T - ZW) -
     \alpha_2 W)$ with the residual computed from the tall matrix $Z$: its rounding lies
     in the range of $Z^\top$, so the error is that of a QR solve ($\kappa(Z)
@@ -293,14 +355,14 @@ class CholeskyRidge(AbstractLstsqMethod):
         _check_refine_steps(self.refine_steps)
 
     def lstsq(self, design, response, alpha2):
-        solve = _shifted_cholesky(design.gram(), alpha2)
+        solve = _shifted_cholesky(matmul(design.rows.T, design.rows), alpha2, design.extra)
         residual = lambda w: design.rmv(response - design.mv(w)) - alpha2 * w  # noqa: E731
         return _refine(solve, residual, solve(design.rmv(response)), self.refine_steps)
 
     def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
         r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs`, refined with the residual from the tall
         matrix."""
-        solve = _shifted_cholesky(design.gram(), alpha2)
+        solve = _shifted_cholesky(matmul(design.rows.T, design.rows), alpha2, design.extra)
         residual = lambda x: rhs - design.rmv(design.mv(x)) - alpha2 * x  # noqa: E731
         return _refine(solve, residual, solve(rhs), self.refine_steps)
 
@@ -340,22 +402,12 @@ class SVDRidge(AbstractLstsqMethod):
         return matmul(vt.T, (s * inverse)[:, None] * matmul(u.T, response.dense()))
 
     def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
-        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` for the readout's derivative: by the refined
-        Cholesky solve of `CholeskyRidge` when $\alpha > 0$, since a reverse-mode
-        derivative transposes this solve, and a second derivative would then
-        differentiate the SVD (NaN at repeated singular values; a Cholesky factor's
-        derivative is finite). With $\alpha = 0$, $V\operatorname{diag}(1/s^2)V^\top$
-        on the kept singular directions (the derivative of the pseudo-inverse has
-        further terms across the null space, not included)."""
-
-        def pseudo_inverse():
-            _, _, vt, inverse = _svd(design, alpha2)
-            return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
-
-        regularised = lambda: CholeskyRidge().solve(design, alpha2, rhs)  # noqa: E731
-        if not isinstance(alpha2, jax.core.Tracer):
-            return regularised() if alpha2 > 0 else pseudo_inverse()
-        return jax.lax.cond(alpha2 > 0, regularised, pseudo_inverse)
+        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` for the readout's derivative,
+        $V\operatorname{diag}(1/(s_i^2 + \alpha))V^\top$ `rhs`; with $\alpha = 0$ on the
+        kept singular directions only (the derivative of the pseudo-inverse has further
+        terms across the null space, not included)."""
+        _, _, vt, inverse = _svd(design, alpha2)
+        return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
 
 
 class DualRidge(AbstractLstsqMethod):
@@ -474,18 +526,19 @@ def _ridge_lstsq_jvp(method, primals, tangents):
     return w, _ridge_solve(method, design, alpha2, rhs)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _ridge_solve(method, design, alpha2, rhs):
-    return method.solve(design, alpha2, rhs)
-
-
-@_ridge_solve.defjvp
-def _ridge_solve_jvp(method, primals, tangents):
-    design, alpha2, rhs = primals
-    t_design, t_alpha2, t_rhs = tangents
-    x = _ridge_solve(method, design, alpha2, rhs)
-    t_hessian_x = t_design.rmv(design.mv(x)) + design.rmv(t_design.mv(x)) + t_alpha2 * x
-    return x, _ridge_solve(method, design, alpha2, t_rhs - t_hessian_x)
+    r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` by `method.solve`, as a
+    `jax.lax.custom_linear_solve`: its derivative is implicit, through the
+    matrix-vector product alone, and its transpose is the same (symmetric) solve, so
+    no factorisation or decomposition is ever differentiated, to any order (a second
+    derivative through a transposed SVD or eigendecomposition divides by
+    $s_i^2 - s_j^2$: NaN at repeated singular values)."""
+    return jax.lax.custom_linear_solve(
+        lambda x: design.rmv(design.mv(x)) + alpha2 * x,
+        rhs,
+        lambda _, b: method.solve(design, alpha2, b),
+        symmetric=True,
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -507,16 +560,12 @@ def _dual_lstsq_jvp(method, primals, tangents):
     return _dual_lstsq(method, design, response, alpha2), t_design.rmv(c) + design.rmv(t_c)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_solve(method, design, alpha2, rhs):
-    """The exact kernel solve of `_dual_lstsq`'s derivative (`keep_null`)."""
-    return method.kernel_solve(design, alpha2, rhs, keep_null=True)
-
-
-@_kernel_solve.defjvp
-def _kernel_solve_jvp(method, primals, tangents):
-    design, alpha2, rhs = primals
-    t_design, t_alpha2, t_rhs = tangents
-    c = _kernel_solve(method, design, alpha2, rhs)
-    t_kernel_c = t_design.mv(design.rmv(c)) + design.mv(t_design.rmv(c)) + c.scale(t_alpha2)
-    return c, _kernel_solve(method, design, alpha2, t_rhs - t_kernel_c)
+    """The exact kernel solve of `_dual_lstsq`'s derivative (`keep_null`), as a
+    `jax.lax.custom_linear_solve` (see `_ridge_solve`)."""
+    return jax.lax.custom_linear_solve(
+        lambda c: design.mv(design.rmv(c)) + c.scale(alpha2),
+        rhs,
+        lambda _, b: method.kernel_solve(design, alpha2, b, keep_null=True),
+        symmetric=True,
+    )

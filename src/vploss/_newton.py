@@ -2,7 +2,7 @@
 and loss-error bound), a backtracking line search that allows for the objective's
 rounding, the Newton direction by Cholesky with fallbacks, and the truncated Newton
 direction by preconditioned CG; as optimistix pieces (`DampedNewton`, descents, search,
-`GradientNormTermination`)."""
+`GradientNormTermination`), run with a budget of updates (`minimise_updates`)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -178,7 +178,9 @@ class DampedNewton(optx.AbstractQuasiNewton):
     A quasi-Newton minimiser whose "Hessian update" evaluates the true Hessian at each
     accepted iterate, so the optimistix machinery (line search, descent, linear
     solver) is reused as it is. Stop it with `GradientNormTermination`: its own
-    Cauchy criterion is switched off (`rtol = atol = 0`).
+    Cauchy criterion is switched off (`rtol = atol = 0`). Each optimistix step
+    evaluates one point (the start, then one trial step size), so run it with
+    `minimise_updates`, whose budget counts Newton updates (accepted iterates).
     """
 
     hessian: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
@@ -213,21 +215,14 @@ def _is_struct(leaf):
     return isinstance(leaf, jax.ShapeDtypeStruct)
 
 
-class GradientNormTermination(optx.AbstractMinimiser):
-    """Runs a quasi-Newton `minimiser` (any `optx.AbstractQuasiNewton`: `DampedNewton`,
-    `optx.BFGS`, `optx.LBFGS`, ...) until `inner_converged` holds at the accepted
-    iterate: the max-norm of the gradient, divided row-wise by `scale`
-    (`ReadoutObjective.gradient_scale`), is at most `gtol`, and the loss is within
-    `loss_tolerance` of its minimum. It replaces the minimiser's own Cauchy criterion
-    (which stops on small steps, not on optimality)."""
+class _AbstractWrappedMinimiser(optx.AbstractMinimiser):
+    """An optimistix minimiser that runs another, `minimiser`, with its tolerances and
+    norm; a subclass replaces the parts it changes."""
 
-    minimiser: optx.AbstractQuasiNewton
-    gtol: float
-    scale: Float[Array, "p 1"]
-    alpha2: Scalar
+    minimiser: eqx.AbstractVar[optx.AbstractMinimiser]
 
     # The abstract `rtol`, `atol`, `norm` are properties here, not fields; pyright
-    # counts them as constructor arguments, hence the ignores where this is built.
+    # counts them as constructor arguments, hence the ignores where subclasses are built.
     @property
     def rtol(self):
         return self.minimiser.rtol
@@ -247,6 +242,28 @@ class GradientNormTermination(optx.AbstractMinimiser):
         return self.minimiser.step(fn, y, args, options, state, tags)
 
     def terminate(self, fn, y, args, options, state, tags):
+        return self.minimiser.terminate(fn, y, args, options, state, tags)
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return self.minimiser.postprocess(fn, y, aux, args, options, state, tags, result)
+
+
+class GradientNormTermination(_AbstractWrappedMinimiser):
+    """Runs a quasi-Newton `minimiser` (any `optx.AbstractQuasiNewton`: `DampedNewton`,
+    `optx.BFGS`, `optx.LBFGS`, ...) until `inner_converged` holds at the accepted
+    iterate: the max-norm of the gradient, divided row-wise by `scale`
+    (`ReadoutObjective.gradient_scale`), is at most `gtol`, and the loss is within
+    `loss_tolerance` of its minimum. It replaces the minimiser's own Cauchy criterion
+    (which stops on small steps, not on optimality). It checks the test at each
+    accepted iterate, the start included (which may end a solve with no update); the
+    budget of updates is `UpdateBudget`'s."""
+
+    minimiser: optx.AbstractQuasiNewton
+    gtol: float
+    scale: Float[Array, "p 1"]
+    alpha2: Scalar
+
+    def terminate(self, fn, y, args, options, state, tags):
         # Before the first step `f_info` holds placeholders, not the gradient at `y`.
         converged = inner_converged(
             state.f_info.f,
@@ -258,8 +275,87 @@ class GradientNormTermination(optx.AbstractMinimiser):
         )
         return ~state.first_step & converged, state.result
 
+
+#: Steps in a row that leave the iterate where it is (the evaluation of the start,
+#: rejected line-search trials) beyond which `UpdateBudget` ends a solve: a halving
+#: line search's trial step is then 2^-60 (about 1e-18) of its first. Also
+#: `LogBarrier`'s default `max_backtracks`.
+MAX_BACKTRACKS = 60
+
+
+class _BudgetState(eqx.Module):
+    inner: Any
+    updates: Int[Array, ""]
+    # Steps since the last update (or since the start).
+    stalled: Int[Array, ""]
+
+
+class UpdateBudget(_AbstractWrappedMinimiser):
+    r"""Runs any optimistix `minimiser` until it terminates or has taken
+    `max_updates` updates: steps that move the iterate.
+
+    An optimistix step is one evaluation of the objective, and `optx.minimise`'s
+    `max_steps` counts them all: a quasi-Newton minimiser's (`DampedNewton`,
+    `optx.BFGS`) first step only evaluates the start, and a rejected line-search trial
+    leaves the iterate where it is, so `max_steps=1` never moved and each rejection
+    took an update's place. Here steps that do not move are free; more than
+    `MAX_BACKTRACKS = 60` of them in a row end the solve (a line search that finds no
+    acceptable step). A budget that ends the solve reports
+    `optx.RESULTS.nonlinear_max_steps_reached`, unless the minimiser's own test ends
+    it at the same point. The state holds the minimiser's (`inner`) and the number of
+    updates (`updates`). Use it through `minimise_updates`."""
+
+    minimiser: optx.AbstractMinimiser
+    max_updates: int
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        inner = self.minimiser.init(fn, y, args, options, f_struct, aux_struct, tags)
+        zero = jnp.zeros((), jnp.int32)
+        return _BudgetState(inner, zero, zero)
+
+    def step(self, fn, y, args, options, state, tags):
+        new_y, inner, aux = self.minimiser.step(fn, y, args, options, state.inner, tags)
+        moved = ~jnp.asarray(eqx.tree_equal(new_y, y))
+        updates = state.updates + moved.astype(jnp.int32)
+        stalled = jnp.where(moved, 0, state.stalled + 1)
+        return new_y, _BudgetState(inner, updates, stalled), aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        done, result = self.minimiser.terminate(fn, y, args, options, state.inner, tags)
+        spent = (state.updates >= self.max_updates) | (state.stalled > MAX_BACKTRACKS)
+        result = optx.RESULTS.where(done | ~spent, result, optx.RESULTS.nonlinear_max_steps_reached)
+        return done | spent, result
+
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        return self.minimiser.postprocess(fn, y, aux, args, options, state, tags, result)
+        return self.minimiser.postprocess(fn, y, aux, args, options, state.inner, tags, result)
+
+
+def minimise_updates(
+    fn: Callable[..., Scalar],
+    minimiser: optx.AbstractMinimiser,
+    y0: PyTree[Array],
+    args: PyTree,
+    *,
+    max_updates: int,
+    throw: bool,
+    adjoint: optx.AbstractAdjoint | None = None,
+) -> optx.Solution:
+    """`optx.minimise` of `fn` by `minimiser` from `y0`, with at most `max_updates`
+    updates (`UpdateBudget`); `solution.state.updates` is their number and
+    `solution.state.inner` the minimiser's final state."""
+    # The budget ends the loop first; `max_steps` only bounds the optimistix loop,
+    # which a checkpointed loop needs.
+    max_steps = (max_updates + 1) * (MAX_BACKTRACKS + 1)
+    return optx.minimise(
+        fn,
+        # pyright counts the abstract `rtol`, `atol`, `norm` as constructor arguments.
+        UpdateBudget(minimiser, max_updates),  # pyright: ignore[reportCallIssue]
+        y0,
+        args,
+        max_steps=max_steps,
+        throw=throw,
+        adjoint=optx.ImplicitAdjoint() if adjoint is None else adjoint,
+    )
 
 
 class _NewtonState(eqx.Module):

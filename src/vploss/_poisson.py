@@ -5,7 +5,7 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import optimistix as optx
-from jaxtyping import Array, ArrayLike, Float, Real
+from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
 from ._checks import as_targets
 from ._glm import READOUT_LOSSES, vploss_glm
@@ -42,7 +42,7 @@ class PoissonLogLikelihood(AbstractReadoutLoss):
 
 def vploss_poisson(
     model: Callable[..., Any],
-    x: Real[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Real[ArrayLike, " _N *k"],
     *,
     alpha1: Real[ArrayLike, ""] = 0.0,

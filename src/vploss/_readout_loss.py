@@ -80,9 +80,14 @@ class AbstractReadoutLoss(eqx.Module):
     @abc.abstractmethod
     def basis(self, num_outputs: int) -> np.ndarray | None:
         r"""`None`, or an orthogonal `(k, k)` NumPy matrix $T$ whose LAST column spans a
-        direction $t$ in which $\ell$ is linear ($\partial_z^2\ell\, t = 0$, as the
-        softmax's shift of all logits). The inner problem is then solved in the
-        coefficients $\hat C = \hat W^\top T$: its Hessian is exactly $\alpha_2$ in
+        direction $t$ along which $\ell$ does not change for valid labels
+        ($\partial_z\ell\cdot t = 0$, as the softmax's shift of all logits for label
+        rows that sum to 1). The penalised optimum then has no component along $t$,
+        and the inner problem is solved on that subspace: in coefficients $\hat C$
+        with $\hat W^\top = \hat C_{:,<k} T_{:,<k}^\top$ (`ReadoutObjective`), so
+        that the readout has none either, exactly. Solved in all $k$ directions, the
+        rounding of the data term's gradient along $t$, divided by $\alpha_2$, would
+        be the readout's component there; and the Hessian is exactly $\alpha_2$ in
         the last column, where the computed curvature would be rounding of either
         sign (an indefinite Hessian in float32)."""
 
@@ -148,8 +153,12 @@ def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTr
 
 class ReadoutObjective(eqx.Module):
     r"""The inner objective of a readout loss and its derivatives, in the coefficients
-    `coef` $=\hat C$ of shape `(p, k)`: $\hat W^\top = \hat C$, or $\hat C T^\top$ with
-    the loss's `basis` $T$. Called as `objective(coef, args)` with `GLMArgs`.
+    `coef` $=\hat C$ of shape `(p, k)`: $\hat W^\top = \hat C$, or $\hat C_{:,<k}
+    T_{:,<k}^\top$ with the loss's `basis` $T$, whose last column $t$ (along which the
+    loss does not change) the readout then never has a component along. The last column
+    of $\hat C$ is kept so that coefficients have the outputs' shape; it enters only
+    the penalty, so its optimum is zero, and zero it stays from zero or from a warm
+    start (`from_outputs`). Called as `objective(coef, args)` with `GLMArgs`.
 
     $$J(\hat C) = \frac1N\sum_j\omega_j\,\ell(z_j, y_j) + \frac{\alpha_2}{2}\|\hat
     C\|_F^2, \qquad \nabla^2 J = \frac1N\sum_j\omega_j\,(T^\top C_j T)\otimes\hat
@@ -162,19 +171,22 @@ class ReadoutObjective(eqx.Module):
 
     loss: AbstractReadoutLoss
 
-    def _basis(self, k: int, dtype) -> Array | None:
+    def _curved(self, k: int, dtype) -> Array | None:
+        """The first `k - 1` columns of the loss's basis (the directions in which it
+        changes), or `None`."""
         basis = self.loss.basis(k)
-        return None if basis is None else jnp.asarray(basis, dtype)
+        return None if basis is None else jnp.asarray(basis[:, :-1], dtype)
 
     def in_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
         r"""$\hat W^\top$: the coefficients in the outputs' own basis."""
-        basis = self._basis(coef.shape[1], coef.dtype)
-        return coef if basis is None else matmul(coef, basis.T)
+        curved = self._curved(coef.shape[1], coef.dtype)
+        return coef if curved is None else matmul(coef[:, :-1], curved.T)
 
     def from_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
-        """The inverse of `in_outputs`."""
-        basis = self._basis(coef.shape[1], coef.dtype)
-        return coef if basis is None else matmul(coef, basis)
+        r"""The coefficients of the readout $\hat W^\top$ = `coef`, less its component
+        along the basis's last column (the inverse of `in_outputs` where it has none)."""
+        curved = self._curved(coef.shape[1], coef.dtype)
+        return coef if curved is None else jnp.pad(matmul(coef, curved), ((0, 0), (0, 1)))
 
     def logits(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "N k"]:
         return matmul(args.features, self.in_outputs(coef))
@@ -189,8 +201,7 @@ class ReadoutObjective(eqx.Module):
         diagonal = _weighted_rows(diagonal, args.weights)
         if rank_one is not None and args.weights is not None:
             rank_one = rank_one * jnp.sqrt(args.weights)[:, None]
-        basis = self._basis(coef.shape[1], coef.dtype)
-        return diagonal, rank_one, None if basis is None else basis[:, :-1]
+        return diagonal, rank_one, self._curved(coef.shape[1], coef.dtype)
 
     def hessian(self, coef: Float[Array, "p k"], args: GLMArgs) -> lx.PyTreeLinearOperator:
         """The exact Hessian as a `(p, k, p, k)` operator: the per-output Gram matrices

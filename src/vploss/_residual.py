@@ -3,13 +3,11 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.core
 import jax.flatten_util as jfu
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Real, Shaped
+from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Shaped
 
-from ._checks import as_batch
+from ._checks import concrete_value
 from ._features import augment
 from ._lstsq import AbstractRidgeSolver, sample_scale
 from ._misc import matmul
@@ -19,7 +17,7 @@ from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
 
 def vpresidual_msereg(
     model: Callable[..., Any],
-    x: Shaped[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
@@ -122,14 +120,12 @@ def _stacked_residual(fit: RidgeFit, model: Any, alpha1: Any, alpha2: Any) -> Ar
 def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
     """Whether a penalty weight may be non-zero: traced weights and `"gcv"` count as
     non-zero."""
-    if isinstance(alpha, (jax.core.Tracer, str)):
-        return True
-    return float(np.asarray(alpha)) != 0
+    return concrete_value(alpha) != 0
 
 
 def vpjacobian_msereg(
     model: Callable[..., Any],
-    x: Shaped[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
@@ -204,7 +200,7 @@ def vpjacobian_msereg(
 
         return _flat_rows(jax.jacrev(outputs)(params), 1)
 
-    frozen = jax.vmap(sample_rows)(as_batch("x", x))  # (N, k, P): sample j's rows
+    frozen = jax.vmap(sample_rows)(fit.inputs)  # (N, k, P): sample j's rows
     through_readout = jnp.einsum(
         "jq,qkP->jkP", fit.features, d_coef, precision=jax.lax.Precision.HIGHEST
     )

@@ -3,11 +3,20 @@ from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
 import jax
-import jax.core
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Real, Scalar, Shaped
+from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Scalar, Shaped
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, as_weights, RuntimeChecks
+from ._checks import (
+    as_alpha,
+    as_batch,
+    as_flag,
+    as_targets,
+    as_weights,
+    batch_size,
+    concrete_value,
+    drop_zero_weight_samples,
+    RuntimeChecks,
+)
 from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from ._features import glm_features, parameter_penalty
 from ._gcv import gcv_penalty, GCVStats
@@ -69,6 +78,9 @@ class RidgeInnerSolver(AbstractInnerSolver):
 
     method: AbstractLstsqMethod
     intercept: bool = eqx.field(static=True)
+    # Whether alpha2 > 0, decided on the argument as passed (`concrete_value`), so the
+    # same eagerly and under `jit`; `None` where it is traced.
+    regularised: bool | None = eqx.field(static=True)
 
     def coefficients(self, args: RidgeArgs) -> Float[Array, "p k"]:
         features, targets, alpha2, weights = args
@@ -87,8 +99,8 @@ class RidgeInnerSolver(AbstractInnerSolver):
         # equivalent uneliminated rows there.
         if isinstance(self.method, CholeskyRidge):
             return solve(True)
-        if not isinstance(alpha2, jax.core.Tracer):
-            return solve(bool(alpha2 > 0))
+        if self.regularised is not None:
+            return solve(self.regularised)
         return jax.lax.cond(alpha2 > 0, lambda: solve(True), lambda: solve(False))
 
     def __call__(
@@ -131,15 +143,19 @@ def as_ridge_solver(solver: object) -> AbstractRidgeSolver:
 
 
 def _ridge_solver(
-    solver: object, num_samples: int, num_coefficients: int, unregularised: bool, intercept: bool
+    solver: object, num_samples: int, num_coefficients: int, alpha2: object, intercept: bool
 ) -> RidgeInnerSolver:
-    method = as_ridge_solver(solver).select(num_samples, num_coefficients, unregularised)
-    return RidgeInnerSolver(method, intercept)
+    """The inner solver for `alpha2` as passed (a number, a traced array, or `"gcv"`,
+    whose penalty is positive)."""
+    penalty = 1.0 if isinstance(alpha2, str) else concrete_value(alpha2)
+    regularised = None if penalty is None else penalty > 0
+    method = as_ridge_solver(solver).select(num_samples, num_coefficients, regularised is False)
+    return RidgeInnerSolver(method, intercept, regularised)
 
 
 def vploss_msereg(
     model: Callable[..., Any],
-    x: Shaped[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Shaped[ArrayLike, " _N *k"],
     *,
     alpha1: ArrayLike = 0.0,
@@ -254,20 +270,29 @@ def vploss_msereg(
     eigendecomposition of the `(p, p)` Gram matrix $\hat F^\top\hat F/N$ (of the `(N, N)`
     kernel matrix when $N \le p$), at the cost of the Cholesky solver, makes GCV cheap
     for every $\alpha$; it is minimised over a grid of $\log\alpha$ from
-    $\varepsilon\lambda_{\max}$ to $100\lambda_{\max}$ and refined by golden-section
-    search. The loss is then the ridge loss at $\alpha^*$, solved by `solver`, and
+    $\varepsilon\,\mathrm{tr}(\hat F^\top\hat F/N)$, the smallest penalty the working
+    precision resolves (the rounding of the Gram matrix; of the centred one with a
+    bias), to $100\lambda_{\max}$ and refined by golden-section search. Where GCV is
+    flat to within its rounding error (targets the features fit exactly, or an
+    interpolating fit with $N \le p$), the largest grid penalty on that flat part is
+    taken, so the choice and the loss are reproducible (samples permuted, eager or
+    jitted) and the solve is the best-conditioned one GCV cannot tell from the best.
+    The loss is then the ridge loss at $\alpha^*$, solved by `solver`, and
     $\alpha^*$ is held fixed: the gradient is the envelope gradient at $\alpha^*$,
     with no term for $\mathrm{d}\alpha^*/\mathrm{d}\theta$ (the loss is not minimised
     over $\alpha$). The choice is in `readout.stats`, a `vploss.GCVStats` (the penalty,
     the GCV value and $\mathrm{tr}\,H_{\alpha^*}$). In float32 the penalty cannot be
-    resolved below about $\varepsilon\lambda_{\max} \approx 10^{-7}\lambda_{\max}$,
-    where the float64 choice may lie for features that fit the targets well.
+    resolved below about $10^{-7}\,\mathrm{tr}(\hat F^\top\hat F/N)$, and GCV is flat
+    further up (its rounding is about $p\varepsilon$ relative), where the float64 choice
+    may lie for features that fit the targets well: float32 then chooses a larger
+    penalty.
 
     **Arguments:**
 
     - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
         features, shape `(m,)` or a scalar.
-    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `x`: the inputs, batch-first, shape `(N, ...)`: an array or any pytree of arrays
+        the model takes (of any dtype: token ids, pixels, masks), with one batch size N.
     - `y`: the targets, shape `(N,)` or `(N, k)`.
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.
     - `alpha2`: penalty weight on the readout, `>= 0`, or `"gcv"` to choose it by
@@ -315,6 +340,7 @@ def vploss_msereg(
 class RidgeFit(eqx.Module):
     r"""What `fit_ridge` computed: the ridge objective's optimal value `value` (without
     the `alpha1` penalty) and minimiser `coef` (`[W, b]ᵀ`), both differentiable, the
+    checked `inputs` (samples of weight zero replaced, `drop_zero_weight_samples`), the
     augmented `features`, the `targets` and the per-sample `weights` (or `None`) in the
     working dtype, the checked penalty weights (`alpha2` as chosen, with
     `alpha2="gcv"`), the diagnostics of that choice (else `None`), and the static
@@ -322,6 +348,7 @@ class RidgeFit(eqx.Module):
 
     value: Scalar
     coef: Float[Array, "p k"]
+    inputs: PyTree[Array]
     features: Float[Array, "N p"]
     targets: Float[Array, "N k"]
     weights: Float[Array, " N"] | None
@@ -334,7 +361,7 @@ class RidgeFit(eqx.Module):
 
 def fit_ridge(
     model: Callable[..., Any],
-    x: ArrayLike,
+    x: PyTree[ArrayLike],
     y: ArrayLike,
     *,
     alpha1: ArrayLike,
@@ -348,9 +375,10 @@ def fit_ridge(
     `vpjacobian_msereg` (named by `what` in messages): checks, features, the inner
     solve through `envelope_minimise`, runtime checks."""
     x = as_batch("x", x)
-    num_samples = x.shape[0]
+    num_samples = batch_size(x)
     targets, scalar_output = as_targets("y", y, num_samples)
     weights, weight_errors = as_weights(weights, num_samples, what=what)
+    weights, x, targets = drop_zero_weight_samples(weights, x, targets)
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
     solver = as_ridge_solver(solver)
@@ -373,11 +401,9 @@ def fit_ridge(
             use_bias,
             None if weights is None else jax.lax.stop_gradient(weights),
         )
-        unregularised = False
     else:
         penalty, stats = given_penalty.astype(dtype), None
-        unregularised = not isinstance(penalty, jax.core.Tracer) and float(penalty) == 0
-    inner_solver = _ridge_solver(solver, num_samples, features.shape[1], unregularised, use_bias)
+    inner_solver = _ridge_solver(solver, num_samples, features.shape[1], alpha2, use_bias)
     checks = RuntimeChecks(
         f"the ridge loss {what}", errors=weight_errors, finite={"x": x, "y": targets}
     )
@@ -390,6 +416,7 @@ def fit_ridge(
     return RidgeFit(
         value,
         coef,
+        x,
         features,
         targets,
         weights,

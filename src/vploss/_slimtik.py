@@ -1,31 +1,27 @@
 r"""The sampled limited-memory Tikhonov (slimTik) readout of the ridge loss for mini-batch
 training, with its penalty chosen by sampled generalised cross-validation (slimTrain)."""
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Scalar, Shaped
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar, Shaped
 
 from ._checks import (
     as_alpha,
     as_batch,
     as_flag,
     as_targets,
+    batch_size,
     check_stochastic_options,
     RuntimeChecks,
 )
 from ._features import glm_features, parameter_penalty
-from ._gcv import GCVStats, minimise_on_log_grid
+from ._gcv import choose_log_penalty, GCVStats
 from ._misc import matmul
 from ._readout import readout_from_coefficients, VPLinear
-
-
-#: Points of the log-spaced grid of sampled GCV (refined by golden-section search).
-_GRID_POINTS = 64
 
 
 class SlimTikState(eqx.Module):
@@ -60,6 +56,9 @@ class _Spectrum(eqx.Module):
     gradient: Float[Array, "p k"]  # Vᵀ g
     coef: Float[Array, "p k"]  # Vᵀ Ŵ_{k-1}
     residual: Float[Array, "n k"]  # F̂_k Ŵ_{k-1} − Y_k
+    # The rounding of that residual and of its change, about eps·√(‖Y_k‖² + ‖F̂_kŴ_{k-1}‖²)
+    # per entry (times p for the sums over coefficients): squared, summed, over n.
+    cancelled: Scalar
     previous_penalty: Scalar
 
     def step(self, penalty: Float[Array, "*g"]) -> Float[Array, "*g p k"]:
@@ -69,10 +68,12 @@ class _Spectrum(eqx.Module):
         return rhs / (self.eigenvalues[:, None] + a)
 
     def sgcv(self, log_penalty: Float[Array, "*g"]) -> tuple[Float[Array, "*g"], ...]:
-        r"""`(sGCV, tr T)` at $a = $ `exp(log_penalty)`, elementwise: the sampled GCV
+        r"""`(sGCV, tr T, rounding)` at $a = $ `exp(log_penalty)`, elementwise: the sampled GCV
         $\frac1n\|\hat F_k\hat W(a) - Y_k\|_F^2 / (1 - \mathrm{tr}\,T(a)/n)^2$ with the
         influence matrix $T(a) = \hat F_k(S + aI)^{-1}\hat F_k^\top/n$ of the current
-        batch's targets on its fitted values."""
+        batch's targets on its fitted values, and a bound on the rounding error of sGCV:
+        `p·eps` relative, and that of the squared norm of the difference of the
+        residual and the step's change, each rounded by `cancelled`."""
         penalty = jnp.exp(log_penalty)
         change = jnp.einsum(
             "np,...pk->...nk",
@@ -89,7 +90,13 @@ class _Spectrum(eqx.Module):
         # or n > p; otherwise it tends to n as a → 0 (interpolation), where GCV is 0/0:
         # such an a counts as +inf, never as a NaN.
         ok = slack > 0
-        return jnp.where(ok, rss / jnp.where(ok, slack, 1) ** 2, jnp.inf), trace
+        safe = jnp.where(ok, slack, 1) ** 2
+        value = jnp.where(ok, rss / safe, jnp.inf)
+        eps = jnp.finfo(value.dtype).eps
+        # ‖x + δ‖² − ‖x‖² <= 2‖x‖‖δ‖ + ‖δ‖², with ‖δ‖² = `cancelled`.
+        error = 2 * jnp.sqrt(rss * self.cancelled) + self.cancelled
+        rounding = self.eigenvalues.shape[0] * eps * value + error / safe
+        return value, trace, rounding
 
 
 def slimtik_update(
@@ -109,30 +116,28 @@ def slimtik_update(
     # Rounding can leave tiny negative eigenvalues of this positive semidefinite matrix.
     eigenvalues = jnp.maximum(eigenvalues, 0)
     residual = matmul(features, state.coef) - targets
+    p = features.shape[1]
+    magnitude = jnp.sum(targets**2) + jnp.sum((residual + targets) ** 2)
     spectrum = _Spectrum(
         eigenvalues=eigenvalues,
         projected_features=matmul(features, eigenvectors),
         gradient=matmul(eigenvectors.T, matmul(features.T, residual) / num_samples),
         coef=matmul(eigenvectors.T, state.coef),
         residual=residual,
+        cancelled=(p * jnp.finfo(features.dtype).eps) ** 2 * magnitude / num_samples,
         previous_penalty=state.penalty,
     )
-    dtype = features.dtype
     if alpha2 is None:
         top = eigenvalues[-1]
         top = jnp.where(top > 0, top, 1)
-        # From eps·λ_max (below it the penalty is lost in the rounding of S + aI) to
-        # well above both the data's scale and the previous penalty, where GCV is flat.
-        grid = jnp.linspace(
-            jnp.log(top) + math.log(jnp.finfo(dtype).eps),
-            jnp.log(100 * top + 10 * state.penalty),
-            _GRID_POINTS,
-            dtype=dtype,
+        # From eps·tr S (below it the penalty is lost in the rounding of S + aI) to well
+        # above both the data's scale and the previous penalty, where sGCV is flat.
+        penalty = jnp.exp(
+            choose_log_penalty(spectrum.sgcv, jnp.trace(memory), 100 * top + 10 * state.penalty)
         )
-        penalty = jnp.exp(minimise_on_log_grid(lambda t: spectrum.sgcv(t)[0], grid))
     else:
-        penalty = state.penalty + jnp.asarray(alpha2, dtype)
-    value, trace = spectrum.sgcv(jnp.log(penalty))
+        penalty = state.penalty + jnp.asarray(alpha2, features.dtype)
+    value, trace, _ = spectrum.sgcv(jnp.log(penalty))
     coef = state.coef - matmul(eigenvectors, spectrum.step(penalty))
     return coef, penalty, GCVStats(alpha2=penalty, gcv=value, dof=trace), gram
 
@@ -177,9 +182,12 @@ class SlimTik(eqx.Module):
     $$\mathrm{sGCV}(a) = \frac{\frac1{n_k}\|\hat F_k\hat W_k(a) - Y_k\|_F^2}{(1 -
     \mathrm{tr}\,T(a)/n_k)^2},\qquad T(a) = \hat F_k(S_k + aI)^{-1}\hat F_k^\top/n_k,$$
 
-    over a grid of $\log a$ from $\varepsilon\lambda_{\max}(S_k)$ to
-    $100\lambda_{\max}(S_k) + 10a_{k-1}$, refined by golden-section search; one
-    eigendecomposition of $S_k$ serves every $a$. So the readout needs neither a
+    over a grid of $\log a$ from $\varepsilon\,\mathrm{tr}\,S_k$ (the smallest penalty
+    the working precision resolves in $S_k + aI$) to $100\lambda_{\max}(S_k) +
+    10a_{k-1}$, refined by golden-section search; one eigendecomposition of $S_k$ serves
+    every $a$. Where sGCV is flat to within its rounding error (a batch the features
+    fit exactly), the largest penalty on that flat part is taken, the best-conditioned
+    update sGCV cannot tell from the best. So the readout needs neither a
     learning rate nor a penalty. On the first batch from a zero readout with `memory=0`
     it is ordinary GCV. A number `alpha2` fixes $\lambda_k = \alpha_2$ instead; then
     $a_k = k\alpha_2$ grows with the step, and with a finite memory the readout moves
@@ -237,7 +245,7 @@ class SlimTik(eqx.Module):
     def init(
         self,
         model: Callable[..., Any],
-        x: Shaped[ArrayLike, "N ..."],
+        x: PyTree[ArrayLike],
         y: Shaped[ArrayLike, " _N *k"],
     ) -> SlimTikState:
         """The state before the first batch: a zero readout, an empty memory, $a_0 = 0$.
@@ -254,7 +262,7 @@ class SlimTik(eqx.Module):
         A `SlimTikState`.
         """
         x = as_batch("x", x)
-        targets, _ = as_targets("y", y, x.shape[0])
+        targets, _ = as_targets("y", y, batch_size(x))
         shape = jax.eval_shape(lambda: glm_features(model, x, targets, self.use_bias))
         (_, p), (_, k) = shape[0].shape, shape[1].shape
         dtype = shape[0].dtype
@@ -268,7 +276,7 @@ class SlimTik(eqx.Module):
     def update(
         self,
         model: Callable[..., Any],
-        x: Shaped[ArrayLike, "N ..."],
+        x: PyTree[ArrayLike],
         y: Shaped[ArrayLike, " _N *k"],
         state: SlimTikState,
         *,
@@ -281,7 +289,8 @@ class SlimTik(eqx.Module):
 
         - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
             features, shape `(m,)` or a scalar.
-        - `x`: the batch's inputs, batch-first, shape `(n, ...)`, floating point.
+        - `x`: the batch's inputs, batch-first, shape `(n, ...)`: an array or a pytree
+            of arrays the model takes.
         - `y`: its targets, shape `(n,)` or `(n, k)`.
         - `state`: the `SlimTikState` from `init` or the previous `update`.
         - `alpha1`: penalty weight on the model's parameters, `>= 0`.
@@ -302,7 +311,7 @@ class SlimTik(eqx.Module):
         readout are not finite.
         """
         x = as_batch("x", x)
-        targets, scalar_output = as_targets("y", y, x.shape[0])
+        targets, scalar_output = as_targets("y", y, batch_size(x))
         alpha1 = as_alpha("alpha1", alpha1, positive=False)
         if not isinstance(state, SlimTikState):
             raise TypeError(

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
-from jaxtyping import Array, ArrayLike, Bool, Float, Real
+from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Real
 
+from ._checks import as_array
 from ._glm import READOUT_LOSSES, vploss_glm
 from ._glm_solvers import AbstractGLMSolver, SolverName
 from ._readout import VPLinear
@@ -24,15 +25,16 @@ def shift_basis(num_classes: int) -> np.ndarray:
     2vv^\top/v^\top v$, $v = e_K - \mathbf 1/\sqrt K$ (symmetric, its own inverse),
     in float64 (read-only).
 
-    In this basis the softmax loss's Hessian is block diagonal: the data term does
-    not change along the shift (each $\operatorname{diag}(s_j) - s_j s_j^\top$
-    annihilates $\mathbf 1$, and with rows $y_j$ that do not sum to 1 it is linear
-    there), so the shift block is exactly $\alpha_2 I$, and the other $K - 1$ blocks
-    hold the curvature $Q^\top(\operatorname{diag}(s_j) - s_j s_j^\top)Q$ with $Q$
-    the first $K - 1$ columns of $T$, positive definite on the open simplex. Formed
-    in the classes' basis, the data term's exact null space rounded to eigenvalues
-    of either sign of size $\varepsilon\|\hat F\|^2$ (float32 pixels 0-255:
-    about 3e-3, against `alpha2` = 1e-4): an indefinite Hessian."""
+    The loss does not change along the shift for label rows that sum to 1, so the
+    penalised readout has no component there: its class coefficients and biases sum
+    to zero over the classes. The readout is solved in the span of $Q$, the first $K -
+    1$ columns of $T$ (`AbstractReadoutLoss.basis`), where that holds exactly; solved
+    in all $K$ directions, the rounding of the gradient along the shift, divided by
+    `alpha2`, would be the readout's shift. There the curvature is
+    $Q^\top(\operatorname{diag}(s_j) - s_j s_j^\top)Q$, positive definite on the open
+    simplex. Formed in the classes' basis, the data term's exact null space rounded to
+    eigenvalues of either sign of size $\varepsilon\|\hat F\|^2$ (float32 pixels
+    0-255: about 3e-3, against `alpha2` = 1e-4): an indefinite Hessian."""
     v = -np.full(num_classes, 1 / np.sqrt(num_classes))
     v[-1] += 1
     basis = np.eye(num_classes) - 2 * np.outer(v, v) / (v @ v)
@@ -50,10 +52,7 @@ def as_class_labels(
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
     ):
         raise ValueError(f"`num_classes` must be a Python int >= 2; got {num_classes!r}.")
-    try:
-        labels = jnp.asarray(y)
-    except TypeError as e:
-        raise TypeError(f"`y` must be an array; got {type(y).__name__}.") from e
+    labels = as_array("y", y)
     if labels.ndim not in (1, 2) or labels.shape[0] != num_samples:
         raise ValueError(
             f"`y` must be integer labels of shape (N,) or probabilities of shape (N, K) "
@@ -107,8 +106,8 @@ def as_class_labels(
 class SoftmaxCrossEntropy(AbstractReadoutLoss):
     r"""$\ell(z, y) = \operatorname{logsumexp}(z) - \langle y, z\rangle$ for $K$
     classes (`optax.softmax_cross_entropy`), with curvature $\operatorname{diag}(s) -
-    ss^\top$, $s = \operatorname{softmax}(z)$ (diagonal plus rank one), linear along
-    the shift of all logits (`shift_basis`). The loss of `vploss_ce`.
+    ss^\top$, $s = \operatorname{softmax}(z)$ (diagonal plus rank one), unchanged by
+    a shift of all logits (`shift_basis`). The loss of `vploss_ce`.
 
     **Arguments:**
 
@@ -136,7 +135,7 @@ class SoftmaxCrossEntropy(AbstractReadoutLoss):
 
 def vploss_ce(
     model: Callable[..., Any],
-    x: Real[ArrayLike, "N ..."],
+    x: PyTree[ArrayLike],
     y: Real[ArrayLike, " _N *K"],
     *,
     alpha1: Real[ArrayLike, ""] = 0.0,
@@ -162,9 +161,11 @@ def vploss_ce(
     + \frac{\alpha_2}{2}\|\hat W\|_F^2 + \frac{\alpha_1}{2}\|\theta\|^2,$$
 
     the mean of `optax.softmax_cross_entropy` plus penalties. `alpha2 > 0` is required
-    (strict convexity; it also fixes the shift invariance of the logits). The inner
-    problem is solved to `gtol` and checked, and the gradient is the envelope
-    gradient, exactly as in `vploss_bce`.
+    (strict convexity). Adding one vector to every class's row of $\hat W$ leaves the
+    loss unchanged and raises the penalty, so the optimum's rows sum to zero over the
+    classes; the readout is solved on that subspace (`shift_basis`), so its rows do, to
+    rounding, at any `alpha2`. The inner problem is solved to `gtol` and checked, and
+    the gradient is the envelope gradient, exactly as in `vploss_bce`.
 
     **Solvers** (`solver=`): as in `vploss_bce`. The exact Hessian
     $\frac1N\sum_j(\operatorname{diag}(s_j) - s_j s_j^\top)\otimes\hat f_j\hat
@@ -184,7 +185,8 @@ def vploss_ce(
 
     - `model`: a callable (e.g. an `eqx.Module`) mapping ONE sample `x[j]` to its
         features, shape `(m,)` or a scalar.
-    - `x`: the inputs, batch-first, shape `(N, ...)`, floating point.
+    - `x`: the inputs, batch-first, shape `(N, ...)`: an array or any pytree of arrays
+        the model takes (of any dtype: token ids, pixels, masks), with one batch size N.
     - `y`: integer class labels of shape `(N,)` in `[0, num_classes)`, or class
         probabilities of shape `(N, K)` whose rows sum to 1.
     - `alpha1`: penalty weight on the model's parameters, `>= 0`.

@@ -9,7 +9,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ._checks import as_alpha, as_batch, as_flag, as_targets, as_weights
+from ._checks import (
+    as_alpha,
+    as_array,
+    as_batch,
+    as_flag,
+    as_targets,
+    as_weights,
+    batch_size,
+    drop_zero_weight_samples,
+)
 from ._diagnostics import InnerStats
 from ._features import glm_features
 from ._glm import as_readout_init, READOUT_LOSSES
@@ -32,8 +41,10 @@ from ._ridge import vploss_msereg
 _ARMIJO = 0.25
 
 
-def _finite(*arrays):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+def _finite(*trees):
+    """Whether every floating-point array in `trees` is finite (integer inputs are)."""
+    leaves = [a for a in jax.tree_util.tree_leaves(trees) if eqx.is_inexact_array(a)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
 class _Moments(eqx.Module):
@@ -139,16 +150,22 @@ def _batches(batches, what, labels):
                 f"{kinds[size]}: all batches must be of the same kind."
             )
         x = as_batch("x", batch[0])
-        parsed = labels(batch[1], x.shape[0])
-        if bool(parsed.invalid):
-            raise ValueError(f"`refit_readout`: batch {index}: {parsed.message}")
+        num_samples = batch_size(x)
+        y = batch[1]
         weights = None
+        count += 1
         if size == 3:
-            weights, errors = as_weights(batch[2], x.shape[0], what=what, total=False)
+            weights, errors = as_weights(batch[2], num_samples, what=what, total=False)
             for flag, message in errors:
                 if bool(flag):
                     raise ValueError(f"{what}: batch {index}: {message}")
-        count += 1
+            if not bool(jnp.any(weights > 0)):
+                continue  # it adds nothing; its samples are never read
+            # As in the losses: a sample of weight zero is never read.
+            weights, x, y = drop_zero_weight_samples(weights, x, as_array("y", y))
+        parsed = labels(y, num_samples)
+        if bool(parsed.invalid):
+            raise ValueError(f"`refit_readout`: batch {index}: {parsed.message}")
         yield index, x, parsed, weights
     if count == 0:
         raise ValueError("`batches` is empty: it must yield at least one `(x, y)` pair.")
@@ -181,9 +198,8 @@ def _refit_ridge(model, batches, alpha2, use_bias):
         if not bool(finite):
             raise _not_finite(index)
         moments = batch if moments is None else moments + batch
-    # `_batches` raised on an empty iterable, so the sums exist.
-    assert moments is not None and first is not None
-    if not bool(moments.count > 0):
+    # `_batches` raised on an empty iterable; it skips batches of total weight zero.
+    if moments is None or first is None or not bool(moments.count > 0):
         raise ValueError(
             f"`weights` of {what} sum to zero over all batches: at least one sample needs "
             "a positive weight."
@@ -197,15 +213,16 @@ def _refit_ridge(model, batches, alpha2, use_bias):
 def _ridge_solve(moments, alpha2, use_bias):
     r"""The readout from the merged moments, through the centred problem of
     `_lstsq.py` (with an intercept, its Gram matrix is the centred one plus the
-    penalised intercept's rank-one term), and the scaled norm of its gradient."""
+    penalised intercept's rank-one term, `gram_lstsq`), and the scaled norm of its
+    gradient."""
     n = moments.count
     gram, cross = moments.gram / n, moments.cross / n
-    if use_bias:
-        gamma2 = alpha2 / (1 + alpha2)
-        gram = gram + gamma2 * jnp.outer(moments.mean, moments.mean)
-        cross = cross + gamma2 * jnp.outer(moments.mean, moments.target_mean)
-    weight = gram_lstsq(gram, cross, alpha2, refine_steps=2)
+    intercept = (moments.mean, moments.target_mean) if use_bias else None
+    weight = gram_lstsq(gram, cross, alpha2, refine_steps=2, intercept=intercept)
     gradient = matmul(gram, weight) + alpha2 * weight - cross
+    if use_bias:
+        offset = matmul(moments.mean, weight) - moments.target_mean
+        gradient = gradient + alpha2 / (1 + alpha2) * jnp.outer(moments.mean, offset)
     mean_square = jnp.diag(moments.gram) / n + moments.mean**2
     if use_bias:
         residual_mean = moments.target_mean - matmul(moments.mean, weight)
@@ -226,8 +243,14 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
             f"({type(batches).__name__})."
         )
 
-    # The shapes and dtype of the problem, from the first batch.
-    _, x, parsed, _ = next(_batches(batches, what, loss.labels))
+    # The shapes and dtype of the problem, from the first batch of positive weight.
+    first_batch = next(_batches(batches, what, loss.labels), None)
+    if first_batch is None:
+        raise ValueError(
+            f"`weights` of {what} sum to zero over all batches: at least one sample "
+            "needs a positive weight."
+        )
+    _, x, parsed, _ = first_batch
     y = parsed.values
     features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
@@ -247,9 +270,8 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
             if not bool(finite):
                 raise _not_finite(index)
             sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-        assert sums is not None
-        *sums, total = sums
-        if not bool(total > 0):
+        *sums, total = (None,) if sums is None else sums
+        if total is None or not bool(total > 0):
             raise ValueError(
                 f"`weights` of {what} sum to zero over all batches: at least one sample "
                 "needs a positive weight."
@@ -269,6 +291,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
     coef = jnp.zeros(shape, dtype) if coef is None else coef
     value, gradient, hessian, scale = evaluate(coef)
     passes = 1
+    updates = 0
     # Damped Newton with a backtracking (Armijo) line search; every evaluation, trial
     # points included, is one pass over the data.
     while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
@@ -282,6 +305,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
             if armijo_accepts(value, evaluation[0], size * predicted, _ARMIJO):
                 coef = trial
                 value, gradient, hessian, scale = evaluation
+                updates += 1
                 break
             size /= 2
     norm = scaled_gradient_norm(gradient, scale)
@@ -293,7 +317,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
             "`max_passes`, increase `alpha2`, or pass `throw=False` and inspect "
             "`readout.stats`."
         )
-    stats = InnerStats(jnp.asarray(passes), norm, converged)
+    stats = InnerStats(jnp.asarray(updates), norm, converged)
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
 
 
@@ -372,7 +396,9 @@ def refit_readout(
     - `use_bias`: whether the readout has a bias.
     - `gtol`: the logistic losses' tolerance on the scaled gradient norm (as in
         `vploss_bce`); default `sqrt(eps)` of the dtype.
-    - `max_passes`: the budget of passes over the data (logistic losses).
+    - `max_passes`: the budget of passes over the data (logistic losses): the first
+        evaluates the start and each further one a trial step, so `max_passes=k`
+        allows at most `k - 1` Newton updates.
     - `init`: a readout to start Newton from, e.g. the last training step's.
     - `throw`: whether a Newton solve that did not converge raises `RuntimeError`;
         with `False` read `readout.stats.converged`.
@@ -380,9 +406,10 @@ def refit_readout(
     **Returns:**
 
     The fitted `VPLinear`, predicting like the one `loss` returns. Its `stats`
-    (`vploss.InnerStats`) count in `num_steps` the passes over the data, with the
-    scaled gradient norm of the full objective at the returned readout and whether it
-    met `gtol` (for the ridge loss: whether it is finite).
+    (`vploss.InnerStats`) count in `num_steps` the Newton updates (accepted steps; 1
+    for the ridge loss's one solve), with the scaled gradient norm of the full
+    objective at the returned readout and whether it met `gtol` (for the ridge loss:
+    whether it is finite).
 
     **Raises:**
 

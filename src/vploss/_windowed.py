@@ -8,9 +8,16 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Real
 
-from ._checks import as_alpha, as_batch, as_flag, check_stochastic_options, RuntimeChecks
+from ._checks import (
+    as_alpha,
+    as_batch,
+    as_flag,
+    batch_size,
+    check_stochastic_options,
+    RuntimeChecks,
+)
 from ._envelope import envelope_minimise
 from ._evidence import evidence_penalty
 from ._features import glm_features, parameter_penalty
@@ -146,12 +153,12 @@ class WindowedReadout(eqx.Module):
 
     def _problem(self, model, x, y):
         x = as_batch("x", x)
-        labels = self.loss.labels(y, x.shape[0])
+        labels = self.loss.labels(y, batch_size(x))
         features, values = glm_features(model, x, labels.values, self.use_bias)
         return x, labels, features, values
 
     def init(
-        self, model: Callable[..., Any], x: Real[ArrayLike, "N ..."], y: Real[ArrayLike, " _N *k"]
+        self, model: Callable[..., Any], x: PyTree[ArrayLike], y: Real[ArrayLike, " _N *k"]
     ) -> WindowedState:
         """The state before the first batch: a zero readout, an empty memory, the
         penalty `alpha2_init` (or `alpha2`).
@@ -182,7 +189,7 @@ class WindowedReadout(eqx.Module):
     def update(
         self,
         model: Callable[..., Any],
-        x: Real[ArrayLike, "N ..."],
+        x: PyTree[ArrayLike],
         y: Real[ArrayLike, " _N *k"],
         state: WindowedState,
         *,
