@@ -272,9 +272,10 @@ def _noise_free(n, m, dtype, seed=0):
     [
         (100, 50, True, np.float64, False),  # centred form
         (40, 50, False, np.float64, False),  # dual form, N < p
-        (100, 50, False, np.float32, False),  # primal form
-        (40, 50, True, np.float32, False),
-        (100, 50, True, np.float64, True),
+        # float32 in the default run: docs/hostile_inputs.md's interpolating row
+        pytest.param(100, 50, False, np.float32, False, marks=pytest.mark.slow),
+        pytest.param(40, 50, True, np.float32, False, marks=pytest.mark.slow),
+        pytest.param(100, 50, True, np.float64, True, marks=pytest.mark.slow),
     ],
 )
 def test_noise_free_targets_choose_a_resolved_reproducible_penalty(n, m, use_bias, dtype, weighted):

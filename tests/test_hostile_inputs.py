@@ -1115,6 +1115,9 @@ ROWS = {
 # Rows whose compile alone takes half a minute run with the slow tests, and so do the
 # longer of two rows that check the same input on related paths (the other stays).
 SLOW_ROWS = {
+    "slimtik-noise-free-batch",
+    "bce-wide-repeated-samples",
+    "poisson-wide-zero-weights",
     "ce-f32-features-int-labels",
     "ridge-gcv-bfloat16-model",
     "ridge-gcv-duplicated-features",

@@ -62,7 +62,7 @@ def _readout_close(a, b, rtol=1e-9):
 
 # One loss in closed form, one solved iteratively: the inputs are checked and the
 # features evaluated by the same code for every loss.
-@pytest.mark.parametrize("name", ["msereg", "ce"])
+@pytest.mark.parametrize("name", ["msereg", pytest.param("ce", marks=pytest.mark.slow)])
 def test_integer_and_boolean_inputs_in_a_pytree(name):
     """Token ids (int32) and a mask (bool) as a tuple: the loss, readout and gradient
     in the embedding table are those of the same loss on the features."""
@@ -129,7 +129,7 @@ def tanh_mlp():
 
 # The ridge and logistic losses have rows in docs/hostile_inputs.md; these add the
 # gradients, for the losses read through a class-label or count parser.
-@pytest.mark.parametrize("name", ["ce", "poisson"])
+@pytest.mark.parametrize("name", ["ce", pytest.param("poisson", marks=pytest.mark.slow)])
 def test_zero_weight_samples_never_reach_the_arithmetic(name):
     """Huge, infinite and NaN inputs and an invalid target in zero-weight samples:
     the loss, readout and parameter gradient equal those without the samples."""
@@ -153,6 +153,7 @@ def test_zero_weight_samples_never_reach_the_arithmetic(name):
         np.testing.assert_allclose(leaf, expected_leaf, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_zero_weight_samples_in_the_ridge_jacobian():
     """The same for the residual Jacobian of the ridge loss: the removed samples' rows
     are zero, the others those of the smaller problem."""

@@ -228,6 +228,7 @@ def test_issue_shape_forms_no_primal_array_and_is_exact():
     assert np.sum(gradient**2) / (2 * ALPHA2) <= tolerance
 
 
+@pytest.mark.slow  # jit and vmap of the same solver are checked for every loss elsewhere
 def test_jit_vmap_two_outputs_no_bias_against_numpy_newton():
     """`solver="auto"` under `jit` and `vmap` over two problems (two binary outputs, no
     bias) against the NumPy Newton method `logistic_reference`."""
@@ -280,7 +281,11 @@ def central_difference(fn, scale, h=1e-5):
 
 
 @pytest.mark.parametrize(
-    "name, kwargs", [("ce", {"weights": WEIGHTS}), ("poisson", {"use_bias": False})]
+    "name, kwargs",
+    [
+        ("ce", {"weights": WEIGHTS}),
+        pytest.param("poisson", {"use_bias": False}, marks=pytest.mark.slow),
+    ],
 )
 def test_values_and_derivatives(name, kwargs):
     """With the features `tanh(s·X)`: the loss against SciPy's `trust-exact`; its
