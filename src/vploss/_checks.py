@@ -7,7 +7,7 @@ attached to what the value and the gradient both use (`RuntimeChecks`).
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload, TypeVar
 
 import equinox as eqx
 import jax
@@ -19,7 +19,11 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 from ._diagnostics import check_converged, InnerStats
 
 
-def as_array(name: str, value: ArrayLike) -> Array:
+_Batch = TypeVar("_Batch")
+_Other = TypeVar("_Other")
+
+
+def as_array(name: str, value: Any) -> Array:
     """`value` as a JAX array, or a `TypeError` naming `name`. NumPy arrays in a
     non-native byte order (read from a big-endian file, say) are converted to the
     native order first: JAX holds native arrays only."""
@@ -101,6 +105,18 @@ def _check_batch(name: str, leaves: Sequence[Array]) -> None:
 def batch_size(x: PyTree[Array]) -> int:
     """N, the batch size of inputs checked by `as_batch`."""
     return jax.tree_util.tree_leaves(x)[0].shape[0]
+
+
+@overload
+def drop_zero_weight_samples(
+    weights: Float[Array, " N"] | None, batch: _Batch, /
+) -> tuple[Float[Array, " N"] | None, _Batch]: ...
+
+
+@overload
+def drop_zero_weight_samples(
+    weights: Float[Array, " N"] | None, batch: _Batch, other: _Other, /
+) -> tuple[Float[Array, " N"] | None, _Batch, _Other]: ...
 
 
 def drop_zero_weight_samples(

@@ -93,6 +93,9 @@ def vploss_bce(
         $(\bar A \otimes \hat F^\top\hat F/N + \alpha_2 I)^{-1}$ with $\bar A$
         the mean curvature in the logits (one Gram matrix per call). Converges in
         float32 down to `alpha2 = 1e-6`, in more steps than `"newton"`, each cheaper.
+    - `vploss.KernelNewton()` or `"kernel-newton"`: the Newton step of `"newton"`
+        in the span of the features' rows (fewer samples than coefficients, $N <
+        m + 1$): an `(Nk, Nk)` Hessian, never the `(m+1, m+1)` Gram matrix.
     - `vploss.QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0))`, or `"bfgs"`, `"lbfgs"`:
         `optimistix.BFGS` / `optimistix.LBFGS`. Their Armijo line
         search cannot resolve the objective's last digits, so they often stall above
@@ -103,7 +106,8 @@ def vploss_bce(
     - `vploss.AutoNewton()` or `"auto"` (default): `"newton"` while one exact
         Hessian costs at most `MAX_EXACT_NEWTON_COST = 220` Hessian-vector products
         (see `vploss.AutoNewton`: one output up to about m = 1500), else
-        `"newton-cg"`.
+        `"newton-cg"`; `"kernel-newton"` where its step is cheaper (wide features,
+        from about m = 2N).
 
     **Arguments:**
 

@@ -159,7 +159,7 @@ def _batches(batches, what, labels):
             for flag, message in errors:
                 if bool(flag):
                     raise ValueError(f"{what}: batch {index}: {message}")
-            if not bool(jnp.any(weights > 0)):
+            if weights is not None and not bool(jnp.any(weights > 0)):
                 continue  # it adds nothing; its samples are never read
             # As in the losses: a sample of weight zero is never read.
             weights, x, y = drop_zero_weight_samples(weights, x, as_array("y", y))
