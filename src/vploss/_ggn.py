@@ -16,7 +16,7 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar, Shaped
 
-from ._checks import as_array, as_batch, drop_zero_weight_samples
+from ._checks import as_batch
 from ._features import augment, evaluate_features
 from ._gcv import GCVStats
 from ._glm import READOUT_LOSSES, vploss_glm
@@ -153,10 +153,6 @@ def vpggn(
         coef = jax.lax.stop_gradient(coef)
     dtype = coef.dtype
     x = as_batch("x", x)
-    weights = loss_kwargs.get("weights")
-    if weights is not None:
-        # As in the loss: a sample of weight zero is never evaluated.
-        _, x, y = drop_zero_weight_samples(as_array("weights", weights), x, as_array("y", y))
     features = augment(evaluate_features(model, x).astype(dtype), use_bias)
     logits = matmul(features, coef)
     alpha1, alpha2 = _penalty_weights(fit, loss_kwargs, readout, dtype)
