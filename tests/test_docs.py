@@ -150,10 +150,10 @@ def _maths_problems(doc):
     return problems
 
 
-SOURCES = sorted((ROOT / "src" / "vploss").glob("*.py"))
+SOURCES = sorted((ROOT / "src" / "vploss").rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT / "src")) for p in SOURCES])
 def test_docstring_maths_renders(path):
     """Every docstring (all of them: the API reference renders public ones, and private
     classes become public): a docstring with a backslash is a raw string, it holds no

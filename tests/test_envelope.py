@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vploss._envelope import (
+from vploss._core.envelope import (
     AbstractInnerSolver,
     autodiff_hessian_solve,
     envelope_minimise,

@@ -569,7 +569,7 @@ def test_bad_weights_raise_at_trace_time(weights, error, match):
 def test_weight_dtype_errors_without_the_type_checker():
     """The library's own messages (the jaxtyping hook rejects bool and complex weights
     by their annotation first)."""
-    from vploss._checks import as_weights
+    from vploss._core.checks import as_weights
 
     with pytest.raises(TypeError, match=r"real dtype \(floating or integer\); got dtype bool"):
         as_weights(np.ones(3, bool), 3, what="`vploss_msereg`")

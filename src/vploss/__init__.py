@@ -5,8 +5,9 @@ from ._barrier import (
     BarrierStats as BarrierStats,
     LogBarrier as LogBarrier,
 )
+from ._core.readout import VPLinear as VPLinear
+from ._core.stats import InnerStats as InnerStats
 from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
-from ._diagnostics import InnerStats as InnerStats
 from ._gcv import GCVStats as GCVStats
 from ._ggn import (
     GaussNewtonOutputs as GaussNewtonOutputs,
@@ -37,7 +38,6 @@ from ._lstsq import (
     SVDRidge as SVDRidge,
 )
 from ._poisson import PoissonLogLikelihood as PoissonLogLikelihood, vploss_poisson as vploss_poisson
-from ._readout import VPLinear as VPLinear
 from ._readout_loss import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,

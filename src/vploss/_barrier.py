@@ -11,8 +11,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._diagnostics import InnerStats
-from ._envelope import (
+from ._core.envelope import (
     AbstractInnerSolver,
     Args,
     Check,
@@ -22,7 +21,8 @@ from ._envelope import (
     Objective,
     Params,
 )
-from ._newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
+from ._core.newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
+from ._core.stats import InnerStats
 
 
 class BarrierStats(InnerStats):

@@ -9,7 +9,7 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
 from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_flag,
     as_float_batch,
@@ -17,9 +17,9 @@ from ._checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._features import feature_map, parameter_penalty, working_dtype
-from ._misc import matmul, normalised_weights, weighted_mean
-from ._newton import minimise_updates
+from ._core.features import feature_map, parameter_penalty, working_dtype
+from ._core.newton import minimise_updates
+from ._core.numerics import matmul, normalised_weights, weighted_mean
 
 
 #: The readout `(w, c, a)` as the inner solver sees it.

@@ -16,12 +16,12 @@ import optimistix as optx
 from equinox.internal import ω
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar, Shaped
 
-from ._checks import as_batch
-from ._features import augment, evaluate_features
+from ._core.checks import as_batch
+from ._core.features import augment, evaluate_features
+from ._core.numerics import matmul, normalised_weights
+from ._core.readout import coefficients_from_readout, VPLinear
 from ._gcv import GCVStats
 from ._glm import READOUT_LOSSES, vploss_glm
-from ._misc import matmul, normalised_weights
-from ._readout import coefficients_from_readout, VPLinear
 from ._readout_loss import AbstractReadoutLoss, Curvature, curvature_product
 from ._ridge import vploss_msereg
 

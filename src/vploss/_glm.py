@@ -9,7 +9,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_array,
     as_batch,
@@ -19,11 +19,11 @@ from ._checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._envelope import envelope_minimise
-from ._features import glm_features, parameter_penalty
+from ._core.envelope import envelope_minimise
+from ._core.features import glm_features, parameter_penalty
+from ._core.numerics import normalised_weights
+from ._core.readout import coefficients_from_readout, readout_from_coefficients, VPLinear
 from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
-from ._misc import normalised_weights
-from ._readout import coefficients_from_readout, readout_from_coefficients, VPLinear
 from ._readout_loss import AbstractReadoutLoss, Curvature, GLMArgs, ReadoutObjective
 
 

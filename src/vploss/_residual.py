@@ -7,11 +7,11 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Shaped
 
-from ._checks import concrete_value
-from ._features import augment
+from ._core.checks import concrete_value
+from ._core.features import augment
+from ._core.numerics import matmul
+from ._core.readout import readout_from_coefficients, VPLinear
 from ._lstsq import AbstractRidgeSolver, sample_scale
-from ._misc import matmul
-from ._readout import readout_from_coefficients, VPLinear
 from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
 
 

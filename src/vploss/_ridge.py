@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Scalar, Shaped
 
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -17,8 +17,10 @@ from ._checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
-from ._features import glm_features, parameter_penalty
+from ._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
+from ._core.features import glm_features, parameter_penalty
+from ._core.numerics import column_mean, matmul, row_mean
+from ._core.readout import readout_from_coefficients, VPLinear
 from ._gcv import gcv_penalty, GCVStats
 from ._lstsq import (
     AbstractLstsqMethod,
@@ -30,8 +32,6 @@ from ._lstsq import (
     ridge_lstsq,
     SVDRidge,
 )
-from ._misc import column_mean, matmul, row_mean
-from ._readout import readout_from_coefficients, VPLinear
 
 
 RidgeArgs: TypeAlias = tuple[

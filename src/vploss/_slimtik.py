@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar, Shaped
 
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -18,10 +18,10 @@ from ._checks import (
     check_stochastic_options,
     RuntimeChecks,
 )
-from ._features import glm_features, parameter_penalty
+from ._core.features import glm_features, parameter_penalty
+from ._core.numerics import matmul
+from ._core.readout import readout_from_coefficients, VPLinear
 from ._gcv import choose_log_penalty, GCVStats
-from ._misc import matmul
-from ._readout import readout_from_coefficients, VPLinear
 
 
 class SlimTikState(eqx.Module):

@@ -11,10 +11,10 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Real
 
-from ._checks import as_array
+from ._core.checks import as_array
+from ._core.readout import VPLinear
 from ._glm import READOUT_LOSSES, vploss_glm
 from ._glm_solvers import AbstractGLMSolver, SolverName
-from ._readout import VPLinear
 from ._readout_loss import AbstractReadoutLoss, Curvature, Labels
 
 

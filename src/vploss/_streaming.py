@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_array,
     as_batch,
@@ -19,13 +19,13 @@ from ._checks import (
     batch_size,
     drop_zero_weight_samples,
 )
-from ._diagnostics import InnerStats
-from ._features import glm_features
+from ._core.features import glm_features
+from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
+from ._core.numerics import column_mean, matmul
+from ._core.readout import readout_from_coefficients, VPLinear
+from ._core.stats import InnerStats
 from ._glm import as_readout_init, READOUT_LOSSES
 from ._lstsq import gram_lstsq, with_intercept
-from ._misc import column_mean, matmul
-from ._newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
-from ._readout import readout_from_coefficients, VPLinear
 from ._readout_loss import (
     AbstractReadoutLoss,
     GLMArgs,

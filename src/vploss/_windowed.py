@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Real
 
-from ._checks import (
+from ._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -18,13 +18,13 @@ from ._checks import (
     check_stochastic_options,
     RuntimeChecks,
 )
-from ._envelope import envelope_minimise
+from ._core.envelope import envelope_minimise
+from ._core.features import glm_features, parameter_penalty
+from ._core.numerics import matmul, normalised_weights, weighted_mean
+from ._core.readout import readout_from_coefficients, VPLinear
 from ._evidence import evidence_penalty
-from ._features import glm_features, parameter_penalty
 from ._glm import check_readout_loss
 from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise
-from ._misc import matmul, normalised_weights, weighted_mean
-from ._readout import readout_from_coefficients, VPLinear
 from ._readout_loss import AbstractReadoutLoss, GLMArgs, ReadoutObjective
 
 

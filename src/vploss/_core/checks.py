@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 
-from ._diagnostics import check_converged, InnerStats
+from .stats import check_converged, InnerStats
 
 
 _Batch = TypeVar("_Batch")

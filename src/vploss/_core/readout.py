@@ -2,9 +2,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._diagnostics import InnerStats
-from ._gcv import GCVStats
-from ._misc import matmul
+from .._gcv import GCVStats
+from .numerics import matmul
+from .stats import InnerStats
 
 
 class VPLinear(eqx.Module):
