@@ -646,7 +646,7 @@ def test_bad_solvers_raise_clear_errors():
     # A wrong type: the jaxtyping hook's TypeError here, the library's ValueError without.
     with pytest.raises((TypeError, ValueError), match="solver"):
         vploss_msereg(model, x, y, solver=3)
-    from vploss._ridge import as_ridge_solver
+    from vploss._ridge.loss import as_ridge_solver
 
     with pytest.raises(ValueError, match=r"or a ridge solver object.*got 3"):
         as_ridge_solver(3)

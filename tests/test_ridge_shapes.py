@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vploss import CholeskyRidge, DualRidge, vploss_msereg
-from vploss._ridge import _ridge_solver
+from vploss._ridge.loss import _ridge_solver
 
 from .helpers import flatten, mlp
 

@@ -137,7 +137,7 @@ def test_first_step_without_memory_is_ordinary_gcv():
     """From a zero readout with no memory, sGCV is the GCV of the batch's ridge problem:
     the penalty of `vploss_msereg(alpha2="gcv")`'s GCV (of the uncentred problem, the
     bias a penalised column of ones) and its readout."""
-    from vploss._gcv import gcv_penalty
+    from vploss._ridge.gcv import gcv_penalty
 
     (x, y), *_ = _batches(1, n=30, m=6)
     (_, readout, state), *_ = _run(SlimTik(memory=0), [(x, y)])

@@ -8,7 +8,6 @@ from ._barrier import (
 from ._core.readout import VPLinear as VPLinear
 from ._core.stats import InnerStats as InnerStats
 from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
-from ._gcv import GCVStats as GCVStats
 from ._ggn import (
     GaussNewtonOutputs as GaussNewtonOutputs,
     GeneralisedGaussNewton as GeneralisedGaussNewton,
@@ -30,24 +29,25 @@ from ._logistic import (
     SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
     vploss_bce as vploss_bce,
 )
-from ._lstsq import (
-    AbstractRidgeSolver as AbstractRidgeSolver,
-    AutoRidge as AutoRidge,
-    CholeskyRidge as CholeskyRidge,
-    DualRidge as DualRidge,
-    SVDRidge as SVDRidge,
-)
 from ._poisson import PoissonLogLikelihood as PoissonLogLikelihood, vploss_poisson as vploss_poisson
 from ._readout_loss import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,
     Labels as Labels,
 )
-from ._residual import (
+from ._ridge.gcv import GCVStats as GCVStats
+from ._ridge.loss import vploss_msereg as vploss_msereg
+from ._ridge.lstsq import (
+    AbstractRidgeSolver as AbstractRidgeSolver,
+    AutoRidge as AutoRidge,
+    CholeskyRidge as CholeskyRidge,
+    DualRidge as DualRidge,
+    SVDRidge as SVDRidge,
+)
+from ._ridge.residual import (
     vpjacobian_msereg as vpjacobian_msereg,
     vpresidual_msereg as vpresidual_msereg,
 )
-from ._ridge import vploss_msereg as vploss_msereg
 from ._slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
 from ._softmax import SoftmaxCrossEntropy as SoftmaxCrossEntropy, vploss_ce as vploss_ce
 from ._streaming import refit_readout as refit_readout

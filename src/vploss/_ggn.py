@@ -20,10 +20,10 @@ from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
 from ._core.numerics import matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
-from ._gcv import GCVStats
 from ._glm import READOUT_LOSSES, vploss_glm
 from ._readout_loss import AbstractReadoutLoss, Curvature, curvature_product
-from ._ridge import vploss_msereg
+from ._ridge.gcv import GCVStats
+from ._ridge.loss import vploss_msereg
 
 
 JacobianName = Literal["exact", "fixed_readout"]

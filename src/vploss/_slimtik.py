@@ -21,7 +21,7 @@ from ._core.checks import (
 from ._core.features import glm_features, parameter_penalty
 from ._core.numerics import matmul
 from ._core.readout import readout_from_coefficients, VPLinear
-from ._gcv import choose_log_penalty, GCVStats
+from ._ridge.gcv import choose_log_penalty, GCVStats
 
 
 class SlimTikState(eqx.Module):

@@ -25,7 +25,6 @@ from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
 from ._glm import as_readout_init, READOUT_LOSSES
-from ._lstsq import gram_lstsq, with_intercept
 from ._readout_loss import (
     AbstractReadoutLoss,
     GLMArgs,
@@ -34,7 +33,8 @@ from ._readout_loss import (
     Labels,
     ReadoutObjective,
 )
-from ._ridge import vploss_msereg
+from ._ridge.loss import vploss_msereg
+from ._ridge.lstsq import gram_lstsq, with_intercept
 
 
 # The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.

@@ -2,7 +2,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._gcv import GCVStats
+from .._ridge.gcv import GCVStats
 from .numerics import matmul
 from .stats import InnerStats
 

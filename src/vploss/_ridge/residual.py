@@ -7,12 +7,12 @@ import jax.flatten_util as jfu
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Shaped
 
-from ._core.checks import concrete_value
-from ._core.features import augment
-from ._core.numerics import matmul
-from ._core.readout import readout_from_coefficients, VPLinear
-from ._lstsq import AbstractRidgeSolver, sample_scale
-from ._ridge import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
+from .._core.checks import concrete_value
+from .._core.features import augment
+from .._core.numerics import matmul
+from .._core.readout import readout_from_coefficients, VPLinear
+from .loss import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
+from .lstsq import AbstractRidgeSolver, sample_scale
 
 
 def vpresidual_msereg(

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from ._core.numerics import column_mean, matmul
-from ._lstsq import sample_scale
+from .._core.numerics import column_mean, matmul
+from .lstsq import sample_scale
 
 
 #: Points of the log-spaced grid over the penalty (see `choose_log_penalty`).

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Scalar, Shaped
 
-from ._core.checks import (
+from .._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -17,12 +17,12 @@ from ._core.checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
-from ._core.features import glm_features, parameter_penalty
-from ._core.numerics import column_mean, matmul, row_mean
-from ._core.readout import readout_from_coefficients, VPLinear
-from ._gcv import gcv_penalty, GCVStats
-from ._lstsq import (
+from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
+from .._core.features import glm_features, parameter_penalty
+from .._core.numerics import column_mean, matmul, row_mean
+from .._core.readout import readout_from_coefficients, VPLinear
+from .gcv import gcv_penalty, GCVStats
+from .lstsq import (
     AbstractLstsqMethod,
     AbstractRidgeSolver,
     AutoRidge,
@@ -212,7 +212,7 @@ def vploss_msereg(
     **Solvers** (`solver=`): a string, or the equivalent solver object
     (`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`,
     `vploss.AutoRidge()`; see their pages). Every solver works on the exactly equivalent
-    *centred* problem (see `vploss._lstsq`): with the column means $\mu$ of $F$ and
+    *centred* problem (see `vploss._ridge.loss.lstsq`): with the column means $\mu$ of $F$ and
     $\bar y$ of $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top
     f_j)/(1 + \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus
     one row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features

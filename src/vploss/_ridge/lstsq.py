@@ -45,7 +45,7 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Scalar
 
-from ._core.numerics import column_mean, matmul, row_mean, unit_scaled
+from .._core.numerics import column_mean, matmul, row_mean, unit_scaled
 
 
 # An array or a `Stack`: anything with `+`.
