@@ -7,7 +7,7 @@ import optax
 import optimistix as optx
 import pytest
 
-import vploss._glm_solvers
+import vploss._readout_losses.solvers
 from vploss import vploss_bce
 
 from .helpers import (
@@ -336,7 +336,7 @@ def test_second_derivative_newton_cg(monkeypatch):
     by preconditioned CG (forced here at a small size): the preconditioner built from
     traced data raised "Unexpected tangent" in lineax. Forward over reverse, against
     central differences of the (separately checked) envelope gradient."""
-    monkeypatch.setattr(vploss._glm_solvers, "MAX_DENSE_SOLVE_SIZE", 0)
+    monkeypatch.setattr(vploss._readout_losses.solvers, "MAX_DENSE_SOLVE_SIZE", 0)
     x, y = _data(k=2)
     features = jnp.tanh(x)
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import vploss
-import vploss._glm_solvers
+import vploss._readout_losses.solvers
 from vploss import vploss_ce
 
 from .helpers import (
@@ -262,7 +262,7 @@ def test_second_derivative_newton_cg(cg_solve, monkeypatch):
     `cg_solve` the readout's derivative solves by CG too. Reverse over reverse,
     against central differences of the (separately checked) envelope gradient."""
     if cg_solve:
-        monkeypatch.setattr(vploss._glm_solvers, "MAX_DENSE_SOLVE_SIZE", 0)
+        monkeypatch.setattr(vploss._readout_losses.solvers, "MAX_DENSE_SOLVE_SIZE", 0)
     x = jax.random.normal(jax.random.PRNGKey(0), (100, 60))
     labels = jnp.argmax(x[:, :5] + 0.5 * x[:, 5:10], axis=1)
 

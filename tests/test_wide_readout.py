@@ -12,8 +12,8 @@ import pytest
 import scipy.optimize
 
 import vploss
-from vploss._glm_solvers import AutoNewton
-from vploss._readout_loss import GLMArgs, ReadoutObjective
+from vploss._readout_losses.base import GLMArgs, ReadoutObjective
+from vploss._readout_losses.solvers import AutoNewton
 
 from .helpers import logistic_reference
 from .test_precision import _sub_jaxprs, assert_full_precision

@@ -14,8 +14,26 @@ from ._ggn import (
     ggn_operator as ggn_operator,
     vpggn as vpggn,
 )
-from ._glm import vploss_glm as vploss_glm
-from ._glm_solvers import (
+from ._icnn import ICNN as ICNN
+from ._readout_losses.base import (
+    AbstractReadoutLoss as AbstractReadoutLoss,
+    Curvature as Curvature,
+    Labels as Labels,
+)
+from ._readout_losses.logistic import (
+    SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
+    vploss_bce as vploss_bce,
+)
+from ._readout_losses.loss import vploss_glm as vploss_glm
+from ._readout_losses.poisson import (
+    PoissonLogLikelihood as PoissonLogLikelihood,
+    vploss_poisson as vploss_poisson,
+)
+from ._readout_losses.softmax import (
+    SoftmaxCrossEntropy as SoftmaxCrossEntropy,
+    vploss_ce as vploss_ce,
+)
+from ._readout_losses.solvers import (
     AbstractGLMSolver as AbstractGLMSolver,
     AutoNewton as AutoNewton,
     KernelNewton as KernelNewton,
@@ -23,17 +41,6 @@ from ._glm_solvers import (
     NewtonCG as NewtonCG,
     OptimistixMinimiser as OptimistixMinimiser,
     QuasiNewton as QuasiNewton,
-)
-from ._icnn import ICNN as ICNN
-from ._logistic import (
-    SigmoidBinaryCrossEntropy as SigmoidBinaryCrossEntropy,
-    vploss_bce as vploss_bce,
-)
-from ._poisson import PoissonLogLikelihood as PoissonLogLikelihood, vploss_poisson as vploss_poisson
-from ._readout_loss import (
-    AbstractReadoutLoss as AbstractReadoutLoss,
-    Curvature as Curvature,
-    Labels as Labels,
 )
 from ._ridge.gcv import GCVStats as GCVStats
 from ._ridge.loss import vploss_msereg as vploss_msereg
@@ -49,7 +56,6 @@ from ._ridge.residual import (
     vpresidual_msereg as vpresidual_msereg,
 )
 from ._slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
-from ._softmax import SoftmaxCrossEntropy as SoftmaxCrossEntropy, vploss_ce as vploss_ce
 from ._streaming import refit_readout as refit_readout
 from ._windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 

@@ -20,8 +20,8 @@ from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
 from ._core.numerics import matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
-from ._glm import READOUT_LOSSES, vploss_glm
-from ._readout_loss import AbstractReadoutLoss, Curvature, curvature_product
+from ._readout_losses.base import AbstractReadoutLoss, Curvature, curvature_product
+from ._readout_losses.loss import READOUT_LOSSES, vploss_glm
 from ._ridge.gcv import GCVStats
 from ._ridge.loss import vploss_msereg
 

@@ -24,8 +24,7 @@ from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled
 from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
-from ._glm import as_readout_init, READOUT_LOSSES
-from ._readout_loss import (
+from ._readout_losses.base import (
     AbstractReadoutLoss,
     GLMArgs,
     gradient_scale,
@@ -33,6 +32,7 @@ from ._readout_loss import (
     Labels,
     ReadoutObjective,
 )
+from ._readout_losses.loss import as_readout_init, READOUT_LOSSES
 from ._ridge.loss import vploss_msereg
 from ._ridge.lstsq import gram_lstsq, with_intercept
 

@@ -14,8 +14,8 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float
 
-from ._core.envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
-from ._core.newton import (
+from .._core.envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
+from .._core.newton import (
     DampedNewton,
     default_gtol,
     descent_loss_error,
@@ -28,9 +28,9 @@ from ._core.newton import (
     scaled_gradient_norm,
     TruncatedNewtonDescent,
 )
-from ._core.stats import InnerStats
-from ._kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
-from ._readout_loss import GLMArgs, KroneckerPreconditioner, ReadoutObjective
+from .._core.stats import InnerStats
+from .base import GLMArgs, KroneckerPreconditioner, ReadoutObjective
+from .kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
 
 
 SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", "bfgs", "lbfgs"]

@@ -13,7 +13,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, Scalar
 
-from ._core.numerics import matmul, weighted_mean
+from .._core.numerics import matmul, weighted_mean
 
 
 class Labels(NamedTuple):

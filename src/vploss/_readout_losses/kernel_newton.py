@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, Float
 
-from ._core.envelope import dense_hessian_solve
-from ._core.newton import _initial_state, _NewtonState, newton_decrement_bound, newton_direction
-from ._core.numerics import matmul
-from ._readout_loss import GLMArgs, ReadoutObjective
+from .._core.envelope import dense_hessian_solve
+from .._core.newton import _initial_state, _NewtonState, newton_decrement_bound, newton_direction
+from .._core.numerics import matmul
+from .base import GLMArgs, ReadoutObjective
 
 
 class RowSpace(eqx.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from ._core.checks import (
+from .._core.checks import (
     as_alpha,
     as_array,
     as_batch,
@@ -19,12 +19,12 @@ from ._core.checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._core.envelope import envelope_minimise
-from ._core.features import glm_features, parameter_penalty
-from ._core.numerics import normalised_weights
-from ._core.readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from ._glm_solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
-from ._readout_loss import AbstractReadoutLoss, Curvature, GLMArgs, ReadoutObjective
+from .._core.envelope import envelope_minimise
+from .._core.features import glm_features, parameter_penalty
+from .._core.numerics import normalised_weights
+from .._core.readout import coefficients_from_readout, readout_from_coefficients, VPLinear
+from .base import AbstractReadoutLoss, Curvature, GLMArgs, ReadoutObjective
+from .solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
 
 
 #: The `vploss_*` function of each readout loss, mapped to its loss as a function of

@@ -11,11 +11,11 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Real
 
-from ._core.checks import as_array
-from ._core.readout import VPLinear
-from ._glm import READOUT_LOSSES, vploss_glm
-from ._glm_solvers import AbstractGLMSolver, SolverName
-from ._readout_loss import AbstractReadoutLoss, Curvature, Labels
+from .._core.checks import as_array
+from .._core.readout import VPLinear
+from .base import AbstractReadoutLoss, Curvature, Labels
+from .loss import READOUT_LOSSES, vploss_glm
+from .solvers import AbstractGLMSolver, SolverName
 
 
 @functools.cache

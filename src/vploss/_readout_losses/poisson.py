@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 
-from ._core.checks import as_targets
-from ._core.readout import VPLinear
-from ._glm import READOUT_LOSSES, vploss_glm
-from ._glm_solvers import AbstractGLMSolver, SolverName
-from ._readout_loss import AbstractReadoutLoss, Curvature, Labels
+from .._core.checks import as_targets
+from .._core.readout import VPLinear
+from .base import AbstractReadoutLoss, Curvature, Labels
+from .loss import READOUT_LOSSES, vploss_glm
+from .solvers import AbstractGLMSolver, SolverName
 
 
 class PoissonLogLikelihood(AbstractReadoutLoss):
