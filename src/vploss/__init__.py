@@ -55,9 +55,9 @@ from ._ridge.residual import (
     vpjacobian_msereg as vpjacobian_msereg,
     vpresidual_msereg as vpresidual_msereg,
 )
-from ._slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
+from ._stochastic.slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
+from ._stochastic.windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 from ._streaming import refit_readout as refit_readout
-from ._windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 
 
 __version__ = importlib.metadata.version("vploss")

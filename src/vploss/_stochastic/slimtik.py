@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar, Shaped
 
-from ._core.checks import (
+from .._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -18,10 +18,10 @@ from ._core.checks import (
     check_stochastic_options,
     RuntimeChecks,
 )
-from ._core.features import glm_features, parameter_penalty
-from ._core.numerics import matmul
-from ._core.readout import readout_from_coefficients, VPLinear
-from ._ridge.gcv import choose_log_penalty, GCVStats
+from .._core.features import glm_features, parameter_penalty
+from .._core.numerics import matmul
+from .._core.readout import readout_from_coefficients, VPLinear
+from .._ridge.gcv import choose_log_penalty, GCVStats
 
 
 class SlimTikState(eqx.Module):

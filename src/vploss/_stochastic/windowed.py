@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Real
 
-from ._core.checks import (
+from .._core.checks import (
     as_alpha,
     as_batch,
     as_flag,
@@ -18,14 +18,14 @@ from ._core.checks import (
     check_stochastic_options,
     RuntimeChecks,
 )
-from ._core.envelope import envelope_minimise
-from ._core.features import glm_features, parameter_penalty
-from ._core.numerics import matmul, normalised_weights, weighted_mean
-from ._core.readout import readout_from_coefficients, VPLinear
-from ._readout_losses.base import AbstractReadoutLoss, GLMArgs, ReadoutObjective
-from ._readout_losses.evidence import evidence_penalty
-from ._readout_losses.loss import check_readout_loss
-from ._readout_losses.solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise
+from .._core.envelope import envelope_minimise
+from .._core.features import glm_features, parameter_penalty
+from .._core.numerics import matmul, normalised_weights, weighted_mean
+from .._core.readout import readout_from_coefficients, VPLinear
+from .._readout_losses.base import AbstractReadoutLoss, GLMArgs, ReadoutObjective
+from .._readout_losses.evidence import evidence_penalty
+from .._readout_losses.loss import check_readout_loss
+from .._readout_losses.solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise
 
 
 #: The evidence update moves the penalty by at most this factor per step: one step's
