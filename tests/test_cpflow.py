@@ -9,7 +9,7 @@ import pytest
 import scipy.optimize
 
 import vploss
-from vploss._cpflow import _cholesky_diagonal, cpflow_objective
+from vploss._flow.cpflow import _cholesky_diagonal, cpflow_objective
 
 from .helpers import cast, directional_derivative_check, taylor_remainders
 

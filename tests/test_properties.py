@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import vploss
-from vploss._cpflow import _feature_derivatives, cpflow_objective
+from vploss._flow.cpflow import _feature_derivatives, cpflow_objective
 
 from .helpers import cast, mlp
 

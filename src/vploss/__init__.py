@@ -1,20 +1,20 @@
 import importlib.metadata
 
-from ._barrier import (
+from ._core.readout import VPLinear as VPLinear
+from ._core.stats import InnerStats as InnerStats
+from ._flow.barrier import (
     barrier_minimise as barrier_minimise,
     BarrierStats as BarrierStats,
     LogBarrier as LogBarrier,
 )
-from ._core.readout import VPLinear as VPLinear
-from ._core.stats import InnerStats as InnerStats
-from ._cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
+from ._flow.cpflow import CPFlow as CPFlow, vploss_cpflow as vploss_cpflow
+from ._flow.icnn import ICNN as ICNN
 from ._ggn import (
     GaussNewtonOutputs as GaussNewtonOutputs,
     GeneralisedGaussNewton as GeneralisedGaussNewton,
     ggn_operator as ggn_operator,
     vpggn as vpggn,
 )
-from ._icnn import ICNN as ICNN
 from ._readout_losses.base import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,

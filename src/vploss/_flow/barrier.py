@@ -11,7 +11,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from ._core.envelope import (
+from .._core.envelope import (
     AbstractInnerSolver,
     Args,
     Check,
@@ -21,8 +21,8 @@ from ._core.envelope import (
     Objective,
     Params,
 )
-from ._core.newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
-from ._core.stats import InnerStats
+from .._core.newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
+from .._core.stats import InnerStats
 
 
 class BarrierStats(InnerStats):

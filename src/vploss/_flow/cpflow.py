@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Real, Scalar
 
-from ._barrier import barrier_minimise, BarrierStats, LogBarrier
-from ._core.checks import (
+from .._core.checks import (
     as_alpha,
     as_flag,
     as_float_batch,
@@ -17,9 +16,10 @@ from ._core.checks import (
     drop_zero_weight_samples,
     RuntimeChecks,
 )
-from ._core.features import feature_map, parameter_penalty, working_dtype
-from ._core.newton import minimise_updates
-from ._core.numerics import matmul, normalised_weights, weighted_mean
+from .._core.features import feature_map, parameter_penalty, working_dtype
+from .._core.newton import minimise_updates
+from .._core.numerics import matmul, normalised_weights, weighted_mean
+from .barrier import barrier_minimise, BarrierStats, LogBarrier
 
 
 #: The readout `(w, c, a)` as the inner solver sees it.

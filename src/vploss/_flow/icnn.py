@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._core.numerics import matmul
+from .._core.numerics import matmul
 
 
 def _inverse_softplus(y: Array) -> Array:
