@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 
 import vploss
 from vploss._readout_losses.base import ReadoutObjective
-from vploss._streaming import _glm_sums, _ridge_moments, _ridge_solve
+from vploss._refit import _glm_sums, _ridge_moments, _ridge_solve
 
 
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -42,6 +42,7 @@ from ._readout_losses.solvers import (
     OptimistixMinimiser as OptimistixMinimiser,
     QuasiNewton as QuasiNewton,
 )
+from ._refit import refit_readout as refit_readout
 from ._ridge.gcv import GCVStats as GCVStats
 from ._ridge.loss import vploss_msereg as vploss_msereg
 from ._ridge.lstsq import (
@@ -57,7 +58,6 @@ from ._ridge.residual import (
 )
 from ._stochastic.slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
 from ._stochastic.windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
-from ._streaming import refit_readout as refit_readout
 
 
 __version__ = importlib.metadata.version("vploss")
