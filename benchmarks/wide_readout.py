@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 from _common import angle_classes, feature_mlp, inside_circle, interleaved_medians  # noqa: E402
 
 import vploss  # noqa: E402
-from vploss._readout_losses.base import GLMArgs, ReadoutObjective  # noqa: E402
+from vploss._readout_losses.objective import GLMArgs, ReadoutObjective  # noqa: E402
 from vploss._readout_losses.solvers import exact_newton_cost, MAX_EXACT_NEWTON_COST  # noqa: E402
 
 

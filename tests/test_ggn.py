@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import vploss
-from vploss._readout_losses.base import curvature_product
+from vploss._readout_losses.objective import curvature_product
 
 from .helpers import along, logistic_reference, mlp, random_direction, ridge_reference
 

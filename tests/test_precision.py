@@ -14,7 +14,7 @@ import pytest
 from jax.extend import core as jex_core
 
 import vploss
-from vploss._readout_losses.base import ReadoutObjective
+from vploss._readout_losses.objective import ReadoutObjective
 from vploss._refit import _glm_sums, _ridge_moments, _ridge_solve
 
 

@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize
 
 import vploss
-from vploss._readout_losses.base import GLMArgs, ReadoutObjective
+from vploss._readout_losses.objective import GLMArgs, ReadoutObjective
 from vploss._readout_losses.solvers import AutoNewton
 
 from .helpers import logistic_reference

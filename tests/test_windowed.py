@@ -12,8 +12,8 @@ import pytest
 
 import vploss
 from vploss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, WindowedReadout, WindowedState
-from vploss._readout_losses.base import GLMArgs, ReadoutObjective
 from vploss._readout_losses.evidence import data_hessian_eigenvalues
+from vploss._readout_losses.objective import GLMArgs, ReadoutObjective
 
 from .helpers import flatten, logistic_reference, mlp, scanned_updates
 

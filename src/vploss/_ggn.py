@@ -20,8 +20,9 @@ from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
 from ._core.numerics import matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
-from ._readout_losses.base import AbstractReadoutLoss, Curvature, curvature_product
+from ._readout_losses.base import AbstractReadoutLoss, Curvature
 from ._readout_losses.loss import READOUT_LOSSES, vploss_glm
+from ._readout_losses.objective import curvature_product
 from ._ridge.gcv import GCVStats
 from ._ridge.loss import vploss_msereg
 

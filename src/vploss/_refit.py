@@ -24,15 +24,9 @@ from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled
 from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
-from ._readout_losses.base import (
-    AbstractReadoutLoss,
-    GLMArgs,
-    gradient_scale,
-    hessian_operator,
-    Labels,
-    ReadoutObjective,
-)
+from ._readout_losses.base import AbstractReadoutLoss, Labels
 from ._readout_losses.loss import as_readout_init, READOUT_LOSSES
+from ._readout_losses.objective import GLMArgs, gradient_scale, hessian_operator, ReadoutObjective
 from ._ridge.loss import vploss_msereg
 from ._ridge.lstsq import gram_lstsq, with_intercept
 

@@ -4,7 +4,7 @@ r"""The readout penalty of a readout loss by the Laplace approximation of the ev
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Scalar
 
-from .base import class_grams, GLMArgs, ReadoutObjective, weighted_gram
+from .objective import class_grams, GLMArgs, ReadoutObjective, weighted_gram
 
 
 def data_hessian_eigenvalues(

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 from .._core.envelope import dense_hessian_solve
 from .._core.newton import _initial_state, _NewtonState, newton_decrement_bound, newton_direction
 from .._core.numerics import matmul
-from .base import GLMArgs, ReadoutObjective
+from .objective import GLMArgs, ReadoutObjective
 
 
 class RowSpace(eqx.Module):

@@ -23,7 +23,8 @@ from .._core.envelope import envelope_minimise
 from .._core.features import glm_features, parameter_penalty
 from .._core.numerics import normalised_weights
 from .._core.readout import coefficients_from_readout, readout_from_coefficients, VPLinear
-from .base import AbstractReadoutLoss, Curvature, GLMArgs, ReadoutObjective
+from .base import AbstractReadoutLoss, Curvature
+from .objective import GLMArgs, ReadoutObjective
 from .solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
 
 

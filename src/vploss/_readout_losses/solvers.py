@@ -29,8 +29,8 @@ from .._core.newton import (
     TruncatedNewtonDescent,
 )
 from .._core.stats import InnerStats
-from .base import GLMArgs, KroneckerPreconditioner, ReadoutObjective
 from .kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
+from .objective import GLMArgs, KroneckerPreconditioner, ReadoutObjective
 
 
 SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", "bfgs", "lbfgs"]

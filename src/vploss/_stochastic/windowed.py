@@ -22,9 +22,10 @@ from .._core.envelope import envelope_minimise
 from .._core.features import glm_features, parameter_penalty
 from .._core.numerics import matmul, normalised_weights, weighted_mean
 from .._core.readout import readout_from_coefficients, VPLinear
-from .._readout_losses.base import AbstractReadoutLoss, GLMArgs, ReadoutObjective
+from .._readout_losses.base import AbstractReadoutLoss
 from .._readout_losses.evidence import evidence_penalty
 from .._readout_losses.loss import check_readout_loss
+from .._readout_losses.objective import GLMArgs, ReadoutObjective
 from .._readout_losses.solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise
 
 

@@ -1,0 +1,256 @@
+r"""The inner objective of a readout loss (`ReadoutObjective`), derived once for every loss
+from its `AbstractReadoutLoss` methods: value, gradient, Hessian (dense, or as products),
+the Kronecker preconditioner, and the Gram matrices the evidence and refit use."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+from jaxtyping import Array, Float, Real, Scalar
+
+from .._core.numerics import matmul, weighted_mean
+from .base import AbstractReadoutLoss
+
+
+class GLMArgs(eqx.Module):
+    r"""The data of a readout loss's inner problem (the differentiable `args` of
+    `envelope_minimise`).
+
+    - `features`: $\hat F$, shape `(N, p)` (with the ones column for a bias).
+    - `labels`: shape `(N, k)`.
+    - `alpha2`: the readout penalty, a scalar.
+    - `weights`: per-sample weights normalised to mean 1, shape `(N,)`, or `None`
+        (all 1).
+    """
+
+    features: Float[Array, "N p"]
+    labels: Real[Array, "N k"]
+    alpha2: Scalar
+    weights: Float[Array, " N"] | None = None
+
+
+def _weighted_rows(rows: Float[Array, "N k"], weights: Float[Array, " N"] | None) -> Array:
+    return rows if weights is None else rows * weights[:, None]
+
+
+def weighted_gram(
+    features: Float[Array, "N p"], weights: Float[Array, " N"] | None
+) -> Float[Array, "p p"]:
+    r"""$\hat F^\top\Omega\hat F/N$, the Gram matrix of the features with the sample
+    weights (normalised to mean 1; `None`: all 1): one matmul over samples."""
+    return matmul(_weighted_rows(features, weights).T, features) / features.shape[0]
+
+
+def class_grams(
+    features: Float[Array, "N p"], diagonal: Float[Array, "N k"]
+) -> Float[Array, "p k p"]:
+    r"""$\frac1N\sum_j d_{jc}\hat f_j\hat f_j^\top$ for each output $c$, as `(p, k, p)`:
+    one matmul over samples."""
+    num_samples, p = features.shape
+    k = diagonal.shape[1]
+    weighted = (features[:, :, None] * diagonal[:, None, :]).reshape(num_samples, p * k)
+    return matmul(weighted.T, features).reshape(p, k, p) / num_samples
+
+
+def _rank_one_gram(features: Float[Array, "N p"], rank_one: Float[Array, "N r"]) -> Array:
+    r"""$\frac1N\sum_j (u_j\otimes\hat f_j)(u_j\otimes\hat f_j)^\top$ as `(p, r, p, r)`."""
+    num_samples, p = features.shape
+    r = rank_one.shape[1]
+    stacked = (features[:, :, None] * rank_one[:, None, :]).reshape(num_samples, p * r)
+    return matmul(stacked.T, stacked).reshape(p, r, p, r) / num_samples
+
+
+def hessian_operator(matrix: Float[Array, "p k p k"], alpha2: Scalar) -> lx.PyTreeLinearOperator:
+    """`matrix + alpha2 I` as a positive definite operator on `(p, k)` coefficients."""
+    p, k = matrix.shape[:2]
+    identity = jnp.eye(p * k, dtype=matrix.dtype).reshape(p, k, p, k)
+    return lx.PyTreeLinearOperator(
+        matrix + alpha2 * identity,
+        jax.ShapeDtypeStruct((p, k), matrix.dtype),
+        lx.positive_semidefinite_tag,
+    )
+
+
+class ReadoutObjective(eqx.Module):
+    r"""The inner objective of a readout loss and its derivatives, in the coefficients
+    `coef` $=\hat C$ of shape `(p, k)`: $\hat W^\top = \hat C$, or $\hat C_{:,<k}
+    T_{:,<k}^\top$ with the loss's `basis` $T$, whose last column $t$ (along which the
+    loss does not change) the readout then never has a component along. The last column
+    of $\hat C$ is kept so that coefficients have the outputs' shape; it enters only
+    the penalty, so its optimum is zero, and zero it stays from zero or from a warm
+    start (`from_outputs`). Called as `objective(coef, args)` with `GLMArgs`.
+
+    $$J(\hat C) = \frac1N\sum_j\omega_j\,\ell(z_j, y_j) + \frac{\alpha_2}{2}\|\hat
+    C\|_F^2, \qquad \nabla^2 J = \frac1N\sum_j\omega_j\,(T^\top C_j T)\otimes\hat
+    f_j\hat f_j^\top + \alpha_2 I,$$
+
+    with the curvature $C_j = \operatorname{diag}(d_j) - u_j u_j^\top$ of the loss in
+    the logits $z_j$ (`AbstractReadoutLoss.curvature`), restricted to the first $k - 1$
+    columns of $T$ when there is a basis (the last is exactly $\alpha_2$).
+    """
+
+    loss: AbstractReadoutLoss
+
+    def _curved(self, k: int, dtype) -> Array | None:
+        """The first `k - 1` columns of the loss's basis (the directions in which it
+        changes), or `None`."""
+        basis = self.loss.basis(k)
+        return None if basis is None else jnp.asarray(basis[:, :-1], dtype)
+
+    def in_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
+        r"""$\hat W^\top$: the coefficients in the outputs' own basis."""
+        curved = self._curved(coef.shape[1], coef.dtype)
+        return coef if curved is None else matmul(coef[:, :-1], curved.T)
+
+    def from_outputs(self, coef: Float[Array, "p k"]) -> Float[Array, "p k"]:
+        r"""The coefficients of the readout $\hat W^\top$ = `coef`, less its component
+        along the basis's last column (the inverse of `in_outputs` where it has none)."""
+        curved = self._curved(coef.shape[1], coef.dtype)
+        return coef if curved is None else jnp.pad(matmul(coef, curved), ((0, 0), (0, 1)))
+
+    def logits(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "N k"]:
+        return matmul(args.features, self.in_outputs(coef))
+
+    def __call__(self, coef: Float[Array, "p k"], args: GLMArgs) -> Scalar:
+        data = weighted_mean(self.loss.loss(self.logits(coef, args), args.labels), args.weights)
+        return data + 0.5 * args.alpha2 * jnp.sum(coef**2)
+
+    def _curvature(self, coef: Float[Array, "p k"], args: GLMArgs):
+        """The weighted curvature and the basis restricted to its curved columns."""
+        diagonal, rank_one = self.loss.curvature(self.logits(coef, args), args.labels)
+        diagonal = _weighted_rows(diagonal, args.weights)
+        if rank_one is not None and args.weights is not None:
+            rank_one = rank_one * jnp.sqrt(args.weights)[:, None]
+        return diagonal, rank_one, self._curved(coef.shape[1], coef.dtype)
+
+    def hessian(self, coef: Float[Array, "p k"], args: GLMArgs) -> lx.PyTreeLinearOperator:
+        """The exact Hessian as a `(p, k, p, k)` operator: the per-output Gram matrices
+        (`class_grams`, one matmul over samples) and the rank-one term (one more)."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        features = args.features
+        grams = class_grams(features, diagonal)
+        if curved is None:
+            k = diagonal.shape[1]
+            data = grams[:, :, :, None] * jnp.eye(k, dtype=grams.dtype)[None, :, None, :]
+        else:
+            data = jnp.einsum(
+                "ab,ac,paq->pbqc", curved, curved, grams, precision=jax.lax.Precision.HIGHEST
+            )
+        if rank_one is not None:
+            data = data - _rank_one_gram(
+                features, rank_one if curved is None else matmul(rank_one, curved)
+            )
+        if curved is not None:
+            data = jnp.pad(data, ((0, 0), (0, 1), (0, 0), (0, 1)))
+        return hessian_operator(data, args.alpha2)
+
+    def hessian_product(
+        self, coef: Float[Array, "p k"], args: GLMArgs
+    ) -> lx.FunctionLinearOperator:
+        r"""The same Hessian as products $V \mapsto \hat F^\top(\Omega\, C(\hat F V
+        T^\top))T/N + \alpha_2 V$, never formed: two matmuls over samples, $O(Npk)$."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        apply = jtu.Partial(
+            _hessian_product, args.features, args.alpha2, diagonal, rank_one, curved
+        )
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+    def mean_curvature(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "k k"]:
+        r"""$\frac1N\sum_j\omega_j T^\top C_j T$, the output factor of the Kronecker
+        preconditioner (`KroneckerPreconditioner`)."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        num_samples = diagonal.shape[0]
+        total = jnp.sum(diagonal, axis=0)
+        if curved is None:
+            mean = jnp.diag(total / num_samples)
+        else:
+            mean = matmul(curved.T * total, curved) / num_samples
+        if rank_one is not None:
+            projected = rank_one if curved is None else matmul(rank_one, curved)
+            mean = mean - matmul(projected.T, projected) / num_samples
+        return mean if curved is None else jnp.pad(mean, ((0, 1), (0, 1)))
+
+    def gradient_scale(self, args: GLMArgs) -> Float[Array, "p 1"]:
+        """`gradient_scale` of the weighted mean squares of the features."""
+        return gradient_scale(weighted_mean(args.features**2, args.weights), args.alpha2)
+
+
+def gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Array, "p 1"]:
+    r"""$\min(1, \sqrt{\frac1N\sum_j\omega_j\hat f_{jp}^2 + \alpha_2})$ per coefficient
+    row, from the (weighted) mean squares of the features: the scale the stopping test
+    divides the gradient by (`_newton.scaled_gradient_norm`).
+
+    Features scaled by $s$ (with `alpha2` scaled by $s^2$) scale the gradient by $s$, so
+    with an absolute test, features of size 1e-6 stopped far from the optimum: a
+    silently wrong loss (measured: 12% off in float64). Small features therefore
+    tighten the test in proportion. Large ones do not loosen it: the Gram matrix
+    ignores the curvature, which vanishes on saturated samples, and a looser test lost
+    the loss's digits there (measured)."""
+    return jnp.minimum(1, jnp.sqrt(mean_square + alpha2))[:, None]
+
+
+def curvature_product(
+    diagonal: Float[Array, "N k"], rank_one: Float[Array, "N k"] | None, rows: Float[Array, "N k"]
+) -> Float[Array, "N k"]:
+    r"""$(\operatorname{diag}(d_j) - u_j u_j^\top)\,v_j$ for every row $j$: a `Curvature`
+    applied sample by sample."""
+    out = diagonal * rows
+    if rank_one is None:
+        return out
+    # The row dot products as a batched matmul: XLA's CPU compiler (jax 0.10.2)
+    # miscompiles `u * jnp.sum(u * v, axis=1, keepdims=True)` in float32 under
+    # `jit(vmap)` with batches of 32 or more (errors of order one, measured).
+    along = jnp.einsum("nk,nk->n", rank_one, rows, precision=jax.lax.Precision.HIGHEST)
+    return out - rank_one * along[:, None]
+
+
+def _hessian_product(features, alpha2, diagonal, rank_one, curved, vector):
+    in_outputs = vector if curved is None else matmul(vector[:, :-1], curved.T)
+    directions = matmul(features, in_outputs)
+    # The rank-one rows carry √ω each, so ω u uᵀ appears once.
+    curved_directions = curvature_product(diagonal, rank_one, directions)
+    data = matmul(features.T, curved_directions) / features.shape[0]
+    if curved is not None:
+        data = jnp.pad(matmul(data, curved), ((0, 0), (0, 1)))
+    return data + alpha2 * vector
+
+
+class KroneckerPreconditioner(eqx.Module):
+    r"""$(\bar A \otimes G + \alpha_2 I)^{-1}$, an approximate inverse Hessian of a
+    readout loss's inner objective, with the weighted Gram matrix $G = \hat F^\top
+    \Omega\hat F/N$ (one matmul and one `(p, p)` eigendecomposition per solve) and the
+    `(k, k)` mean curvature $\bar A$ in the logits at the current iterate (a `(k, k)`
+    eigendecomposition per step). Exact when all samples share one curvature (e.g. at a
+    zero readout), and exact on a basis's linear direction, where $\bar A$ has a zero
+    eigenvalue like the Hessian. Applying it costs four small matmuls, none over
+    samples."""
+
+    objective: ReadoutObjective
+    args: GLMArgs
+    gram_eigenvalues: Float[Array, " p"]
+    gram_eigenvectors: Float[Array, "p p"]
+
+    def __init__(self, objective: ReadoutObjective, args: GLMArgs):
+        gram = weighted_gram(args.features, args.weights)
+        eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
+        # Rounding may leave tiny negative eigenvalues of these positive semidefinite
+        # matrices; the preconditioner must stay positive definite.
+        self.gram_eigenvalues = jnp.maximum(eigenvalues, 0)
+        self.objective = objective
+        self.args = args
+
+    def __call__(self, coef: Float[Array, "p k"]) -> lx.FunctionLinearOperator:
+        mean = self.objective.mean_curvature(coef, self.args)
+        eigenvalues, eigenvectors = jnp.linalg.eigh(mean)
+        scale = 1 / (
+            self.gram_eigenvalues[:, None] * jnp.maximum(eigenvalues, 0)[None, :] + self.args.alpha2
+        )
+        apply = jtu.Partial(_kronecker_solve, self.gram_eigenvectors, eigenvectors, scale)
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+
+def _kronecker_solve(left, right, scale, vector):
+    return matmul(matmul(left, scale * matmul(matmul(left.T, vector), right)), right.T)
