@@ -24,10 +24,10 @@ from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled
 from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
+from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
-from ._readout_losses.loss import as_readout_init, READOUT_LOSSES
+from ._readout_losses.loss import as_readout_init
 from ._readout_losses.objective import GLMArgs, gradient_scale, hessian_operator, ReadoutObjective
-from ._ridge.loss import vploss_msereg
 from ._ridge.lstsq import gram_lstsq, with_intercept
 
 
@@ -421,17 +421,9 @@ def refit_readout(
         raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
     if gtol is not None and not gtol > 0:
         raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
-    if loss is vploss_msereg:
+    readout_loss = loss_family(loss, num_classes).readout_loss
+    if readout_loss is None:
         alpha2 = as_alpha("alpha2", alpha2, positive=False)
         return _refit_ridge(model, batches, alpha2, use_bias)
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    readout_loss = loss if isinstance(loss, AbstractReadoutLoss) else READOUT_LOSSES.get(loss)
-    if readout_loss is None:
-        raise ValueError(
-            "`loss` must be `vploss.vploss_msereg`, a `vploss_*` function of a readout "
-            "loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or a "
-            f"`vploss.AbstractReadoutLoss`; got {loss!r}."
-        )
-    if not isinstance(readout_loss, AbstractReadoutLoss):
-        readout_loss = readout_loss(num_classes)
     return _refit_glm(model, batches, readout_loss, alpha2, use_bias, gtol, max_passes, init, throw)

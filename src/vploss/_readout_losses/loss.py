@@ -28,12 +28,6 @@ from .objective import GLMArgs, ReadoutObjective
 from .solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
 
 
-#: The `vploss_*` function of each readout loss, mapped to its loss as a function of
-#: `num_classes` (ignored where the loss has no classes): how `refit_readout(loss=...)`
-#: finds the readout loss of a function. Each loss module registers its own.
-READOUT_LOSSES: dict[Callable[..., Any], Callable[[int | None], AbstractReadoutLoss]] = {}
-
-
 def check_readout_loss(loss: AbstractReadoutLoss, labels: Array, dtype: Any) -> None:
     """Checks at trace time that a readout loss's methods return what the interface
     says, so that a custom loss gets an error naming the method rather than one from
