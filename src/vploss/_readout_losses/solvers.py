@@ -3,6 +3,7 @@ any `AbstractReadoutLoss`): solver objects that carry their tolerances, and the
 `AbstractInnerSolver` that runs them for `envelope_minimise`."""
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -378,18 +379,16 @@ class OptimistixMinimiser(AbstractGLMSolver):
         return self.minimiser
 
 
-_SOLVERS: dict[str, Callable[..., AbstractGLMSolver]] = {
-    "auto": AutoNewton,
-    "newton": Newton,
-    "newton-cg": NewtonCG,
-    "kernel-newton": KernelNewton,
+#: The shorthands `solver="..."` for the solver objects (the keys are `SolverName`'s):
+#: a name stands for its object, with the loss's `gtol` and `max_steps` set on it.
+_SOLVERS: dict[str, AbstractGLMSolver] = {
+    "auto": AutoNewton(),
+    "newton": Newton(),
+    "newton-cg": NewtonCG(),
+    "kernel-newton": KernelNewton(),
     # Cauchy criteria off: the gradient test stops them.
-    "bfgs": lambda gtol, max_steps: QuasiNewton(
-        minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
-    ),
-    "lbfgs": lambda gtol, max_steps: QuasiNewton(
-        minimiser=optx.LBFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
-    ),
+    "bfgs": QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0)),
+    "lbfgs": QuasiNewton(optx.LBFGS(rtol=0.0, atol=0.0)),
 }
 
 
@@ -411,7 +410,7 @@ def as_glm_solver(solver: Any, gtol: float | None, max_steps: int | None) -> Abs
     if isinstance(solver, optx.AbstractMinimiser):
         return OptimistixMinimiser(minimiser=solver, gtol=gtol, max_steps=max_steps)
     if isinstance(solver, str) and solver in _SOLVERS:
-        return _SOLVERS[solver](gtol, max_steps)
+        return dataclasses.replace(_SOLVERS[solver], gtol=gtol, max_steps=max_steps)
     raise ValueError(
         f"`solver` must be one of {tuple(_SOLVERS)}, a vploss solver object (e.g. "
         "`vploss.Newton()`) or an `optimistix.AbstractMinimiser`; got "

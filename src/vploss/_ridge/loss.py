@@ -117,13 +117,14 @@ class RidgeInnerSolver(AbstractInnerSolver):
         return jnp.zeros_like(solution) if t_solution is None else t_solution
 
 
-RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
-#: The shorthands `solver="..."` for the ridge solver objects.
-_RIDGE_SOLVERS: dict[str, type[AbstractRidgeSolver]] = {
-    "auto": AutoRidge,
-    "cholesky": CholeskyRidge,
-    "dual": DualRidge,
-    "svd": SVDRidge,
+RidgeSolverName: TypeAlias = Literal["auto", "cholesky", "dual", "svd"]
+#: The shorthands `solver="..."` for the ridge solver objects (the keys are
+#: `RidgeSolverName`'s).
+_RIDGE_SOLVERS: dict[str, AbstractRidgeSolver] = {
+    "auto": AutoRidge(),
+    "cholesky": CholeskyRidge(),
+    "dual": DualRidge(),
+    "svd": SVDRidge(),
 }
 
 
@@ -133,11 +134,11 @@ def as_ridge_solver(solver: object) -> AbstractRidgeSolver:
     if isinstance(solver, AbstractRidgeSolver):
         return solver
     if isinstance(solver, str) and solver in _RIDGE_SOLVERS:
-        return _RIDGE_SOLVERS[solver]()
+        return _RIDGE_SOLVERS[solver]
     names = ", ".join(repr(name) for name in _RIDGE_SOLVERS)
+    objects = ", ".join(f"`vploss.{type(s).__name__}()`" for s in _RIDGE_SOLVERS.values())
     raise ValueError(
-        f"`solver` must be one of {names} or a ridge solver object (`vploss.AutoRidge()`, "
-        f"`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`); got "
+        f"`solver` must be one of {names} or a ridge solver object ({objects}); got "
         f"{solver!r}."
     )
 
