@@ -18,7 +18,7 @@ from .._core.checks import (
     RuntimeChecks,
 )
 from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
-from .._core.features import glm_features, parameter_penalty
+from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import column_mean, matmul, row_mean
 from .._core.readout import readout_from_coefficients, VPLinear
 from .gcv import gcv_penalty, GCVStats
@@ -138,8 +138,7 @@ def as_ridge_solver(solver: object) -> AbstractRidgeSolver:
     names = ", ".join(repr(name) for name in _RIDGE_SOLVERS)
     objects = ", ".join(f"`vploss.{type(s).__name__}()`" for s in _RIDGE_SOLVERS.values())
     raise ValueError(
-        f"`solver` must be one of {names} or a ridge solver object ({objects}); got "
-        f"{solver!r}."
+        f"`solver` must be one of {names} or a ridge solver object ({objects}); got {solver!r}."
     )
 
 
@@ -389,7 +388,7 @@ def fit_ridge(
         given_penalty = None
     else:
         given_penalty = as_alpha("alpha2", alpha2, positive=False)
-    features, targets = glm_features(model, x, targets, use_bias)
+    features, targets = readout_features(model, x, targets, use_bias)
     dtype = features.dtype
     if weights is not None:
         weights = weights.astype(dtype)
