@@ -219,7 +219,7 @@ def _penalty_weights(
     from the readout's stats."""
 
     def weight(name):
-        value = loss_kwargs.get(name, defaults[name])
+        value = loss_kwargs[name] if name in loss_kwargs else defaults[name]
         if isinstance(value, str):
             assert isinstance(readout.stats, GCVStats)
             return readout.stats.alpha2.astype(dtype)
