@@ -88,8 +88,10 @@ def test_a_solver_name_is_its_object_with_the_options():
         "newton": vploss.Newton(gtol=1e-3, max_steps=7),
         "newton-cg": vploss.NewtonCG(gtol=1e-3, max_steps=7),
         "kernel-newton": vploss.KernelNewton(gtol=1e-3, max_steps=7),
-        "bfgs": vploss.QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7),
-        "lbfgs": vploss.QuasiNewton(optx.LBFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7),
+        "bfgs": vploss.QuasiNewton(minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7),
+        "lbfgs": vploss.QuasiNewton(
+            minimiser=optx.LBFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7
+        ),
     }
     assert list(expected) == list(_SOLVERS)
     for name, solver in expected.items():

@@ -387,8 +387,8 @@ _SOLVERS: dict[str, AbstractGLMSolver] = {
     "newton-cg": NewtonCG(),
     "kernel-newton": KernelNewton(),
     # Cauchy criteria off: the gradient test stops them.
-    "bfgs": QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0)),
-    "lbfgs": QuasiNewton(optx.LBFGS(rtol=0.0, atol=0.0)),
+    "bfgs": QuasiNewton(minimiser=optx.BFGS(rtol=0.0, atol=0.0)),
+    "lbfgs": QuasiNewton(minimiser=optx.LBFGS(rtol=0.0, atol=0.0)),
 }
 
 
