@@ -154,12 +154,12 @@ def accuracy(n, m):
     points = jax.random.uniform(jax.random.PRNGKey(3), (n, 2), jnp.float32, -2.0, 2.0)
     features = jax.vmap(model)(points)
     rows = {
-        name: (lambda fn=fn: _relative_errors(fn, features), glm)
-        for name, (fn, glm) in _feature_losses(n, m).items()
+        name: (lambda fn=fn: _relative_errors(fn, features), readout_loss)
+        for name, (fn, readout_loss) in _feature_losses(n, m).items()
     }
     rows["vploss_cpflow"] = (lambda: _flow_errors(n), False)
     all_pass = True
-    for name, (errors, glm) in rows.items():
+    for name, (errors, readout_loss) in rows.items():
         loss_default, grad_default, value = errors()
         reference = jax.devices()[0].platform != "cpu"  # a CPU has no TF32
         loss_high, grad_high = loss_default, grad_default
@@ -170,7 +170,7 @@ def accuracy(n, m):
         passes = (
             loss_default <= 2 * loss_high + rounding and grad_default <= 2 * grad_high + 32 * EPS32
         )
-        if glm:  # the inner solve's documented loss tolerance
+        if readout_loss:  # the inner solve's documented loss tolerance
             passes &= loss_default <= EPS32**0.5 + 2 * rounding
         all_pass &= passes
         high = (f"{loss_high:.1e}", f"{grad_high:.1e}") if reference else ("-", "-")

@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 from _common import angle_classes, feature_mlp, inside_circle, interleaved_medians  # noqa: E402
 
 import vploss  # noqa: E402
-from vploss._readout_losses.objective import GLMArgs, ReadoutObjective  # noqa: E402
+from vploss._readout_losses.objective import ReadoutArgs, ReadoutObjective  # noqa: E402
 from vploss._readout_losses.solvers import exact_newton_cost, MAX_EXACT_NEWTON_COST  # noqa: E402
 
 
@@ -60,9 +60,9 @@ def _problems(x):
 
 
 def shapes(loss, labels, width):
-    """The inner problem's `GLMArgs` as shapes (all the solvers' choice reads)."""
+    """The inner problem's `ReadoutArgs` as shapes (all the solvers' choice reads)."""
     values = loss.labels(labels, N).values
-    return GLMArgs(
+    return ReadoutArgs(
         jax.ShapeDtypeStruct((N, width + 1), jnp.float32),
         jax.ShapeDtypeStruct(values.shape, jnp.float32),
         jax.ShapeDtypeStruct((), jnp.float32),

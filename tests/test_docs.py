@@ -175,3 +175,67 @@ def test_the_docstring_checks_catch_eaten_latex():
     assert CONTROL.search(eaten)
     assert _maths_problems("a $x$ and $y") and _maths_problems("$$x$")
     assert not _maths_problems("a $x$, `$` and\n\n$$\\frac12$$ $[$`f(x)`$, 1]$ \\$5")
+
+
+# A list of loss functions in backquotes: "`vploss_bce`, `vploss_ce` and `vploss_poisson`".
+_LOSS_NAME = r"`(?:vploss\.)?(vploss_\w+)`"
+_LOSS_LIST = re.compile(_LOSS_NAME + r"(?:(?:,\s+|,?\s+and\s+|,?\s+or\s+)" + _LOSS_NAME + r")+")
+# Lists that name some readout losses on purpose: pages of measurements of those losses.
+_PARTIAL_LOSS_LISTS = {
+    ("docs/benchmark_suite.md", "`vploss_bce` and\n`vploss_ce`"),
+    ("docs/benchmarks.md", "`vploss_bce`, `vploss_ce`"),
+    ("docs/outer_second_order.md", "`vploss_bce` and `vploss_ce`"),
+}
+
+
+def _loss_lists(text):
+    """The names in each list of loss functions of `text`, with the list's text."""
+    for match in _LOSS_LIST.finditer(text):
+        yield frozenset(re.findall(r"vploss_\w+", match.group())), match.group()
+
+
+def test_every_list_of_the_readout_losses_names_them_all():
+    """A list that names two or more readout losses names every one in the registry
+    (`READOUT_LOSSES`), so a new loss cannot be left out of a page or a docstring."""
+    from vploss._readout_losses.registry import READOUT_LOSSES
+
+    registered = {function.__name__ for function in READOUT_LOSSES}
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *SOURCES]
+    incomplete = []
+    for path in paths:
+        where = str(path.relative_to(ROOT))
+        for names, text in _loss_lists(path.read_text(encoding="utf-8")):
+            partial = (where, text) in _PARTIAL_LOSS_LISTS
+            if len(names & registered) >= 2 and not registered <= names and not partial:
+                incomplete.append(f"{where}: {text!r} lacks {sorted(registered - names)}")
+    assert not incomplete, "\n".join(incomplete)
+    assert {names for names, _ in _loss_lists("`a`, `vploss_ce` or `vploss.vploss_bce`")} == {
+        frozenset({"vploss_ce", "vploss_bce"})
+    }
+
+
+def test_every_list_of_solver_names_names_them_all():
+    """The pages and docstrings that list the solver names of a family name every entry
+    of its table (`solver="..."` is resolved there)."""
+    from vploss._readout_losses.solvers import _SOLVERS
+    from vploss._ridge.loss import _RIDGE_SOLVERS
+
+    def page(name):
+        return (ROOT / "docs" / name).read_text(encoding="utf-8")
+
+    places = [
+        (_SOLVERS, "docs/api/readout_losses.md", page("api/readout_losses.md")),
+        (_SOLVERS, "docs/losses/bce.md", page("losses/bce.md")),
+        (_SOLVERS, "vploss_glm", vploss.vploss_glm.__doc__),
+        (_SOLVERS, "vploss_bce", vploss.vploss_bce.__doc__),
+        (_RIDGE_SOLVERS, "docs/api/losses.md", page("api/losses.md")),
+        (_RIDGE_SOLVERS, "docs/losses/msereg.md", page("losses/msereg.md")),
+        (_RIDGE_SOLVERS, "vploss_msereg", vploss.vploss_msereg.__doc__),
+    ]
+    missing = [
+        f"{where} lacks {name!r}"
+        for table, where, text in places
+        for name in table
+        if f'"{name}"' not in text
+    ]
+    assert not missing, "\n".join(missing)

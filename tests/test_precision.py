@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 
 import vploss
 from vploss._readout_losses.objective import ReadoutObjective
-from vploss._refit import _glm_sums, _ridge_moments, _ridge_solve
+from vploss._refit import _readout_loss_sums, _ridge_moments, _ridge_solve
 
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,7 +117,7 @@ def test_streaming_refit_at_full_precision():
     coef = jnp.zeros((5, 1))
     assert_full_precision(lambda x, y: _ridge_moments(MODEL, x, y, True), X, Y[:, None])
     assert_full_precision(
-        lambda x, y, w, c: _glm_sums(
+        lambda x, y, w, c: _readout_loss_sums(
             ReadoutObjective(vploss.SigmoidBinaryCrossEntropy()), MODEL, x, y, w, c, True
         ),
         X,

@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize
 
 import vploss
-from vploss._readout_losses.objective import GLMArgs, ReadoutObjective
+from vploss._readout_losses.objective import ReadoutArgs, ReadoutObjective
 from vploss._readout_losses.solvers import AutoNewton
 
 from .helpers import logistic_reference
@@ -169,7 +169,7 @@ def assert_minimiser(name, readout, reference, x=X, y=None, **kwargs):
 
 def chosen(loss, num_samples, width, num_outputs):
     """The solver `AutoNewton` chooses for a problem of this shape."""
-    args = GLMArgs(
+    args = ReadoutArgs(
         jnp.zeros((num_samples, width + 1)),
         jnp.zeros((num_samples, num_outputs)),
         jnp.asarray(ALPHA2),

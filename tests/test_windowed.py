@@ -13,7 +13,7 @@ import pytest
 import vploss
 from vploss import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, WindowedReadout, WindowedState
 from vploss._readout_losses.evidence import data_hessian_eigenvalues
-from vploss._readout_losses.objective import GLMArgs, ReadoutObjective
+from vploss._readout_losses.objective import ReadoutArgs, ReadoutObjective
 
 from .helpers import flatten, logistic_reference, mlp, scanned_updates
 
@@ -113,7 +113,7 @@ def test_data_hessian_eigenvalues(classes):
     labels = y[:, None] if classes is None else np.eye(classes)[y]
     coef = rng.normal(size=(features.shape[1], labels.shape[1]))
     objective = ReadoutObjective(loss_fn)
-    args = GLMArgs(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(0.1))
+    args = ReadoutArgs(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(0.1))
     eigenvalues = np.sort(np.asarray(data_hessian_eigenvalues(objective, jnp.asarray(coef), args)))
     if classes is None:
         p = 1 / (1 + np.exp(-features @ coef[:, 0]))

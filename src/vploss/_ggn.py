@@ -2,8 +2,6 @@ r"""The generalised Gauss–Newton (GGN) matrix of a reduced VarPro loss as a ma
 operator (`vpggn`), and the Levenberg–Marquardt minimiser built on it from
 optimistix's damped Newton descent and trust region (`GeneralisedGaussNewton`)."""
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -20,11 +18,10 @@ from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
 from ._core.numerics import matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
+from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Curvature
-from ._readout_losses.loss import READOUT_LOSSES, vploss_glm
 from ._readout_losses.objective import curvature_product
 from ._ridge.gcv import GCVStats
-from ._ridge.loss import vploss_msereg
 
 
 JacobianName = Literal["exact", "fixed_readout"]
@@ -144,7 +141,7 @@ def vpggn(
     What the loss function raises for its inputs; `TypeError` for a `loss` that is not
     one of the above, `ValueError` for an unknown `jacobian`.
     """
-    fit, outer = _readout_loss(loss, loss_kwargs)
+    fit, outer, defaults = loss_family(loss, loss_kwargs.get("num_classes"))
     if jacobian not in ("exact", "fixed_readout"):
         raise ValueError(f'`jacobian` must be "exact" or "fixed_readout"; got {jacobian!r}.')
     value, readout = fit(model, x, y, **loss_kwargs)
@@ -156,7 +153,7 @@ def vpggn(
     x = as_batch("x", x)
     features = augment(evaluate_features(model, x).astype(dtype), use_bias)
     logits = matmul(features, coef)
-    alpha1, alpha2 = _penalty_weights(fit, loss_kwargs, readout, dtype)
+    alpha1, alpha2 = _penalty_weights(defaults, loss_kwargs, readout, dtype)
     curvature = _outer_curvature(outer, jax.lax.stop_gradient(logits), y, loss_kwargs)
     return value, GaussNewtonOutputs(logits, coef, curvature, alpha1, alpha2, readout)
 
@@ -214,33 +211,15 @@ def ggn_operator(
     return value, gradient, ggn, outputs
 
 
-def _readout_loss(
-    loss: Any, loss_kwargs: dict[str, Any]
-) -> tuple[Callable[..., Any], AbstractReadoutLoss | None]:
-    """The function that fits the readout and the loss in the logits (`None`: the
-    squared error of `vploss_msereg`)."""
-    if isinstance(loss, AbstractReadoutLoss):
-        return functools.partial(vploss_glm, loss), loss
-    if loss is vploss_msereg:
-        return vploss_msereg, None
-    if loss in READOUT_LOSSES:
-        return loss, READOUT_LOSSES[loss](loss_kwargs.get("num_classes"))
-    raise TypeError(
-        "`loss` must be `vploss.vploss_msereg`, `vploss.vploss_bce`, `vploss.vploss_ce`, "
-        "`vploss.vploss_poisson` or a `vploss.AbstractReadoutLoss`; got "
-        f"{getattr(loss, '__name__', loss)!r}."
-    )
-
-
 def _penalty_weights(
-    fit: Callable[..., Any], loss_kwargs: dict[str, Any], readout: VPLinear, dtype: Any
+    defaults: dict[str, float], loss_kwargs: dict[str, Any], readout: VPLinear, dtype: Any
 ) -> tuple[Scalar, Scalar]:
     """`alpha1` and `alpha2` as the loss function used them: the caller's, else the
-    function's defaults; a chosen penalty (`alpha2="gcv"`) from the readout's stats."""
-    defaults = inspect.signature(fit).parameters
+    function's `defaults` (`LossFamily.defaults`); a chosen penalty (`alpha2="gcv"`)
+    from the readout's stats."""
 
     def weight(name):
-        value = loss_kwargs.get(name, defaults[name].default)
+        value = loss_kwargs[name] if name in loss_kwargs else defaults[name]
         if isinstance(value, str):
             assert isinstance(readout.stats, GCVStats)
             return readout.stats.alpha2.astype(dtype)

@@ -19,15 +19,20 @@ from ._core.checks import (
     batch_size,
     drop_zero_weight_samples,
 )
-from ._core.features import glm_features
+from ._core.features import readout_features
 from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
 from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
+from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
-from ._readout_losses.loss import as_readout_init, READOUT_LOSSES
-from ._readout_losses.objective import GLMArgs, gradient_scale, hessian_operator, ReadoutObjective
-from ._ridge.loss import vploss_msereg
+from ._readout_losses.loss import as_readout_init
+from ._readout_losses.objective import (
+    gradient_scale,
+    hessian_operator,
+    ReadoutArgs,
+    ReadoutObjective,
+)
 from ._ridge.lstsq import gram_lstsq, with_intercept
 
 
@@ -74,7 +79,7 @@ class _Moments(eqx.Module):
 def _ridge_moments(model, x, targets, use_bias, weights=None):
     r"""The moments of one batch (features without the ones column), weighted when
     `weights` is not `None`, and whether the batch is finite."""
-    features, targets = glm_features(model, x, targets, False)
+    features, targets = readout_features(model, x, targets, False)
     if weights is None:
         count = jnp.asarray(features.shape[0], features.dtype)
         mean_weights = None
@@ -98,15 +103,15 @@ def _ridge_moments(model, x, targets, use_bias, weights=None):
 
 
 @eqx.filter_jit
-def _glm_sums(objective, model, x, labels, weights, coef, use_bias):
+def _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias):
     r"""The sums over one batch of the (weighted) data term of a readout loss's inner
     objective, its gradient and its Hessian (as a `(pk, pk)` matrix) at `coef`, the
     (weighted) sums of squares of the features and the sum of the weights (the
     count without weights), and whether they are all finite."""
-    features, labels = glm_features(model, x, labels, use_bias)
+    features, labels = readout_features(model, x, labels, use_bias)
     dtype = features.dtype
     weights = None if weights is None else weights.astype(dtype)
-    args = GLMArgs(features, labels, jnp.zeros((), dtype), weights)
+    args = ReadoutArgs(features, labels, jnp.zeros((), dtype), weights)
     value, gradient = jax.value_and_grad(objective)(coef, args)
     curvature = objective.hessian(coef, args).as_matrix()
     n = features.shape[0]
@@ -227,7 +232,7 @@ def _ridge_solve(moments, alpha2, use_bias):
     return weight, scaled_gradient_norm(gradient, gradient_scale(mean_square, alpha2))
 
 
-def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, throw):
+def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, throw):
     what = loss.name
     if iter(batches) is batches:
         raise TypeError(
@@ -246,7 +251,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
         )
     _, x, parsed, _ = first_batch
     y = parsed.values
-    features = jax.eval_shape(lambda x, y: glm_features(model, x, y, use_bias)[0], x, y)
+    features = jax.eval_shape(lambda x, y: readout_features(model, x, y, use_bias)[0], x, y)
     dtype = features.dtype
     first = (y.shape[1], parsed.scalar_output)
     shape = (features.shape[1], y.shape[1])
@@ -258,7 +263,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
         sums = None
         for index, x, parsed, weights in _batches(batches, what, loss.labels):
             _check_shapes(index, parsed.values, parsed.scalar_output, first)
-            batch_sums, finite = _glm_sums(
+            batch_sums, finite = _readout_loss_sums(
                 objective, model, x, parsed.values, weights, coef, use_bias
             )
             if not bool(finite):
@@ -365,7 +370,7 @@ def refit_readout(
         iterator (a generator) is refused.
 
     Memory: one batch plus $O((m+1)^2)$ for the ridge loss, $O(((m+1)k)^2)$ for the
-    Hessian of the logistic losses ($k$ outputs or classes). Each batch's sums are
+    Hessian of a readout loss ($k$ outputs or classes). Each batch's sums are
     computed by a jitted function (compiled once per batch shape); the loop over
     batches runs in Python, so this function is called outside `jit`. The sums are
     accumulated in the working dtype (the features' dtype, promoted by floating-point
@@ -385,12 +390,12 @@ def refit_readout(
         (`vploss.AbstractReadoutLoss`, e.g. `vploss.SoftmaxCrossEntropy(10)`): the
         inner problem to solve.
     - `alpha2`: the readout penalty (the one used in training); `> 0` for the
-        logistic losses.
+        readout losses.
     - `num_classes`: K, for `vploss_ce` with integer labels.
     - `use_bias`: whether the readout has a bias.
-    - `gtol`: the logistic losses' tolerance on the scaled gradient norm (as in
+    - `gtol`: a readout loss's tolerance on the scaled gradient norm (as in
         `vploss_bce`); default `sqrt(eps)` of the dtype.
-    - `max_passes`: the budget of passes over the data (logistic losses): the first
+    - `max_passes`: the budget of passes over the data (readout losses): the first
         evaluates the start and each further one a trial step, so `max_passes=k`
         allows at most `k - 1` Newton updates.
     - `init`: a readout to start Newton from, e.g. the last training step's.
@@ -421,17 +426,11 @@ def refit_readout(
         raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
     if gtol is not None and not gtol > 0:
         raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
-    if loss is vploss_msereg:
+    readout_loss = loss_family(loss, num_classes).readout_loss
+    if readout_loss is None:
         alpha2 = as_alpha("alpha2", alpha2, positive=False)
         return _refit_ridge(model, batches, alpha2, use_bias)
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    readout_loss = loss if isinstance(loss, AbstractReadoutLoss) else READOUT_LOSSES.get(loss)
-    if readout_loss is None:
-        raise ValueError(
-            "`loss` must be `vploss.vploss_msereg`, a `vploss_*` function of a readout "
-            "loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or a "
-            f"`vploss.AbstractReadoutLoss`; got {loss!r}."
-        )
-    if not isinstance(readout_loss, AbstractReadoutLoss):
-        readout_loss = readout_loss(num_classes)
-    return _refit_glm(model, batches, readout_loss, alpha2, use_bias, gtol, max_passes, init, throw)
+    return _refit_readout_loss(
+        model, batches, readout_loss, alpha2, use_bias, gtol, max_passes, init, throw
+    )

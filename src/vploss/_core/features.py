@@ -90,7 +90,7 @@ def working_dtype(features: Any, labels: Any = None) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def glm_features(
+def readout_features(
     model: Callable[..., Array], x: PyTree[Array], labels: Array, use_bias: bool
 ) -> tuple[Float[Array, "N p"], Float[Array, "N k"]]:
     """`F̂` of `x` and the `labels` (or targets) of a loss with a linear readout, both

@@ -4,11 +4,11 @@ r"""The readout penalty of a readout loss by the Laplace approximation of the ev
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Scalar
 
-from .objective import class_grams, GLMArgs, ReadoutObjective, weighted_gram
+from .objective import class_grams, ReadoutArgs, ReadoutObjective, weighted_gram
 
 
 def data_hessian_eigenvalues(
-    objective: ReadoutObjective, coef: Float[Array, "p k"], args: GLMArgs
+    objective: ReadoutObjective, coef: Float[Array, "p k"], args: ReadoutArgs
 ) -> Float[Array, " q"]:
     r"""The eigenvalues $\mu_i$ of the data term's Hessian $\frac1N\sum_j\omega_j
     C_j\otimes\hat f_j\hat f_j^\top$ at `coef`: exact for a loss with a diagonal
@@ -30,7 +30,7 @@ def data_hessian_eigenvalues(
 
 
 def evidence_penalty(
-    objective: ReadoutObjective, coef: Float[Array, "p k"], args: GLMArgs, count: ArrayLike
+    objective: ReadoutObjective, coef: Float[Array, "p k"], args: ReadoutArgs, count: ArrayLike
 ) -> tuple[Scalar, Scalar]:
     r"""MacKay's fixed-point update of the readout penalty (MacKay, "Bayesian
     interpolation", Neural Comput. 4(3), 1992; "The evidence framework applied to

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 from .._core.envelope import dense_hessian_solve
 from .._core.newton import _initial_state, _NewtonState, newton_decrement_bound, newton_direction
 from .._core.numerics import matmul
-from .objective import GLMArgs, ReadoutObjective
+from .objective import ReadoutArgs, ReadoutObjective
 
 
 class RowSpace(eqx.Module):
@@ -58,13 +58,13 @@ class RowSpace(eqx.Module):
         """$Qc$."""
         return matmul(self.basis, coef)
 
-    def reduced_args(self, args: GLMArgs) -> GLMArgs:
+    def reduced_args(self, args: ReadoutArgs) -> ReadoutArgs:
         r"""`args` with the features $\tilde F$."""
         return eqx.tree_at(lambda a: a.features, args, self.features)
 
 
 def kernel_hessian_solve(
-    objective: ReadoutObjective, solution: Float[Array, "p k"], args: GLMArgs
+    objective: ReadoutObjective, solution: Float[Array, "p k"], args: ReadoutArgs
 ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
     r"""`rhs ↦ H⁻¹ rhs` for the inner Hessian $H$ at `solution`, as $Q\tilde
     H^{-1}Q^\top r + (r - QQ^\top r)/\alpha_2$ (`RowSpace`), with $\tilde H$ factored
@@ -98,7 +98,7 @@ class KernelNewtonDescent(optx.AbstractDescent):
     from one product with the Hessian operator of the line search (`hessian_product`)."""
 
     objective: ReadoutObjective
-    args: GLMArgs
+    args: ReadoutArgs
     space: RowSpace
 
     def init(self, y, f_info_struct):

@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 from .._core.checks import as_targets
 from .._core.readout import VPLinear
 from .base import AbstractReadoutLoss, Curvature, Labels
-from .loss import READOUT_LOSSES, vploss_glm
+from .loss import vploss_glm
 from .solvers import AbstractGLMSolver, SolverName
 
 
@@ -176,6 +176,3 @@ def vploss_bce(
         throw=throw,
         init=init,
     )
-
-
-READOUT_LOSSES[vploss_bce] = lambda num_classes: SigmoidBinaryCrossEntropy()

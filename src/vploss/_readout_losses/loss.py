@@ -20,18 +20,12 @@ from .._core.checks import (
     RuntimeChecks,
 )
 from .._core.envelope import envelope_minimise
-from .._core.features import glm_features, parameter_penalty
+from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import normalised_weights
 from .._core.readout import coefficients_from_readout, readout_from_coefficients, VPLinear
 from .base import AbstractReadoutLoss, Curvature
-from .objective import GLMArgs, ReadoutObjective
-from .solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise, SolverName
-
-
-#: The `vploss_*` function of each readout loss, mapped to its loss as a function of
-#: `num_classes` (ignored where the loss has no classes): how `refit_readout(loss=...)`
-#: finds the readout loss of a function. Each loss module registers its own.
-READOUT_LOSSES: dict[Callable[..., Any], Callable[[int | None], AbstractReadoutLoss]] = {}
+from .objective import ReadoutArgs, ReadoutObjective
+from .solvers import AbstractGLMSolver, as_readout_solver, InnerMinimise, SolverName
 
 
 def check_readout_loss(loss: AbstractReadoutLoss, labels: Array, dtype: Any) -> None:
@@ -175,10 +169,10 @@ def vploss_glm(
     labels = loss.labels(y, num_samples)
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
-    inner_solver = as_glm_solver(solver, gtol, max_steps)
+    inner_solver = as_readout_solver(solver, gtol, max_steps)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
     alpha2 = as_alpha("alpha2", alpha2, positive=True)
-    features, values = glm_features(model, x, labels.values, use_bias)
+    features, values = readout_features(model, x, labels.values, use_bias)
     dtype = features.dtype
     check_readout_loss(loss, values, dtype)
     objective = ReadoutObjective(loss)
@@ -188,7 +182,7 @@ def vploss_glm(
     value, coef, stats = envelope_minimise(
         objective,
         InnerMinimise(inner_solver),
-        GLMArgs(features, values, alpha2.astype(dtype), weights),
+        ReadoutArgs(features, values, alpha2.astype(dtype), weights),
         as_readout_init(init, objective, use_bias, shape, dtype),
         check=RuntimeChecks(
             loss.name,

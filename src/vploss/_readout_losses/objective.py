@@ -13,7 +13,7 @@ from .._core.numerics import matmul, weighted_mean
 from .base import AbstractReadoutLoss
 
 
-class GLMArgs(eqx.Module):
+class ReadoutArgs(eqx.Module):
     r"""The data of a readout loss's inner problem (the differentiable `args` of
     `envelope_minimise`).
 
@@ -79,7 +79,7 @@ class ReadoutObjective(eqx.Module):
     loss does not change) the readout then never has a component along. The last column
     of $\hat C$ is kept so that coefficients have the outputs' shape; it enters only
     the penalty, so its optimum is zero, and zero it stays from zero or from a warm
-    start (`from_outputs`). Called as `objective(coef, args)` with `GLMArgs`.
+    start (`from_outputs`). Called as `objective(coef, args)` with `ReadoutArgs`.
 
     $$J(\hat C) = \frac1N\sum_j\omega_j\,\ell(z_j, y_j) + \frac{\alpha_2}{2}\|\hat
     C\|_F^2, \qquad \nabla^2 J = \frac1N\sum_j\omega_j\,(T^\top C_j T)\otimes\hat
@@ -109,14 +109,14 @@ class ReadoutObjective(eqx.Module):
         curved = self._curved(coef.shape[1], coef.dtype)
         return coef if curved is None else jnp.pad(matmul(coef, curved), ((0, 0), (0, 1)))
 
-    def logits(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "N k"]:
+    def logits(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "N k"]:
         return matmul(args.features, self.in_outputs(coef))
 
-    def __call__(self, coef: Float[Array, "p k"], args: GLMArgs) -> Scalar:
+    def __call__(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Scalar:
         data = weighted_mean(self.loss.loss(self.logits(coef, args), args.labels), args.weights)
         return data + 0.5 * args.alpha2 * jnp.sum(coef**2)
 
-    def _curvature(self, coef: Float[Array, "p k"], args: GLMArgs):
+    def _curvature(self, coef: Float[Array, "p k"], args: ReadoutArgs):
         """The weighted curvature and the basis restricted to its curved columns."""
         diagonal, rank_one = self.loss.curvature(self.logits(coef, args), args.labels)
         diagonal = _weighted_rows(diagonal, args.weights)
@@ -124,7 +124,7 @@ class ReadoutObjective(eqx.Module):
             rank_one = rank_one * jnp.sqrt(args.weights)[:, None]
         return diagonal, rank_one, self._curved(coef.shape[1], coef.dtype)
 
-    def hessian(self, coef: Float[Array, "p k"], args: GLMArgs) -> lx.PyTreeLinearOperator:
+    def hessian(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> lx.PyTreeLinearOperator:
         """The exact Hessian as a `(p, k, p, k)` operator: the per-output Gram matrices
         (`class_grams`, one matmul over samples) and the rank-one term (one more)."""
         diagonal, rank_one, curved = self._curvature(coef, args)
@@ -146,7 +146,7 @@ class ReadoutObjective(eqx.Module):
         return hessian_operator(data, args.alpha2)
 
     def hessian_product(
-        self, coef: Float[Array, "p k"], args: GLMArgs
+        self, coef: Float[Array, "p k"], args: ReadoutArgs
     ) -> lx.FunctionLinearOperator:
         r"""The same Hessian as products $V \mapsto \hat F^\top(\Omega\, C(\hat F V
         T^\top))T/N + \alpha_2 V$, never formed: two matmuls over samples, $O(Npk)$."""
@@ -157,7 +157,7 @@ class ReadoutObjective(eqx.Module):
         structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
         return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
 
-    def mean_curvature(self, coef: Float[Array, "p k"], args: GLMArgs) -> Float[Array, "k k"]:
+    def mean_curvature(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "k k"]:
         r"""$\frac1N\sum_j\omega_j T^\top C_j T$, the output factor of the Kronecker
         preconditioner (`KroneckerPreconditioner`)."""
         diagonal, rank_one, curved = self._curvature(coef, args)
@@ -172,7 +172,7 @@ class ReadoutObjective(eqx.Module):
             mean = mean - matmul(projected.T, projected) / num_samples
         return mean if curved is None else jnp.pad(mean, ((0, 1), (0, 1)))
 
-    def gradient_scale(self, args: GLMArgs) -> Float[Array, "p 1"]:
+    def gradient_scale(self, args: ReadoutArgs) -> Float[Array, "p 1"]:
         """`gradient_scale` of the weighted mean squares of the features."""
         return gradient_scale(weighted_mean(args.features**2, args.weights), args.alpha2)
 
@@ -228,11 +228,11 @@ class KroneckerPreconditioner(eqx.Module):
     samples."""
 
     objective: ReadoutObjective
-    args: GLMArgs
+    args: ReadoutArgs
     gram_eigenvalues: Float[Array, " p"]
     gram_eigenvectors: Float[Array, "p p"]
 
-    def __init__(self, objective: ReadoutObjective, args: GLMArgs):
+    def __init__(self, objective: ReadoutObjective, args: ReadoutArgs):
         gram = weighted_gram(args.features, args.weights)
         eigenvalues, self.gram_eigenvectors = jnp.linalg.eigh(gram)
         # Rounding may leave tiny negative eigenvalues of these positive semidefinite

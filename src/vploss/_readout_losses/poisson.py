@@ -10,7 +10,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree, Real
 from .._core.checks import as_targets
 from .._core.readout import VPLinear
 from .base import AbstractReadoutLoss, Curvature, Labels
-from .loss import READOUT_LOSSES, vploss_glm
+from .loss import vploss_glm
 from .solvers import AbstractGLMSolver, SolverName
 
 
@@ -98,6 +98,3 @@ def vploss_poisson(
         throw=throw,
         init=init,
     )
-
-
-READOUT_LOSSES[vploss_poisson] = lambda num_classes: PoissonLogLikelihood()

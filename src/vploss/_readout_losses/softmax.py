@@ -14,7 +14,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Real
 from .._core.checks import as_array
 from .._core.readout import VPLinear
 from .base import AbstractReadoutLoss, Curvature, Labels
-from .loss import READOUT_LOSSES, vploss_glm
+from .loss import vploss_glm
 from .solvers import AbstractGLMSolver, SolverName
 
 
@@ -230,6 +230,3 @@ def vploss_ce(
         throw=throw,
         init=init,
     )
-
-
-READOUT_LOSSES[vploss_ce] = lambda num_classes: SoftmaxCrossEntropy(num_classes)

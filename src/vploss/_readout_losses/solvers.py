@@ -3,6 +3,7 @@ any `AbstractReadoutLoss`): solver objects that carry their tolerances, and the
 `AbstractInnerSolver` that runs them for `envelope_minimise`."""
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -30,7 +31,7 @@ from .._core.newton import (
 )
 from .._core.stats import InnerStats
 from .kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
-from .objective import GLMArgs, KroneckerPreconditioner, ReadoutObjective
+from .objective import KroneckerPreconditioner, ReadoutArgs, ReadoutObjective
 
 
 SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", "bfgs", "lbfgs"]
@@ -95,7 +96,7 @@ class AbstractGLMSolver(eqx.Module):
 
     @abc.abstractmethod
     def optimistix_minimiser(
-        self, objective: ReadoutObjective, args: GLMArgs, gtol: float, num_coefficients: int
+        self, objective: ReadoutObjective, args: ReadoutArgs, gtol: float, num_coefficients: int
     ) -> optx.AbstractMinimiser:
         """The optimistix minimiser for this problem (its data may shape it)."""
 
@@ -110,7 +111,7 @@ class _AtData(eqx.Module):
     """`hessian(coef, args)` as a function of `coef` alone."""
 
     hessian: Callable
-    args: GLMArgs
+    args: ReadoutArgs
 
     def __call__(self, coef):
         return self.hessian(coef, self.args)
@@ -181,7 +182,7 @@ class NewtonCG(AbstractGLMSolver):
         return _terminated(newton, objective, args, gtol)
 
 
-def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+def exact_newton_cost(objective: ReadoutObjective, args: ReadoutArgs) -> float:
     r"""The cost of one exact Newton step's Hessian in Hessian-vector products (the
     unit of Newton–CG's cost), from the shapes alone: forming it costs $2Np^2(k +
     r^2)$ flops (`ReadoutObjective.hessian`: the per-output Gram matrices and the
@@ -201,7 +202,7 @@ def exact_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
     return hessian / (4 * num_samples * p * max(k, 4))
 
 
-def kernel_newton_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+def kernel_newton_cost(objective: ReadoutObjective, args: ReadoutArgs) -> float:
     r"""The cost of one `KernelNewton` step in Hessian-vector products (the unit of
     `exact_newton_cost`), from the shapes alone: the QR factorisation of the `(p, N)`
     features $\hat F^\top$ with its basis formed, about $4pN^2$ flops (once per solve,
@@ -254,7 +255,7 @@ class KernelNewton(AbstractGLMSolver):
         return _terminated(newton, objective, args, gtol)
 
 
-def kronecker_preconditioner_cost(objective: ReadoutObjective, args: GLMArgs) -> float:
+def kronecker_preconditioner_cost(objective: ReadoutObjective, args: ReadoutArgs) -> float:
     r"""The one-off cost of `NewtonCG`'s preconditioner (`KroneckerPreconditioner`) in
     Hessian-vector products (`exact_newton_cost`'s unit): the `(p, p)` Gram matrix,
     $2Np^2$ flops, and its eigendecomposition, about $9p^3$ (Golub and Van Loan's count
@@ -295,7 +296,7 @@ class AutoNewton(AbstractGLMSolver):
     gtol: float | None = None
     max_steps: int = _DEFAULT_MAX_STEPS
 
-    def choose(self, objective: ReadoutObjective, args: GLMArgs) -> AbstractGLMSolver:
+    def choose(self, objective: ReadoutObjective, args: ReadoutArgs) -> AbstractGLMSolver:
         """The solver this problem gets, from the shapes of `args` alone."""
         kernel = kernel_newton_cost(objective, args)
         exact = exact_newton_cost(objective, args)
@@ -378,22 +379,20 @@ class OptimistixMinimiser(AbstractGLMSolver):
         return self.minimiser
 
 
-_SOLVERS: dict[str, Callable[..., AbstractGLMSolver]] = {
-    "auto": AutoNewton,
-    "newton": Newton,
-    "newton-cg": NewtonCG,
-    "kernel-newton": KernelNewton,
+#: The shorthands `solver="..."` for the solver objects (the keys are `SolverName`'s):
+#: a name stands for its object, with the loss's `gtol` and `max_steps` set on it.
+_SOLVERS: dict[str, AbstractGLMSolver] = {
+    "auto": AutoNewton(),
+    "newton": Newton(),
+    "newton-cg": NewtonCG(),
+    "kernel-newton": KernelNewton(),
     # Cauchy criteria off: the gradient test stops them.
-    "bfgs": lambda gtol, max_steps: QuasiNewton(
-        minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
-    ),
-    "lbfgs": lambda gtol, max_steps: QuasiNewton(
-        minimiser=optx.LBFGS(rtol=0.0, atol=0.0), gtol=gtol, max_steps=max_steps
-    ),
+    "bfgs": QuasiNewton(minimiser=optx.BFGS(rtol=0.0, atol=0.0)),
+    "lbfgs": QuasiNewton(minimiser=optx.LBFGS(rtol=0.0, atol=0.0)),
 }
 
 
-def as_glm_solver(solver: Any, gtol: float | None, max_steps: int | None) -> AbstractGLMSolver:
+def as_readout_solver(solver: Any, gtol: float | None, max_steps: int | None) -> AbstractGLMSolver:
     """The solver object of a loss's `solver=`, `gtol=` and `max_steps=` arguments: a
     solver object as it is (its own `gtol` and `max_steps`, so those arguments must be
     left unset), a name (a shorthand for the object with those arguments), or an
@@ -411,7 +410,7 @@ def as_glm_solver(solver: Any, gtol: float | None, max_steps: int | None) -> Abs
     if isinstance(solver, optx.AbstractMinimiser):
         return OptimistixMinimiser(minimiser=solver, gtol=gtol, max_steps=max_steps)
     if isinstance(solver, str) and solver in _SOLVERS:
-        return _SOLVERS[solver](gtol, max_steps)
+        return dataclasses.replace(_SOLVERS[solver], gtol=gtol, max_steps=max_steps)
     raise ValueError(
         f"`solver` must be one of {tuple(_SOLVERS)}, a vploss solver object (e.g. "
         "`vploss.Newton()`) or an `optimistix.AbstractMinimiser`; got "
@@ -436,7 +435,7 @@ class InnerMinimise(AbstractInnerSolver):
 
     solver: AbstractGLMSolver
 
-    def __call__(self, objective: ReadoutObjective, args: GLMArgs, init: Array | None):
+    def __call__(self, objective: ReadoutObjective, args: ReadoutArgs, init: Array | None):
         shape = (args.features.shape[1], args.labels.shape[1])
         dtype = args.features.dtype
         gtol = default_gtol(dtype) if self.solver.gtol is None else float(self.solver.gtol)
@@ -479,14 +478,18 @@ class InnerMinimise(AbstractInnerSolver):
         objective: ReadoutObjective,
         solution: Float[Array, "p k"],
         stats: Any,
-        args: GLMArgs,
+        args: ReadoutArgs,
         t_args: Any,
     ) -> Float[Array, "p k"]:
         solve = self.hessian_solve(objective, solution, stats, args)
         return implicit_solution_jvp(solve, objective, solution, args, t_args)
 
     def hessian_solve(
-        self, objective: ReadoutObjective, solution: Float[Array, "p k"], stats: Any, args: GLMArgs
+        self,
+        objective: ReadoutObjective,
+        solution: Float[Array, "p k"],
+        stats: Any,
+        args: ReadoutArgs,
     ) -> Callable[[Float[Array, "p k"]], Float[Array, "p k"]]:
         del stats
         num_samples, k = args.labels.shape

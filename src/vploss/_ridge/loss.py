@@ -18,7 +18,7 @@ from .._core.checks import (
     RuntimeChecks,
 )
 from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
-from .._core.features import glm_features, parameter_penalty
+from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import column_mean, matmul, row_mean
 from .._core.readout import readout_from_coefficients, VPLinear
 from .gcv import gcv_penalty, GCVStats
@@ -117,13 +117,14 @@ class RidgeInnerSolver(AbstractInnerSolver):
         return jnp.zeros_like(solution) if t_solution is None else t_solution
 
 
-RidgeSolverName: TypeAlias = Literal["auto", "svd", "cholesky", "dual"]
-#: The shorthands `solver="..."` for the ridge solver objects.
-_RIDGE_SOLVERS: dict[str, type[AbstractRidgeSolver]] = {
-    "auto": AutoRidge,
-    "cholesky": CholeskyRidge,
-    "dual": DualRidge,
-    "svd": SVDRidge,
+RidgeSolverName: TypeAlias = Literal["auto", "cholesky", "dual", "svd"]
+#: The shorthands `solver="..."` for the ridge solver objects (the keys are
+#: `RidgeSolverName`'s).
+_RIDGE_SOLVERS: dict[str, AbstractRidgeSolver] = {
+    "auto": AutoRidge(),
+    "cholesky": CholeskyRidge(),
+    "dual": DualRidge(),
+    "svd": SVDRidge(),
 }
 
 
@@ -133,12 +134,11 @@ def as_ridge_solver(solver: object) -> AbstractRidgeSolver:
     if isinstance(solver, AbstractRidgeSolver):
         return solver
     if isinstance(solver, str) and solver in _RIDGE_SOLVERS:
-        return _RIDGE_SOLVERS[solver]()
+        return _RIDGE_SOLVERS[solver]
     names = ", ".join(repr(name) for name in _RIDGE_SOLVERS)
+    objects = ", ".join(f"`vploss.{type(s).__name__}()`" for s in _RIDGE_SOLVERS.values())
     raise ValueError(
-        f"`solver` must be one of {names} or a ridge solver object (`vploss.AutoRidge()`, "
-        f"`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`); got "
-        f"{solver!r}."
+        f"`solver` must be one of {names} or a ridge solver object ({objects}); got {solver!r}."
     )
 
 
@@ -388,7 +388,7 @@ def fit_ridge(
         given_penalty = None
     else:
         given_penalty = as_alpha("alpha2", alpha2, positive=False)
-    features, targets = glm_features(model, x, targets, use_bias)
+    features, targets = readout_features(model, x, targets, use_bias)
     dtype = features.dtype
     if weights is not None:
         weights = weights.astype(dtype)

@@ -18,7 +18,7 @@ from .._core.checks import (
     check_stochastic_options,
     RuntimeChecks,
 )
-from .._core.features import glm_features, parameter_penalty
+from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import matmul
 from .._core.readout import readout_from_coefficients, VPLinear
 from .._ridge.gcv import choose_log_penalty, GCVStats
@@ -263,7 +263,7 @@ class SlimTik(eqx.Module):
         """
         x = as_batch("x", x)
         targets, _ = as_targets("y", y, batch_size(x))
-        shape = jax.eval_shape(lambda: glm_features(model, x, targets, self.use_bias))
+        shape = jax.eval_shape(lambda: readout_features(model, x, targets, self.use_bias))
         (_, p), (_, k) = shape[0].shape, shape[1].shape
         dtype = shape[0].dtype
         return SlimTikState(
@@ -317,7 +317,7 @@ class SlimTik(eqx.Module):
             raise TypeError(
                 f"`state` must be the `SlimTikState` of `SlimTik.init`; got {type(state).__name__}."
             )
-        features, targets = glm_features(model, x, targets, self.use_bias)
+        features, targets = readout_features(model, x, targets, self.use_bias)
         expected = (features.shape[1], targets.shape[1])
         if state.coef.shape != expected or state.grams.shape != (
             self.memory,

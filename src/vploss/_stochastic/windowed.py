@@ -19,14 +19,14 @@ from .._core.checks import (
     RuntimeChecks,
 )
 from .._core.envelope import envelope_minimise
-from .._core.features import glm_features, parameter_penalty
+from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import matmul, normalised_weights, weighted_mean
 from .._core.readout import readout_from_coefficients, VPLinear
 from .._readout_losses.base import AbstractReadoutLoss
 from .._readout_losses.evidence import evidence_penalty
 from .._readout_losses.loss import check_readout_loss
-from .._readout_losses.objective import GLMArgs, ReadoutObjective
-from .._readout_losses.solvers import AbstractGLMSolver, as_glm_solver, InnerMinimise
+from .._readout_losses.objective import ReadoutArgs, ReadoutObjective
+from .._readout_losses.solvers import AbstractGLMSolver, as_readout_solver, InnerMinimise
 
 
 #: The evidence update moves the penalty by at most this factor per step: one step's
@@ -140,7 +140,7 @@ class WindowedReadout(eqx.Module):
     alpha2_init: float = eqx.field(static=True, default=1e-3)
     use_bias: bool = eqx.field(static=True, default=True)
     solver: AbstractGLMSolver = eqx.field(
-        default="auto", converter=lambda s: as_glm_solver(s, None, None)
+        default="auto", converter=lambda s: as_readout_solver(s, None, None)
     )
     throw: bool = eqx.field(static=True, default=True)
 
@@ -155,7 +155,7 @@ class WindowedReadout(eqx.Module):
     def _problem(self, model, x, y):
         x = as_batch("x", x)
         labels = self.loss.labels(y, batch_size(x))
-        features, values = glm_features(model, x, labels.values, self.use_bias)
+        features, values = readout_features(model, x, labels.values, self.use_bias)
         return x, labels, features, values
 
     def init(
@@ -250,7 +250,7 @@ class WindowedReadout(eqx.Module):
             stored = jnp.repeat(state.filled, n).astype(dtype)
             weights = normalised_weights(jnp.concatenate([stored, jnp.ones(n, dtype)]))
         alpha2 = state.alpha2.astype(dtype)
-        args = GLMArgs(window_features, window_labels, alpha2, weights)
+        args = ReadoutArgs(window_features, window_labels, alpha2, weights)
         objective = ReadoutObjective(self.loss)
         _, coef, stats = envelope_minimise(
             objective,
