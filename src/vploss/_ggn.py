@@ -18,7 +18,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar, Shaped
 
 from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
-from ._core.numerics import matmul, normalised_weights
+from ._core.numerics import all_finite, matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
 from ._readout_losses.base import AbstractReadoutLoss, Curvature
 from ._readout_losses.loss import READOUT_LOSSES, vploss_glm
@@ -299,10 +299,6 @@ def _damped_gradient_step(f_info: Any, step_size: Scalar) -> Any:
     return (-length * gradient**ω).ω
 
 
-def _all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jtu.tree_leaves(tree)]))
-
-
 def _cauchy_converged(rtol, atol, norm, y, y_diff, f, f_diff) -> Bool[Array, ""]:
     """Both the step and the change of the loss within `atol + rtol·|·|` (the
     stopping rule of optimistix's minimisers)."""
@@ -427,7 +423,7 @@ class GeneralisedGaussNewton(optx.AbstractMinimiser):
         # not scaled by the operator: the GGN of a mean loss has most eigenvalues below
         # it in float32 (measured on MNIST-1D and the circle). Then the minimiser of the
         # damped model along the gradient is used instead, a descent direction.
-        finite = _all_finite(y_descent)
+        finite = all_finite(y_descent)
         # A `cond`, so that the fallback's GGN product is paid only where CG broke down.
         y_descent = jax.lax.cond(
             finite, lambda: y_descent, lambda: _damped_gradient_step(f_info, step_size)

@@ -21,7 +21,7 @@ from ._core.checks import (
 )
 from ._core.features import glm_features
 from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
-from ._core.numerics import column_mean, matmul
+from ._core.numerics import all_finite, column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
 from ._readout_losses.base import AbstractReadoutLoss, Labels
@@ -33,12 +33,6 @@ from ._ridge.lstsq import gram_lstsq, with_intercept
 
 # The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
 _ARMIJO = 0.25
-
-
-def _finite(*trees):
-    """Whether every floating-point array in `trees` is finite (integer inputs are)."""
-    leaves = [a for a in jax.tree_util.tree_leaves(trees) if eqx.is_inexact_array(a)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
 class _Moments(eqx.Module):
@@ -94,7 +88,7 @@ def _ridge_moments(model, x, targets, use_bias, weights=None):
     weighted = centred if weights is None else weights[:, None] * centred
     gram = matmul(weighted.T, centred)
     cross = matmul(weighted.T, targets - target_mean)
-    return _Moments(count, mean, target_mean, gram, cross), _finite(x, gram, cross)
+    return _Moments(count, mean, target_mean, gram, cross), all_finite((x, gram, cross))
 
 
 @eqx.filter_jit
@@ -113,7 +107,7 @@ def _glm_sums(objective, model, x, labels, weights, coef, use_bias):
     squares = features**2 if weights is None else features**2 * weights[:, None]
     total = jnp.asarray(n, dtype) if weights is None else jnp.sum(weights)
     sums = (n * value, n * gradient, n * curvature, jnp.sum(squares, axis=0), total)
-    return sums, _finite(x, *sums)
+    return sums, all_finite((x, sums))
 
 
 def _ridge_labels(y, num_samples):

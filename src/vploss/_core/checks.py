@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 
+from .numerics import all_finite
 from .stats import check_converged, InnerStats
 
 
@@ -339,10 +340,7 @@ class RuntimeChecks(eqx.Module):
         flags = [jnp.asarray(flag) for flag, _ in errors]
         messages = [message for _, message in errors]
         for name, tree in (finite or {}).items():
-            inexact = [a for a in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(a)]
-            if not inexact:
-                continue
-            flags.append(~jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in inexact])))
+            flags.append(~all_finite(tree))
             messages.append(
                 f"`{name}` is not finite: it contains NaN or inf; clean or mask the data."
             )
@@ -358,11 +356,9 @@ class RuntimeChecks(eqx.Module):
         out = (value, solution)
         for flag, message in zip(self.flags, self.messages, strict=True):
             out = eqx.error_if(out, flag, message)
-        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]
-        ok = jnp.isfinite(value) & jnp.all(jnp.stack(leaves))
         out = eqx.error_if(
             out,
-            ~ok,
+            ~all_finite((value, solution)),
             f"The loss or the readout of {self.what} is not finite: the features "
             "`model(x)` or the targets contain NaN or inf (check the data and the "
             "model's parameters).",
