@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar, Shaped
 from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
 from ._core.numerics import all_finite, matmul, normalised_weights
+from ._core.penalty import is_penalty_rule
 from ._core.readout import coefficients_from_readout, VPLinear
 from ._readout_losses.base import AbstractReadoutLoss, Curvature
 from ._readout_losses.loss import READOUT_LOSSES, vploss_glm
@@ -241,7 +242,7 @@ def _penalty_weights(
 
     def weight(name):
         value = loss_kwargs.get(name, defaults[name].default)
-        if isinstance(value, str):
+        if is_penalty_rule(value):
             assert isinstance(readout.stats, GCVStats)
             return readout.stats.alpha2.astype(dtype)
         return jnp.asarray(value, dtype)

@@ -271,19 +271,11 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
     return jnp.asarray(concrete, jnp.result_type(float))
 
 
-def check_stochastic_options(memory: object, alpha2: object, rule: str) -> None:
-    """The options of a stochastic readout (`SlimTik`, `WindowedReadout`): `memory` a
-    Python integer `>= 0` (it sets the state's shape), `alpha2` a number `> 0` or the
-    string `rule` that chooses it automatically."""
+def check_memory(memory: object) -> None:
+    """The memory of a stochastic readout (`SlimTik`, `WindowedReadout`): a Python
+    integer `>= 0`, the number of batches it remembers (it sets the state's shape)."""
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise ValueError(f"`memory` must be an integer >= 0; got {memory!r}.")
-    if isinstance(alpha2, str):
-        if alpha2 != rule:
-            raise ValueError(
-                f'`alpha2` must be a number > 0 or the string "{rule}"; got {alpha2!r}.'
-            )
-    else:
-        as_alpha("alpha2", alpha2, positive=True)  # pyright: ignore[reportArgumentType]
 
 
 def as_flag(name: str, value: object) -> bool:

@@ -20,6 +20,7 @@ from .._core.checks import (
 from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from .._core.features import glm_features, parameter_penalty
 from .._core.numerics import column_mean, matmul, row_mean
+from .._core.penalty import as_penalty, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .gcv import gcv_penalty, GCVStats
 from .lstsq import (
@@ -147,7 +148,7 @@ def _ridge_solver(
 ) -> RidgeInnerSolver:
     """The inner solver for `alpha2` as passed (a number, a traced array, or `"gcv"`,
     whose penalty is positive)."""
-    penalty = 1.0 if isinstance(alpha2, str) else concrete_value(alpha2)
+    penalty = 1.0 if is_penalty_rule(alpha2) else concrete_value(alpha2)
     regularised = None if penalty is None else penalty > 0
     method = as_ridge_solver(solver).select(num_samples, num_coefficients, regularised is False)
     return RidgeInnerSolver(method, intercept, regularised)
@@ -382,17 +383,12 @@ def fit_ridge(
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
     solver = as_ridge_solver(solver)
-    if isinstance(alpha2, str):
-        if alpha2 != "gcv":
-            raise ValueError(f'`alpha2` must be a number >= 0 or the string "gcv"; got {alpha2!r}.')
-        given_penalty = None
-    else:
-        given_penalty = as_alpha("alpha2", alpha2, positive=False)
+    rule_or_penalty = as_penalty(alpha2, ("gcv",), positive=False)
     features, targets = glm_features(model, x, targets, use_bias)
     dtype = features.dtype
     if weights is not None:
         weights = weights.astype(dtype)
-    if given_penalty is None:
+    if is_penalty_rule(rule_or_penalty):
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
         penalty, stats = gcv_penalty(
@@ -402,7 +398,7 @@ def fit_ridge(
             None if weights is None else jax.lax.stop_gradient(weights),
         )
     else:
-        penalty, stats = given_penalty.astype(dtype), None
+        penalty, stats = rule_or_penalty.astype(dtype), None
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], alpha2, use_bias)
     checks = RuntimeChecks(
         f"the ridge loss {what}", errors=weight_errors, finite={"x": x, "y": targets}
