@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from .._core.numerics import column_mean, matmul
+from .._core.numerics import matmul
 from .._core.penalty import choose_log_penalty, gcv_quotient
+from .intercept import centre
 from .lstsq import sample_scale
 
 
@@ -149,10 +150,9 @@ def _gcv_spectrum(
         # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
         # singular values and right singular vectors of the small matrix
         # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
-        mean = column_mean(features[:, :-1], weights)
-        target_mean = column_mean(targets, weights)
-        centred = rows(features[:, :-1] - mean)
-        targets = rows(targets - target_mean)
+        data = centre(features[:, :-1], targets, weights)
+        mean, target_mean = data.mean, data.target_mean
+        centred, targets = rows(data.features), rows(data.targets)
         centred_gram = matmul(centred.T, centred) / num_samples
         centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
         root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T

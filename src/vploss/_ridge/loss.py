@@ -19,10 +19,11 @@ from .._core.checks import (
 )
 from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from .._core.features import glm_features, parameter_penalty
-from .._core.numerics import column_mean, matmul, row_mean
+from .._core.numerics import matmul, row_mean
 from .._core.penalty import as_penalty, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .gcv import gcv_penalty, GCVStats
+from .intercept import centre
 from .lstsq import (
     AbstractLstsqMethod,
     AbstractRidgeSolver,
@@ -60,11 +61,10 @@ class RidgeObjective(eqx.Module):
     def __call__(self, coef: Float[Array, "p k"], args: RidgeArgs) -> Scalar:
         features, targets, alpha2, weights = args
         if self.intercept:
-            features = features[:, :-1]
-            mean, target_mean = column_mean(features, weights), column_mean(targets, weights)
+            data = centre(features[:, :-1], targets, weights)
             weight, bias = coef[:-1], coef[-1]
-            offset = bias + matmul(mean, weight) - target_mean
-            residual = matmul(features - mean, weight) - (targets - target_mean) + offset
+            offset = bias + matmul(data.mean, weight) - data.target_mean
+            residual = matmul(data.features, weight) - data.targets + offset
         else:
             residual = matmul(features, coef) - targets
         data = 0.5 * row_mean(jnp.sum(residual**2, axis=1), weights)
@@ -72,7 +72,7 @@ class RidgeObjective(eqx.Module):
 
 
 class RidgeInnerSolver(AbstractInnerSolver):
-    r"""The ridge readout in closed form through the centred problem (`_lstsq.py`):
+    r"""The ridge readout in closed form through the centred problem (`intercept.py`):
     exact for features with any offset, solved by `method`, and differentiable in the
     data (the readout's derivative differentiates the solution formula, whose linear
     solves carry their own implicit derivatives)."""
@@ -213,7 +213,7 @@ def vploss_msereg(
     **Solvers** (`solver=`): a string, or the equivalent solver object
     (`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`,
     `vploss.AutoRidge()`; see their pages). Every solver works on the exactly equivalent
-    *centred* problem (see `vploss._ridge.loss.lstsq`): with the column means $\mu$ of $F$ and
+    *centred* problem (see `vploss._ridge.intercept`): with the column means $\mu$ of $F$ and
     $\bar y$ of $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top
     f_j)/(1 + \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus
     one row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
