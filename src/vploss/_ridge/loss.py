@@ -388,7 +388,7 @@ def fit_ridge(
     dtype = features.dtype
     if weights is not None:
         weights = weights.astype(dtype)
-    if is_penalty_rule(rule_or_penalty):
+    if isinstance(rule_or_penalty, str):  # "gcv"
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
         penalty, stats = gcv_penalty(
