@@ -15,12 +15,14 @@ from .checks import as_alpha
 
 PenaltyRule: TypeAlias = Literal["gcv", "sgcv", "evidence"]
 
-#: Every rule that chooses the readout penalty, by the string that asks for it. Each
-#: function accepts the ones that fit its problem (`as_penalty`'s `rules`).
+#: Every rule that chooses the readout penalty, by the string that asks for it, with
+#: what it does (for messages). Each function accepts the ones that fit its problem
+#: (`as_penalty`'s `rules`): `vploss_msereg` "gcv", `SlimTik` "sgcv",
+#: `WindowedReadout` "evidence".
 PENALTY_RULES: dict[PenaltyRule, str] = {
-    "gcv": "generalised cross-validation of the batch (`vploss_msereg`)",
-    "sgcv": "sampled generalised cross-validation of the current batch (`SlimTik`)",
-    "evidence": "MacKay's evidence fixed point over the window (`WindowedReadout`)",
+    "gcv": "generalised cross-validation",
+    "sgcv": "sampled generalised cross-validation of the current batch",
+    "evidence": "the evidence fixed point",
 }
 
 #: Points of the log-spaced grid over the penalty (see `choose_log_penalty`).
@@ -42,12 +44,12 @@ def as_penalty(
 ) -> PenaltyRule | Scalar:
     """`alpha2` checked: one of `rules` (the rules this function accepts) as it is, or
     a number, `>= 0` (`> 0` where `positive`), as an array (`as_alpha`). Any other
-    string is a `ValueError` that lists `rules`."""
+    string is a `ValueError` that lists `rules` and what each does."""
     if isinstance(alpha2, str):
         if alpha2 in rules:
             return alpha2  # pyright: ignore[reportReturnType]
         bound = "> 0" if positive else ">= 0"
-        spelled = ", ".join(f'"{rule}"' for rule in rules)
+        spelled = ", ".join(f'"{rule}" ({PENALTY_RULES[rule]})' for rule in rules)
         strings = "the string" if len(rules) == 1 else "one of the strings"
         raise ValueError(
             f"`alpha2` must be a number {bound} or {strings} {spelled}; got {alpha2!r}."
