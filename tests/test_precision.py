@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 
 import vploss
 from vploss._readout_losses.objective import ReadoutObjective
-from vploss._refit import _readout_loss_sums, _ridge_moments, _ridge_solve
+from vploss._refit import _moments_readout, _readout_loss_sums, _ridge_moments
 
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -126,4 +126,4 @@ def test_streaming_refit_at_full_precision():
         coef,
     )
     moments, _ = _ridge_moments(MODEL, X, Y[:, None], True)
-    assert_full_precision(lambda m: _ridge_solve(m, jnp.asarray(1e-3), True), moments)
+    assert_full_precision(lambda m: _moments_readout(m, jnp.asarray(1e-3), True), moments)

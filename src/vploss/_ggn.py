@@ -16,7 +16,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar, Shaped
 
 from ._core.checks import as_batch
 from ._core.features import augment, evaluate_features
-from ._core.numerics import matmul, normalised_weights
+from ._core.numerics import all_finite, matmul, normalised_weights
+from ._core.penalty import is_penalty_rule
 from ._core.readout import coefficients_from_readout, VPLinear
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Curvature
@@ -220,7 +221,7 @@ def _penalty_weights(
 
     def weight(name):
         value = loss_kwargs[name] if name in loss_kwargs else defaults[name]
-        if isinstance(value, str):
+        if is_penalty_rule(value):
             assert isinstance(readout.stats, GCVStats)
             return readout.stats.alpha2.astype(dtype)
         return jnp.asarray(value, dtype)
@@ -276,10 +277,6 @@ def _damped_gradient_step(f_info: Any, step_size: Scalar) -> Any:
     curved = sum(jnp.vdot(g, h) for g, h in zip(leaves, products, strict=True))
     length = squared / (curved + squared / step_size)
     return (-length * gradient**ω).ω
-
-
-def _all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jtu.tree_leaves(tree)]))
 
 
 def _cauchy_converged(rtol, atol, norm, y, y_diff, f, f_diff) -> Bool[Array, ""]:
@@ -406,7 +403,7 @@ class GeneralisedGaussNewton(optx.AbstractMinimiser):
         # not scaled by the operator: the GGN of a mean loss has most eigenvalues below
         # it in float32 (measured on MNIST-1D and the circle). Then the minimiser of the
         # damped model along the gradient is used instead, a descent direction.
-        finite = _all_finite(y_descent)
+        finite = all_finite(y_descent)
         # A `cond`, so that the fallback's GGN product is paid only where CG broke down.
         y_descent = jax.lax.cond(
             finite, lambda: y_descent, lambda: _damped_gradient_step(f_info, step_size)

@@ -21,7 +21,7 @@ from ._core.checks import (
 )
 from ._core.features import readout_features
 from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
-from ._core.numerics import column_mean, matmul
+from ._core.numerics import all_finite, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
 from ._loss_family import loss_family
@@ -33,17 +33,12 @@ from ._readout_losses.objective import (
     ReadoutArgs,
     ReadoutObjective,
 )
-from ._ridge.lstsq import gram_lstsq, with_intercept
+from ._ridge.intercept import centre, eliminated_row, with_intercept
+from ._ridge.lstsq import gram_lstsq, gram_residual
 
 
 # The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
 _ARMIJO = 0.25
-
-
-def _finite(*trees):
-    """Whether every floating-point array in `trees` is finite (integer inputs are)."""
-    leaves = [a for a in jax.tree_util.tree_leaves(trees) if eqx.is_inexact_array(a)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
 class _Moments(eqx.Module):
@@ -89,17 +84,12 @@ def _ridge_moments(model, x, targets, use_bias, weights=None):
         # A batch of total weight zero adds nothing (its sums are zero and it has no
         # weight in the merge); centre it at its plain means, not at 0/0.
         mean_weights = jnp.where(count > 0, weights, 1)
-    if use_bias:
-        mean = column_mean(features, mean_weights)
-        target_mean = column_mean(targets, mean_weights)
-    else:
-        mean = jnp.zeros(features.shape[1], features.dtype)
-        target_mean = jnp.zeros(targets.shape[1], features.dtype)
-    centred = features - mean
-    weighted = centred if weights is None else weights[:, None] * centred
-    gram = matmul(weighted.T, centred)
-    cross = matmul(weighted.T, targets - target_mean)
-    return _Moments(count, mean, target_mean, gram, cross), _finite(x, gram, cross)
+    data = centre(features, targets, mean_weights, use_bias)
+    weighted = data.features if weights is None else weights[:, None] * data.features
+    gram = matmul(weighted.T, data.features)
+    cross = matmul(weighted.T, data.targets)
+    moments = _Moments(count, data.mean, data.target_mean, gram, cross)
+    return moments, all_finite((x, gram, cross))
 
 
 @eqx.filter_jit
@@ -118,7 +108,7 @@ def _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias):
     squares = features**2 if weights is None else features**2 * weights[:, None]
     total = jnp.asarray(n, dtype) if weights is None else jnp.sum(weights)
     sums = (n * value, n * gradient, n * curvature, jnp.sum(squares, axis=0), total)
-    return sums, _finite(x, *sums)
+    return sums, all_finite((x, sums))
 
 
 def _ridge_labels(y, num_samples):
@@ -203,25 +193,21 @@ def _refit_ridge(model, batches, alpha2, use_bias):
             f"`weights` of {what} sum to zero over all batches: at least one sample needs "
             "a positive weight."
         )
-    coef, norm = _ridge_solve(moments, alpha2.astype(moments.gram.dtype), use_bias)
+    coef, norm = _moments_readout(moments, alpha2.astype(moments.gram.dtype), use_bias)
     stats = InnerStats(jnp.asarray(1), norm, jnp.isfinite(norm))
     return readout_from_coefficients(coef, use_bias, first[1], stats)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _ridge_solve(moments, alpha2, use_bias):
-    r"""The readout from the merged moments, through the centred problem of
-    `_lstsq.py` (with an intercept, its Gram matrix is the centred one plus the
-    penalised intercept's rank-one term, `gram_lstsq`), and the scaled norm of its
-    gradient."""
+def _moments_readout(moments, alpha2, use_bias):
+    r"""The readout from the merged moments, through the centred problem (`intercept.py`;
+    with an intercept, its Gram matrix is the centred one plus the eliminated
+    intercept's rank-one term, `gram_lstsq`), and the scaled norm of its gradient."""
     n = moments.count
     gram, cross = moments.gram / n, moments.cross / n
-    intercept = (moments.mean, moments.target_mean) if use_bias else None
-    weight = gram_lstsq(gram, cross, alpha2, refine_steps=2, intercept=intercept)
-    gradient = matmul(gram, weight) + alpha2 * weight - cross
-    if use_bias:
-        offset = matmul(moments.mean, weight) - moments.target_mean
-        gradient = gradient + alpha2 / (1 + alpha2) * jnp.outer(moments.mean, offset)
+    row = eliminated_row(moments.mean, moments.target_mean, alpha2) if use_bias else None
+    weight = gram_lstsq(gram, cross, alpha2, refine_steps=2, row=row)
+    gradient = -gram_residual(gram, cross, alpha2, row, weight)
     mean_square = jnp.diag(moments.gram) / n + moments.mean**2
     if use_bias:
         residual_mean = moments.target_mean - matmul(moments.mean, weight)

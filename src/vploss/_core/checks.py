@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 
+from .numerics import all_finite
 from .stats import check_converged, InnerStats
 
 
@@ -270,19 +271,11 @@ def as_alpha(name: str, value: ArrayLike, *, positive: bool) -> Scalar:
     return jnp.asarray(concrete, jnp.result_type(float))
 
 
-def check_stochastic_options(memory: object, alpha2: object, rule: str) -> None:
-    """The options of a stochastic readout (`SlimTik`, `WindowedReadout`): `memory` a
-    Python integer `>= 0` (it sets the state's shape), `alpha2` a number `> 0` or the
-    string `rule` that chooses it automatically."""
+def check_memory(memory: object) -> None:
+    """The memory of a stochastic readout (`SlimTik`, `WindowedReadout`): a Python
+    integer `>= 0`, the number of batches it remembers (it sets the state's shape)."""
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise ValueError(f"`memory` must be an integer >= 0; got {memory!r}.")
-    if isinstance(alpha2, str):
-        if alpha2 != rule:
-            raise ValueError(
-                f'`alpha2` must be a number > 0 or the string "{rule}"; got {alpha2!r}.'
-            )
-    else:
-        as_alpha("alpha2", alpha2, positive=True)  # pyright: ignore[reportArgumentType]
 
 
 def as_flag(name: str, value: object) -> bool:
@@ -339,10 +332,7 @@ class RuntimeChecks(eqx.Module):
         flags = [jnp.asarray(flag) for flag, _ in errors]
         messages = [message for _, message in errors]
         for name, tree in (finite or {}).items():
-            inexact = [a for a in jax.tree_util.tree_leaves(tree) if eqx.is_inexact_array(a)]
-            if not inexact:
-                continue
-            flags.append(~jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in inexact])))
+            flags.append(~all_finite(tree))
             messages.append(
                 f"`{name}` is not finite: it contains NaN or inf; clean or mask the data."
             )
@@ -358,11 +348,9 @@ class RuntimeChecks(eqx.Module):
         out = (value, solution)
         for flag, message in zip(self.flags, self.messages, strict=True):
             out = eqx.error_if(out, flag, message)
-        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(solution)]
-        ok = jnp.isfinite(value) & jnp.all(jnp.stack(leaves))
         out = eqx.error_if(
             out,
-            ~ok,
+            ~all_finite((value, solution)),
             f"The loss or the readout of {self.what} is not finite: the features "
             "`model(x)` or the targets contain NaN or inf (check the data and the "
             "model's parameters).",

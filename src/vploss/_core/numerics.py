@@ -1,6 +1,7 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, PyTree
 
 
 def matmul(a: Float[Array, "..."], b: Float[Array, "..."]) -> Float[Array, "..."]:
@@ -10,6 +11,13 @@ def matmul(a: Float[Array, "..."], b: Float[Array, "..."]) -> Float[Array, "..."
     ruins a Gram matrix or a Hessian built from them.
     """
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def all_finite(tree: PyTree) -> Bool[Array, ""]:
+    """Whether every floating-point array in `tree` holds no NaN or inf (integer arrays
+    always do, and so does a tree with no floating-point array)."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if eqx.is_inexact_array(a)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def unit_scaled(weights: Float[Array, " N"]) -> Float[Array, " N"]:

@@ -25,24 +25,16 @@ One symmetric eigendecomposition makes it cheap for every $\alpha$: `O(p)` per v
 
 import functools
 import math
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from .._core.numerics import column_mean, matmul
+from .._core.numerics import matmul
+from .._core.penalty import choose_log_penalty, gcv_quotient
+from .intercept import centre
 from .lstsq import sample_scale
-
-
-#: Points of the log-spaced grid over the penalty (see `choose_log_penalty`).
-_GRID_POINTS = 64
-#: Golden-section steps of the refinement: each shrinks the bracket by 0.618, so 40 steps
-#: take the two grid cells around the best point (under 0.6 decades) to a relative
-#: precision of about 1e-8 in `alpha`.
-_REFINE_STEPS = 40
-_INV_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 class GCVStats(eqx.Module):
@@ -70,7 +62,7 @@ class GCVStats(eqx.Module):
     dof: Float[Array, ""]
 
 
-class _Spectrum(eqx.Module):
+class _GCVSpectrum(eqx.Module):
     r"""What GCV needs of $(\hat F, Y)$, from the eigendecomposition of the smaller of the
     Gram matrix $\hat F^\top\hat F/N$ (when $N > p$) and the kernel matrix $\hat F\hat
     F^\top/N$ (when $N \le p$): both have the nonzero eigenvalues $\lambda_i = s_i^2$ of
@@ -120,21 +112,18 @@ class _Spectrum(eqx.Module):
         slack = (self.count - lam.shape[-1]) + jnp.sum(shrink, axis=-1)
         slack = slack / self.count
         # n − tr H > 0 for every α > 0 (a sum of positive terms, plus N − p > 0 in the
-        # primal form), but it underflows as α/λ_max → 0 with N ≤ p; such an α counts as
-        # +inf (GCV is then 0/0), never as a NaN.
-        ok = slack > 0
-        safe = jnp.where(ok, slack, 1) ** 2
-        gcv = jnp.where(ok, residual / safe, jnp.inf)
+        # primal form), but it underflows as α/λ_max → 0 with N ≤ p.
+        gcv, safe = gcv_quotient(residual, slack)
         rounding = lam.shape[-1] * eps * (gcv + self.cancelled / safe)
         return gcv, self.count * (1 - slack), rounding
 
 
-def _spectrum(
+def _gcv_spectrum(
     features: Float[Array, "N p"],
     targets: Float[Array, "N k"],
     intercept: bool,
     weights: Float[Array, " N"] | None,
-) -> _Spectrum:
+) -> _GCVSpectrum:
     num_samples, num_coefficients = features.shape
     spectral = True
     if weights is None:
@@ -161,10 +150,9 @@ def _spectrum(
         # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
         # singular values and right singular vectors of the small matrix
         # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
-        mean = column_mean(features[:, :-1], weights)
-        target_mean = column_mean(targets, weights)
-        centred = rows(features[:, :-1] - mean)
-        targets = rows(targets - target_mean)
+        data = centre(features[:, :-1], targets, weights)
+        mean, target_mean = data.mean, data.target_mean
+        centred, targets = rows(data.features), rows(data.targets)
         centred_gram = matmul(centred.T, centred) / num_samples
         centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
         root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T
@@ -203,7 +191,7 @@ def _spectrum(
         projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
         total = cancelled = jnp.sum(targets**2) / num_samples
         spectral = False
-    return _Spectrum(
+    return _GCVSpectrum(
         # Rounding can make the eigenvalues of a singular matrix slightly negative.
         eigenvalues=jnp.maximum(eigenvalues, 0),
         weights=jnp.sum(projected**2, axis=1),
@@ -212,87 +200,6 @@ def _spectrum(
         cancelled=cancelled,
         count=count,
         spectral=spectral,
-    )
-
-
-def choose_log_penalty(
-    fn: Callable[[Float[Array, "*g"]], tuple[Float[Array, "*g"], ...]],
-    trace: Scalar,
-    top: Scalar,
-) -> Scalar:
-    r"""The logarithm of the penalty $\alpha$ minimising a criterion (GCV, or the
-    stochastic readout's sampled GCV) over $[\varepsilon\,\mathrm{tr}\,G, \alpha_{\rm
-    top}]$, for the Gram matrix $G$ of trace `trace` of the penalised solve $(G + \alpha
-    I)^{-1}$ and `top` $= \alpha_{\rm top}$.
-
-    The bottom is the smallest penalty the working precision resolves: forming and
-    factoring $G$ rounds it by about $\varepsilon\,\mathrm{tr}\,G$ (at least
-    $\varepsilon\lambda_{\max}$, at most $p\,\varepsilon\lambda_{\max}$), so below that the
-    rounding, not the penalty, decides how the small directions are solved, and two
-    evaluations of the same problem (samples permuted, eager or jitted) disagree.
-
-    `fn` maps $\log\alpha$ (elementwise) to `(value, ..., rounding)`, the criterion
-    and a bound on its rounding error. It is evaluated on `_GRID_POINTS` points of
-    $\log\alpha$ spaced evenly over the interval, and the best refined by golden-section
-    search between its two neighbours (`_REFINE_STEPS` steps; a multimodal cell never
-    makes it worse). A point may be the minimiser if its value less its rounding bound
-    is at most the least value plus rounding bound of all points. The result is the
-    largest grid point that may be, or the refined point of least value plus bound
-    where no grid point may be: where the criterion is flat to within rounding (an
-    exact or interpolating fit) the largest penalty it cannot tell from the best, so
-    the best-conditioned solve, and a grid point, a function of `trace` and `top`
-    alone, rather than wherever rounding put the minimum; at a sharper minimum the
-    minimiser itself. All `jax.lax`: jittable and vmappable."""
-    dtype = jnp.result_type(trace)
-    eps = jnp.finfo(dtype).eps
-    grid = jnp.linspace(
-        jnp.log(eps * jnp.where(trace > 0, trace, 1)),  # all-zero features: any scale
-        jnp.log(top),
-        _GRID_POINTS,
-        dtype=dtype,
-    )
-    value = lambda t: fn(t)[0]  # noqa: E731
-    values, *_, rounding = fn(grid)
-    best = jnp.argmin(values)
-    last = grid.shape[0] - 1
-    lo = grid[jnp.maximum(best - 1, 0)]
-    hi = grid[jnp.minimum(best + 1, last)]
-
-    def golden_step(_, state):
-        lo, hi, c, fc, d, fd = state
-        # Keep the better interior point and place a new one in the larger part.
-        left = fc < fd
-        new_lo = jnp.where(left, lo, c)
-        new_hi = jnp.where(left, d, hi)
-        new = jnp.where(
-            left,
-            new_hi - _INV_GOLDEN * (new_hi - new_lo),
-            new_lo + _INV_GOLDEN * (new_hi - new_lo),
-        )
-        f_new = value(new)
-        # Left: the old c becomes d and the new point c; right: the old d becomes c.
-        c, fc, d, fd = (
-            jnp.where(left, new, d),
-            jnp.where(left, f_new, fd),
-            jnp.where(left, c, new),
-            jnp.where(left, fc, f_new),
-        )
-        return new_lo, new_hi, c, fc, d, fd
-
-    c = hi - _INV_GOLDEN * (hi - lo)
-    d = lo + _INV_GOLDEN * (hi - lo)
-    state = (lo, hi, c, value(c), d, value(d))
-    _, _, c, fc, d, fd = jax.lax.fori_loop(0, _REFINE_STEPS, golden_step, state)
-    refined = jnp.stack([c, d])
-    refined_values, *_, refined_rounding = fn(refined)
-    upper = jnp.minimum(jnp.min(values + rounding), jnp.min(refined_values + refined_rounding))
-    tied = values - rounding <= upper
-    # The grid depends on the data only through `trace` and `top`: a tied grid point
-    # is reproducible where a refined point is wherever rounding put the minimum.
-    return jnp.where(
-        jnp.any(tied),
-        jnp.max(jnp.where(tied, grid, -jnp.inf)),
-        refined[jnp.argmin(refined_values + refined_rounding)],
     )
 
 
@@ -309,11 +216,11 @@ def gcv_penalty(
     for the features $\hat F$ (`(N, p)`, the ones column included when there is a bias)
     and the targets $Y$ (`(N, k)`); `intercept` says the last column of $\hat F$ is
     ones (then its spectrum is computed from the centred features, exactly, see
-    `_spectrum`).
+    `_gcv_spectrum`).
 
     With the eigenvalues $\lambda_i$ of $\hat F^\top\hat F/N$ (or of $\hat F\hat F^\top/N$
     when $N \le p$), $\mathrm{tr}\,H_\alpha = \sum_i \lambda_i/(\lambda_i + \alpha)$ and the
-    residual is a similar sum (see `_Spectrum`). GCV is minimised by `choose_log_penalty`
+    residual is a similar sum (see `_GCVSpectrum`). GCV is minimised by `choose_log_penalty`
     over $\log\alpha \in [\log(\varepsilon\,\mathrm{tr}\,G), \log(100\lambda_{\max})]$,
     $G = \hat F^\top\hat F/N$ (with an intercept, $\mathrm{tr}\,G$ is that of the centred
     Gram matrix plus 1, since the offset is handled exactly): below $\varepsilon\,
@@ -332,7 +239,7 @@ def gcv_penalty(
 
     `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
     """
-    spectrum = _spectrum(features, targets, intercept, weights)
+    spectrum = _gcv_spectrum(features, targets, intercept, weights)
     top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
     # All-zero features: every alpha fits nothing, and any scale will do.
     top = 100 * jnp.where(top > 0, top, 1)

@@ -19,9 +19,11 @@ from .._core.checks import (
 )
 from .._core.envelope import AbstractInnerSolver, envelope_minimise, Objective, partial_jvp, Tangent
 from .._core.features import parameter_penalty, readout_features
-from .._core.numerics import column_mean, matmul, row_mean
+from .._core.numerics import matmul, row_mean
+from .._core.penalty import as_penalty, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .gcv import gcv_penalty, GCVStats
+from .intercept import centre
 from .lstsq import (
     AbstractLstsqMethod,
     AbstractRidgeSolver,
@@ -59,11 +61,10 @@ class RidgeObjective(eqx.Module):
     def __call__(self, coef: Float[Array, "p k"], args: RidgeArgs) -> Scalar:
         features, targets, alpha2, weights = args
         if self.intercept:
-            features = features[:, :-1]
-            mean, target_mean = column_mean(features, weights), column_mean(targets, weights)
+            data = centre(features[:, :-1], targets, weights)
             weight, bias = coef[:-1], coef[-1]
-            offset = bias + matmul(mean, weight) - target_mean
-            residual = matmul(features - mean, weight) - (targets - target_mean) + offset
+            offset = bias + matmul(data.mean, weight) - data.target_mean
+            residual = matmul(data.features, weight) - data.targets + offset
         else:
             residual = matmul(features, coef) - targets
         data = 0.5 * row_mean(jnp.sum(residual**2, axis=1), weights)
@@ -71,7 +72,7 @@ class RidgeObjective(eqx.Module):
 
 
 class RidgeInnerSolver(AbstractInnerSolver):
-    r"""The ridge readout in closed form through the centred problem (`_lstsq.py`):
+    r"""The ridge readout in closed form through the centred problem (`intercept.py`):
     exact for features with any offset, solved by `method`, and differentiable in the
     data (the readout's derivative differentiates the solution formula, whose linear
     solves carry their own implicit derivatives)."""
@@ -147,7 +148,7 @@ def _ridge_solver(
 ) -> RidgeInnerSolver:
     """The inner solver for `alpha2` as passed (a number, a traced array, or `"gcv"`,
     whose penalty is positive)."""
-    penalty = 1.0 if isinstance(alpha2, str) else concrete_value(alpha2)
+    penalty = 1.0 if is_penalty_rule(alpha2) else concrete_value(alpha2)
     regularised = None if penalty is None else penalty > 0
     method = as_ridge_solver(solver).select(num_samples, num_coefficients, regularised is False)
     return RidgeInnerSolver(method, intercept, regularised)
@@ -212,7 +213,7 @@ def vploss_msereg(
     **Solvers** (`solver=`): a string, or the equivalent solver object
     (`vploss.CholeskyRidge()`, `vploss.DualRidge()`, `vploss.SVDRidge()`,
     `vploss.AutoRidge()`; see their pages). Every solver works on the exactly equivalent
-    *centred* problem (see `vploss._ridge.loss.lstsq`): with the column means $\mu$ of $F$ and
+    *centred* problem (see `vploss._ridge.intercept`): with the column means $\mu$ of $F$ and
     $\bar y$ of $Y$, the optimal penalised bias is $b = \frac1N\sum_j(y_j - W^\top
     f_j)/(1 + \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus
     one row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
@@ -382,17 +383,12 @@ def fit_ridge(
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
     solver = as_ridge_solver(solver)
-    if isinstance(alpha2, str):
-        if alpha2 != "gcv":
-            raise ValueError(f'`alpha2` must be a number >= 0 or the string "gcv"; got {alpha2!r}.')
-        given_penalty = None
-    else:
-        given_penalty = as_alpha("alpha2", alpha2, positive=False)
+    rule_or_penalty = as_penalty(alpha2, ("gcv",), positive=False)
     features, targets = readout_features(model, x, targets, use_bias)
     dtype = features.dtype
     if weights is not None:
         weights = weights.astype(dtype)
-    if given_penalty is None:
+    if isinstance(rule_or_penalty, str):  # "gcv"
         # alpha* is held fixed: the loss is the ridge loss at alpha*, so its gradient is
         # the envelope gradient at alpha* (no derivative of the eigendecomposition).
         penalty, stats = gcv_penalty(
@@ -402,7 +398,7 @@ def fit_ridge(
             None if weights is None else jax.lax.stop_gradient(weights),
         )
     else:
-        penalty, stats = given_penalty.astype(dtype), None
+        penalty, stats = rule_or_penalty.astype(dtype), None
     inner_solver = _ridge_solver(solver, num_samples, features.shape[1], alpha2, use_bias)
     checks = RuntimeChecks(
         f"the ridge loss {what}", errors=weight_errors, finite={"x": x, "y": targets}

@@ -1,27 +1,10 @@
 r"""Ridge least squares with a penalised intercept, solved accurately for features with
 large offsets and scales, and differentiated without differentiating a decomposition.
 
-**The centred problem.** With features $F$ `(N, m)`, targets $Y$ `(N, k)` and the bias
-penalised with the weights (SPEC 2),
-
-$$\min_{W, b}\ \frac1{2N}\|FW + \mathbf 1 b^\top - Y\|^2 + \frac\alpha2(\|W\|^2 +
-\|b\|^2).$$
-
-Write $F = F_c + \mathbf 1\mu^\top$ with the column means $\mu$, and $Y = Y_c +
-\mathbf 1\bar y^\top$. Since $\mathbf 1^\top F_c = 0$, the data term splits into
-$\frac1{2N}\|F_cW - Y_c\|^2 + \frac12\|b + W^\top\mu - \bar y\|^2$, and minimising over
-$b$ exactly, $b = (\bar y - W^\top\mu)/(1 + \alpha)$, leaves
-
-$$\min_W\ \frac12\|ZW - T\|^2 + \frac\alpha2\|W\|^2, \qquad
-Z = \begin{bmatrix}F_c/\sqrt N\\ \gamma\mu^\top\end{bmatrix},\quad
-T = \begin{bmatrix}Y_c/\sqrt N\\ \gamma\bar y^\top\end{bmatrix},\quad
-\gamma = \sqrt{\alpha/(1 + \alpha)},$$
-
-an isotropic ridge problem without intercept, the same minimum. The change is exact; it
-removes the common offset (a feature around $10^6$, pixels 0-255, kelvin) that the
-uncentred Gram matrix $\hat F^\top\hat F/N$ is made of, whose shifted Cholesky factor
-otherwise leaves every direction with an eigenvalue below $\varepsilon\,\mathrm{tr}$
-unsolved. The means are sums over samples, so a sharded batch stays sharded.
+**The centred problem** (`intercept.py`): the penalised intercept is eliminated and the
+features centred, which leaves the isotropic ridge problem $\min_W \frac12\|ZW - T\|^2 +
+\frac\alpha2\|W\|^2$ with the same minimum and without the features' common offset;
+every method here solves that problem.
 
 **Derivatives.** `ridge_lstsq` has a custom JVP rule built from the same solves
 (implicit differentiation of the normal equations), and those solves are
@@ -45,7 +28,8 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, Scalar
 
-from .._core.numerics import column_mean, matmul, row_mean, unit_scaled
+from .._core.numerics import matmul, row_mean, unit_scaled
+from .intercept import centre, eliminated_row, with_intercept
 
 
 # An array or a `Stack`: anything with `+`.
@@ -106,11 +90,11 @@ def centred_problem(
     \mathbf 1]$ (the last column is the intercept's when `intercept`), and the map from
     its solution $x$ to the stacked coefficients $[W; b^\top]$.
 
-    - `eliminate`: the centred problem of the module docstring, $x = W$ (for the
+    - `eliminate`: the centred problem (`intercept.py`), $x = W$ (for the
         normal equations, whose Gram matrix must not hold the offset).
     - otherwise the rows $[F_c/\sqrt N, 0]$ and $[\mu^\top, 1]$ with targets
         $Y_c/\sqrt N$ and $\bar y^\top$, $x = [W; b^\top]$: the same objective for
-        every readout (by the split of the data term above), so also the same
+        every readout (by the split of the data term, `intercept.py`), so also the same
         minimum-norm least-squares readout with $\alpha = 0$, which eliminating the
         intercept does not preserve (it minimises $\|W\|$ alone).
 
@@ -126,25 +110,27 @@ def centred_problem(
     else:
         scale = sample_scale(weights)[:, None]
         rows = lambda a: a * scale  # noqa: E731
+    data = centre(features[:, :-1] if intercept else features, targets, weights, intercept)
+    response_rows = rows(data.targets)
     if not intercept:
-        zeros = lambda a: jnp.zeros(a.shape[1], a.dtype)  # noqa: E731
-        design = Stack(rows(features), zeros(features))
-        response = Stack(rows(targets), zeros(targets))
-        return design, response, lambda x: x
-    features = features[:, :-1]
-    mean = column_mean(features, weights)
-    target_mean = column_mean(targets, weights)
-    response_rows = rows(targets - target_mean)
+        # The means are zero: the extra rows are too.
+        return (
+            Stack(rows(data.features), data.mean),
+            Stack(response_rows, data.target_mean),
+            lambda x: x,
+        )
     if not eliminate:
-        centred = jnp.concatenate([features - mean, jnp.zeros_like(features[:, :1])], axis=1)
-        design = Stack(rows(centred), jnp.concatenate([mean, jnp.ones_like(mean[:1])]))
-        return design, Stack(response_rows, target_mean), lambda x: x
-    gamma = jnp.sqrt(alpha2 / (1 + alpha2))
-    design = Stack(rows(features - mean), gamma * mean)
-    response = Stack(response_rows, gamma * target_mean)
+        zeros = jnp.zeros_like(data.features[:, :1])
+        design = Stack(
+            rows(jnp.concatenate([data.features, zeros], axis=1)),
+            jnp.concatenate([data.mean, jnp.ones_like(data.mean[:1])]),
+        )
+        return design, Stack(response_rows, data.target_mean), lambda x: x
+    row, target_row = eliminated_row(data.mean, data.target_mean, alpha2)
+    features = features[:, :-1]
     return (
-        design,
-        response,
+        Stack(rows(data.features), row),
+        Stack(response_rows, target_row),
         lambda w: with_intercept(w, row_mean(targets - matmul(features, w), weights), alpha2),
     )
 
@@ -170,18 +156,6 @@ def offset_reflection(
         return a - jnp.outer(direction, matmul(direction, a) * (2 / length)).reshape(a.shape)
 
     return reflect, -sign * norm * axis
-
-
-def with_intercept(
-    weight: Float[Array, "m k"], residual_mean: Float[Array, " k"], alpha2: Scalar
-) -> Float[Array, "p k"]:
-    r"""$[W; b^\top]$ with the optimal penalised intercept given $W$, $b = \bar r/(1 +
-    \alpha)$, where $\bar r = \bar y - W^\top\mu$ is the (weighted) mean residual of
-    the weights alone. (From the samples, $\bar r = \frac1N\sum_j (y_j - W^\top f_j)$
-    is the accurate form: each difference is taken before the sum, whereas $\bar y$ and
-    $W^\top\mu$ of features with a large offset cancel in their leading digits.)"""
-    bias = residual_mean / (1 + alpha2)
-    return jnp.concatenate([weight, bias[None, :]])
 
 
 class AbstractRidgeSolver(eqx.Module):
@@ -288,33 +262,41 @@ def _refine(solve: Callable[[T], T], residual: Callable[[T], T], x: T, steps: in
     return x
 
 
+def gram_residual(
+    gram: Float[Array, "m m"],
+    cross: Float[Array, "m k"],
+    alpha2: Scalar,
+    row: tuple[Float[Array, " m"], Float[Array, " k"]] | None,
+    weight: Float[Array, "m k"],
+) -> Float[Array, "m k"]:
+    r"""$B - (G + \alpha I)W$, or with the eliminated intercept's `row` $= (e, t) =
+    (\gamma\mu, \gamma\bar y)$ (`eliminated_row`) $B + et^\top - (G + ee^\top + \alpha
+    I)W$: the residual of the normal equations given by the Gram matrix $G$ and the
+    cross products $B$ alone, the negative gradient of the objective in $W$."""
+    out = cross - matmul(gram, weight) - alpha2 * weight
+    if row is None:
+        return out
+    extra, target_row = row
+    return out + jnp.outer(extra, target_row - matmul(extra, weight))
+
+
 def gram_lstsq(
     gram: Float[Array, "m m"],
     cross: Float[Array, "m k"],
     alpha2: Scalar,
     refine_steps: int,
-    intercept: tuple[Float[Array, " m"], Float[Array, " k"]] | None = None,
+    row: tuple[Float[Array, " m"], Float[Array, " k"]] | None = None,
 ) -> Float[Array, "m k"]:
     r"""The ridge weights $W$ from the Gram matrix alone (when the tall matrix is gone,
-    as in a streamed fit): $(G + \alpha I)^{-1}B$, or with `intercept` $= (\mu, \bar
-    y)$ the centred problem's $(G + ee^\top + \alpha I)^{-1}(B + e\gamma\bar y^\top)$,
-    $e = \gamma\mu$, $\gamma^2 = \alpha/(1 + \alpha)$, with $e$ kept out of the factor's
-    scaling (`_shifted_cholesky`). The refinement's residual comes from $G$, so it
-    removes the factor's shift, not the rounding of $G$ (centre the features before
-    forming it)."""
-    extra = None
-    if intercept is not None:
-        mean, target_mean = intercept
-        gamma = jnp.sqrt(alpha2 / (1 + alpha2))
-        extra = gamma * mean
-        cross = cross + jnp.outer(extra, gamma * target_mean)
-    solve = _shifted_cholesky(gram, alpha2, extra)
-
-    def residual(x):
-        out = cross - matmul(gram, x) - alpha2 * x
-        return out if extra is None else out - jnp.outer(extra, matmul(extra, x))
-
-    return _refine(solve, residual, solve(cross), refine_steps)
+    as in a streamed fit): $(G + \alpha I)^{-1}B$, or with the eliminated intercept's
+    `row` $(e, t)$ the centred problem's $(G + ee^\top + \alpha I)^{-1}(B + et^\top)$,
+    with $e$ kept out of the factor's scaling (`_shifted_cholesky`). The refinement's
+    residual (`gram_residual`) comes from $G$, so it removes the factor's shift, not
+    the rounding of $G$ (centre the features before forming it)."""
+    solve = _shifted_cholesky(gram, alpha2, None if row is None else row[0])
+    residual = lambda x: gram_residual(gram, cross, alpha2, row, x)  # noqa: E731
+    # From zero, the first step is the factor's solve of the right-hand side.
+    return _refine(solve, residual, jnp.zeros_like(cross), refine_steps + 1)
 
 
 class CholeskyRidge(AbstractLstsqMethod):
@@ -523,10 +505,10 @@ def _ridge_lstsq_jvp(method, primals, tangents):
         + design.rmv(t_response - t_design.mv(w))
         - t_alpha2 * w
     )
-    return w, _ridge_solve(method, design, alpha2, rhs)
+    return w, _normal_solve(method, design, alpha2, rhs)
 
 
-def _ridge_solve(method, design, alpha2, rhs):
+def _normal_solve(method, design, alpha2, rhs):
     r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` by `method.solve`, as a
     `jax.lax.custom_linear_solve`: its derivative is implicit, through the
     matrix-vector product alone, and its transpose is the same (symmetric) solve, so
@@ -562,7 +544,7 @@ def _dual_lstsq_jvp(method, primals, tangents):
 
 def _kernel_solve(method, design, alpha2, rhs):
     """The exact kernel solve of `_dual_lstsq`'s derivative (`keep_null`), as a
-    `jax.lax.custom_linear_solve` (see `_ridge_solve`)."""
+    `jax.lax.custom_linear_solve` (see `_normal_solve`)."""
     return jax.lax.custom_linear_solve(
         lambda c: design.mv(design.rmv(c)) + c.scale(alpha2),
         rhs,

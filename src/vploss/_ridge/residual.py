@@ -10,6 +10,7 @@ from jaxtyping import Array, ArrayLike, Float, PyTree, Real, Shaped
 from .._core.checks import concrete_value
 from .._core.features import augment
 from .._core.numerics import matmul
+from .._core.penalty import is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .loss import DEFAULT_RIDGE_ALPHA2, fit_ridge, RidgeFit, RidgeSolverName
 from .lstsq import AbstractRidgeSolver, sample_scale
@@ -120,7 +121,7 @@ def _stacked_residual(fit: RidgeFit, model: Any, alpha1: Any, alpha2: Any) -> Ar
 def _maybe_nonzero(alpha: ArrayLike | str) -> bool:
     """Whether a penalty weight may be non-zero: traced weights and `"gcv"` count as
     non-zero."""
-    return concrete_value(alpha) != 0
+    return is_penalty_rule(alpha) or concrete_value(alpha) != 0
 
 
 def vpjacobian_msereg(

@@ -15,13 +15,14 @@ from .._core.checks import (
     as_flag,
     as_targets,
     batch_size,
-    check_stochastic_options,
+    check_memory,
     RuntimeChecks,
 )
 from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import matmul
+from .._core.penalty import as_penalty, choose_log_penalty, gcv_quotient, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
-from .._ridge.gcv import choose_log_penalty, GCVStats
+from .._ridge.gcv import GCVStats
 
 
 class SlimTikState(eqx.Module):
@@ -46,10 +47,11 @@ class SlimTikState(eqx.Module):
     step: Int[Array, ""]
 
 
-class _Spectrum(eqx.Module):
-    r"""The update $\hat W(a) = \hat W_{k-1} - V(\Lambda + aI)^{-1}V^\top(g + (a -
-    a_{k-1})\hat W_{k-1})$ for every total penalty $a$, from one eigendecomposition
-    $S = V\Lambda V^\top$ of the memory, and its sampled GCV on the current batch."""
+class _RegularisationPath(eqx.Module):
+    r"""The slimTik update at every total penalty $a$ (its regularisation path),
+    $\hat W(a) = \hat W_{k-1} - V(\Lambda + aI)^{-1}V^\top(g + (a - a_{k-1})\hat
+    W_{k-1})$, from one eigendecomposition $S = V\Lambda V^\top$ of the memory, and its
+    sampled GCV on the current batch."""
 
     eigenvalues: Float[Array, " p"]
     projected_features: Float[Array, "n p"]  # B = F̂_k V
@@ -87,11 +89,8 @@ class _Spectrum(eqx.Module):
         trace = jnp.sum(leverage / (self.eigenvalues + penalty[..., None]), axis=-1)
         slack = 1 - trace / num_samples
         # tr T < n for every a > 0 when the memory holds more than the current batch
-        # or n > p; otherwise it tends to n as a → 0 (interpolation), where GCV is 0/0:
-        # such an a counts as +inf, never as a NaN.
-        ok = slack > 0
-        safe = jnp.where(ok, slack, 1) ** 2
-        value = jnp.where(ok, rss / safe, jnp.inf)
+        # or n > p; otherwise it tends to n as a → 0 (interpolation).
+        value, safe = gcv_quotient(rss, slack)
         eps = jnp.finfo(value.dtype).eps
         # ‖x + δ‖² − ‖x‖² <= 2‖x‖‖δ‖ + ‖δ‖², with ‖δ‖² = `cancelled`.
         error = 2 * jnp.sqrt(rss * self.cancelled) + self.cancelled
@@ -118,7 +117,7 @@ def slimtik_update(
     residual = matmul(features, state.coef) - targets
     p = features.shape[1]
     magnitude = jnp.sum(targets**2) + jnp.sum((residual + targets) ** 2)
-    spectrum = _Spectrum(
+    path = _RegularisationPath(
         eigenvalues=eigenvalues,
         projected_features=matmul(features, eigenvectors),
         gradient=matmul(eigenvectors.T, matmul(features.T, residual) / num_samples),
@@ -133,12 +132,12 @@ def slimtik_update(
         # From eps·tr S (below it the penalty is lost in the rounding of S + aI) to well
         # above both the data's scale and the previous penalty, where sGCV is flat.
         penalty = jnp.exp(
-            choose_log_penalty(spectrum.sgcv, jnp.trace(memory), 100 * top + 10 * state.penalty)
+            choose_log_penalty(path.sgcv, jnp.trace(memory), 100 * top + 10 * state.penalty)
         )
     else:
         penalty = state.penalty + jnp.asarray(alpha2, features.dtype)
-    value, trace, _ = spectrum.sgcv(jnp.log(penalty))
-    coef = state.coef - matmul(eigenvectors, spectrum.step(penalty))
+    value, trace, _ = path.sgcv(jnp.log(penalty))
+    coef = state.coef - matmul(eigenvectors, path.step(penalty))
     return coef, penalty, GCVStats(alpha2=penalty, gcv=value, dof=trace), gram
 
 
@@ -239,7 +238,8 @@ class SlimTik(eqx.Module):
     use_bias: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        check_stochastic_options(self.memory, self.alpha2, "sgcv")
+        check_memory(self.memory)
+        as_penalty(self.alpha2, ("sgcv",), positive=True)
         as_flag("use_bias", self.use_bias)
 
     def init(
@@ -336,7 +336,7 @@ class SlimTik(eqx.Module):
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
         )
         data = jax.lax.stop_gradient(features)
-        fixed_alpha2 = None if isinstance(self.alpha2, str) else float(self.alpha2)
+        fixed_alpha2 = None if is_penalty_rule(self.alpha2) else float(self.alpha2)
         coef, penalty, stats, gram = slimtik_update(
             data, jax.lax.stop_gradient(targets), state, fixed_alpha2
         )

@@ -15,12 +15,13 @@ from .._core.checks import (
     as_batch,
     as_flag,
     batch_size,
-    check_stochastic_options,
+    check_memory,
     RuntimeChecks,
 )
 from .._core.envelope import envelope_minimise
 from .._core.features import parameter_penalty, readout_features
 from .._core.numerics import matmul, normalised_weights, weighted_mean
+from .._core.penalty import as_penalty, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .._readout_losses.base import AbstractReadoutLoss
 from .._readout_losses.evidence import evidence_penalty
@@ -147,7 +148,8 @@ class WindowedReadout(eqx.Module):
     def __check_init__(self):
         if not isinstance(self.loss, AbstractReadoutLoss):
             raise TypeError(f"`loss` must be a `vploss.AbstractReadoutLoss`; got {self.loss!r}.")
-        check_stochastic_options(self.memory, self.alpha2, "evidence")
+        check_memory(self.memory)
+        as_penalty(self.alpha2, ("evidence",), positive=True)
         as_alpha("alpha2_init", self.alpha2_init, positive=True)
         as_flag("use_bias", self.use_bias)
         as_flag("throw", self.throw)
@@ -177,7 +179,7 @@ class WindowedReadout(eqx.Module):
         features, values = jax.eval_shape(lambda: self._problem(model, x, y)[2:])
         (n, p), (_, k) = features.shape, values.shape
         dtype = features.dtype
-        alpha2 = self.alpha2_init if isinstance(self.alpha2, str) else self.alpha2
+        alpha2 = self.alpha2_init if is_penalty_rule(self.alpha2) else self.alpha2
         return WindowedState(
             coef=jnp.zeros((p, k), dtype),
             features=jnp.zeros((self.memory, n, p), dtype),
@@ -267,7 +269,7 @@ class WindowedReadout(eqx.Module):
         in_outputs = objective.in_outputs(coef)
         per_sample = self.loss.loss(matmul(features, in_outputs), values)
         loss = jnp.mean(per_sample) + parameter_penalty(model, alpha1.astype(dtype))
-        if isinstance(self.alpha2, str):
+        if is_penalty_rule(self.alpha2):
             alpha2 = self._evidence_update(objective, coef, args, n)
         memory = (state.features, state.labels, state.filled)
         if self.memory > 0:
