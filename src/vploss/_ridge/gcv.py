@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 from .._core.numerics import column_mean, matmul
+from .._core.stats import AbstractStats, RESULTS
 from .lstsq import sample_scale
 
 
@@ -45,7 +46,7 @@ _REFINE_STEPS = 40
 _INV_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-class GCVStats(eqx.Module):
+class GCVStats(AbstractStats):
     r"""The readout penalty chosen by generalised cross-validation, carried by the readout
     of `vploss_msereg(..., alpha2="gcv")` as `readout.stats`.
 
@@ -63,11 +64,18 @@ class GCVStats(eqx.Module):
         (N - \mathrm{tr}\,H_{\alpha^*})^2$.
     - `dof`: the effective number of parameters (per output) $\mathrm{tr}\,H_{\alpha^*}$,
         between 0 and $\min(N, p)$.
+
+    Its `result` is `vploss.RESULTS.successful`, or `nonfinite` where the data made
+    $\mathrm{GCV}$ not finite (the search itself always ends).
     """
 
     alpha2: Float[Array, ""]
     gcv: Float[Array, ""]
     dof: Float[Array, ""]
+
+    @property
+    def result(self) -> RESULTS:
+        return RESULTS.where(jnp.isfinite(self.gcv), RESULTS.successful, RESULTS.nonfinite)
 
 
 class _Spectrum(eqx.Module):

@@ -22,6 +22,7 @@ from .._core.features import glm_features, parameter_penalty
 from .._core.numerics import matmul
 from .._core.readout import readout_from_coefficients, VPLinear
 from .._ridge.gcv import choose_log_penalty, GCVStats
+from .base import AbstractStochasticReadout
 
 
 class SlimTikState(eqx.Module):
@@ -142,7 +143,7 @@ def slimtik_update(
     return coef, penalty, GCVStats(alpha2=penalty, gcv=value, dof=trace), gram
 
 
-class SlimTik(eqx.Module):
+class SlimTik(AbstractStochasticReadout[SlimTikState]):
     r"""The ridge readout of mini-batch VarPro with memory: the sampled limited-memory
     Tikhonov (slimTik) update of slimTrain (Newman, Chung, Chung & Ruthotto, "slimTrain
     — a stochastic approximation method for training separable deep neural networks",
