@@ -12,7 +12,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     - `successful`: the solver met its tolerance within its step budget.
     - `nonlinear_max_steps_reached`: it ran out of steps (`max_steps`, or
         `refit_readout`'s `max_passes`).
-    - `indefinite_hessian`: it did not converge, and some Newton directions fell back
+    - `indefinite_hessian`: it ran out of steps after some Newton directions fell back
         to shifted Newton or gradient directions (`stats.fallback_steps`).
     - `line_search_failed`: a line search found no acceptable step (`LogBarrier`).
     - `tolerance_not_met`: the minimiser of an `OptimistixMinimiser` stopped by its own
@@ -39,11 +39,13 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
 def solve_result(
     converged: Bool[Array, ""], fallback_steps: Int[Array, ""], failure: RESULTS
 ) -> RESULTS:
-    """The outcome of a Newton solve: `successful` when it `converged`, else
-    `indefinite_hessian` when any Newton direction fell back, else `failure` (the
-    solver's own reason: the step budget, a failed line search, ...)."""
-    fell_back = RESULTS.where(fallback_steps > 0, RESULTS.indefinite_hessian, failure)
-    return RESULTS.where(converged, RESULTS.successful, fell_back)
+    """The outcome of a Newton solve: `successful` when it `converged`, else `failure`
+    (the solver's own reason: the step budget, a failed line search, ...), except that
+    a step budget spent after Newton directions fell back is `indefinite_hessian`, its
+    likely cause."""
+    fell_back = (failure == RESULTS.nonlinear_max_steps_reached) & (fallback_steps > 0)
+    failure = RESULTS.where(fell_back, RESULTS.indefinite_hessian, failure)
+    return RESULTS.where(converged, RESULTS.successful, failure)
 
 
 class AbstractStats(eqx.Module):

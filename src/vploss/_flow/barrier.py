@@ -35,9 +35,9 @@ class BarrierStats(AbstractStats):
     - `gradient_norm`: the norm of the gradient of the barrier objective $J -
         \frac1t\sum_i \log w_i$ at the returned point.
     - `result`: the outcome, a `vploss.RESULTS`: `successful`,
-        `nonlinear_max_steps_reached` (out of `max_steps`), `line_search_failed` (e.g.
-        a start outside the domain) or `indefinite_hessian` (either of those after
-        Newton directions fell back). `stats.converged` is `result == successful`.
+        `nonlinear_max_steps_reached` (out of `max_steps`), `indefinite_hessian` (the
+        same after Newton directions fell back) or `line_search_failed` (e.g. a start
+        outside the domain). `stats.converged` is `result == successful`.
     - `fallback_steps`: the steps whose Newton direction was unusable and was replaced
         by a shifted Newton or a gradient direction.
     - `duality_gap`: the bound $p/t$ on $J(w) - \min J$ at the final barrier weight
