@@ -200,7 +200,7 @@ def _refit_ridge(model, batches, alpha2, use_bias):
         )
     coef, norm = _ridge_solve(moments, alpha2.astype(moments.gram.dtype), use_bias)
     result = RESULTS.where(jnp.isfinite(norm), RESULTS.successful, RESULTS.nonfinite)
-    stats = InnerStats(jnp.asarray(1), norm, result)
+    stats = InnerStats(num_steps=jnp.asarray(1), gradient_norm=norm, result=result)
     return readout_from_coefficients(coef, use_bias, first[1], stats)
 
 
@@ -313,7 +313,7 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
             "`readout.stats`."
         )
     result = RESULTS.where(converged, RESULTS.successful, RESULTS.nonlinear_max_steps_reached)
-    stats = InnerStats(jnp.asarray(updates), norm, result)
+    stats = InnerStats(num_steps=jnp.asarray(updates), gradient_norm=norm, result=result)
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
 
 

@@ -22,6 +22,11 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     A user's optimistix minimiser may report any other of `optimistix.RESULTS`.
     """
 
+    # The inherited results the solvers here report, declared again (with their
+    # messages) so that type checkers know them as this class's.
+    successful = ""
+    nonlinear_max_steps_reached = optx.RESULTS[optx.RESULTS.nonlinear_max_steps_reached]
+    nonfinite = optx.RESULTS[optx.RESULTS.nonfinite]
     indefinite_hessian = (
         "The Hessian was not numerically positive definite in the working precision: "
         "Newton directions fell back to shifted Newton or gradient directions "

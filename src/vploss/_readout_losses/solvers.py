@@ -470,9 +470,9 @@ class InnerMinimise(AbstractInnerSolver):
             stopped, RESULTS.tolerance_not_met, RESULTS.promote(solution.result)
         )
         return coef, InnerStats(
-            solution.state.updates,
-            scaled_gradient_norm(gradient, scale),
-            solve_result(converged, fallback_steps, failure),
+            num_steps=solution.state.updates,
+            gradient_norm=scaled_gradient_norm(gradient, scale),
+            result=solve_result(converged, fallback_steps, failure),
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
             fallback_steps=fallback_steps,
             cg_steps=getattr(descent_state, "cg_steps", None),

@@ -65,17 +65,20 @@ class GCVStats(AbstractStats):
     - `dof`: the effective number of parameters (per output) $\mathrm{tr}\,H_{\alpha^*}$,
         between 0 and $\min(N, p)$.
 
-    Its `result` is `vploss.RESULTS.successful`, or `nonfinite` where the data made
-    $\mathrm{GCV}$ not finite (the search itself always ends).
+    - `result`: `vploss.RESULTS.successful`, or `nonfinite` where the data made
+        $\mathrm{GCV}$ not finite (the search itself always ends).
     """
 
     alpha2: Float[Array, ""]
     gcv: Float[Array, ""]
     dof: Float[Array, ""]
+    result: RESULTS
 
-    @property
-    def result(self) -> RESULTS:
-        return RESULTS.where(jnp.isfinite(self.gcv), RESULTS.successful, RESULTS.nonfinite)
+    def __init__(self, alpha2: Float[Array, ""], gcv: Float[Array, ""], dof: Float[Array, ""]):
+        self.alpha2 = alpha2
+        self.gcv = gcv
+        self.dof = dof
+        self.result = RESULTS.where(jnp.isfinite(gcv), RESULTS.successful, RESULTS.nonfinite)
 
 
 class _Spectrum(eqx.Module):
