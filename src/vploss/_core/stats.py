@@ -127,8 +127,6 @@ def check_converged(
         "and inspect `readout.stats`."
     )
     failed = f"The inner solve of {what} did not converge"
-    # The first message is for every other result (those of a user's optimistix
-    # minimiser).
     causes = [
         (RESULTS.nonlinear_max_steps_reached, f"{failed} within its step budget. {advice}"),
         (
@@ -140,6 +138,8 @@ def check_converged(
         (RESULTS.line_search_failed, f"{failed}. {RESULTS[RESULTS.line_search_failed]}"),
         (RESULTS.tolerance_not_met, f"{failed}. {RESULTS[RESULTS.tolerance_not_met]} {advice}"),
     ]
+    # Index 0, the plain message, is for every other result (a user's optimistix
+    # minimiser may report any).
     index = sum((i + 1) * (stats.result == result) for i, (result, _) in enumerate(causes))
     return eqx.branched_error_if(
         solution,
