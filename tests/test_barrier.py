@@ -8,6 +8,7 @@ import pytest
 import scipy.optimize
 
 import vploss
+from vploss._core.stats import check_converged
 
 
 def least_squares(w, args):
@@ -130,6 +131,7 @@ def test_non_convergence_is_reported(problem):
         solver=vploss.LogBarrier(max_steps=3),
     )
     assert not bool(stats.converged) and int(stats.num_steps) == 3
+    assert stats.result == vploss.RESULTS.nonlinear_max_steps_reached
     # The loop stopped on the step budget, not on a failed line search: the iterate
     # moved and stayed strictly feasible, short of the gap.
     assert np.all(np.asarray(w) > 0) and not np.allclose(w, 1)
@@ -153,6 +155,18 @@ def test_infeasible_start_is_reported(problem):
     # The line search found no step: the iterate did not move, and no update is counted.
     np.testing.assert_array_equal(w, -np.ones(8))
     assert int(stats.num_steps) == 0
+    assert stats.result == vploss.RESULTS.line_search_failed
+
+
+def test_unconverged_fallback_is_reported():
+    # The first step falls back (see `test_indefinite_hessian_falls_back`), the only
+    # step allowed: the result names the Hessian, and so does the error.
+    solver = vploss.LogBarrier(gap_tol=1e-10, initial_weight=10.0, max_steps=1)
+    _, w, stats = solve(double_well, (), jnp.array([0.5, 2.0]), constrained=True, solver=solver)
+    assert int(stats.fallback_steps) > 0 and not bool(stats.converged)
+    assert stats.result == vploss.RESULTS.indefinite_hessian
+    with pytest.raises(Exception, match="not numerically positive definite"):
+        check_converged(w, stats, True, "the test problem")
 
 
 def _numpy_barrier_update(a, b, w):

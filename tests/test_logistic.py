@@ -7,6 +7,7 @@ import optax
 import optimistix as optx
 import pytest
 
+import vploss
 import vploss._readout_losses.solvers
 from vploss import vploss_bce
 
@@ -368,6 +369,25 @@ def test_max_steps_counts_newton_updates(steps):
     np.testing.assert_allclose(_readout_coef(readout), expected, rtol=1e-10, atol=1e-12)
     assert int(readout.stats.num_steps) == steps
     assert not bool(readout.stats.converged)
+
+
+def test_result_names_the_outcome():
+    """`stats.result`: `successful` for a converged solve, `nonlinear_max_steps_reached`
+    for one cut short by `max_steps` (the error names the step budget), and
+    `tolerance_not_met` for an optimistix minimiser that stops by its own criterion
+    short of `gtol`."""
+    model = mlp()
+    x, y = _data()
+    _, readout = vploss_bce(model, x, y, alpha2=1e-2)
+    assert readout.stats.result == vploss.RESULTS.successful and bool(readout.stats.converged)
+    _, short = vploss_bce(model, x, y, alpha2=1e-2, max_steps=1, throw=False)
+    assert short.stats.result == vploss.RESULTS.nonlinear_max_steps_reached
+    assert not bool(short.stats.converged)
+    with pytest.raises(Exception, match="did not converge within its step budget"):
+        vploss_bce(model, x, y, alpha2=1e-2, max_steps=1)
+    loose = optx.BFGS(rtol=1e-1, atol=1e-1)
+    _, early = vploss_bce(model, x, y, alpha2=1e-2, solver=loose, throw=False)
+    assert early.stats.result == vploss.RESULTS.tolerance_not_met
 
 
 @pytest.mark.slow

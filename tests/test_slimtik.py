@@ -317,3 +317,7 @@ def test_noise_free_batches_choose_resolved_reproducible_penalties(dtype):
         np.testing.assert_allclose(
             _stacked(other), _stacked(readout), rtol=tolerance, atol=tolerance
         )
+
+
+def test_is_a_stochastic_readout():
+    assert isinstance(SlimTik(), vploss.AbstractStochasticReadout)

@@ -220,3 +220,8 @@ def test_errors():
     with pytest.raises(Exception, match=r"\[0, 1\]"):
         eqx.filter_jit(rule.update)(identity, x, y + 2, state)
     assert isinstance(state, WindowedState) and vploss.WindowedReadout is WindowedReadout
+
+
+def test_is_a_stochastic_readout():
+    readout = WindowedReadout(SigmoidBinaryCrossEntropy())
+    assert isinstance(readout, vploss.AbstractStochasticReadout)

@@ -1,7 +1,11 @@
 import importlib.metadata
 
 from ._core.readout import VPLinear as VPLinear
-from ._core.stats import InnerStats as InnerStats
+from ._core.stats import (
+    AbstractStats as AbstractStats,
+    InnerStats as InnerStats,
+    RESULTS as RESULTS,
+)
 from ._flow.barrier import (
     barrier_minimise as barrier_minimise,
     BarrierStats as BarrierStats,
@@ -56,6 +60,7 @@ from ._ridge.residual import (
     vpjacobian_msereg as vpjacobian_msereg,
     vpresidual_msereg as vpresidual_msereg,
 )
+from ._stochastic.base import AbstractStochasticReadout as AbstractStochasticReadout
 from ._stochastic.slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
 from ._stochastic.windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
 

@@ -23,7 +23,7 @@ from ._core.features import readout_features
 from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
 from ._core.numerics import all_finite, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
-from ._core.stats import InnerStats
+from ._core.stats import InnerStats, RESULTS
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
 from ._readout_losses.loss import as_readout_init
@@ -194,7 +194,8 @@ def _refit_ridge(model, batches, alpha2, use_bias):
             "a positive weight."
         )
     coef, norm = _moments_readout(moments, alpha2.astype(moments.gram.dtype), use_bias)
-    stats = InnerStats(jnp.asarray(1), norm, jnp.isfinite(norm))
+    result = RESULTS.where(jnp.isfinite(norm), RESULTS.successful, RESULTS.nonfinite)
+    stats = InnerStats(num_steps=jnp.asarray(1), gradient_norm=norm, result=result)
     return readout_from_coefficients(coef, use_bias, first[1], stats)
 
 
@@ -302,7 +303,8 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
             "`max_passes`, increase `alpha2`, or pass `throw=False` and inspect "
             "`readout.stats`."
         )
-    stats = InnerStats(jnp.asarray(updates), norm, converged)
+    result = RESULTS.where(converged, RESULTS.successful, RESULTS.nonlinear_max_steps_reached)
+    stats = InnerStats(num_steps=jnp.asarray(updates), gradient_norm=norm, result=result)
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
 
 

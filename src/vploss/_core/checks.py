@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree, Scalar
 
 from .numerics import all_finite
-from .stats import check_converged, InnerStats
+from .stats import AbstractStats, check_converged
 
 
 _Batch = TypeVar("_Batch")
@@ -355,6 +355,6 @@ class RuntimeChecks(eqx.Module):
             "`model(x)` or the targets contain NaN or inf (check the data and the "
             "model's parameters).",
         )
-        if isinstance(stats, InnerStats):
+        if isinstance(stats, AbstractStats):
             out = check_converged(out, stats, self.throw, self.what)
         return out

@@ -2,9 +2,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._ridge.gcv import GCVStats
 from .numerics import matmul
-from .stats import InnerStats
+from .stats import AbstractStats
 
 
 class VPLinear(eqx.Module):
@@ -19,7 +18,8 @@ class VPLinear(eqx.Module):
     - `bias`: the offset $b$, shape `(k,)`, or `None` when fitted with `use_bias=False`.
     - `scalar_output`: whether the targets were `(N,)`, so that a prediction is a
         scalar rather than a `(1,)` vector (static).
-    - `stats`: the diagnostics of the inner solve (`vploss.InnerStats`) for losses
+    - `stats`: the diagnostics of the fit (a `vploss.AbstractStats`): those of the
+        inner solve (`vploss.InnerStats`) for losses
         with an iterative inner solver, the chosen penalty (`vploss.GCVStats`) for
         `vploss_msereg(..., alpha2="gcv")`, else `None`. They do not affect predictions.
     """
@@ -27,7 +27,7 @@ class VPLinear(eqx.Module):
     weight: Float[Array, "k m"]
     bias: Float[Array, " k"] | None
     scalar_output: bool = eqx.field(static=True, default=False)
-    stats: InnerStats | GCVStats | None = None
+    stats: AbstractStats | None = None
 
     def __check_init__(self):
         if jnp.ndim(self.weight) != 2:
@@ -91,7 +91,7 @@ def readout_from_coefficients(
     coef: Float[Array, "p k"],
     use_bias: bool,
     scalar_output: bool,
-    stats: InnerStats | GCVStats | None = None,
+    stats: AbstractStats | None = None,
 ) -> VPLinear:
     """Splits the stacked coefficients `[W, b]ᵀ` (rows: features, then the bias) of the
     augmented features `[F, 1]` into a `VPLinear`."""

@@ -1,9 +1,76 @@
 import equinox as eqx
-import jax.numpy as jnp
+import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 
-class InnerStats(eqx.Module):
+class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+    """The outcome of a solve, `stats.result`: `optimistix.RESULTS` extended by the
+    failures of the solvers here. `stats.converged` is `stats.result ==
+    vploss.RESULTS.successful`, and `vploss.RESULTS[stats.result]` its message. The
+    solvers report:
+
+    - `successful`: the solver met its tolerance within its step budget.
+    - `nonlinear_max_steps_reached`: it ran out of steps (`max_steps`, or
+        `refit_readout`'s `max_passes`).
+    - `indefinite_hessian`: it ran out of steps after some Newton directions fell back
+        to shifted Newton or gradient directions (`stats.fallback_steps`).
+    - `line_search_failed`: a line search found no acceptable step (`LogBarrier`).
+    - `tolerance_not_met`: the minimiser of an `OptimistixMinimiser` stopped by its own
+        criterion short of `gtol`.
+    - `nonfinite`: the result is not finite (not finite data).
+
+    A user's optimistix minimiser may report any other of `optimistix.RESULTS`.
+    """
+
+    # The inherited results the solvers here report, declared again (with their
+    # messages) so that type checkers know them as this class's.
+    successful = ""
+    nonlinear_max_steps_reached = optx.RESULTS[optx.RESULTS.nonlinear_max_steps_reached]
+    nonfinite = optx.RESULTS[optx.RESULTS.nonfinite]
+    indefinite_hessian = (
+        "The Hessian was not numerically positive definite in the working precision: "
+        "Newton directions fell back to shifted Newton or gradient directions "
+        "(`stats.fallback_steps`)."
+    )
+    line_search_failed = (
+        "A line search found no acceptable step: a start outside the objective's domain, "
+        "or data that are not finite."
+    )
+    tolerance_not_met = (
+        "The minimiser stopped by its own criterion before the scaled gradient met `gtol`."
+    )
+
+
+def solve_result(
+    converged: Bool[Array, ""], fallback_steps: Int[Array, ""], failure: RESULTS
+) -> RESULTS:
+    """The outcome of a Newton solve: `successful` when it `converged`, else `failure`
+    (the solver's own reason: the step budget, a failed line search, ...), except that
+    a step budget spent after Newton directions fell back is `indefinite_hessian`, its
+    likely cause."""
+    fell_back = (failure == RESULTS.nonlinear_max_steps_reached) & (fallback_steps > 0)
+    failure = RESULTS.where(fell_back, RESULTS.indefinite_hessian, failure)
+    return RESULTS.where(converged, RESULTS.successful, failure)
+
+
+class AbstractStats(eqx.Module):
+    """The diagnostics a solve leaves in `readout.stats`: `InnerStats`, `BarrierStats`
+    or `GCVStats`.
+
+    **Fields:**
+
+    - `result`: the outcome, a `vploss.RESULTS`.
+    """
+
+    result: eqx.AbstractVar[RESULTS]
+
+    @property
+    def converged(self) -> Bool[Array, "..."]:
+        """Whether the solve succeeded: `result == RESULTS.successful`."""
+        return self.result == RESULTS.successful
+
+
+class InnerStats(AbstractStats):
     r"""Diagnostics of an iterative inner solve, carried by the fitted readout as
     `readout.stats`.
 
@@ -16,7 +83,9 @@ class InnerStats(eqx.Module):
     - `gradient_norm`: the norm of the gradient of the inner objective in the readout
         at the returned solution (for a constrained problem: the norm of its
         optimality residual), a measure of how far from optimal the readout is.
-    - `converged`: whether the solver met its tolerance within its step budget.
+    - `result`: the outcome, a `vploss.RESULTS`: `successful` when the solver met its
+        tolerance within its step budget, else why not (`nonlinear_max_steps_reached`,
+        `indefinite_hessian`, ...). `stats.converged` is `result == successful`.
     - `loss_error_bound`: an upper bound of the inner objective's excess over its
         minimum, $J(\hat W) - J^* \le \|\nabla J\|_2^2/(2\alpha_2)$ (strong
         convexity), so the returned loss is at most this above the exact reduced loss;
@@ -33,20 +102,20 @@ class InnerStats(eqx.Module):
 
     num_steps: Int[Array, ""]
     gradient_norm: Float[Array, ""]
-    converged: Bool[Array, ""]
+    result: RESULTS
     loss_error_bound: Float[Array, ""] | None = eqx.field(default=None, kw_only=True)
     fallback_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
     cg_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
 
 
 def check_converged(
-    solution: PyTree[Array], stats: InnerStats, throw: bool, what: str
+    solution: PyTree[Array], stats: AbstractStats, throw: bool, what: str
 ) -> PyTree[Array]:
     """Returns `solution`, raising a runtime error (`eqx.error_if`) when the inner solve
     did not converge and `throw` is set; with `throw=False` the caller reads
-    `stats.converged` instead. The message names the cause: Newton directions that had
-    to fall back (a Hessian that is not numerically positive definite), or else the
-    step budget.
+    `stats.converged` instead. The message names the cause, `stats.result`: Newton
+    directions that had to fall back (a Hessian that is not numerically positive
+    definite), a failed line search, or else the step budget.
 
     Attach it to what the gradient uses too, i.e. to the minimiser inside the solve
     (`envelope_minimise`'s `check`, through `RuntimeChecks`): attached to the returned
@@ -57,24 +126,24 @@ def check_converged(
         "Raise `max_steps`, loosen the tolerance, increase `alpha2`, or pass `throw=False` "
         "and inspect `readout.stats`."
     )
-    failed = ~jnp.all(stats.converged)
-    if stats.fallback_steps is None:
-        return eqx.error_if(
-            solution,
-            failed,
-            f"The inner solve of {what} did not converge within its step budget. {advice}",
-        )
-    indefinite = jnp.any(stats.fallback_steps > 0)
+    failed = f"The inner solve of {what} did not converge"
+    causes = [
+        (RESULTS.nonlinear_max_steps_reached, f"{failed} within its step budget. {advice}"),
+        (
+            RESULTS.indefinite_hessian,
+            f"{failed}. {RESULTS[RESULTS.indefinite_hessian]} Typically features of large "
+            "or very uneven scale: centre and scale them (e.g. a normalisation layer), "
+            "compute in float64, or increase `alpha2`.",
+        ),
+        (RESULTS.line_search_failed, f"{failed}. {RESULTS[RESULTS.line_search_failed]}"),
+        (RESULTS.tolerance_not_met, f"{failed}. {RESULTS[RESULTS.tolerance_not_met]} {advice}"),
+    ]
+    # Index 0, the plain message, is for every other result (a user's optimistix
+    # minimiser may report any).
+    index = sum((i + 1) * (stats.result == result) for i, (result, _) in enumerate(causes))
     return eqx.branched_error_if(
         solution,
-        failed,
-        jnp.where(indefinite, 1, 0),
-        [
-            f"The inner solve of {what} did not converge within its step budget. {advice}",
-            f"The inner solve of {what} did not converge: its Hessian is not numerically "
-            "positive definite in this precision (Newton steps had to fall back to "
-            "shifted or gradient steps; `readout.stats.fallback_steps`), typically "
-            "features of large or very uneven scale. Centre and scale the features "
-            "(e.g. a normalisation layer), compute in float64, or increase `alpha2`.",
-        ],
+        ~stats.converged,
+        index,
+        [f"{failed}. {advice}"] + [message for _, message in causes],
     )

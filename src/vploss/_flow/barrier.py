@@ -22,21 +22,33 @@ from .._core.envelope import (
     Params,
 )
 from .._core.newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
-from .._core.stats import InnerStats
+from .._core.stats import AbstractStats, RESULTS, solve_result
 
 
-class BarrierStats(InnerStats):
-    r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats`
-    (`num_steps` counts Newton updates over all centerings, `gradient_norm` is the norm
-    of the gradient of the barrier objective $J - \frac1t\sum_i \log w_i$ at the
-    returned point, `fallback_steps` counts the steps whose Newton direction was
-    unusable and was replaced by a shifted Newton or a gradient direction), and
+class BarrierStats(AbstractStats):
+    r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats` that it
+    reports, and its duality gap.
 
+    **Fields:**
+
+    - `num_steps`: the Newton updates over all centerings.
+    - `gradient_norm`: the norm of the gradient of the barrier objective $J -
+        \frac1t\sum_i \log w_i$ at the returned point.
+    - `result`: the outcome, a `vploss.RESULTS`: `successful`,
+        `nonlinear_max_steps_reached` (out of `max_steps`), `indefinite_hessian` (the
+        same after Newton directions fell back) or `line_search_failed` (e.g. a start
+        outside the domain). `stats.converged` is `result == successful`.
+    - `fallback_steps`: the steps whose Newton direction was unusable and was replaced
+        by a shifted Newton or a gradient direction.
     - `duality_gap`: the bound $p/t$ on $J(w) - \min J$ at the final barrier weight
         $t$, for $p$ constrained entries; the complementary slackness products
         $w_i\,\partial J/\partial w_i$ of the returned point are all $\approx 1/t$.
     """
 
+    num_steps: Int[Array, ""]
+    gradient_norm: Float[Array, ""]
+    result: RESULTS
+    fallback_steps: Int[Array, ""]
     duality_gap: Float[Array, ""]
 
 
@@ -98,8 +110,8 @@ class LogBarrier(eqx.Module):
     With the defaults the solve takes about $\log(|C|/(t_0\,\text{gap\_tol}))/\log\mu$
     centerings (7 for 33 constraints in float64). Not reaching the tolerances within
     `max_steps`, or a line search that finds no acceptable step (e.g. a starting point
-    outside the domain or NaN data), is reported by `converged=False` in the
-    `BarrierStats`.
+    outside the domain or NaN data), is reported by the `BarrierStats`' `result`
+    (and `converged=False`).
     """
 
     gap_tol: float | None = None
@@ -154,7 +166,14 @@ class LogBarrier(eqx.Module):
         stats = BarrierStats(
             num_steps=state.num_steps,
             gradient_norm=jnp.linalg.norm(gradient),
-            converged=state.converged,
+            # A solve that ended unconverged found no step.
+            result=solve_result(
+                state.converged,
+                state.fallback_steps,
+                RESULTS.where(
+                    state.done, RESULTS.line_search_failed, RESULTS.nonlinear_max_steps_reached
+                ),
+            ),
             fallback_steps=state.fallback_steps,
             duality_gap=barrier.duality_gap(state.weight),
         )

@@ -29,7 +29,7 @@ from .._core.newton import (
     scaled_gradient_norm,
     TruncatedNewtonDescent,
 )
-from .._core.stats import InnerStats
+from .._core.stats import InnerStats, RESULTS, solve_result
 from .kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
 from .objective import KroneckerPreconditioner, ReadoutArgs, ReadoutObjective
 
@@ -459,17 +459,21 @@ class InnerMinimise(AbstractInnerSolver):
         # returned one.
         state = solution.state.inner
         decrement = descent_loss_error(state)
-        converged = (solution.result == optx.RESULTS.successful) & inner_converged(
-            value, gradient, scale, args.alpha2, gtol, decrement
-        )
+        stopped = solution.result == optx.RESULTS.successful
+        converged = stopped & inner_converged(value, gradient, scale, args.alpha2, gtol, decrement)
         descent_state = getattr(state, "descent_state", None)
-        zero = jnp.zeros((), jnp.int32)
+        fallback_steps = getattr(descent_state, "fallbacks", jnp.zeros((), jnp.int32))
+        # A minimiser that stopped by its own criterion (`OptimistixMinimiser`) may
+        # stop short of the gradient test.
+        failure = RESULTS.where(
+            stopped, RESULTS.tolerance_not_met, RESULTS.promote(solution.result)
+        )
         return coef, InnerStats(
-            solution.state.updates,
-            scaled_gradient_norm(gradient, scale),
-            converged,
+            num_steps=solution.state.updates,
+            gradient_norm=scaled_gradient_norm(gradient, scale),
+            result=solve_result(converged, fallback_steps, failure),
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
-            fallback_steps=getattr(descent_state, "fallbacks", zero),
+            fallback_steps=fallback_steps,
             cg_steps=getattr(descent_state, "cg_steps", None),
         )
 

@@ -33,11 +33,12 @@ from jaxtyping import Array, Float, Scalar
 
 from .._core.numerics import matmul
 from .._core.penalty import choose_log_penalty, gcv_quotient
+from .._core.stats import AbstractStats, RESULTS
 from .intercept import centre
 from .lstsq import sample_scale
 
 
-class GCVStats(eqx.Module):
+class GCVStats(AbstractStats):
     r"""The readout penalty chosen by generalised cross-validation, carried by the readout
     of `vploss_msereg(..., alpha2="gcv")` as `readout.stats`.
 
@@ -55,11 +56,21 @@ class GCVStats(eqx.Module):
         (N - \mathrm{tr}\,H_{\alpha^*})^2$.
     - `dof`: the effective number of parameters (per output) $\mathrm{tr}\,H_{\alpha^*}$,
         between 0 and $\min(N, p)$.
+
+    - `result`: `vploss.RESULTS.successful`, or `nonfinite` where the data made
+        $\mathrm{GCV}$ not finite (the search itself always ends).
     """
 
     alpha2: Float[Array, ""]
     gcv: Float[Array, ""]
     dof: Float[Array, ""]
+    result: RESULTS
+
+    def __init__(self, alpha2: Float[Array, ""], gcv: Float[Array, ""], dof: Float[Array, ""]):
+        self.alpha2 = alpha2
+        self.gcv = gcv
+        self.dof = dof
+        self.result = RESULTS.where(jnp.isfinite(gcv), RESULTS.successful, RESULTS.nonfinite)
 
 
 class _GCVSpectrum(eqx.Module):

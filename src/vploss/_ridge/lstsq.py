@@ -188,6 +188,19 @@ class AbstractLstsqMethod(AbstractRidgeSolver):
         """The minimiser $W$, computed (differentiate `ridge_lstsq`, not this)."""
 
 
+class AbstractNormalEquationsMethod(AbstractLstsqMethod):
+    r"""A method whose minimiser `ridge_lstsq` differentiates implicitly, through the
+    normal equations $(Z^\top Z + \alpha I)W = Z^\top T$ (`_ridge_lstsq`), so it also
+    solves them for other right-hand sides (`solve`). (`DualRidge` differentiates its
+    dual formula instead.)"""
+
+    @abc.abstractmethod
+    def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
+        r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs`, for the derivative of the minimiser: the
+        solve of a `jax.lax.custom_linear_solve` (`_normal_solve`), so it is never
+        differentiated itself."""
+
+
 def _check_refine_steps(refine_steps: object) -> None:
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"`refine_steps` must be a Python int >= 0; got {refine_steps!r}.")
@@ -299,7 +312,7 @@ def gram_lstsq(
     return _refine(solve, residual, jnp.zeros_like(cross), refine_steps + 1)
 
 
-class CholeskyRidge(AbstractLstsqMethod):
+class CholeskyRidge(AbstractNormalEquationsMethod):
     r"""The ridge readout from the normal equations of the centred problem, refined to
     the accuracy of a QR solve. The default of `solver="auto"` when there are at least
     as many samples as coefficients and `alpha2 > 0`.
@@ -363,7 +376,7 @@ def _svd(design: Stack, alpha2: Scalar):
     return u, s, vt, inverse
 
 
-class SVDRidge(AbstractLstsqMethod):
+class SVDRidge(AbstractNormalEquationsMethod):
     r"""The ridge readout from the thin SVD $Z = USV^\top$ of the centred problem (see
     `CholeskyRidge`): the regularised solution $W = V\operatorname{diag}(s_i/(s_i^2 +
     \alpha_2))U^\top T$. With `alpha2 = 0` the singular values below
@@ -508,7 +521,9 @@ def _ridge_lstsq_jvp(method, primals, tangents):
     return w, _normal_solve(method, design, alpha2, rhs)
 
 
-def _normal_solve(method, design, alpha2, rhs):
+def _normal_solve(
+    method: AbstractNormalEquationsMethod, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]
+) -> Float[Array, "m k"]:
     r"""$(Z^\top Z + \alpha I)^{-1}$ `rhs` by `method.solve`, as a
     `jax.lax.custom_linear_solve`: its derivative is implicit, through the
     matrix-vector product alone, and its transpose is the same (symmetric) solve, so

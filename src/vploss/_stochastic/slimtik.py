@@ -23,6 +23,7 @@ from .._core.numerics import matmul
 from .._core.penalty import as_penalty, choose_log_penalty, gcv_quotient, is_penalty_rule
 from .._core.readout import readout_from_coefficients, VPLinear
 from .._ridge.gcv import GCVStats
+from .base import AbstractStochasticReadout
 
 
 class SlimTikState(eqx.Module):
@@ -141,7 +142,7 @@ def slimtik_update(
     return coef, penalty, GCVStats(alpha2=penalty, gcv=value, dof=trace), gram
 
 
-class SlimTik(eqx.Module):
+class SlimTik(AbstractStochasticReadout[SlimTikState]):
     r"""The ridge readout of mini-batch VarPro with memory: the sampled limited-memory
     Tikhonov (slimTik) update of slimTrain (Newman, Chung, Chung & Ruthotto, "slimTrain
     — a stochastic approximation method for training separable deep neural networks",

@@ -28,6 +28,7 @@ from .._readout_losses.evidence import evidence_penalty
 from .._readout_losses.loss import check_readout_loss
 from .._readout_losses.objective import ReadoutArgs, ReadoutObjective
 from .._readout_losses.solvers import AbstractGLMSolver, as_readout_solver, InnerMinimise
+from .base import AbstractStochasticReadout
 
 
 #: The evidence update moves the penalty by at most this factor per step: one step's
@@ -63,7 +64,7 @@ class WindowedState(eqx.Module):
     step: Int[Array, ""]
 
 
-class WindowedReadout(eqx.Module):
+class WindowedReadout(AbstractStochasticReadout[WindowedState]):
     r"""The readout of a readout loss (`vploss.SigmoidBinaryCrossEntropy()`,
     `vploss.SoftmaxCrossEntropy(num_classes=K)`, `vploss.PoissonLogLikelihood()`, any
     `AbstractReadoutLoss`) for mini-batch training, with memory and an automatic
