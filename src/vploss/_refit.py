@@ -20,7 +20,14 @@ from ._core.checks import (
     drop_zero_weight_samples,
 )
 from ._core.features import glm_features
-from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
+from ._core.newton import (
+    armijo_accepts,
+    BACKTRACK_FACTOR,
+    default_gtol,
+    MAX_BACKTRACKS,
+    newton_direction,
+    scaled_gradient_norm,
+)
 from ._core.numerics import column_mean, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats
@@ -29,10 +36,6 @@ from ._readout_losses.loss import as_readout_init, READOUT_LOSSES
 from ._readout_losses.objective import GLMArgs, gradient_scale, hessian_operator, ReadoutObjective
 from ._ridge.loss import vploss_msereg
 from ._ridge.lstsq import gram_lstsq, with_intercept
-
-
-# The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
-_ARMIJO = 0.25
 
 
 def _finite(*trees):
@@ -286,30 +289,33 @@ def _refit_glm(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, t
     value, gradient, hessian, scale = evaluate(coef)
     passes = 1
     updates = 0
-    # Damped Newton with a backtracking (Armijo) line search; every evaluation, trial
-    # points included, is one pass over the data.
-    while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
+    found = True
+    # The damped Newton method of the one-shot losses (`newton.py`: its direction,
+    # line-search test and constants), its loop in Python as the batches stream from
+    # an iterable: every evaluation, trial points included, is one pass over the data.
+    while found and passes < max_passes and scaled_gradient_norm(gradient, scale) > gtol:
         direction, _ = _newton_direction(hessian, gradient)
         predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
-        size = 1.0
-        while passes < max_passes:
-            trial = coef + size * -direction
+        found = False
+        for backtracks in range(min(MAX_BACKTRACKS + 1, max_passes - passes)):
+            size = BACKTRACK_FACTOR**backtracks
+            trial = coef - size * direction
             evaluation = evaluate(trial)
             passes += 1
-            if armijo_accepts(value, evaluation[0], size * predicted, _ARMIJO):
+            if armijo_accepts(value, evaluation[0], size * predicted):
                 coef = trial
                 value, gradient, hessian, scale = evaluation
                 updates += 1
+                found = True
                 break
-            size /= 2
     norm = scaled_gradient_norm(gradient, scale)
     converged = norm <= gtol
     if throw and not bool(converged):
+        cause = f"within {max_passes} passes" if passes >= max_passes else "(no line-search step)"
         raise RuntimeError(
-            f"`refit_readout` for {what} did not converge within {max_passes} passes "
-            f"(scaled gradient norm {float(norm):.2e} > gtol = {gtol:.2e}). Raise "
-            "`max_passes`, increase `alpha2`, or pass `throw=False` and inspect "
-            "`readout.stats`."
+            f"`refit_readout` for {what} did not converge {cause} (scaled gradient norm "
+            f"{float(norm):.2e} > gtol = {gtol:.2e}). Raise `max_passes`, increase "
+            "`alpha2`, or pass `throw=False` and inspect `readout.stats`."
         )
     stats = InnerStats(jnp.asarray(updates), norm, converged)
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
