@@ -407,7 +407,8 @@ def minimise_updates(
 class _NewtonState(eqx.Module):
     newton: Float[Array, "*shape"]
     fallbacks: Int[Array, ""]
-    # `newton_decrement_bound` of `newton` (inf for a fallback direction).
+    # `newton_decrement_bound` of `newton`, or its `gᵀd` without `alpha2` (inf for a
+    # fallback direction).
     decrement: Float[Array, ""]
     # CG iterations of the directions so far (0 for the Cholesky directions).
     cg_steps: Int[Array, ""]

@@ -167,7 +167,7 @@ class LogBarrier(eqx.Module):
         gradient = jax.grad(barrier)(state.point, state.weight) / state.weight
         stats = BarrierStats(
             num_steps=state.num_steps,
-            gradient_norm=jnp.linalg.norm(gradient),
+            gradient_norm=optx.max_norm(gradient),
             converged=state.converged,
             fallback_steps=state.fallback_steps,
             duality_gap=barrier.duality_gap(state.weight),
