@@ -140,7 +140,7 @@ def test_budget_and_throw(passes):
     assert not bool(readout.stats.converged)
     assert int(readout.stats.num_steps) == passes - 1
     evaluate, zero = logistic_problem(jax.vmap(model)(x), labels["binary"], 1e-3)
-    expected = armijo_updates(evaluate, zero, newton_step, passes - 1, slope=0.25)
+    expected = armijo_updates(evaluate, zero, newton_step, passes - 1)
     coef = np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]])
     np.testing.assert_allclose(coef, expected, rtol=1e-10, atol=1e-12)
 

@@ -20,10 +20,17 @@ from ._core.checks import (
     drop_zero_weight_samples,
 )
 from ._core.features import readout_features
-from ._core.newton import armijo_accepts, default_gtol, newton_direction, scaled_gradient_norm
+from ._core.newton import (
+    armijo_accepts,
+    BACKTRACK_FACTOR,
+    default_gtol,
+    MAX_BACKTRACKS,
+    newton_direction,
+    scaled_gradient_norm,
+)
 from ._core.numerics import all_finite, matmul
 from ._core.readout import readout_from_coefficients, VPLinear
-from ._core.stats import InnerStats, RESULTS
+from ._core.stats import InnerStats, RESULTS, solve_result
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
 from ._readout_losses.loss import as_readout_init
@@ -35,10 +42,6 @@ from ._readout_losses.objective import (
 )
 from ._ridge.intercept import centre, eliminated_row, with_intercept
 from ._ridge.lstsq import gram_lstsq, gram_residual
-
-
-# The sufficient-decrease fraction of the backtracking line search, as `LogBarrier`'s.
-_ARMIJO = 0.25
 
 
 class _Moments(eqx.Module):
@@ -278,33 +281,44 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
     value, gradient, hessian, scale = evaluate(coef)
     passes = 1
     updates = 0
-    # Damped Newton with a backtracking (Armijo) line search; every evaluation, trial
-    # points included, is one pass over the data.
-    while scaled_gradient_norm(gradient, scale) > gtol and passes < max_passes:
-        direction, _ = _newton_direction(hessian, gradient)
+    fallbacks = 0
+    found = True
+    # The damped Newton method of the one-shot losses (`newton.py`: its direction,
+    # line-search test and constants), its loop in Python as the batches stream from
+    # an iterable: every evaluation, trial points included, is one pass over the data.
+    while found and passes < max_passes and scaled_gradient_norm(gradient, scale) > gtol:
+        direction, newton = _newton_direction(hessian, gradient)
+        fallbacks += int(not bool(newton))
         predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
-        size = 1.0
-        while passes < max_passes:
-            trial = coef + size * -direction
+        found = False
+        for backtracks in range(min(MAX_BACKTRACKS + 1, max_passes - passes)):
+            size = BACKTRACK_FACTOR**backtracks
+            trial = coef - size * direction
             evaluation = evaluate(trial)
             passes += 1
-            if armijo_accepts(value, evaluation[0], size * predicted, _ARMIJO):
+            if armijo_accepts(value, evaluation[0], size * predicted):
                 coef = trial
                 value, gradient, hessian, scale = evaluation
                 updates += 1
+                found = True
                 break
-            size /= 2
     norm = scaled_gradient_norm(gradient, scale)
     converged = norm <= gtol
     if throw and not bool(converged):
+        cause = f"within {max_passes} passes" if passes >= max_passes else "(no line-search step)"
         raise RuntimeError(
-            f"`refit_readout` for {what} did not converge within {max_passes} passes "
-            f"(scaled gradient norm {float(norm):.2e} > gtol = {gtol:.2e}). Raise "
-            "`max_passes`, increase `alpha2`, or pass `throw=False` and inspect "
-            "`readout.stats`."
+            f"`refit_readout` for {what} did not converge {cause} (scaled gradient norm "
+            f"{float(norm):.2e} > gtol = {gtol:.2e}). Raise `max_passes`, increase "
+            "`alpha2`, or pass `throw=False` and inspect `readout.stats`."
         )
-    result = RESULTS.where(converged, RESULTS.successful, RESULTS.nonlinear_max_steps_reached)
-    stats = InnerStats(num_steps=jnp.asarray(updates), gradient_norm=norm, result=result)
+    failure = RESULTS.nonlinear_max_steps_reached if found else RESULTS.line_search_failed
+    result = solve_result(converged, jnp.asarray(fallbacks), failure)
+    stats = InnerStats(
+        num_steps=jnp.asarray(updates),
+        gradient_norm=norm,
+        result=result,
+        fallback_steps=jnp.asarray(fallbacks),
+    )
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
 
 

@@ -1,8 +1,12 @@
-"""Newton's method for the convex inner problems: the stopping test (scaled gradient
-and loss-error bound), a backtracking line search that allows for the objective's
-rounding, the Newton direction by Cholesky with fallbacks, and the truncated Newton
-direction by preconditioned CG; as optimistix pieces (`DampedNewton`, descents, search,
-`GradientNormTermination`), run with a budget of updates (`minimise_updates`)."""
+"""Newton's method for the convex inner problems, one damped Newton method for all of
+them (the readout losses' solvers, `LogBarrier`'s centering steps; the streaming
+refit, which cannot run in one jitted loop, takes the same direction, line-search test
+and constants): the stopping tests (scaled gradient and loss-error bound; Newton
+decrement), a backtracking line search that allows for the objective's rounding, the
+Newton direction by Cholesky with fallbacks, and the truncated Newton direction by
+preconditioned CG; as optimistix pieces (`DampedNewton`, descents, search,
+`GradientNormTermination`, `DecrementTermination`), run with a budget of updates
+(`minimise_updates`)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -94,14 +98,27 @@ def scaled_gradient_norm(gradient: Float[Array, "p k"], scale: Float[Array, "p 1
     return optx.max_norm(gradient / scale)
 
 
+#: The sufficient-decrease fraction $c$ of every Newton method's backtracking line
+#: search (`RoundingArmijo`, `armijo_accepts`; optimistix's default), and the factor
+#: each rejected trial step is shortened by.
+ARMIJO_SLOPE = 0.1
+BACKTRACK_FACTOR = 0.5
+
+#: Rejected trial steps in a row (halvings of the step) after which a line search
+#: has found no acceptable step and the solve ends (`UpdateBudget`, the refit): the
+#: trial step is then 2^-60 (about 1e-18) of the first.
+MAX_BACKTRACKS = 60
+
+
 def armijo_accepts(
-    value: Scalar, trial: Scalar, predicted: Scalar, slope: ArrayLike
+    value: Scalar, trial: Scalar, predicted: Scalar, slope: ArrayLike = ARMIJO_SLOPE
 ) -> Bool[Array, ""]:
-    r"""The sufficient-decrease test of every line search here (`RoundingArmijo`, the
-    streaming refit's, `LogBarrier`'s): a step with predicted change $\nabla J^\top d
-    \le 0$ is accepted when $J(y + d) - J(y) \le c\,\nabla J^\top d + \tau$, $\tau =
-    \rho\,\varepsilon\,(1 + |J(y)|)$ (`ROUNDING` $\rho$; see `RoundingArmijo` for why).
-    A non-finite trial value is never accepted."""
+    r"""The sufficient-decrease test of every line search here (`RoundingArmijo`, which
+    the solvers of the readout losses and `LogBarrier` run, and the streaming refit's
+    own loop): a step with predicted change $\nabla J^\top d \le 0$ is accepted when
+    $J(y + d) - J(y) \le c\,\nabla J^\top d + \tau$, $\tau = \rho\,\varepsilon\,(1 +
+    |J(y)|)$ (`ARMIJO_SLOPE` $c$ and `ROUNDING` $\rho$; see `RoundingArmijo` for why).
+    A non-finite trial value (outside the objective's domain) is never accepted."""
     tolerance = ROUNDING * jnp.finfo(jnp.result_type(value)).eps * (1 + jnp.abs(value))
     return (predicted <= 0) & (trial - value <= slope * predicted + tolerance)
 
@@ -113,7 +130,7 @@ class RoundingArmijo(optx.AbstractSearch):
     $$J(y + d) - J(y) \le c\,\nabla J(y)^\top d + \tau, \qquad \nabla J(y)^\top d
     \le 0, \qquad \tau = \rho\,\varepsilon\,(1 + |J(y)|),$$
 
-    with the slope $c$ of `armijo` (0.1), the machine epsilon $\varepsilon$ of the
+    with the slope $c$ of `armijo` (`ARMIJO_SLOPE`), the machine epsilon $\varepsilon$ of the
     objective's dtype and `ROUNDING` $\rho$ (16) (`armijo_accepts`). With $\tau = 0$
     this is `armijo`'s own test, which runs first and whose step sizes are kept.
 
@@ -152,7 +169,9 @@ class RoundingArmijo(optx.AbstractSearch):
     It costs one dot product per trial step, no evaluation of the objective.
     """
 
-    armijo: optx.BacktrackingArmijo = optx.BacktrackingArmijo()
+    armijo: optx.BacktrackingArmijo = optx.BacktrackingArmijo(
+        decrease_factor=BACKTRACK_FACTOR, slope=ARMIJO_SLOPE
+    )
 
     def init(self, y, f_info_struct):
         return self.armijo.init(y, f_info_struct)
@@ -213,6 +232,17 @@ class DampedNewton(optx.AbstractQuasiNewton):
 
 def _is_struct(leaf):
     return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+class AtArgs(eqx.Module):
+    """`function(y, args)` as a function of `y` alone: the `hessian` of a
+    `DampedNewton` whose Hessian depends on the data (optimistix passes it `y` only)."""
+
+    function: Callable
+    args: PyTree
+
+    def __call__(self, y):
+        return self.function(y, self.args)
 
 
 class _AbstractWrappedMinimiser(optx.AbstractMinimiser):
@@ -276,11 +306,20 @@ class GradientNormTermination(_AbstractWrappedMinimiser):
         return ~state.first_step & converged, state.result
 
 
-#: Steps in a row that leave the iterate where it is (the evaluation of the start,
-#: rejected line-search trials) beyond which `UpdateBudget` ends a solve: a halving
-#: line search's trial step is then 2^-60 (about 1e-18) of its first. Also
-#: `LogBarrier`'s default `max_backtracks`.
-MAX_BACKTRACKS = 60
+class DecrementTermination(_AbstractWrappedMinimiser):
+    r"""Runs a `DampedNewton` (with `FallbackNewtonDescent`) until the Newton decrement
+    at the accepted iterate is small: $\lambda^2/2 \le$ `tol`, $\lambda^2 = \nabla
+    J^\top H^{-1}\nabla J$, an estimate of $J - \min J$ for a self-concordant $J$
+    (Boyd and Vandenberghe, 9.5). A fallback direction (decrement `inf`) never meets
+    it. The start counts too, as for `GradientNormTermination`; the budget of updates
+    is `UpdateBudget`'s."""
+
+    minimiser: DampedNewton
+    tol: float
+
+    def terminate(self, fn, y, args, options, state, tags):
+        centred = state.descent_state.decrement / 2 <= self.tol
+        return ~state.first_step & centred, state.result
 
 
 class _BudgetState(eqx.Module):
@@ -299,14 +338,16 @@ class UpdateBudget(_AbstractWrappedMinimiser):
     `optx.BFGS`) first step only evaluates the start, and a rejected line-search trial
     leaves the iterate where it is, so `max_steps=1` never moved and each rejection
     took an update's place. Here steps that do not move are free; more than
-    `MAX_BACKTRACKS = 60` of them in a row end the solve (a line search that finds no
-    acceptable step). A budget that ends the solve reports
+    `max_backtracks` (`MAX_BACKTRACKS`) of them in a row end the solve (a line search
+    that finds no acceptable step). A budget that ends the solve reports
     `optx.RESULTS.nonlinear_max_steps_reached`, unless the minimiser's own test ends
     it at the same point. The state holds the minimiser's (`inner`) and the number of
-    updates (`updates`). Use it through `minimise_updates`."""
+    updates (`updates`). `max_updates` may be traced (a budget left over from earlier
+    solves). Use it through `minimise_updates`."""
 
     minimiser: optx.AbstractMinimiser
-    max_updates: int
+    max_updates: int | Int[Array, ""]
+    max_backtracks: int = MAX_BACKTRACKS
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         inner = self.minimiser.init(fn, y, args, options, f_struct, aux_struct, tags)
@@ -322,7 +363,7 @@ class UpdateBudget(_AbstractWrappedMinimiser):
 
     def terminate(self, fn, y, args, options, state, tags):
         done, result = self.minimiser.terminate(fn, y, args, options, state.inner, tags)
-        spent = (state.updates >= self.max_updates) | (state.stalled > MAX_BACKTRACKS)
+        spent = (state.updates >= self.max_updates) | (state.stalled > self.max_backtracks)
         result = optx.RESULTS.where(done | ~spent, result, optx.RESULTS.nonlinear_max_steps_reached)
         return done | spent, result
 
@@ -336,20 +377,25 @@ def minimise_updates(
     y0: PyTree[Array],
     args: PyTree,
     *,
-    max_updates: int,
+    max_updates: int | Int[Array, ""],
+    max_backtracks: int = MAX_BACKTRACKS,
     throw: bool,
     adjoint: optx.AbstractAdjoint | None = None,
 ) -> optx.Solution:
     """`optx.minimise` of `fn` by `minimiser` from `y0`, with at most `max_updates`
-    updates (`UpdateBudget`); `solution.state.updates` is their number and
-    `solution.state.inner` the minimiser's final state."""
+    updates and `max_backtracks` rejected steps in a row (`UpdateBudget`);
+    `solution.state.updates` is the number of updates and `solution.state.inner` the
+    minimiser's final state."""
     # The budget ends the loop first; `max_steps` only bounds the optimistix loop,
-    # which a checkpointed loop needs.
-    max_steps = (max_updates + 1) * (MAX_BACKTRACKS + 1)
+    # which a checkpointed loop needs (a traced budget leaves it unbounded, for the
+    # default adjoint's loop).
+    max_steps = None
+    if isinstance(max_updates, int):
+        max_steps = (max_updates + 1) * (max_backtracks + 1)
     return optx.minimise(
         fn,
         # pyright counts the abstract `rtol`, `atol`, `norm` as constructor arguments.
-        UpdateBudget(minimiser, max_updates),  # pyright: ignore[reportCallIssue]
+        UpdateBudget(minimiser, max_updates, max_backtracks),  # pyright: ignore[reportCallIssue]
         y0,
         args,
         max_steps=max_steps,
@@ -359,15 +405,16 @@ def minimise_updates(
 
 
 class _NewtonState(eqx.Module):
-    newton: Float[Array, "p k"]
+    newton: Float[Array, "*shape"]
     fallbacks: Int[Array, ""]
-    # `newton_decrement_bound` of `newton` (inf for a fallback direction).
+    # `newton_decrement_bound` of `newton`, or its `gᵀd` without `alpha2` (inf for a
+    # fallback direction).
     decrement: Float[Array, ""]
     # CG iterations of the directions so far (0 for the Cholesky directions).
     cg_steps: Int[Array, ""]
 
 
-def _initial_state(y: Float[Array, "p k"]) -> _NewtonState:
+def _initial_state(y: Float[Array, "*shape"]) -> _NewtonState:
     zero = jnp.zeros((), jnp.int32)
     return _NewtonState(y, zero, jnp.full((), jnp.inf, y.dtype), zero)
 
@@ -444,11 +491,13 @@ def newton_direction(
 
 
 class FallbackNewtonDescent(optx.AbstractDescent):
-    """The Newton direction of `newton_direction` on the exact Hessian operator. The
+    r"""The Newton direction of `newton_direction` on the exact Hessian operator. The
     state counts the fallbacks (`InnerStats.fallback_steps`) and holds the
-    `newton_decrement_bound` of the Newton direction."""
+    `newton_decrement_bound` of the Newton direction, or with `alpha2=None` (an
+    objective with no known strong convexity) its squared Newton decrement
+    $\nabla J^\top H^{-1}\nabla J$ from the Cholesky direction."""
 
-    alpha2: Scalar
+    alpha2: Scalar | None = None
 
     def init(self, y, f_info_struct):
         del f_info_struct
@@ -457,7 +506,10 @@ class FallbackNewtonDescent(optx.AbstractDescent):
     def query(self, y, f_info, state):
         gradient = f_info.grad
         newton, ok = newton_direction(f_info.hessian, gradient)
-        decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
+        if self.alpha2 is None:
+            decrement = jnp.vdot(gradient, newton, precision=jax.lax.Precision.HIGHEST)
+        else:
+            decrement = newton_decrement_bound(gradient, f_info.hessian, newton, self.alpha2)
         decrement = jnp.where(ok, decrement, jnp.inf)
         fallbacks = state.fallbacks + (~ok).astype(jnp.int32)
         return _NewtonState(newton, fallbacks, decrement, state.cg_steps)

@@ -77,12 +77,18 @@ class InnerStats(AbstractStats):
     **Fields:**
 
     - `num_steps`: the number of updates the inner solver took: iterates it moved to
-        (for the Newton and quasi-Newton solvers, steps their line search accepted;
-        the evaluation of the start and rejected trial steps do not count). The
-        solvers' `max_steps` bounds it, so `max_steps=1` takes one update.
-    - `gradient_norm`: the norm of the gradient of the inner objective in the readout
-        at the returned solution (for a constrained problem: the norm of its
-        optimality residual), a measure of how far from optimal the readout is.
+        (for the Newton and quasi-Newton solvers, steps their line search accepted,
+        over all centerings for `LogBarrier`; the evaluation of the start and rejected
+        trial steps do not count; a direct solve, like the ridge loss's in
+        `refit_readout`, is one update). The solvers' `max_steps` bounds it, so
+        `max_steps=1` takes one update.
+    - `gradient_norm`: the max-norm of the gradient of the minimised objective at the
+        returned solution, a measure of how far from optimal the readout is: for the
+        readout losses and `refit_readout`, each entry divided by its coefficient's
+        scale (`scaled_gradient_norm`, with `ReadoutObjective.gradient_scale`: the
+        quantity their `gtol` bounds); for `LogBarrier`, unscaled, of the barrier
+        objective $J - \frac1t\sum_i \log w_i$ (the constrained problem's optimality
+        residual).
     - `result`: the outcome, a `vploss.RESULTS`: `successful` when the solver met its
         tolerance within its step budget, else why not (`nonlinear_max_steps_reached`,
         `indefinite_hessian`, ...). `stats.converged` is `result == successful`.

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree, Scalar
 
 from .._core.envelope import (
     AbstractInnerSolver,
@@ -21,19 +22,30 @@ from .._core.envelope import (
     Objective,
     Params,
 )
-from .._core.newton import armijo_accepts, MAX_BACKTRACKS, newton_direction
+from .._core.newton import (
+    ARMIJO_SLOPE,
+    AtArgs,
+    BACKTRACK_FACTOR,
+    DampedNewton,
+    DecrementTermination,
+    FallbackNewtonDescent,
+    MAX_BACKTRACKS,
+    minimise_updates,
+    RoundingArmijo,
+)
 from .._core.stats import AbstractStats, RESULTS, solve_result
 
 
 class BarrierStats(AbstractStats):
     r"""Diagnostics of a `LogBarrier` solve: the fields of `vploss.InnerStats` that it
-    reports, and its duality gap.
+    reports, with the meanings given there, and its duality gap.
 
     **Fields:**
 
     - `num_steps`: the Newton updates over all centerings.
-    - `gradient_norm`: the norm of the gradient of the barrier objective $J -
-        \frac1t\sum_i \log w_i$ at the returned point.
+    - `gradient_norm`: the max-norm of the gradient of the barrier objective $J -
+        \frac1t\sum_i \log w_i$ at the returned point and the final barrier weight
+        $t$, unscaled.
     - `result`: the outcome, a `vploss.RESULTS`: `successful`,
         `nonlinear_max_steps_reached` (out of `max_steps`), `indefinite_hessian` (the
         same after Newton directions fell back) or `line_search_failed` (e.g. a start
@@ -64,27 +76,28 @@ class LogBarrier(eqx.Module):
 
     $$\varphi_t(w) = t\,J(w) - \sum_{i \in C} \log w_i$$
 
-    by damped Newton steps. The Newton direction $\Delta w = -H^{-1}\nabla\varphi_t$
-    is that of every Newton method here (`newton_direction`): a Cholesky factorisation
-    (lineax) of the Hessian $H$ of $\varphi_t$, and where $H$ is not numerically
-    positive definite (rounding in float32, or an objective that is not convex far
-    from its minimum) a shifted Newton or a gradient direction instead, counted in
-    `BarrierStats.fallback_steps`. A step is accepted by a backtracking (Armijo) line
-    search that starts at the largest step keeping every constrained entry positive
-    and halves it while $\varphi_t$ is not finite or does not decrease enough
-    (`armijo_accepts`: by the fraction `armijo` of the predicted decrease, up to the
-    rounding of $\varphi_t$), so every iterate stays strictly feasible. An objective
-    with a domain of its own (e.g. $\log\det$ of a matrix that must stay positive
-    definite) expresses it by returning `+inf` (or NaN) outside it: such steps are
-    rejected like infeasible ones. When the Newton decrement $\lambda^2/2 = -\tfrac12
-    \nabla\varphi_t^\top \Delta w$ falls below `decrement_tol` (a fallback direction
-    never counts as centred), the point is centred; then, if the duality gap $|C|/t$
-    is below `gap_tol` the solve ends, else $t \leftarrow \min(\mu t, |C|/$`gap_tol`$)$
-    (the last weight just meets the tolerance rather than overshooting it by up to
-    $\mu$). The returned point
-    $w_t$ satisfies $J(w_t) - \min J \le |C|/t$ (up to the centering accuracy).
+    by the damped Newton method of every Newton solver here (`DampedNewton` with the
+    line search `RoundingArmijo`, run by optimistix). The Newton direction $\Delta w =
+    -H^{-1}\nabla\varphi_t$ is `newton_direction`'s: a Cholesky factorisation (lineax)
+    of the Hessian $H$ of $\varphi_t$, and where $H$ is not numerically positive
+    definite (rounding in float32, or an objective that is not convex far from its
+    minimum) a shifted Newton or a gradient direction instead, counted in
+    `BarrierStats.fallback_steps`. The line search starts at the largest step keeping
+    every constrained entry positive (shortened by 1%) and halves it while
+    $\varphi_t$ is not finite or does not decrease enough (`armijo_accepts`: by the
+    fraction `armijo` of the predicted decrease, up to the rounding of $\varphi_t$),
+    so every iterate stays strictly feasible. An objective with a domain of its own
+    (e.g. $\log\det$ of a matrix that must stay positive definite) expresses it by
+    returning `+inf` (or NaN) outside it: such steps are rejected like infeasible
+    ones. When the Newton decrement $\lambda^2/2 = -\tfrac12 \nabla\varphi_t^\top
+    \Delta w$ falls below `decrement_tol` (`DecrementTermination`; a fallback
+    direction never counts as centred), the point is centred; then, if the duality gap
+    $|C|/t$ is below `gap_tol` the solve ends, else $t \leftarrow \min(\mu t,
+    |C|/$`gap_tol`$)$ (the last weight just meets the tolerance rather than
+    overshooting it by up to $\mu$). The returned point $w_t$ satisfies $J(w_t) -
+    \min J \le |C|/t$ (up to the centering accuracy).
 
-    Everything runs in one `lax.while_loop`, so the solve is jittable and vmappable.
+    Everything runs in `lax.while_loop`s, so the solve is jittable and vmappable.
     The Hessian of $\varphi_t$ is formed by forward-over-reverse autodiff of the
     flattened objective: it suits readouts of up to a few hundred entries.
 
@@ -103,9 +116,10 @@ class LogBarrier(eqx.Module):
     - `max_steps`: Newton updates allowed in total (default 500): steps that the line
         search accepted, so `max_steps=k` moves the iterate $k$ times (unless the
         solve ends first); `BarrierStats.num_steps` counts them.
-    - `max_backtracks`: step halvings allowed per line search (default
-        `MAX_BACKTRACKS` = 60).
-    - `armijo`: the sufficient-decrease fraction of the line search (default 0.25).
+    - `max_backtracks`: rejected trial steps (halvings) in a row after which a line
+        search has failed (default `MAX_BACKTRACKS` = 60).
+    - `armijo`: the sufficient-decrease fraction of the line search (default
+        `ARMIJO_SLOPE` = 0.1, that of every Newton solver here).
 
     With the defaults the solve takes about $\log(|C|/(t_0\,\text{gap\_tol}))/\log\mu$
     centerings (7 for 33 constraints in float64). Not reaching the tolerances within
@@ -121,7 +135,7 @@ class LogBarrier(eqx.Module):
     max_centering_steps: int = 50
     max_steps: int = 500
     max_backtracks: int = MAX_BACKTRACKS
-    armijo: float = 0.25
+    armijo: float = ARMIJO_SLOPE
 
     def __check_init__(self):
         if not self.weight_factor > 1:
@@ -146,26 +160,28 @@ class LogBarrier(eqx.Module):
         """
         flat_init, unravel = jfu.ravel_pytree(init)
         barrier = _Barrier(objective, args, unravel, _constraint_mask(init, constrained))
-        # Without constraints the gap is 0, and the first centering is the whole solve.
+        weight = jnp.asarray(self.initial_weight, flat_init.dtype)
         zero = jnp.zeros((), jnp.int32)
         state = _BarrierState(
             point=flat_init,
-            weight=jnp.asarray(self.initial_weight, flat_init.dtype),
+            weight=weight,
             num_steps=zero,
-            centring_steps=zero,
             fallback_steps=zero,
-            done=jnp.array(False),
+            # A start outside the domain ends the solve unmoved: from an infinite
+            # value the line search would accept any finite trial.
+            done=~jnp.isfinite(barrier(flat_init, weight)),
             converged=jnp.array(False),
         )
+        # Without constraints the gap is 0, and the first centering is the whole solve.
         state = lax.while_loop(
             lambda state: ~state.done & (state.num_steps < self.max_steps),
-            lambda state: self._newton_step(barrier, state),
+            lambda state: self._centre(barrier, state),
             state,
         )
         gradient = jax.grad(barrier)(state.point, state.weight) / state.weight
         stats = BarrierStats(
             num_steps=state.num_steps,
-            gradient_norm=jnp.linalg.norm(gradient),
+            gradient_norm=optx.max_norm(gradient),
             # A solve that ended unconverged found no step.
             result=solve_result(
                 state.converged,
@@ -186,81 +202,83 @@ class LogBarrier(eqx.Module):
         decrement_tol = root_eps if self.decrement_tol is None else self.decrement_tol
         return gap_tol, decrement_tol
 
-    def _newton_step(self, barrier: "_Barrier", state: "_BarrierState") -> "_BarrierState":
-        r"""One damped Newton step on $\varphi_t$, then the centering and stopping
-        tests: a centred point ends the solve when the duality gap is below `gap_tol`,
-        else moves on to the next barrier weight (as does a centering out of steps).
-        A line search that finds no step ends the solve unconverged, with no update
-        counted."""
+    def _centre(self, barrier: "_Barrier", state: "_BarrierState") -> "_BarrierState":
+        r"""One centering: damped Newton on $\varphi_t$ (`minimise_updates`) until the
+        point is centred or the centering's updates (at most `max_centering_steps`,
+        and what is left of `max_steps`) are spent. A centred point ends the solve when
+        the duality gap is below `gap_tol`, else moves on to the next barrier weight
+        (as does a centering out of updates); a line search that finds no step ends the
+        solve unconverged."""
         gap_tol, decrement_tol = self._tolerances(state.point.dtype)
-        value, gradient, hessian = barrier.derivatives(state.point, state.weight)
-        operator = lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag)
-        direction, newton = newton_direction(operator, gradient)
-        step = -direction
-        # The Newton decrement λ²/2 = gᵀH⁻¹g/2 estimates φ_t − min φ_t; a fallback
-        # direction's gᵀd/2 does not, so only a Newton direction can find the centre.
-        decrement = jnp.dot(gradient, direction, precision=lax.Precision.HIGHEST) / 2
-        centred = newton & (decrement <= decrement_tol)
-        size, ok = self._line_search(barrier, state.point, state.weight, value, gradient, step)
-        next_weight = centred | (state.centring_steps + 1 >= self.max_centering_steps)
+        newton = DampedNewton(
+            hessian=AtArgs(barrier.hessian, state.weight),
+            descent=_FeasibleNewtonDescent(barrier.mask),
+            search=RoundingArmijo(
+                optx.BacktrackingArmijo(decrease_factor=BACKTRACK_FACTOR, slope=self.armijo)
+            ),
+        )
+        budget = jnp.minimum(self.max_centering_steps, self.max_steps - state.num_steps)
+        solution = minimise_updates(
+            barrier,
+            # pyright counts the abstract `rtol`, `atol`, `norm` as constructor arguments.
+            DecrementTermination(newton, decrement_tol),  # pyright: ignore[reportCallIssue]
+            state.point,
+            state.weight,
+            max_updates=budget,
+            max_backtracks=self.max_backtracks,
+            throw=False,
+        )
+        updates = solution.state.updates
+        centred = solution.result == optx.RESULTS.successful
+        # A centering that ended short of its budget, uncentred, found no step.
         finished = centred & (barrier.duality_gap(state.weight) <= gap_tol)
-        done = finished | ~ok
+        done = finished | (~centred & (updates < budget))
+        num_steps = state.num_steps + updates
         # The last weight is the one that just meets `gap_tol`: overshooting it by up to
         # the factor μ only makes the last centering harder (in float32, t·J then
         # rounds so coarsely that Newton's method stalls short of the centre).
         last = barrier.duality_gap(jnp.ones_like(state.weight)) / (gap_tol * (1 - 1e-3))
         increased = self.weight_factor * state.weight
         increased = jnp.where(state.weight < last, jnp.minimum(increased, last), increased)
+        # The stats report the weight the returned point was centred for.
+        advance = ~done & (num_steps < self.max_steps)
         return _BarrierState(
-            point=jnp.where(ok, state.point + size * step, state.point),
-            weight=jnp.where(next_weight & ~done, increased, state.weight),
-            num_steps=state.num_steps + ok.astype(jnp.int32),
-            centring_steps=jnp.where(next_weight, 0, state.centring_steps + 1),
-            fallback_steps=state.fallback_steps + (~newton).astype(jnp.int32),
+            point=solution.value,
+            weight=jnp.where(advance, increased, state.weight),
+            num_steps=num_steps,
+            fallback_steps=state.fallback_steps + solution.state.inner.descent_state.fallbacks,
             done=done,
-            converged=finished & ok,
+            converged=finished,
         )
 
-    def _line_search(
-        self,
-        barrier: "_Barrier",
-        point: Float[Array, " n"],
-        weight: Scalar,
-        value: Scalar,
-        gradient: Float[Array, " n"],
-        step: Float[Array, " n"],
-    ) -> tuple[Scalar, Bool[Array, ""]]:
-        r"""Backtracking from the largest step that keeps the constrained entries
-        positive (`_boundary_step`): the step size $s$ is halved, at most
-        `max_backtracks` times, until $\varphi_t(w + s\Delta w)$ passes `armijo_accepts`
-        (a non-finite value, outside the domain, never does). Returns $s$ and whether
-        it was accepted (never from a point outside the domain)."""
-        slope = jnp.dot(gradient, step, precision=lax.Precision.HIGHEST)
 
-        def cond(carry):
-            _, tries, accepted = carry
-            return ~accepted & (tries <= self.max_backtracks)
+class _FeasibleNewtonDescent(optx.AbstractDescent):
+    """`FallbackNewtonDescent`'s direction, shortened to the largest step that keeps
+    the constrained entries positive (`_boundary_step`): the line search's first
+    trial. The state's decrement is that of the whole Newton direction."""
 
-        def body(carry):
-            size, tries, _ = carry
-            size = size / 2
-            trial = barrier(point + size * step, weight)
-            return size, tries + 1, armijo_accepts(value, trial, size * slope, self.armijo)
+    mask: Bool[ArrayLike, " n"]
+    newton: FallbackNewtonDescent = FallbackNewtonDescent()
 
-        first = _boundary_step(barrier.mask, point, step)
-        size, _, accepted = lax.while_loop(cond, body, (2 * first, 0, jnp.array(False)))
-        return size, accepted & jnp.isfinite(value)
+    def init(self, y, f_info_struct):
+        return self.newton.init(y, f_info_struct)
+
+    def query(self, y, f_info, state):
+        state = self.newton.query(y, f_info, state)
+        size = _boundary_step(self.mask, y, -state.newton)
+        return eqx.tree_at(lambda s: s.newton, state, size * state.newton)
+
+    def step(self, step_size, state):
+        return self.newton.step(step_size, state)
 
 
 class _BarrierState(eqx.Module):
-    """The loop state of `LogBarrier.solve`."""
+    """The loop state of `LogBarrier.solve`, between centerings."""
 
     # The flattened iterate $w$ and the barrier weight $t$.
     point: Float[Array, " n"]
     weight: Float[Array, ""]
     num_steps: Int[Array, ""]
-    # Newton steps taken at the current weight.
-    centring_steps: Int[Array, ""]
     fallback_steps: Int[Array, ""]
     done: Bool[Array, ""]
     converged: Bool[Array, ""]
@@ -286,25 +304,19 @@ class _Barrier(eqx.Module):
         r"""$\sum_{i \in C} \log w_i$ (NaN where a constrained entry is negative)."""
         return jnp.sum(jnp.where(self.mask, jnp.log(jnp.where(self.mask, point, 1)), 0))
 
-    def derivatives(
-        self, point: Float[Array, " n"], weight: Scalar
-    ) -> tuple[Scalar, Float[Array, " n"], Float[Array, "n n"]]:
-        """The value, the gradient and the (symmetrised) Hessian at `point`, by
-        forward-over-reverse autodiff."""
-
-        def gradient(v):
-            value, grad = jax.value_and_grad(self)(v, weight)
-            return grad, (grad, value)
-
-        hessian, (grad, value) = jax.jacfwd(gradient, has_aux=True)(point)
-        return value, grad, 0.5 * (hessian + hessian.T)
+    def hessian(self, point: Float[Array, " n"], weight: Scalar) -> lx.MatrixLinearOperator:
+        """The (symmetrised) Hessian at `point`, by forward-over-reverse autodiff."""
+        hessian = jax.hessian(self)(point, weight)
+        return lx.MatrixLinearOperator(0.5 * (hessian + hessian.T), lx.positive_semidefinite_tag)
 
     def duality_gap(self, weight: Scalar) -> Scalar:
         """$|C|/t$."""
         return jnp.asarray(self.mask.sum(), weight.dtype) / weight
 
 
-def _boundary_step(mask: np.ndarray, point: Float[Array, " n"], step: Float[Array, " n"]) -> Scalar:
+def _boundary_step(
+    mask: Bool[ArrayLike, " n"], point: Float[Array, " n"], step: Float[Array, " n"]
+) -> Scalar:
     """The largest step size, at most 1, keeping the constrained entries of `point +
     size * step` positive, shortened by 1% so that none lands on the boundary."""
     decreasing = step < 0

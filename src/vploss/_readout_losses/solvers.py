@@ -17,6 +17,7 @@ from jaxtyping import Array, Float
 
 from .._core.envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
 from .._core.newton import (
+    AtArgs,
     DampedNewton,
     default_gtol,
     descent_loss_error,
@@ -107,16 +108,6 @@ def _terminated(minimiser: optx.AbstractQuasiNewton, objective, args, gtol):
     return GradientNormTermination(minimiser, gtol, objective.gradient_scale(args), args.alpha2)  # pyright: ignore[reportCallIssue]
 
 
-class _AtData(eqx.Module):
-    """`hessian(coef, args)` as a function of `coef` alone."""
-
-    hessian: Callable
-    args: ReadoutArgs
-
-    def __call__(self, coef):
-        return self.hessian(coef, self.args)
-
-
 class Newton(AbstractGLMSolver):
     r"""Newton's method on the exact Hessian $\frac1N\sum_j\omega_j C_j\otimes\hat f_j
     \hat f_j^\top + \alpha_2 I$ ($C_j$ the loss's curvature in the logits, $\omega_j =
@@ -142,7 +133,7 @@ class Newton(AbstractGLMSolver):
     def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
         del num_coefficients
         descent = FallbackNewtonDescent(args.alpha2)
-        newton = DampedNewton(hessian=_AtData(objective.hessian, args), descent=descent)
+        newton = DampedNewton(hessian=AtArgs(objective.hessian, args), descent=descent)
         return _terminated(newton, objective, args, gtol)
 
 
@@ -178,7 +169,7 @@ class NewtonCG(AbstractGLMSolver):
             args.alpha2,
             max_cg_steps,
         )
-        newton = DampedNewton(hessian=_AtData(objective.hessian_product, args), descent=descent)
+        newton = DampedNewton(hessian=AtArgs(objective.hessian_product, args), descent=descent)
         return _terminated(newton, objective, args, gtol)
 
 
@@ -251,7 +242,7 @@ class KernelNewton(AbstractGLMSolver):
         del num_coefficients
         descent = KernelNewtonDescent(objective, args, RowSpace(args.features))
         # The line search's Hessian is only multiplied (the Newton decrement bound).
-        newton = DampedNewton(hessian=_AtData(objective.hessian_product, args), descent=descent)
+        newton = DampedNewton(hessian=AtArgs(objective.hessian_product, args), descent=descent)
         return _terminated(newton, objective, args, gtol)
 
 
