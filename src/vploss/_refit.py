@@ -311,7 +311,8 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
             f"{float(norm):.2e} > gtol = {gtol:.2e}). Raise `max_passes`, increase "
             "`alpha2`, or pass `throw=False` and inspect `readout.stats`."
         )
-    failure = RESULTS.nonlinear_max_steps_reached if found else RESULTS.line_search_failed
+    spent = found or passes >= max_passes
+    failure = RESULTS.nonlinear_max_steps_reached if spent else RESULTS.line_search_failed
     result = solve_result(converged, jnp.asarray(fallbacks), failure)
     stats = InnerStats(
         num_steps=jnp.asarray(updates),
