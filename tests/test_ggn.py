@@ -45,8 +45,8 @@ def _problem(name, dtype=jnp.float64, weighted=True):
 
 
 def _reference_mean_loss(name, logits, y, kwargs):
-    """The (weighted) mean data loss in the `(N, k)` logits, written from the SPEC's
-    definitions, independently of the library's `curvature`."""
+    """The (weighted) mean data loss in the `(N, k)` logits, written from the
+    definitions of docs/losses/*.md, independently of the library's `curvature`."""
     if name.startswith("msereg"):
         per_sample = 0.5 * jnp.sum((logits - y.reshape(N, -1)) ** 2, axis=1)
     elif name == "bce":

@@ -63,7 +63,7 @@ WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
 @SLOW_BCE
 def test_envelope_gradient_float64(case):
     """The gradient is the derivative of the reduced loss: central differences agree to
-    1e-6 and the Taylor remainder falls as O(h²) (SPEC section 4)."""
+    1e-6 and the Taylor remainder falls as O(h²) (docs/index.md, 'The envelope theorem')."""
     model = mlp()
     loss_fn = eqx.filter_jit(lambda m: case(m, alpha1=1e-3)[0])
     fd, ad = directional_derivative_check(loss_fn, model)

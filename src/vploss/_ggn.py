@@ -317,8 +317,8 @@ class GeneralisedGaussNewton(optx.AbstractMinimiser):
     `throw=False` to the loss (through `vpggn`), so that a trial point where the inner
     solve fails is rejected by the trust region rather than raising; with the exact
     Jacobian in float32 such a point can still raise from the readout's derivative, so
-    prefer `jacobian="fixed_readout"` there (it also costs a third to a half as much per
-    step, measured on MNIST-1D and the circle, for about the same progress per step).
+    prefer `jacobian="fixed_readout"` there (it is also cheaper per step, for about the
+    same progress per step; see the page 'Second-order VarPro on classification').
 
     **Arguments:**
 
@@ -401,7 +401,7 @@ class GeneralisedGaussNewton(optx.AbstractMinimiser):
         descent_result = optx.RESULTS.where(truncated, optx.RESULTS.successful, descent_result)
         # lineax's CG declares a breakdown (NaN) where pᵀ(G + λI)p < 100·P·ε·rᵀr, a test
         # not scaled by the operator: the GGN of a mean loss has most eigenvalues below
-        # it in float32 (measured on MNIST-1D and the circle). Then the minimiser of the
+        # it in float32 (observed on MNIST-1D and the circle). Then the minimiser of the
         # damped model along the gradient is used instead, a descent direction.
         finite = all_finite(y_descent)
         # A `cond`, so that the fallback's GGN product is paid only where CG broke down.

@@ -1,4 +1,5 @@
-"""Input validation shared by every loss (SPEC section 5).
+"""Input validation shared by every loss (the error contract of the docs' Conventions,
+`docs/index.md`, and the cases of `docs/hostile_inputs.md`).
 
 Shapes, dtypes and concrete hyperparameters are checked at trace time and raise
 `ValueError`/`TypeError`; values only known at run time are checked with `eqx.error_if`,
@@ -286,7 +287,7 @@ def as_flag(name: str, value: object) -> bool:
 
 
 class RuntimeChecks(eqx.Module):
-    r"""The value-dependent checks of one loss (SPEC section 5), handed to
+    r"""The value-dependent checks of one loss (`docs/index.md`, Conventions), handed to
     `envelope_minimise` as its `check`, which runs them on the optimal value and the
     minimiser inside the solve.
 

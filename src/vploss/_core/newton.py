@@ -25,11 +25,10 @@ def newton_cg_max_steps(gtol: float) -> int:
     accepts any CG iterate, each a descent direction): 5 for tolerances like float32's
     default (3.5e-4), 20 below 1e-5 (float64's default 1.5e-8).
 
-    Measured in float32 (K = 10, m = 64, N = 4096, after 300 Adam steps; caps 5, 7,
-    10, 14): 5 gave the fastest warm-started steps (the training loop's case; 2.0x and
-    2.8x a plain softmax head at alpha2 = 1e-4 and 1e-6, against 2.6x and 3.7x with
-    10), for more Newton steps from a cold start (14 against 6 at 1e-4). In float64 at
-    alpha2 = 1e-6 (K = 4, separable), caps 5, 10, 20 took 187, 59, 16 Newton steps."""
+    A small cap gives the fastest warm-started steps in float32 (the training loop's
+    case), at the price of more Newton steps from a cold start; at float64's tight
+    tolerances a small cap takes many more Newton steps. The timings behind these
+    values are on the benchmark page, 'CG iterations per Newton–CG step'."""
     return 5 if gtol >= 1e-5 else 20
 
 
@@ -84,9 +83,10 @@ def inner_converged(
 ) -> Bool[Array, ""]:
     r"""The stopping test of the inner solve: the scaled gradient is at most `gtol`
     (`scaled_gradient_norm`) AND the loss is within `loss_tolerance` of its minimum
-    by `loss_error_bound`. The gradient test alone left a loss error up to
-    $|\nabla J|^2/(2\alpha_2)$: measured in float32 at alpha2 = 1e-4, 9% of the loss,
-    so that the reduced loss depended on the warm start."""
+    by `loss_error_bound`. The gradient test alone leaves a loss error up to
+    $|\nabla J|^2/(2\alpha_2)$, a sizeable part of the loss in float32 at small
+    `alpha2`, so that the reduced loss depended on the warm start (see the benchmark
+    page, 'The inner stopping test')."""
     small_gradient = scaled_gradient_norm(gradient, scale) <= gtol
     small_loss_error = loss_error_bound(gradient, alpha2, decrement) <= loss_tolerance(value)
     return small_gradient & small_loss_error
@@ -137,18 +137,14 @@ class RoundingArmijo(optx.AbstractSearch):
     Why: the objectives are means of per-sample terms computed with cancellation
     ($\operatorname{softplus}(z) - yz$), so the rounding error of the computed $J$
     is a few $\varepsilon|J|$ for $J$ of order 1 but many $\varepsilon|J|$ for a
-    small $J$, still below $\varepsilon$ (measured in float64, the spread of $J$
-    over perturbations of 1e-13 at the minimum: 7 $\varepsilon|J|$ at $J = 0.1$,
-    260 $\varepsilon|J| = 0.01\varepsilon$ at $J = 5\cdot 10^{-5}$); $\tau$ bounds
-    both. The Newton step $d = -H^{-1}g$ predicts
-    the change $\nabla J^\top d = -\lambda^2$, $\lambda^2 = g^\top H^{-1}g \ge
+    small $J$, still below $\varepsilon$; $\tau$ bounds both. The Newton step $d =
+    -H^{-1}g$ predicts the change $\nabla J^\top d = -\lambda^2$, $\lambda^2 = g^\top H^{-1}g \ge
     |g|^2/\lambda_{\max}(H)$. Once $\lambda^2$ is below the rounding, $J(y + d) -
     J(y)$ is rounding noise: the plain test ($\tau = 0$) rejects the step and every
     shorter one, and the solve stalls for good at $|g| \approx
     \sqrt{\varepsilon\lambda_{\max}(H)}$, above the default `gtol` of float64 for
-    features of size 5-10 (measured: $|g| = 2.4\cdot 10^{-8}$, $\lambda^2 = 4\cdot
-    10^{-16}$, $J(y + d) - J(y) = +1$ ulp; the step, taken, gives $|g| = 2\cdot
-    10^{-16}$), and far above for features of size 1e6.
+    features of size 5-10, and far above for features of size 1e6. The figures are
+    on the benchmark page, 'The rounding allowance of the line search'.
 
     The tolerance is safe:
 
@@ -544,7 +540,7 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
 
     def query(self, y, f_info, state):
         gradient = f_info.grad
-        # `|g|` is measured as the stopping test measures it (`ReadoutObjective.gradient_scale`).
+        # `|g|` is scaled as in the stopping test (`ReadoutObjective.gradient_scale`).
         gradient_norm = scaled_gradient_norm(gradient, self.scale)
         preconditioner = self.preconditioner(y)
         forcing = jnp.minimum(

@@ -42,9 +42,10 @@ def _cholesky_diagonal(matrices: Float[Array, "*batch n n"]) -> Float[Array, "*b
 
     A column-by-column factorisation in array operations over the batch rather than
     `jnp.linalg.cholesky`: inside the barrier's `while_loop` under differentiation,
-    LAPACK's batched Cholesky deadlocked the XLA CPU runtime at random (measured: 1 run
-    in 3 never returned at N = 768), and for the small n of a flow this is also ~4x
-    faster. Cost O(N n³) elementwise operations.
+    LAPACK's batched Cholesky deadlocked the XLA CPU runtime at random (observed:
+    some runs never returned), and for the small n of a flow this is also faster (see
+    the benchmark page, 'The flow's Cholesky factorisation'). Cost O(N n³) elementwise
+    operations.
     """
     n = matrices.shape[-1]
     rows = jnp.arange(n)

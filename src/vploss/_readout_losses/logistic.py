@@ -130,7 +130,7 @@ def vploss_bce(
         1e-6 are solved as accurately as features of size 1; larger features are held to the plain
         max-norm); default `sqrt(eps)` of the dtype (3.5e-4 in float32, 1.5e-8 in float64;
         Newton's last step usually lands far below it). `readout.stats.gradient_norm`
-        is measured the same way. The solve also stops only once the loss is within
+        is scaled the same way. The solve also stops only once the loss is within
         $\sqrt{\varepsilon}\,|J| + 16\varepsilon(1 + |J|)$ of its minimum, by the
         bound `readout.stats.loss_error_bound` (the smaller of $|\nabla J|_2^2 /
         (2\alpha_2)$ and the Newton decrement's), so the loss does not depend on the

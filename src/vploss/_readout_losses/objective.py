@@ -184,10 +184,10 @@ def gradient_scale(mean_square: Float[Array, " p"], alpha2: Scalar) -> Float[Arr
 
     Features scaled by $s$ (with `alpha2` scaled by $s^2$) scale the gradient by $s$, so
     with an absolute test, features of size 1e-6 stopped far from the optimum: a
-    silently wrong loss (measured: 12% off in float64). Small features therefore
-    tighten the test in proportion. Large ones do not loosen it: the Gram matrix
-    ignores the curvature, which vanishes on saturated samples, and a looser test lost
-    the loss's digits there (measured)."""
+    silently wrong loss. Small features therefore tighten the test in proportion.
+    Large ones do not loosen it: the Gram matrix ignores the curvature, which vanishes
+    on saturated samples, and a looser test lost the loss's digits there. See the
+    benchmark page, 'The inner stopping test'."""
     return jnp.minimum(1, jnp.sqrt(mean_square + alpha2))[:, None]
 
 
@@ -201,7 +201,7 @@ def curvature_product(
         return out
     # The row dot products as a batched matmul: XLA's CPU compiler (jax 0.10.2)
     # miscompiles `u * jnp.sum(u * v, axis=1, keepdims=True)` in float32 under
-    # `jit(vmap)` with batches of 32 or more (errors of order one, measured).
+    # `jit(vmap)` with batches of 32 or more (observed: errors of order one).
     along = jnp.einsum("nk,nk->n", rank_one, rows, precision=jax.lax.Precision.HIGHEST)
     return out - rank_one * along[:, None]
 

@@ -39,25 +39,21 @@ SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", 
 
 #: `AutoNewton` uses the exact Newton method while one of its Hessians costs at most
 #: this many Hessian-vector products (`exact_newton_cost`), and Newton–CG beyond.
-#: Measured (float32, one CPU core, warm-started `value_and_grad` steps of an MLP
-#: 2 → 64 → 64 → m, N = 4096 and 16384, alpha2 = 1e-4; warm from another batch's
-#: readout and from the same batch's): exact Newton was 1.3-2.7x faster at costs 32-150
-#: (logistic with m = 256, 512, 1024; softmax with K = 5, m = 64 and K = 10, m = 16,
-#: 32), within 30% either way at 215 (K = 4, m = 128), and Newton–CG 1.2-1.7x faster
-#: at 234 (K = 3, m = 256) and 304 (K = 10, m = 64). Its float32 steps near the
-#: solution need many CG iterations (the loss test's residual), which exact Newton's
-#: Cholesky direction does not. From a cold start (no `init`) Newton–CG was 2-4x faster
-#: near the threshold (softmax at costs 150-215), from a warm start exact Newton; warm
-#: starts are the training loop's case.
+#: Below this cost exact Newton is the faster of the two on warm-started training
+#: steps: Newton–CG's float32 steps near the solution need many CG iterations (the
+#: loss test's residual), which exact Newton's Cholesky direction does not. From a
+#: cold start (no `init`) Newton–CG is faster near the threshold, but warm starts are
+#: the training loop's case. The timings behind the value are on the benchmark page,
+#: 'Solver choice: exact Newton or Newton–CG'.
 MAX_EXACT_NEWTON_COST = 220
 
 #: The readout's implicit derivative (`InnerMinimise.hessian_solve`) factors the exact
 #: Hessian by Cholesky up to this many coefficients `p·k` (building it costs
-#: `O(N (pk)^2)`, factoring it `O((pk)^3)`, about a second at 2048 on one core), and
-#: solves by preconditioned CG beyond. In float32 CG cannot reach a tight residual on
-#: the ill-conditioned Hessians of small `alpha2` (measured: 330 coefficients,
-#: alpha2 = 1e-4: no convergence, or NaN tangents with a loose test); Cholesky's
-#: error is bounded by the condition number times `eps`.
+#: `O(N (pk)^2)`, factoring it `O((pk)^3)`), and solves by preconditioned CG beyond.
+#: In float32 CG cannot reach a tight residual on the ill-conditioned Hessians of
+#: small `alpha2` (it did not converge, or gave NaN tangents with a loose test; see
+#: the benchmark page, 'The readout's implicit derivative: Cholesky or CG');
+#: Cholesky's error is bounded by the condition number times `eps`.
 MAX_DENSE_SOLVE_SIZE = 2048
 
 #: The Newton steps of a solve from zero, the low end of `Newton`'s 5-12: how many
@@ -152,7 +148,7 @@ class NewtonCG(AbstractGLMSolver):
 
     - `gtol`, `max_steps`: as for `Newton`.
     - `max_cg_steps`: CG iterations per Newton step; `None` (default): 5 for
-        tolerances like float32's, 20 below 1e-5 (`newton_cg_max_steps`, measured).
+        tolerances like float32's, 20 below 1e-5 (`newton_cg_max_steps`).
     """
 
     gtol: float | None = None

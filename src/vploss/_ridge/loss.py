@@ -218,8 +218,8 @@ def vploss_msereg(
     f_j)/(1 + \alpha_2)$, and $W$ solves a ridge problem on $F - \mathbf 1\mu^\top$ plus
     one row $\sqrt{\alpha_2/(1 + \alpha_2)}\,\mu^\top$. A common offset of the features
     (time stamps, kelvin, pixels 0-255) never enters a Gram matrix, so no direction is
-    lost to it (measured: within 1.1x of NumPy's backward-stable `lstsq` loss in the
-    same precision for offsets up to 1e6 and column scales from 1e-3 to 1e3).
+    lost to it (tested against NumPy's backward-stable `lstsq` in the same precision;
+    see the page 'Hostile and edge inputs').
 
     - `"cholesky"` (`CholeskyRidge`): the `(m, m)` Gram matrix of the centred
         features, a Cholesky factor scaled by its diagonal and shifted by
@@ -248,9 +248,9 @@ def vploss_msereg(
     **Default `alpha2 = 1e-6`.** Small enough not to bias the fit of features of order
     one (it shrinks a direction of $\hat F^\top \hat F/N$ with eigenvalue $\lambda$ by
     $\lambda/(\lambda + \alpha_2)$), large enough to keep the inner problem strictly
-    convex. With it the float32 gradient of an MLP's reduced loss is within about
-    1e-3 of the float64 one (measured; see `benchmarks/`), well inside mini-batch
-    noise. Raise it (1e-4) for more float32 accuracy or as a genuine regulariser.
+    convex. With it the float32 gradient of an MLP's reduced loss stays close to the
+    float64 one, well inside mini-batch noise (see the benchmark page, 'Ridge
+    readout'). Raise it (1e-4) for more float32 accuracy or as a genuine regulariser.
 
     **`alpha2="gcv"`** chooses the penalty by generalised cross-validation (Golub, Heath
     & Wahba, 1979): with the hat matrix $H_\alpha = \hat F(\hat F^\top\hat F/N + \alpha

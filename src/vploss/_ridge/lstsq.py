@@ -389,7 +389,7 @@ class SVDRidge(AbstractNormalEquationsMethod):
 
     **Cost:** $O(Nm^2)$, but an SVD of the tall matrix (LAPACK), several times the
     Cholesky solver's time, and much slower with multi-threaded OpenBLAS on a busy
-    machine.
+    machine (see the benchmark page, 'Ridge readout').
     """
 
     def lstsq(self, design, response, alpha2):

@@ -155,10 +155,10 @@ def vpjacobian_msereg(
     $\sqrt{\alpha_2}\,\mathrm{d}\hat W^*/\mathrm{d}\theta$ and $\sqrt{\alpha_1}\,I$.
     In all, about $k + pk$ reverse passes of the model over the batch, against $P$
     forward passes for `jax.jacfwd` of the residual, and $N k$ full-batch reverse passes
-    for `jax.jacrev`: on a 1,152-parameter MLP with 2000 samples and 33 coefficients,
-    the Jacobian takes 0.05 s, and a Levenberg–Marquardt step with it 0.18 s against
-    1.8–2.0 s with optimistix's automatic one in either mode (2-core CPU; measured in
-    `examples/outer_second_order.py`).
+    for `jax.jacrev`, so a Levenberg–Marquardt step with it is several times cheaper
+    than with optimistix's automatic Jacobian in either mode (timed in
+    `examples/outer_second_order.py`; see the page 'Outer second-order training',
+    'Measured on peaks').
 
     The result equals `jax.jacfwd` of `vpresidual_msereg` in the flattened parameters
     (tested); pass it to a least-squares solver as a dense matrix, e.g. with a
