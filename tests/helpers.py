@@ -1,11 +1,21 @@
-"""Shared fixtures for the tests: small models, data and derivative checks."""
+"""Shared fixtures for the tests: small models, data and derivative checks, and the
+lists every shared check runs over: `LOSS_CASES` (the losses) and `READOUT_SOLVERS`,
+`RIDGE_SOLVERS` (the inner solvers by name and object)."""
 
+import dataclasses
+import functools
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
+import pytest
+
+import vploss
 
 
 #: The example scripts (modules whose names start with "_" hold code they share).
@@ -115,46 +125,11 @@ def ridge_float32_error_bound(features, targets, alpha2, use_bias=True):
 
 
 def logistic_reference(features, labels, alpha2, softmax=False, use_bias=True):
-    """The logistic (sigmoid, or softmax with `softmax=True`) readout and loss by a
-    dense NumPy Newton method with step halving, float64, to a gradient of 1e-14,
-    written independently of the library. `labels` are `(N, k)` probabilities (rows
-    summing to 1 for softmax). Returns `(loss, coef)`."""
-    features = np.asarray(features, np.float64)
-    labels = np.asarray(labels, np.float64)
-    n = features.shape[0]
-    if use_bias:
-        features = np.concatenate([features, np.ones((n, 1))], axis=1)
-    p, k = features.shape[1], labels.shape[1]
-
-    def value_grad_hess(coef):
-        z = features @ coef
-        if softmax:
-            zmax = z.max(axis=1, keepdims=True)
-            lse = zmax[:, 0] + np.log(np.sum(np.exp(z - zmax), axis=1))
-            data = np.sum(lse - np.sum(labels * z, axis=1)) / n
-            s = np.exp(z - lse[:, None])
-            curvature = np.einsum("ja,ab->jab", s, np.eye(k)) - np.einsum("ja,jb->jab", s, s)
-        else:
-            data = np.sum(np.logaddexp(0, z) - labels * z) / n
-            s = 1 / (1 + np.exp(-z))
-            curvature = np.einsum("ja,ab->jab", s * (1 - s), np.eye(k))
-        value = data + 0.5 * alpha2 * np.sum(coef**2)
-        grad = features.T @ (s - labels) / n + alpha2 * coef
-        hess = np.einsum("jp,jab,jq->paqb", features, curvature, features) / n
-        hess = hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
-        return value, grad, hess
-
-    coef = np.zeros((p, k))
-    for _ in range(200):
-        value, grad, hess = value_grad_hess(coef)
-        if np.max(np.abs(grad)) <= 1e-14:
-            break
-        step = np.linalg.solve(hess, grad.ravel()).reshape(p, k)
-        t = 1.0
-        while value_grad_hess(coef - t * step)[0] > value and t > 1e-10:
-            t /= 2
-        coef = coef - t * step
-    return value_grad_hess(coef)[0], coef
+    """The logistic (sigmoid, or softmax with `softmax=True`) readout and loss by
+    `newton_reference`. `labels` are `(N, k)` probabilities (rows summing to 1 for
+    softmax). Returns `(loss, coef)`."""
+    case = LOSS_CASES["ce" if softmax else "bce"]
+    return newton_reference(case.reference, features, labels, alpha2, use_bias=use_bias)
 
 
 def stacked_ridge(features, targets, alpha2, use_bias=True, weights=None):
@@ -231,25 +206,10 @@ def scanned_updates(rule, model):
 
 
 def logistic_problem(features, labels, alpha2):
-    """`(evaluate, zero)`: `evaluate(coef)` gives `J`, its gradient and its Hessian (as a
-    `(pk, pk)` matrix) for the logistic inner problem with a bias, `coef` = Ŵᵀ of shape
-    `(p, k)`, in NumPy float64, written independently of the library; `zero` is the
-    zero readout."""
-    features = np.asarray(features, np.float64)
-    features = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
-    labels = np.asarray(labels, np.float64).reshape(features.shape[0], -1)
-    n, p = features.shape
-    k = labels.shape[1]
-
-    def evaluate(coef):
-        z = features @ coef
-        s = 1 / (1 + np.exp(-z))
-        value = np.sum(np.logaddexp(0, z) - labels * z) / n + 0.5 * alpha2 * np.sum(coef**2)
-        grad = features.T @ (s - labels) / n + alpha2 * coef
-        hess = np.einsum("jp,jc,cd,jq->pcqd", features, s * (1 - s), np.eye(k), features) / n
-        return value, grad, hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
-
-    return evaluate, np.zeros((p, k))
+    """`(evaluate, zero)`: the logistic inner problem with a bias (`inner_objective64`)
+    and the zero readout."""
+    evaluate, shape = inner_objective64(LOSS_CASES["bce"].reference, features, labels, alpha2)
+    return evaluate, np.zeros(shape)
 
 
 def armijo_updates(evaluate, coef, direction, count, slope=0.1):
@@ -270,3 +230,178 @@ def armijo_updates(evaluate, coef, direction, count, slope=0.1):
 def newton_step(grad, hess):
     """The Newton direction `H⁻¹g` (for `armijo_updates`), `grad` of any shape."""
     return np.linalg.solve(hess, grad.ravel()).reshape(grad.shape)
+
+
+# The losses, as the shared checks run them. Each reference is written from the loss's
+# definition in NumPy float64, independently of the library: `reference(logits, targets)`
+# with `(N, k)` logits and `(N, k)` float targets (`LossCase.targets`) gives the
+# per-sample loss `ℓ_j`, its gradient `∂ℓ_j/∂z_j` and its Hessian `∂²ℓ_j/∂z_j²`.
+
+
+def _squared_reference(z, y):
+    return (
+        0.5 * np.sum((z - y) ** 2, axis=1),
+        z - y,
+        np.broadcast_to(np.eye(z.shape[1]), (*z.shape, z.shape[1])),
+    )
+
+
+def _diagonal(values):
+    return np.einsum("ja,ab->jab", values, np.eye(values.shape[1]))
+
+
+def _sigmoid_reference(z, y):
+    mean = 1 / (1 + np.exp(-z))
+    return np.sum(np.logaddexp(0, z) - y * z, axis=1), mean - y, _diagonal(mean * (1 - mean))
+
+
+def _softmax_reference(z, y):
+    zmax = z.max(axis=1, keepdims=True)
+    lse = zmax[:, 0] + np.log(np.sum(np.exp(z - zmax), axis=1))
+    mean = np.exp(z - lse[:, None])
+    return (
+        lse - np.sum(y * z, axis=1),
+        mean - y,
+        _diagonal(mean) - np.einsum("ja,jb->jab", mean, mean),
+    )
+
+
+def _poisson_reference(z, y):
+    mean = np.exp(z)
+    return np.sum(mean - y * z, axis=1), mean - y, _diagonal(mean)
+
+
+# Hashed by identity (`eq=False`): a case is a static argument of compiled functions.
+@dataclasses.dataclass(frozen=True, eq=False)
+class LossCase:
+    """One loss: `function(model, x, y, **kwargs, ...)` is the public loss, `loss` its
+    `AbstractReadoutLoss` (`None` for the closed-form ridge loss), `labels(score)` makes
+    targets of the loss's kind from a real score of shape `(N,)`, `invalid` is a target
+    the loss refuses, `reference` its NumPy definition (above) and `kwargs` the loss's
+    own arguments (`num_classes`)."""
+
+    name: str
+    function: Callable[..., Any]
+    loss: Any
+    labels: Callable[[Any], Any]
+    invalid: Any
+    reference: Callable[..., Any]
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, model, x, y, **kwargs):
+        return self.function(model, x, y, **self.kwargs, **kwargs)
+
+    def targets(self, y):
+        """`y` as `(N, k)` float64 targets of `reference` (class labels one-hot)."""
+        y = np.asarray(y)
+        if "num_classes" in self.kwargs and np.issubdtype(y.dtype, np.integer):
+            y = np.eye(self.kwargs["num_classes"])[y]
+        return np.asarray(y, np.float64).reshape(len(y), -1)
+
+
+#: Every loss, one entry each (adding a loss to the library adds one here). The ridge
+#: loss first; `READOUT_CASES` are the iterative readout losses.
+LOSS_CASES = {
+    case.name: case
+    for case in [
+        LossCase("msereg", vploss.vploss_msereg, None, lambda s: s, jnp.inf, _squared_reference),
+        LossCase(
+            "bce",
+            vploss.vploss_bce,
+            vploss.SigmoidBinaryCrossEntropy(),
+            lambda s: (s > 0).astype(s.dtype),
+            7.0,
+            _sigmoid_reference,
+        ),
+        LossCase(
+            "ce",
+            vploss.vploss_ce,
+            vploss.SoftmaxCrossEntropy(num_classes=3),
+            lambda s: jnp.digitize(s, jnp.array([-0.5, 0.5])),
+            99,
+            _softmax_reference,
+            {"num_classes": 3},
+        ),
+        LossCase(
+            "poisson",
+            vploss.vploss_poisson,
+            vploss.PoissonLogLikelihood(),
+            lambda s: jax.random.poisson(jax.random.PRNGKey(1), jnp.exp(s)).astype(s.dtype),
+            -1.0,
+            _poisson_reference,
+        ),
+    ]
+}
+READOUT_CASES = {name: case for name, case in LOSS_CASES.items() if case.loss is not None}
+
+
+def cases(of=LOSS_CASES, *, slow=()):
+    """`pytest.param`s of the cases `of` (a mapping from the cases' names, every loss by
+    default), those named in `slow` among the slow tests."""
+    return [
+        pytest.param(case, id=name, marks=[pytest.mark.slow] if name in slow else [])
+        for name, case in of.items()
+    ]
+
+
+#: The inner solvers of the readout losses and of the ridge loss: each name and what
+#: makes the object it stands for from the solver's options (`solver="newton",
+#: gtol=g` is `vploss.Newton(gtol=g)`).
+READOUT_SOLVERS = {
+    "auto": vploss.AutoNewton,
+    "newton": vploss.Newton,
+    "newton-cg": vploss.NewtonCG,
+    "kernel-newton": vploss.KernelNewton,
+    # Cauchy criteria off: the gradient test stops them.
+    "bfgs": functools.partial(vploss.QuasiNewton, optx.BFGS(rtol=0.0, atol=0.0)),
+    "lbfgs": functools.partial(vploss.QuasiNewton, optx.LBFGS(rtol=0.0, atol=0.0)),
+}
+RIDGE_SOLVERS = {
+    "auto": vploss.AutoRidge,
+    "cholesky": vploss.CholeskyRidge,
+    "svd": vploss.SVDRidge,
+    "dual": vploss.DualRidge,
+}
+
+
+def inner_objective64(reference, features, targets, alpha2, weights=None, use_bias=True):
+    """The inner objective `J(W) = Σ_j w_j ℓ(F̂_j W, y_j)/Σw + alpha2/2 |W|²` of the loss
+    `reference` (a `LossCase.reference`), in NumPy float64: `(evaluate, (p, k))` with
+    `evaluate(coef) -> (J, ∇J, ∇²J)` for `coef` = Ŵᵀ of shape `(p, k)` or flattened, the
+    Hessian as a `(pk, pk)` matrix. `targets` are `(N, k)` floats (`LossCase.targets`)."""
+    features = np.asarray(features, np.float64)
+    n = features.shape[0]
+    if use_bias:
+        features = np.concatenate([features, np.ones((n, 1))], axis=1)
+    targets = np.asarray(targets, np.float64).reshape(n, -1)
+    omega = np.ones(n) if weights is None else np.asarray(weights, np.float64) * n / np.sum(weights)
+    p, k = features.shape[1], targets.shape[1]
+
+    def evaluate(coef):
+        coef = np.reshape(coef, (p, k))
+        per_sample, gradient, curvature = reference(features @ coef, targets)
+        value = np.sum(omega * per_sample) / n + 0.5 * alpha2 * np.sum(coef**2)
+        grad = features.T @ (omega[:, None] * gradient) / n + alpha2 * coef
+        hess = (
+            np.einsum("j,jp,jab,jq->paqb", omega, features, curvature, features, optimize=True) / n
+        )
+        return value, grad, hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
+
+    return evaluate, (p, k)
+
+
+def newton_reference(reference, features, targets, alpha2, weights=None, use_bias=True):
+    """The readout and loss of `inner_objective64` by a dense NumPy Newton method with
+    step halving, float64, to a gradient of 1e-14. Returns `(loss, coef)`."""
+    evaluate, shape = inner_objective64(reference, features, targets, alpha2, weights, use_bias)
+    coef = np.zeros(shape)
+    for _ in range(200):
+        value, grad, hess = evaluate(coef)
+        if np.max(np.abs(grad)) <= 1e-14:
+            break
+        step = np.linalg.solve(hess, grad.ravel()).reshape(shape)
+        t = 1.0
+        while evaluate(coef - t * step)[0] > value and t > 1e-10:
+            t /= 2
+        coef = coef - t * step
+    return evaluate(coef)[0], coef

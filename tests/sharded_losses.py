@@ -7,7 +7,7 @@ between the sharded and the unsharded run, the collectives of the compiled shard
 program, and the shapes in it with a dimension of the full batch size (an array that
 holds the whole batch on one device).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_losses.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.sharded_losses
 """
 
 import json
@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import vploss
+
+from .helpers import READOUT_CASES
 
 
 jax.config.update("jax_enable_x64", True)
@@ -38,12 +40,19 @@ def _mlp(features):
 def _cases():
     x = jax.random.normal(jax.random.PRNGKey(1), (N, 3))
     regression = jnp.sin(x[:, 0]) + 0.1 * x[:, 1]
-    binary = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(jnp.float64)
-    classes = jnp.argmax(x, axis=1)
     icnn = vploss.ICNN(3, 5, 6, 2, key=jax.random.PRNGKey(2))
     ridge = lambda solver, alpha2: (
         lambda m, x, y: vploss.vploss_msereg(m, x, y, alpha2=alpha2, solver=solver)[0]
     )
+    readout_losses = {
+        case.function.__name__: (
+            _mlp(6),
+            x,
+            case.labels(regression),
+            lambda m, x, y, case=case: case(m, x, y, alpha2=1e-3)[0],
+        )
+        for case in READOUT_CASES.values()
+    }
     return {
         "vploss_msereg": (_mlp(6), x, regression, ridge("auto", 1e-3)),
         # The documented choice for a sharded batch with alpha2 = 0, where "auto"
@@ -51,18 +60,7 @@ def _cases():
         "vploss_msereg cholesky alpha2=0": (_mlp(6), x, regression, ridge("cholesky", 0.0)),
         # The kernel form needs all rows at once: this case must gather.
         "vploss_msereg dual": (_mlp(6), x, regression, ridge("dual", 1e-3)),
-        "vploss_bce": (
-            _mlp(6),
-            x,
-            binary,
-            lambda m, x, y: vploss.vploss_bce(m, x, y, alpha2=1e-3)[0],
-        ),
-        "vploss_ce": (
-            _mlp(6),
-            x,
-            classes,
-            lambda m, x, y: vploss.vploss_ce(m, x, y, alpha2=1e-3, num_classes=3)[0],
-        ),
+        **readout_losses,
         "vploss_cpflow": (
             icnn,
             x,

@@ -18,6 +18,8 @@ import pytest
 
 import vploss
 
+from .helpers import cases
+
 
 N, M = 12, 3
 RNG = np.random.default_rng(7)
@@ -26,9 +28,6 @@ IDS = jnp.asarray(RNG.integers(0, 20, N), jnp.int32)
 MASK = jnp.asarray(RNG.random(N) > 0.3)
 FEATURES = TABLE[IDS] * MASK[:, None]
 Y = jnp.asarray(RNG.standard_normal(N))
-LABELS = (Y > 0).astype(jnp.float64)
-CLASSES = jnp.asarray(RNG.integers(0, 3, N))
-COUNTS = jnp.asarray(RNG.poisson(2.0, N), jnp.float64)
 
 
 def identity(features):
@@ -45,14 +44,11 @@ class Embedding(eqx.Module):
         return self.table[token] * keep
 
 
-#: `(loss, targets, invalid)`: `loss(model, x, y, **kwargs)` returns `(loss, readout)`;
-#: `invalid` is a target the loss refuses (for a removed sample, where it is never read).
-LOSSES = {
-    "msereg": (vploss.vploss_msereg, Y, jnp.inf),
-    "bce": (functools.partial(vploss.vploss_bce, alpha2=1e-2), LABELS, 7.0),
-    "ce": (functools.partial(vploss.vploss_ce, num_classes=3, alpha2=1e-2), CLASSES, 99),
-    "poisson": (functools.partial(vploss.vploss_poisson, alpha2=1e-2), COUNTS, -1.0),
-}
+def loss_and_targets(case):
+    """`(loss, targets)`: `loss(model, x, y, **kwargs)` is the case's loss (with
+    `alpha2 = 1e-2` for the readout losses) and the targets are made from `Y`."""
+    kwargs = {} if case.loss is None else {"alpha2": 1e-2}
+    return functools.partial(case, **kwargs), case.labels(Y)
 
 
 def _readout_close(a, b, rtol=1e-9):
@@ -60,13 +56,13 @@ def _readout_close(a, b, rtol=1e-9):
     np.testing.assert_allclose(a.bias, b.bias, rtol=rtol, atol=1e-11)
 
 
-# One loss in closed form, one solved iteratively: the inputs are checked and the
-# features evaluated by the same code for every loss.
-@pytest.mark.parametrize("name", ["msereg", pytest.param("ce", marks=pytest.mark.slow)])
-def test_integer_and_boolean_inputs_in_a_pytree(name):
+# The inputs are checked and the features evaluated by the same code for every loss:
+# the default run keeps the closed-form one.
+@pytest.mark.parametrize("case", cases(slow=("bce", "ce", "poisson")))
+def test_integer_and_boolean_inputs_in_a_pytree(case):
     """Token ids (int32) and a mask (bool) as a tuple: the loss, readout and gradient
     in the embedding table are those of the same loss on the features."""
-    loss, targets, _ = LOSSES[name]
+    loss, targets = loss_and_targets(case)
     model = Embedding(TABLE)
 
     def reduced(model):
@@ -128,19 +124,17 @@ def tanh_mlp():
 
 
 # The ridge and logistic losses have rows in docs/hostile_inputs.md; these add the
-# gradients, for the losses read through a class-label or count parser.
-@pytest.mark.parametrize("name", ["ce", pytest.param("poisson", marks=pytest.mark.slow)])
-def test_zero_weight_samples_never_reach_the_arithmetic(name):
+# gradients. The default run keeps one loss read through a class-label parser.
+@pytest.mark.parametrize("case", cases(slow=("msereg", "bce", "poisson")))
+def test_zero_weight_samples_never_reach_the_arithmetic(case):
     """Huge, infinite and NaN inputs and an invalid target in zero-weight samples:
     the loss, readout and parameter gradient equal those without the samples."""
-    loss, targets, invalid = LOSSES[name]
+    loss, targets = loss_and_targets(case)
     reduced = lambda model, x, y, weights: loss(model, x, y, weights=weights)  # noqa: E731
-    value_and_grad = eqx.filter_value_and_grad(reduced, has_aux=True)
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(reduced, has_aux=True))
     model = tanh_mlp()
-    hostile_targets = targets.at[0].set(invalid)
-    (value, readout), grad = eqx.filter_jit(value_and_grad)(
-        model, jnp.asarray(HOSTILE), hostile_targets, WEIGHTS
-    )
+    hostile_targets = targets.at[0].set(case.invalid)
+    (value, readout), grad = value_and_grad(model, jnp.asarray(HOSTILE), hostile_targets, WEIGHTS)
     kept = ~REMOVED
     (expected, expected_readout), expected_grad = value_and_grad(
         model, FEATURES[kept], targets[kept], WEIGHTS[kept]

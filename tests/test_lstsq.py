@@ -81,6 +81,10 @@ def _identity(v):
     return v
 
 
+# Compiled whole: faster than running the solves op by op, once per case's shape.
+_fit = eqx.filter_jit(vploss_msereg)
+
+
 # Float32 is where the offsets hurt, so it runs by default; float64, "auto" and "dual"
 # (which the hostile-input rows exercise by default) run with the slow tests.
 SLOW = pytest.mark.slow
@@ -106,7 +110,7 @@ def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver
         # is below float32's resolution of it. An SVD of the wide rows would not be.
         pytest.xfail("the float32 kernel cannot resolve column scales 1e6 apart")
     alpha2 = 1e-6
-    _, readout = vploss_msereg(_identity, features, targets, alpha2=alpha2, solver=solver)
+    _, readout = _fit(_identity, features, targets, alpha2=alpha2, solver=solver)
     assert readout.weight.dtype == dtype
     loss = ridge_loss64(features, targets, alpha2, stacked_coef(readout))
     reference, floor = same_precision_ridge_loss(features, targets, alpha2)

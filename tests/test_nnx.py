@@ -22,6 +22,8 @@ from flax import nnx
 
 import vploss
 
+from .helpers import READOUT_CASES
+
 
 RTOL = 1e-10  # float64: the twins differ only in the order of a matmul's operands
 
@@ -166,16 +168,15 @@ y_cls = (x_cls[:, 0] > 0).astype(jnp.int32) + (x_cls[:, 1] > 0.5).astype(jnp.int
 # times that for the flow).
 slow = pytest.mark.slow
 LOSSES = [
-    pytest.param(
-        lambda m: vploss.vploss_ce(m, x_cls, y_cls, num_classes=3, alpha2=1e-3), id="ce", marks=slow
-    ),
-    pytest.param(
-        lambda m: vploss.vploss_bce(m, x_cls, (y_cls > 0).astype(float), alpha2=1e-3),
-        id="bce",
-        marks=slow,
-    ),
-    pytest.param(
-        lambda m: vploss.vploss_poisson(m, x_cls, y_cls, alpha2=1e-3), id="poisson", marks=slow
+    *(
+        pytest.param(
+            lambda m, case=case: case(
+                m, x_cls, case.labels(x_cls[:, 0] - x_cls[:, 1]), alpha2=1e-3
+            ),
+            id=name,
+            marks=slow,
+        )
+        for name, case in READOUT_CASES.items()
     ),
     pytest.param(lambda m: vploss.vploss_cpflow(m, x_cls, alpha2=1e-3), id="cpflow", marks=slow),
     pytest.param(

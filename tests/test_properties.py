@@ -7,7 +7,7 @@ draws 1000 per loss. Shapes come from a short fixed list, so each loss compiles 
 shape and dtype; hypothesis draws the data, the scale and the penalties.
 """
 
-import math
+import functools
 
 import equinox as eqx
 import jax
@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import vploss
 from vploss._flow.cpflow import _feature_derivatives, cpflow_objective
 
-from .helpers import cast, mlp
+from .helpers import cases, cast, LOSS_CASES, mlp, READOUT_CASES
 
 
 # (N, n, m, k): samples, input size, features, outputs (classes for `vploss_ce`).
@@ -29,8 +29,6 @@ EXAMPLES = [
     pytest.param(6, SHAPES[:1], id="quick"),
     pytest.param(1000, SHAPES, id="slow", marks=pytest.mark.slow),
 ]
-# The logistic losses' quick runs too (their shared checks are in test_readout_losses.py).
-SLOW_EXAMPLES = [pytest.param(*p.values, id=p.id, marks=pytest.mark.slow) for p in EXAMPLES]
 
 
 @st.composite
@@ -76,18 +74,8 @@ def _suboptimality(readout, alpha2):
     return bound + getattr(stats, "duality_gap", jnp.zeros(())).astype(jnp.float64)
 
 
-def _ridge(model, x, y, alpha1, alpha2):
-    loss, readout = vploss.vploss_msereg(model, x, y, alpha1=alpha1, alpha2=alpha2)
-    return loss, _suboptimality(readout, alpha2)
-
-
-def _bce(model, x, y, alpha1, alpha2):
-    loss, readout = vploss.vploss_bce(model, x, y, alpha1=alpha1, alpha2=alpha2)
-    return loss, _suboptimality(readout, alpha2)
-
-
-def _ce(model, x, y, alpha1, alpha2):
-    loss, readout = vploss.vploss_ce(model, x, y, alpha1=alpha1, alpha2=alpha2)
+def _reduced(loss_fn, model, x, y, alpha1, alpha2):
+    loss, readout = loss_fn(model, x, y, alpha1=alpha1, alpha2=alpha2)
     return loss, _suboptimality(readout, alpha2)
 
 
@@ -96,7 +84,7 @@ def _cpflow(model, x, alpha1, alpha2):
     return loss, _suboptimality(flow, alpha2)
 
 
-RIDGE, BCE, CE, CPFLOW = map(_value_and_grad, (_ridge, _bce, _ce, _cpflow))
+CPFLOW = _value_and_grad(_cpflow)
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 #: The rounding of a computed objective, in units of `eps·(1 + |J|)`: the allowance of
 #: the library's line search (`RoundingArmijo`, rho = 16).
@@ -173,37 +161,47 @@ def _run(examples, shapes, check):
     )()
 
 
+def _soft_classes(key, num_samples, outputs):
+    """Class probabilities over `outputs + 1` classes (soft labels, drawn away from the
+    corners)."""
+    return jax.nn.softmax(3 * jax.random.normal(key, (num_samples, outputs + 1)), axis=1)
+
+
+#: Targets drawn over the range each loss documents, `(key, N, k) -> y`: real values,
+#: probabilities, class probabilities, rates. A loss without an entry takes its case's
+#: labels of a normal score.
+TARGETS = {
+    "msereg": lambda key, n, k: jax.random.normal(key, (n, k)),
+    "bce": lambda key, n, k: jax.random.uniform(key, (n, k)),
+    "ce": _soft_classes,
+    "poisson": lambda key, n, k: 3 * jax.random.uniform(key, (n, k)),
+}
+#: Each loss's `(loss, suboptimality)` and gradient, compiled once per shape: the public
+#: function on the drawn targets (which set the number of classes), else the case.
+VALUE_AND_GRAD = {
+    name: _value_and_grad(functools.partial(_reduced, case.function if name in TARGETS else case))
+    for name, case in LOSS_CASES.items()
+}
+
+
+# The quick run keeps the ridge loss: the readout losses' shared checks are in
+# test_readout_losses.py.
 @pytest.mark.parametrize("examples, shapes", EXAMPLES)
-def test_ridge_properties(examples, shapes):
+@pytest.mark.parametrize("case", cases(slow=tuple(READOUT_CASES)))
+def test_loss_properties(case, examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
-        y = jax.random.normal(key, (x.shape[0], outputs))
-        penalty = _parameter_penalty(model, problem["alpha1"])
-        bound = 0.5 * float(jnp.mean(jnp.sum(y**2, axis=1))) + penalty
-        _check(RIDGE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
-
-    _run(examples, shapes, check)
-
-
-@pytest.mark.parametrize("examples, shapes", SLOW_EXAMPLES)
-def test_bce_properties(examples, shapes):
-    def check(problem):
-        model, x, key, outputs = _inputs(problem)
-        y = jax.random.uniform(key, (x.shape[0], outputs))
-        bound = outputs * math.log(2) + _parameter_penalty(model, problem["alpha1"])
-        _check(BCE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
-
-    _run(examples, shapes, check)
-
-
-@pytest.mark.parametrize("examples, shapes", SLOW_EXAMPLES)
-def test_ce_properties(examples, shapes):
-    def check(problem):
-        model, x, key, outputs = _inputs(problem)
-        classes = outputs + 1
-        y = jax.nn.softmax(3 * jax.random.normal(key, (x.shape[0], classes)), axis=1)
-        bound = math.log(classes) + _parameter_penalty(model, problem["alpha1"])
-        _check(CE, model, (x, y), bound, problem["alpha1"], problem["alpha2"], _fan_in(x))
+        draw = TARGETS.get(case.name)
+        if draw is None:
+            y = case.labels(jax.random.normal(key, (x.shape[0],)))
+        else:
+            y = draw(key, x.shape[0], outputs)
+        # The minimum over readouts is at most the loss at the zero readout.
+        targets = case.targets(y)
+        trivial = float(np.mean(case.reference(np.zeros_like(targets), targets)[0]))
+        bound = trivial + _parameter_penalty(model, problem["alpha1"])
+        alpha1, alpha2 = problem["alpha1"], problem["alpha2"]
+        _check(VALUE_AND_GRAD[case.name], model, (x, y), bound, alpha1, alpha2, _fan_in(x))
 
     _run(examples, shapes, check)
 

@@ -19,12 +19,13 @@ from .helpers import (
     repeated,
     ridge_float32_error_bound,
     ridge_reference,
+    RIDGE_SOLVERS,
     stacked_coef,
     taylor_remainders,
 )
 
 
-SOLVERS = ["auto", "cholesky", "svd", "dual"]
+SOLVERS = list(RIDGE_SOLVERS)
 N, IN, M = 40, 3, 6
 
 
@@ -609,16 +610,9 @@ def _weights_gradient_alone(model, x, y, weights):
     return jax.grad(lambda w: vploss_msereg(model, x, y, weights=w)[0])(weights)
 
 
-@pytest.mark.parametrize(
-    "name, solver",
-    [
-        ("auto", vploss.AutoRidge()),
-        ("cholesky", vploss.CholeskyRidge()),
-        ("svd", vploss.SVDRidge()),
-        ("dual", vploss.DualRidge()),
-    ],
-)
-def test_solver_objects_equal_their_strings(name, solver):
+@pytest.mark.parametrize("name", RIDGE_SOLVERS)
+def test_solver_objects_equal_their_strings(name):
+    solver = RIDGE_SOLVERS[name]()
     model = mlp(IN, features=M)
     x, y = _data(n=10, k=2)
     by_name = vploss_msereg(model, x, y, alpha2=1e-3, solver=name)

@@ -11,13 +11,14 @@ import sys
 
 import pytest
 
+from .helpers import READOUT_CASES
 
-SCRIPT = pathlib.Path(__file__).with_name("sharded_losses.py")
+
+ROOT = pathlib.Path(__file__).parent.parent
 SHARDED = [
     "vploss_msereg",
     "vploss_msereg cholesky alpha2=0",
-    "vploss_bce",
-    "vploss_ce",
+    *(case.function.__name__ for case in READOUT_CASES.values()),
     "vploss_cpflow",
 ]
 
@@ -32,7 +33,12 @@ def run():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
     env = dict(os.environ, XLA_FLAGS=flags.strip())
     done = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "tests.sharded_losses"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]

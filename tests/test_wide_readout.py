@@ -15,7 +15,7 @@ import vploss
 from vploss._readout_losses.objective import ReadoutArgs, ReadoutObjective
 from vploss._readout_losses.solvers import AutoNewton
 
-from .helpers import logistic_reference
+from .helpers import inner_objective64, logistic_reference, READOUT_CASES
 from .test_precision import _sub_jaxprs, assert_full_precision
 
 
@@ -30,11 +30,6 @@ COUNTS = jax.random.poisson(jax.random.PRNGKey(1), jnp.exp(X[:, 0])).astype(jnp.
 LABELS = {"bce": Y_BINARY, "ce": Y_CLASS, "poisson": COUNTS}
 WEIGHTS = jax.random.uniform(jax.random.PRNGKey(2), (N,), minval=0.2, maxval=3.0).at[:3].set(0.0)
 ALPHA2 = 1e-3
-LOSSES = {
-    "bce": vploss.vploss_bce,
-    "ce": lambda *args, **kwargs: vploss.vploss_ce(*args, num_classes=3, **kwargs),
-    "poisson": vploss.vploss_poisson,
-}
 
 
 def identity(features):
@@ -49,12 +44,12 @@ def scaled_tanh(scale):
 @eqx.filter_jit
 def fit(name, x, y, **kwargs):
     """`(loss, readout)` of loss `name` on the features `x`, `alpha2 = ALPHA2`."""
-    return LOSSES[name](identity, x, y, **{"alpha2": ALPHA2, **kwargs})
+    return READOUT_CASES[name](identity, x, y, **{"alpha2": ALPHA2, **kwargs})
 
 
 def fit_scaled(name, scale, **kwargs):
     """`(loss, readout)` of loss `name` with the features `tanh(scale·X)`."""
-    return LOSSES[name](scaled_tanh(scale), X, LABELS[name], alpha2=ALPHA2, **kwargs)
+    return READOUT_CASES[name](scaled_tanh(scale), X, LABELS[name], alpha2=ALPHA2, **kwargs)
 
 
 def flat(readout):
@@ -89,47 +84,10 @@ def coefficients(readout):
 
 
 def objective64(name, features, y, alpha2, weights=None, use_bias=True):
-    """The inner objective in NumPy float64, written independently of the library:
-    `coef ↦ (J, ∇J)`, or `(J, ∇J, ∇²J)` `with_hessian`, on flattened `(p, k)`
-    coefficients."""
-    features = np.asarray(features, np.float64)
-    n = features.shape[0]
-    if use_bias:
-        features = np.concatenate([features, np.ones((n, 1))], axis=1)
-    omega = np.ones(n) if weights is None else np.asarray(weights) * n / np.sum(weights)
-    y = np.asarray(y, np.float64)
-    if name == "ce":
-        y = np.eye(3)[np.asarray(y, int)]
-    y = y[:, None] if y.ndim == 1 else y
-    p, k = features.shape[1], y.shape[1]
-
-    def evaluate(flat, with_hessian=False):
-        coef = flat.reshape(p, k)
-        z = features @ coef
-        if name == "ce":
-            lse = np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
-            per_sample = lse - np.sum(y * z, 1)
-            mean = np.exp(z - lse[:, None])
-            curvature = np.einsum("ja,ab->jab", mean, np.eye(k)) - np.einsum(
-                "ja,jb->jab", mean, mean
-            )
-        else:
-            if name == "bce":
-                per_sample = np.sum(np.logaddexp(0, z) - y * z, 1)
-                mean = 1 / (1 + np.exp(-z))
-                diagonal = mean * (1 - mean)
-            else:
-                per_sample = np.sum(np.exp(z) - y * z, 1)
-                mean = diagonal = np.exp(z)
-            curvature = np.einsum("ja,ab->jab", diagonal, np.eye(k))
-        value = np.sum(omega * per_sample) / n + 0.5 * alpha2 * np.sum(coef**2)
-        grad = features.T @ (omega[:, None] * (mean - y)) / n + alpha2 * coef
-        if not with_hessian:
-            return value, grad.ravel()
-        hess = np.einsum("j,jp,jab,jq->paqb", omega, features, curvature, features) / n
-        return value, grad.ravel(), hess.reshape(p * k, p * k) + alpha2 * np.eye(p * k)
-
-    return evaluate, (p, k)
+    """The inner objective of loss `name` in NumPy float64 (`inner_objective64`), with
+    `y` the loss's labels."""
+    case = READOUT_CASES[name]
+    return inner_objective64(case.reference, features, case.targets(y), alpha2, weights, use_bias)
 
 
 def scipy_reference(name, features, y, alpha2, weights=None, use_bias=True):
@@ -139,17 +97,17 @@ def scipy_reference(name, features, y, alpha2, weights=None, use_bias=True):
     result = scipy.optimize.minimize(
         lambda c: evaluate(c)[0],
         np.zeros(shape[0] * shape[1]),
-        jac=lambda c: evaluate(c)[1],
-        hess=lambda c: evaluate(c, with_hessian=True)[2],
+        jac=lambda c: evaluate(c)[1].ravel(),
+        hess=lambda c: evaluate(c)[2],
         method="trust-exact",
         options={"gtol": 1e-10},
     )
     coef = result.x
     # Newton steps from there, to the rounding of the gradient.
     for _ in range(3):
-        _, gradient, hessian = evaluate(coef, with_hessian=True)
-        coef = coef - np.linalg.solve(hessian, gradient)
-    value, gradient = evaluate(coef)
+        _, gradient, hessian = evaluate(coef)
+        coef = coef - np.linalg.solve(hessian, gradient.ravel())
+    value, gradient, _ = evaluate(coef)
     assert np.max(np.abs(gradient)) <= 1e-14
     return value, coef.reshape(shape)
 
@@ -177,17 +135,11 @@ def chosen(loss, num_samples, width, num_outputs):
     return type(AutoNewton().choose(ReadoutObjective(loss), args))
 
 
-@pytest.mark.parametrize(
-    "loss, num_outputs",
-    [
-        (vploss.SigmoidBinaryCrossEntropy(), 1),
-        (vploss.SoftmaxCrossEntropy(3), 3),
-        (vploss.PoissonLogLikelihood(), 1),
-    ],
-)
-def test_auto_picks_the_kernel_form_when_wide(loss, num_outputs):
+@pytest.mark.parametrize("case", READOUT_CASES.values(), ids=READOUT_CASES.keys())
+def test_auto_picks_the_kernel_form_when_wide(case):
     """The issue's shape, N = 200 and m = 2000, takes `KernelNewton`; a tall one does
     not."""
+    loss, num_outputs = case.loss, case.kwargs.get("num_classes", 1)
     assert chosen(loss, 200, 2000, num_outputs) is vploss.KernelNewton
     assert chosen(loss, 2000, 20, num_outputs) is vploss.Newton
 
