@@ -177,9 +177,32 @@ def test_the_docstring_checks_catch_eaten_latex():
     assert not _maths_problems("a $x$, `$` and\n\n$$\\frac12$$ $[$`f(x)`$, 1]$ \\$5")
 
 
-# A list of loss functions in backquotes: "`vploss_bce`, `vploss_ce` and `vploss_poisson`".
-_LOSS_NAME = r"`(?:vploss\.)?(vploss_\w+)`"
-_LOSS_LIST = re.compile(_LOSS_NAME + r"(?:(?:,\s+|,?\s+and\s+|,?\s+or\s+)" + _LOSS_NAME + r")+")
+def _readout_loss_names():
+    """`{name: function name}` for every readout loss in the registry `READOUT_LOSSES`:
+    its `vploss_*` function's name and its class's name, both mapped to the function's."""
+    from vploss._readout_losses.registry import READOUT_LOSSES
+
+    names = {}
+    for function, make_loss in READOUT_LOSSES.items():
+        names[function.__name__] = function.__name__
+        names[type(make_loss(2)).__name__] = function.__name__
+    return names
+
+
+# A list of names in backquotes, e.g. "`vploss_bce`, `vploss_ce` and `vploss_poisson`",
+# "[`vploss_bce`](losses/bce.md) or the softmax `vploss.vploss_ce`" or
+# "`vploss.SigmoidBinaryCrossEntropy()`,\n    `vploss.SoftmaxCrossEntropy(num_classes=K)`":
+# items separated by a comma, "and" or "or", and at most three words.
+_ITEM = r"\[?`(?:vploss\.)?(\w+)(?:\([^`]*\))?`(?:\]\([^)\s]*\))?"
+_LIST = re.compile(_ITEM + r"(?:(?:,|,?\s+and|,?\s+or)\s+(?:[A-Za-z-]+\s+){0,3}" + _ITEM + r")+")
+# The lists of the readout losses, which name every one: the section "Readout loss
+# functions" of the API page of the losses, the classes' API page, and the README's
+# features.
+_CANONICAL_LOSS_LISTS = {
+    "docs/api/losses.md": "functions",
+    "docs/api/readout_losses.md": "classes",
+    "README.md": "functions",
+}
 # Lists that name some readout losses on purpose: pages of measurements of those losses.
 _PARTIAL_LOSS_LISTS = {
     ("docs/benchmark_suite.md", "`vploss_bce` and\n`vploss_ce`"),
@@ -188,30 +211,73 @@ _PARTIAL_LOSS_LISTS = {
 }
 
 
-def _loss_lists(text):
-    """The names in each list of loss functions of `text`, with the list's text."""
-    for match in _LOSS_LIST.finditer(text):
-        yield frozenset(re.findall(r"vploss_\w+", match.group())), match.group()
+def _partial_loss_lists(text, names):
+    """`(missing function names, list's text)` for each list in `text` that names two or
+    more readout losses (by function or class name, `names` as `_readout_loss_names`)
+    but not all of them."""
+    every = set(names.values())
+    for match in _LIST.finditer(text):
+        named = {names[item] for item in re.findall(_ITEM, match.group()) if item in names}
+        if len(named) >= 2 and named != every:
+            yield sorted(every - named), match.group()
 
 
-def test_every_list_of_the_readout_losses_names_them_all():
-    """A list that names two or more readout losses names every one in the registry
-    (`READOUT_LOSSES`), so a new loss cannot be left out of a page or a docstring."""
-    from vploss._readout_losses.registry import READOUT_LOSSES
+def _canonical_list(where, kind):
+    """The names that the canonical list of `where` holds."""
+    text = (ROOT / where).read_text(encoding="utf-8")
+    if where == "docs/api/losses.md":
+        text = text[text.index("## Readout loss functions") :]
+        text = text[: text.find("\n## ") if "\n## " in text else len(text)]
+    if where == "README.md":
+        return set(re.findall(r"^\s*- `(vploss_\w+)`:", text, flags=re.MULTILINE))
+    return set(re.findall(r"^::: vploss\.(\w+)", text, flags=re.MULTILINE))
 
-    registered = {function.__name__ for function in READOUT_LOSSES}
+
+def test_the_lists_of_the_readout_losses_name_them_all():
+    """The lists of the readout losses (`_CANONICAL_LOSS_LISTS`) name every loss of the
+    registry `READOUT_LOSSES`: a new loss is one module, one line of the registry, and
+    its entries there."""
+    names = _readout_loss_names()
+    missing = []
+    for where, kind in _CANONICAL_LOSS_LISTS.items():
+        wanted = {n for n, f in names.items() if (n == f) == (kind == "functions")}
+        if lacks := sorted(wanted - _canonical_list(where, kind)):
+            missing.append(f"{where} lacks {lacks}")
+    assert not missing, "\n".join(missing)
+
+
+def test_no_other_list_of_the_readout_losses_is_partial():
+    """Any other page or docstring that lists two or more readout losses, by function or
+    by class name, names every one in the registry (`READOUT_LOSSES`), so that a new loss
+    cannot be left out of it. Prose that does not list them (e.g. "the `vploss_*`
+    function of every readout loss, listed on the page Losses") needs no edit."""
+    names = _readout_loss_names()
     paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *SOURCES]
     incomplete = []
     for path in paths:
         where = str(path.relative_to(ROOT))
-        for names, text in _loss_lists(path.read_text(encoding="utf-8")):
-            partial = (where, text) in _PARTIAL_LOSS_LISTS
-            if len(names & registered) >= 2 and not registered <= names and not partial:
-                incomplete.append(f"{where}: {text!r} lacks {sorted(registered - names)}")
+        for lacks, text in _partial_loss_lists(path.read_text(encoding="utf-8"), names):
+            if (where, text) not in _PARTIAL_LOSS_LISTS:
+                incomplete.append(f"{where}: {text!r} lacks {lacks}")
     assert not incomplete, "\n".join(incomplete)
-    assert {names for names, _ in _loss_lists("`a`, `vploss_ce` or `vploss.vploss_bce`")} == {
-        frozenset({"vploss_ce", "vploss_bce"})
-    }
+
+
+def test_the_list_checks_catch_a_partial_list():
+    """The checks above, on small strings."""
+    names = {"vploss_a": "vploss_a", "A": "vploss_a", "vploss_b": "vploss_b", "B": "vploss_b"}
+    names |= {"vploss_c": "vploss_c", "C": "vploss_c"}
+    partial = [
+        "`x`, `vploss_a` or the loss `vploss.vploss_b`",
+        "[`vploss_a`](a.md), [`vploss_b`](b.md)",
+        "(`vploss.A()`,\n    `vploss.B(num_classes=K)`, any other)",
+        "`vploss_a`, `B` and `x`",
+    ]
+    for text in partial:
+        assert [lacks for lacks, _ in _partial_loss_lists(text, names)] == [["vploss_c"]], text
+    whole = "`vploss_a`, `B()` and `vploss.vploss_c`; `vploss_a` then, much later, `vploss_b`"
+    assert not list(_partial_loss_lists(whole, names))
+    assert not list(_partial_loss_lists("the `vploss_*` function of each loss", names))
+    assert {n for n, f in _readout_loss_names().items() if n != f} >= {"SoftmaxCrossEntropy"}
 
 
 def test_every_list_of_solver_names_names_them_all():

@@ -123,8 +123,8 @@ def vpggn(
 
     **Arguments:**
 
-    - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss
-        (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or a readout loss object
+    - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss (the
+        table `READOUT_LOSSES`, listed on the page "Losses") or a readout loss object
         (`vploss.AbstractReadoutLoss`, solved by `vploss_glm`).
     - `model`, `x`, `y`: as the loss function reads them.
     - `jacobian`: `"exact"` or `"fixed_readout"`, as above.

@@ -361,7 +361,7 @@ def refit_readout(
         two steps of refinement) and sets
         the penalised intercept exactly. One pass; `batches` may be a one-shot
         iterator.
-    - a readout loss (`vploss_bce`, `vploss_ce`, `vploss_poisson`, or an
+    - a readout loss (the `vploss_*` function of one in `READOUT_LOSSES`, or an
         `AbstractReadoutLoss`): damped Newton on the full objective. Each pass
         accumulates its value, gradient and Hessian (the same functions as the
         one-shot losses' `"newton"` solver); the Newton step solves the Hessian by
@@ -388,8 +388,8 @@ def refit_readout(
         takes it; batches may differ in size. Or `(x, y, w)` triples with per-sample
         weights `w >= 0` of shape `(len(x),)` (every batch a triple; a batch's weights
         may sum to zero, not all of them): the data term is then the weighted mean.
-    - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss
-        (`vploss_bce`, `vploss_ce`, `vploss_poisson`) or any readout loss object
+    - `loss`: `vploss.vploss_msereg`, the `vploss_*` function of a readout loss (the
+        table `READOUT_LOSSES`, listed on the page "Losses") or any readout loss object
         (`vploss.AbstractReadoutLoss`, e.g. `vploss.SoftmaxCrossEntropy(10)`): the
         inner problem to solve.
     - `alpha2`: the readout penalty (the one used in training); `> 0` for the

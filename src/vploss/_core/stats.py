@@ -6,8 +6,9 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """The outcome of a solve, `stats.result`: `optimistix.RESULTS` extended by the
     failures of the solvers here. `stats.converged` is `stats.result ==
-    vploss.RESULTS.successful`, and `vploss.RESULTS[stats.result]` its message. The
-    solvers report:
+    vploss.RESULTS.successful`, and `vploss.RESULTS[stats.result]` its message (for the
+    results inherited from optimistix, optimistix's generic text; the error of
+    `throw=True` names the cause for the solve at hand). The solvers report:
 
     - `successful`: the solver met its tolerance within its step budget.
     - `nonlinear_max_steps_reached`: it ran out of steps (`max_steps`, or

@@ -112,8 +112,9 @@ def vploss_glm(
     The inner problem is strictly convex for `alpha2 > 0` (required). It is solved by
     `solver` to its tolerance and checked, and the gradient is the envelope gradient
     $\nabla L = \partial_\theta J(\theta, \hat W^*)$ (a custom JVP rule, forward and
-    reverse mode): the solver is never differentiated. `vploss_bce`, `vploss_ce` and
-    `vploss_poisson` are this function with their loss.
+    reverse mode): the solver is never differentiated. The `vploss_*` function of each
+    readout loss (the table `READOUT_LOSSES`, listed on the page "Losses" of the API
+    reference) is this function with its loss.
 
     **Arguments:**
 

@@ -1,6 +1,7 @@
-r"""The inner solvers of the readout losses (`vploss_bce`, `vploss_ce`, `vploss_poisson`,
-any `AbstractReadoutLoss`): solver objects that carry their tolerances, and the
-`AbstractInnerSolver` that runs them for `envelope_minimise`."""
+r"""The inner solvers of the readout losses (the `vploss_*` function of each loss in
+`READOUT_LOSSES`, and `vploss_glm` with any `AbstractReadoutLoss`): solver objects
+that carry their tolerances, and the `AbstractInnerSolver` that runs them for
+`envelope_minimise`."""
 
 import abc
 import dataclasses

@@ -1,5 +1,5 @@
-r"""The stochastic readout of a readout loss (logistic, softmax, Poisson, any
-`AbstractReadoutLoss`) for mini-batch training: the exact readout of a sliding window of
+r"""The stochastic readout of a readout loss (any `AbstractReadoutLoss`, the package's
+or your own) for mini-batch training: the exact readout of a sliding window of
 batches, with its penalty chosen by the evidence."""
 
 from collections.abc import Callable
@@ -65,10 +65,11 @@ class WindowedState(eqx.Module):
 
 
 class WindowedReadout(AbstractStochasticReadout[WindowedState]):
-    r"""The readout of a readout loss (`vploss.SigmoidBinaryCrossEntropy()`,
-    `vploss.SoftmaxCrossEntropy(num_classes=K)`, `vploss.PoissonLogLikelihood()`, any
-    `AbstractReadoutLoss`) for mini-batch training, with memory and an automatic
-    penalty: the stochastic analogue for these losses of the ridge loss's `SlimTik`.
+    r"""The readout of a readout loss (any `AbstractReadoutLoss`: one of the package's,
+    listed on the page "Readout losses" of the API reference, e.g.
+    `vploss.SoftmaxCrossEntropy(num_classes=K)`, or your own) for mini-batch training,
+    with memory and an automatic penalty: the stochastic analogue for these losses of the
+    ridge loss's `SlimTik`.
 
     **The rule.** At batch $k$ the readout is the exact minimiser of the loss over a
     sliding window, the current batch and the last $r$ = `memory` batches with the
