@@ -335,11 +335,26 @@ LOSS_CASES = {
 READOUT_CASES = {name: case for name, case in LOSS_CASES.items() if case.loss is not None}
 
 
-def cases(of=LOSS_CASES, *, slow=()):
+#: The one readout loss that the long shared checks of the readout losses
+#: (tests/test_readout_losses.py) run in the default run: every other readout case, and
+#: every case added to `LOSS_CASES`, runs them with `-m slow` only.
+DEFAULT_RUN_CASE = "poisson"
+
+
+def cases(of=LOSS_CASES, *, default=None, slow=()):
     """`pytest.param`s of the cases `of` (a mapping from the cases' names, every loss by
-    default), those named in `slow` among the slow tests."""
+    default). With `default` (names), only those run in the default run and every other
+    case, a new one included, among the slow tests (opt-in); otherwise those named in
+    `slow` are the slow ones."""
+
+    unknown = set(default or ()) - set(of)
+    assert not unknown, f"no such cases: {sorted(unknown)}"
+
+    def is_slow(name):
+        return name not in default if default is not None else name in slow
+
     return [
-        pytest.param(case, id=name, marks=[pytest.mark.slow] if name in slow else [])
+        pytest.param(case, id=name, marks=[pytest.mark.slow] if is_slow(name) else [])
         for name, case in of.items()
     ]
 

@@ -22,37 +22,30 @@ from .helpers import along, LOSS_CASES, mlp, newton_reference, random_direction,
 N, IN, M = 24, 2, 4
 
 
-def _problem(name, dtype=jnp.float64, weighted=True):
-    """`(x, loss function, y, keyword arguments)` of a small problem of each kind."""
+def _problem(case, dtype=jnp.float64, weighted=False):
+    """`(x, loss function, y, keyword arguments)` of a small problem of the loss `case`
+    (a `LossCase`): its labels of a smooth score of `x`, both penalties, and with
+    `weighted` random weights, three of them zero."""
     x = jax.random.normal(jax.random.PRNGKey(0), (N, IN), dtype)
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    weights = jax.random.uniform(keys[0], (N,), dtype).at[:3].set(0.0)
-    if name == "msereg":
-        y = jnp.stack([jnp.sin(2 * x[:, 0]) * x[:, 1], jnp.cos(x[:, 1])], axis=1)
-        return x, vploss.vploss_msereg, y, dict(alpha2=1e-3, alpha1=1e-2)
-    if name == "msereg-weights":
-        return x, vploss.vploss_msereg, jnp.sin(x[:, 0]), dict(alpha2=1e-3, weights=weights)
-    if name == "bce":
-        return x, vploss.vploss_bce, (x[:, 0] * x[:, 1] > 0).astype(dtype), dict(alpha2=1e-2)
-    if name == "ce":
-        labels = (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0.5)
-        kwargs = dict(alpha2=1e-2, num_classes=3)
-        return x, vploss.vploss_ce, labels, dict(kwargs, weights=weights) if weighted else kwargs
-    if name == "poisson":
-        counts = jax.random.poisson(keys[1], jnp.exp(x[:, 0]), (N,)).astype(dtype)
-        return x, vploss.vploss_poisson, counts, dict(alpha2=1e-2, alpha1=1e-3)
-    raise AssertionError(name)
+    y = case.labels(jnp.sin(2 * x[:, 0] + x[:, 1]))
+    kwargs = dict(alpha2=1e-2, alpha1=1e-3, **case.kwargs)
+    if weighted:
+        weights = jax.random.uniform(jax.random.PRNGKey(1), (N,), dtype).at[:3].set(0.0)
+        kwargs["weights"] = weights
+    return x, case.function, y, kwargs
 
 
-def _case(name):
-    return LOSS_CASES[name.removesuffix("-weights")]
+def _ridge_problem():
+    """The ridge loss's own problem, with two outputs, as `_problem` gives it."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (N, IN))
+    y = jnp.stack([jnp.sin(2 * x[:, 0]) * x[:, 1], jnp.cos(x[:, 1])], axis=1)
+    return x, vploss.vploss_msereg, y, dict(alpha2=1e-3, alpha1=1e-2)
 
 
-def _reference_hessian(name, logits, y, kwargs):
+def _reference_hessian(case, logits, y, kwargs):
     """The Hessian of the (weighted) mean data loss in the `(N, k)` logits, as an
     `(Nk, Nk)` matrix, from the loss's NumPy reference (independent of the library's
     `curvature`): block diagonal, sample j's block `w_j/Σw` times its curvature."""
-    case = _case(name)
     logits = np.asarray(logits, np.float64)
     _, _, curvature = case.reference(logits, case.targets(y))
     weights = np.asarray(kwargs.get("weights", np.ones(N)), np.float64)
@@ -66,8 +59,8 @@ def _features(model, x):
     return jnp.concatenate([features, jnp.ones((N, 1), features.dtype)], axis=1)
 
 
-def _setup(name, jacobian, dtype=jnp.float64, weighted=True):
-    x, loss, y, kwargs = _problem(name, dtype, weighted)
+def _setup(case, jacobian, dtype=jnp.float64, weighted=False, problem=None):
+    x, loss, y, kwargs = problem or _problem(case, dtype, weighted)
     model = mlp(IN, width=5, depth=1, features=M, dtype=dtype)
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -87,27 +80,34 @@ def _dense_ggn(fn, params):
     return value, gradient, columns(jnp.eye(flat.size, dtype=flat.dtype)), outputs
 
 
-# The exact Jacobian's dense reference compiles `jax.jacfwd` through the implicit
-# derivative (10-20 s a loss), and each loss compiles its own: the diagonal and the
-# rank-one curvature with weights, and Poisson, run with -m slow; the others are checked
-# against finite differences below. The README's command checks bce that way.
-CASES = [
-    pytest.param(name, jacobian, marks=pytest.mark.slow)
-    for name, jacobian in [
-        ("msereg-weights", "exact"),
-        ("msereg-weights", "fixed_readout"),
-        ("ce", "exact"),
-        ("ce", "fixed_readout"),
-        ("poisson", "exact"),
+JACOBIANS = ("exact", "fixed_readout")
+
+
+def _loss_cases(default=()):
+    """`pytest.param`s `(case, jacobian)` of every loss in `LOSS_CASES` and both
+    Jacobians: the `(name, jacobian)` pairs in `default` run in the default run, every
+    other one (those of a new loss too) with the slow tests."""
+    return [
+        pytest.param(
+            case,
+            jacobian,
+            id=f"{name}-{jacobian}",
+            marks=[] if (name, jacobian) in default else [pytest.mark.slow],
+        )
+        for name, case in LOSS_CASES.items()
+        for jacobian in JACOBIANS
     ]
-]
 
 
-@pytest.mark.parametrize("name, jacobian", CASES)
-def test_ggn_equals_the_dense_ggn(name, jacobian):
+# The exact Jacobian's dense reference compiles `jax.jacfwd` through the implicit
+# derivative (10-20 s a loss), and each loss compiles its own: every loss runs it, with
+# weights and both penalties, with -m slow; the default run checks bce against finite
+# differences below (the README's command).
+@pytest.mark.parametrize("case, jacobian", _loss_cases())
+def test_ggn_equals_the_dense_ggn(case, jacobian):
     """G = J_Zᵀ H J_Z + alpha2 J_Wᵀ J_W + alpha1 I with the Jacobians by `jax.jacfwd`
     and H the Hessian of the loss written here; the gradient is the loss's own."""
-    x, loss, y, kwargs, params, static, fn = _setup(name, jacobian)
+    x, loss, y, kwargs, params, static, fn = _setup(case, jacobian, weighted=True)
     value, gradient, actual, outputs = _dense_ggn(fn, params)
     flat, unravel = ravel_pytree(params)
 
@@ -124,7 +124,7 @@ def test_ggn_equals_the_dense_ggn(name, jacobian):
         jac_w = jnp.zeros((coef.size, flat.size))
     logits = logits_of(flat)
     jac_z = jax.jacfwd(logits_of)(flat).reshape(logits.size, -1)
-    hessian = _reference_hessian(name, logits, y, kwargs)
+    hessian = _reference_hessian(case, logits, y, kwargs)
     alpha1, alpha2 = kwargs.get("alpha1", 0.0), kwargs["alpha2"]
     expected = jac_z.T @ hessian @ jac_z + alpha2 * jac_w.T @ jac_w + alpha1 * jnp.eye(flat.size)
 
@@ -149,42 +149,29 @@ def _ggn_product(fn, params, direction):
     return outputs, ggn.mv(direction)
 
 
-def _readout_of(name, features, y, kwargs):
+def _readout_of(case, features, y, kwargs):
     """The readout `[W, b]ᵀ` by an independent float64 NumPy solver."""
     alpha2 = kwargs["alpha2"]
-    if name == "msereg":
+    if case.loss is None:
         return ridge_reference(features, y, alpha2, use_bias=False)[1]
-    case = _case(name)
     return newton_reference(case.reference, features, case.targets(y), alpha2, use_bias=False)[1]
 
 
-@pytest.mark.parametrize(
-    "name, jacobian",
-    [
-        ("bce", "fixed_readout"),
-        pytest.param("msereg", "exact", marks=pytest.mark.slow),
-        pytest.param("msereg", "fixed_readout", marks=pytest.mark.slow),
-        pytest.param("bce", "exact", marks=pytest.mark.slow),
-        pytest.param("ce", "exact", marks=pytest.mark.slow),
-        pytest.param("ce", "fixed_readout", marks=pytest.mark.slow),
-        pytest.param("poisson", "exact", marks=pytest.mark.slow),
-        pytest.param("poisson", "fixed_readout", marks=pytest.mark.slow),
-    ],
-)
-def test_ggn_against_finite_differences(name, jacobian):
+@pytest.mark.parametrize("case, jacobian", _loss_cases(default=[("bce", "fixed_readout")]))
+def test_ggn_against_finite_differences(case, jacobian):
     """uᵀGv = (J_Z u)ᵀ H (J_Z v) + alpha2 (J_W u)·(J_W v) + alpha1 uᵀv with J u by central
     differences of the logits, the readout refitted at each point by an independent
     NumPy solver (exact) or held at the one fitted at θ (fixed readout)."""
-    x, loss, y, kwargs, params, static, fn = _setup(name, jacobian, weighted=False)
+    x, loss, y, kwargs, params, static, fn = _setup(case, jacobian)
     flat, unravel = ravel_pytree(params)
     rng = np.random.default_rng(0)
     u, v = (jnp.asarray(rng.standard_normal(flat.size)) for _ in range(2))
     outputs, ggn_v = _ggn_product(fn, params, unravel(v))
     features = lambda t: np.asarray(_features(eqx.combine(unravel(t), static), x))  # noqa: E731
-    coef0 = _readout_of(name, features(flat), y, kwargs)
+    coef0 = _readout_of(case, features(flat), y, kwargs)
 
     def outputs_at(theta):
-        coef = _readout_of(name, features(theta), y, kwargs) if jacobian == "exact" else coef0
+        coef = _readout_of(case, features(theta), y, kwargs) if jacobian == "exact" else coef0
         return features(theta) @ coef, coef
 
     h = 1e-5
@@ -194,7 +181,7 @@ def test_ggn_against_finite_differences(name, jacobian):
         return (zp - zm) / (2 * h), (wp - wm) / (2 * h)
 
     (ju_z, ju_w), (jv_z, jv_w) = jvp(u), jvp(v)
-    hessian = _reference_hessian(name, outputs.logits, y, kwargs)
+    hessian = _reference_hessian(case, outputs.logits, y, kwargs)
     alpha1, alpha2 = kwargs.get("alpha1", 0.0), kwargs["alpha2"]
     expected = (
         ju_z.ravel() @ hessian @ jv_z.ravel() + alpha2 * np.sum(ju_w * jv_w) + alpha1 * float(u @ v)
@@ -212,7 +199,7 @@ def test_ggn_against_finite_differences(name, jacobian):
 )
 def test_ridge_ggn_is_the_gauss_newton_matrix_of_the_residual(kwargs):
     """For `vploss_msereg`, G = J_rᵀ J_r with J_r from `vpjacobian_msereg`."""
-    x, _, y, _ = _problem("msereg")
+    x, _, y, _ = _ridge_problem()
     model = mlp(IN, width=5, depth=1, features=M)
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -233,9 +220,10 @@ def test_ridge_ggn_is_the_gauss_newton_matrix_of_the_residual(kwargs):
 def test_float32_products_as_accurate_as_a_dense_float32_ggn():
     """In float32, the products' error (against float64) is within a small multiple of
     that of the dense float32 GGN from the same formula (a same-precision reference)."""
-    _, _, _, _, params64, _, fn64 = _setup("ce", "fixed_readout")
+    ce = LOSS_CASES["ce"]
+    _, _, _, _, params64, _, fn64 = _setup(ce, "fixed_readout", weighted=True)
     exact = np.asarray(_dense_ggn(fn64, params64)[2])
-    x, loss, y, kwargs, params, static, fn = _setup("ce", "fixed_readout", jnp.float32)
+    x, loss, y, kwargs, params, static, fn = _setup(ce, "fixed_readout", jnp.float32, True)
     actual = np.asarray(_dense_ggn(fn, params)[2])
 
     flat, unravel = ravel_pytree(params)
@@ -243,7 +231,7 @@ def test_float32_products_as_accurate_as_a_dense_float32_ggn():
     coef = jnp.concatenate([readout.weight.T, readout.bias[None]], axis=0)
     logits_of = lambda t: _features(eqx.combine(unravel(t), static), x) @ coef  # noqa: E731
     jac_z = jax.jacfwd(logits_of)(flat).reshape(N * 3, -1)
-    hessian = _reference_hessian("ce", logits_of(flat), y, kwargs).astype(np.float32)
+    hessian = _reference_hessian(ce, logits_of(flat), y, kwargs).astype(np.float32)
     dense32 = np.asarray(jac_z.T @ hessian @ jac_z)
     assert actual.dtype == np.float32
     reference_error = np.abs(dense32 - exact).max()
@@ -257,7 +245,8 @@ def test_exact_jacobian_with_exact_solves_is_optimistix_levenberg_marquardt(name
     """With the ridge loss and an exact linear solve, the minimiser's iterates are those
     of `optimistix.LevenbergMarquardt` on `vpresidual_msereg` (the same damped system,
     trust region and acceptance); for other losses, the loss decreases monotonically."""
-    x, loss, y, kwargs, params, static, fn = _setup(name, "exact")
+    problem = _ridge_problem() if name == "msereg" else None
+    x, loss, y, kwargs, params, static, fn = _setup(LOSS_CASES[name], "exact", problem=problem)
     solver = vploss.GeneralisedGaussNewton(rtol=0.0, atol=0.0, linear_solver=lx.Cholesky())
     steps = 6
     ours = optx.minimise(fn, solver, params, None, has_aux=True, max_steps=steps, throw=False)
@@ -312,7 +301,7 @@ def test_minimiser_fits_a_realisable_target(jacobian):
 
 
 def test_errors_name_what_was_expected():
-    x, loss, y, kwargs, params, static, _ = _setup("bce", "exact")
+    x, loss, y, kwargs, params, static, _ = _setup(LOSS_CASES["bce"], "exact")
     model = eqx.combine(params, static)
     with pytest.raises(TypeError, match="vploss_msereg"):
         vploss.vpggn(jnp.sum, model, x, y, alpha2=1e-2)

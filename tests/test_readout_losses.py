@@ -17,6 +17,7 @@ import vploss
 from .helpers import (
     cases,
     cast,
+    DEFAULT_RUN_CASE,
     directional_derivative_check,
     flatten,
     LOSS_CASES,
@@ -52,16 +53,46 @@ class Case:
 LOSSES = {name: Case(case, case.labels(_SCORE)) for name, case in READOUT_CASES.items()}
 
 
-# Where a check compiles long, the logistic losses run it with the slow tests: their
-# curvature is diagonal like the Poisson loss's (the same code), or rank-one like the
-# softmax loss's, whose solvers the default run checks in test_softmax.py and
-# test_wide_readout.py (with weights, under jit and vmap).
-ONLY_POISSON = pytest.mark.parametrize("case", cases(LOSSES, slow=("bce", "ce")))
+# Where a check compiles long, only `DEFAULT_RUN_CASE` (the Poisson loss) runs it by
+# default and every other case with the slow tests: the logistic losses' curvature is
+# diagonal like the Poisson loss's (the same code), or rank-one like the softmax loss's,
+# whose solvers the default run checks in test_softmax.py and test_wide_readout.py (with
+# weights, under jit and vmap). A new loss runs these with -m slow.
+LONG_CHECK = pytest.mark.parametrize("case", cases(LOSSES, default=(DEFAULT_RUN_CASE,)))
 # Integer weights: 0 drops a sample, 2 and 3 repeat it.
 WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
 
 
-@ONLY_POISSON
+@pytest.mark.parametrize("case", cases(LOSSES))
+def test_loss_gradient_and_curvature_match_the_reference(case):
+    """On random logits, the loss object's `loss` is the reference's per-sample loss, its
+    gradient (`jax.grad`) the reference's, and the Hessian from its `curvature`,
+    `diag(d_j) - u_j u_jᵀ`, both the reference's and `jax.hessian` of its own `loss`: a
+    wrong `curvature` and a wrong reference are each caught."""
+    n = 5
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    y = case.labels(jax.random.normal(keys[0], (n,), jnp.float64))
+    labels = case.loss.labels(y, n).values
+    k = labels.shape[1]
+    logits = jax.random.normal(keys[1], (n, k), jnp.float64)
+    value, gradient, hessian = case.reference(np.asarray(logits), case.targets(y))
+
+    per_sample = jax.jit(case.loss.loss)
+    np.testing.assert_allclose(per_sample(logits, labels), value, rtol=1e-12, atol=1e-14)
+    summed_grad = jax.grad(lambda z: jnp.sum(case.loss.loss(z, labels)))(logits)
+    np.testing.assert_allclose(summed_grad, gradient, rtol=1e-12, atol=1e-14)
+    curvature = case.loss.curvature(logits, labels)
+    dense = jax.vmap(jnp.diag)(curvature.diagonal)
+    if curvature.rank_one is not None:
+        dense = dense - jnp.einsum("ja,jb->jab", curvature.rank_one, curvature.rank_one)
+    np.testing.assert_allclose(dense, hessian, rtol=1e-12, atol=1e-14)
+    # Sample j's loss depends on its own logits only: the diagonal blocks of the Hessian.
+    one_sample = jax.hessian(lambda z, t: case.loss.loss(z[None], t[None])[0])
+    autodiff = jax.vmap(one_sample)(logits, labels)
+    np.testing.assert_allclose(dense, autodiff, rtol=1e-12, atol=1e-14)
+
+
+@LONG_CHECK
 def test_envelope_gradient_float64(case):
     """The gradient is the derivative of the reduced loss: central differences agree to
     1e-6 and the Taylor remainder falls as O(h²) (docs/index.md, 'The envelope theorem')."""
@@ -73,7 +104,7 @@ def test_envelope_gradient_float64(case):
     np.testing.assert_allclose(remainders[:-1] / remainders[1:], 4.0, rtol=0.15)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_weights_are_repeated_and_dropped_samples(case):
     """Integer weights give the loss, readout and gradient of the data set with each
     sample repeated that many times (zero: dropped)."""
@@ -96,7 +127,7 @@ def test_weights_are_repeated_and_dropped_samples(case):
     np.testing.assert_allclose(flatten(grad), flatten(expected_grad), rtol=1e-8, atol=1e-12)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_warm_start_and_non_convergence(case):
     model = mlp()
     _, cold = case(model)
@@ -112,7 +143,7 @@ def test_warm_start_and_non_convergence(case):
         eqx.filter_grad(lambda m: case(m, max_steps=1)[0])(model)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_jit_and_vmap(case):
     model = mlp()
     loss = lambda x: case(model, x=x)[0]  # noqa: E731
@@ -121,7 +152,7 @@ def test_jit_and_vmap(case):
     np.testing.assert_allclose(batched[1], loss(-X), rtol=1e-10)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_float32_loss_matches_float64_on_the_same_features(case):
     """A float32 model: the loss is within the solve's tolerance (`loss_tolerance`,
     $\\sqrt\\varepsilon|J| + 16\\varepsilon(1 + |J|)$) plus the rounding of the mean
@@ -139,7 +170,7 @@ def test_float32_loss_matches_float64_on_the_same_features(case):
     assert abs(float(loss32) - float(loss64)) <= eps**0.5 * value + 32 * eps * (1 + value)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_solver_objects_equal_their_names(case):
     """Every solver name is sugar for its object (`READOUT_SOLVERS`): the same loss."""
     model = mlp()
@@ -184,7 +215,7 @@ def test_the_shared_lists_hold_every_loss_and_solver():
     assert _solver_names(vploss.vploss_msereg) == set(RIDGE_SOLVERS)
 
 
-@ONLY_POISSON
+@LONG_CHECK
 def test_the_generic_loss_and_the_refit_take_the_loss_object(case):
     """`vploss_glm(loss, ...)` is the named function; `refit_readout` takes the loss
     object (or the function) and weighted batches, and fits the same readout."""
