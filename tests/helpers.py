@@ -341,20 +341,19 @@ READOUT_CASES = {name: case for name, case in LOSS_CASES.items() if case.loss is
 DEFAULT_RUN_CASE = "poisson"
 
 
-def cases(of=LOSS_CASES, *, default=None, slow=()):
+def cases(of=LOSS_CASES, *, default=None):
     """`pytest.param`s of the cases `of` (a mapping from the cases' names, every loss by
-    default). With `default` (names), only those run in the default run and every other
-    case, a new one included, among the slow tests (opt-in); otherwise those named in
-    `slow` are the slow ones."""
+    default), all in the default run; with `default` (names), only those, and every
+    other case, a new one included, among the slow tests (opt-in)."""
 
     unknown = set(default or ()) - set(of)
     assert not unknown, f"no such cases: {sorted(unknown)}"
-
-    def is_slow(name):
-        return name not in default if default is not None else name in slow
-
     return [
-        pytest.param(case, id=name, marks=[pytest.mark.slow] if is_slow(name) else [])
+        pytest.param(
+            case,
+            id=name,
+            marks=[pytest.mark.slow] if default is not None and name not in default else [],
+        )
         for name, case in of.items()
     ]
 

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import vploss
 from vploss._flow.cpflow import _feature_derivatives, cpflow_objective
 
-from .helpers import cases, cast, LOSS_CASES, mlp, READOUT_CASES
+from .helpers import cases, cast, LOSS_CASES, mlp
 
 
 # (N, n, m, k): samples, input size, features, outputs (classes for `vploss_ce`).
@@ -187,7 +187,7 @@ VALUE_AND_GRAD = {
 # The quick run keeps the ridge loss: the readout losses' shared checks are in
 # test_readout_losses.py.
 @pytest.mark.parametrize("examples, shapes", EXAMPLES)
-@pytest.mark.parametrize("case", cases(slow=tuple(READOUT_CASES)))
+@pytest.mark.parametrize("case", cases(default=("msereg",)))
 def test_loss_properties(case, examples, shapes):
     def check(problem):
         model, x, key, outputs = _inputs(problem)
