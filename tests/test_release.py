@@ -28,7 +28,12 @@ ROOT = pathlib.Path(__file__).parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 NAME = PROJECT["name"]
 VERSION = PROJECT["version"]
-SOURCES = sorted(p.name for p in (ROOT / "src" / NAME).iterdir() if p.suffix in {".py", ".typed"})
+#: The package's files, subpackages included, relative to it.
+SOURCES = sorted(
+    p.relative_to(ROOT / "src" / NAME).as_posix()
+    for p in (ROOT / "src" / NAME).rglob("*")
+    if p.suffix in {".py", ".typed"} and "__pycache__" not in p.parts
+)
 
 
 def test_the_version_is_stated_once():
