@@ -6,20 +6,26 @@ Problems (float64; every residual row `√(w_j/S)·(û(z_j) − t_j)`, `S = Σ w
 
 - `peaks`: MATLAB's `peaks` on 2000 random training points in [-3, 3]² (a new draw per
   seed), test error on 4096 others (as `benchmarks/peaks_lm.py`). Features: the MLP of
-  `examples/_peaks.py`, `feature_map(key, m, depth)`, by default `depth=1`: 2 → m → m,
-  tanh (m² + 4m parameters). Its default two hidden layers (2 → m → m → m) make a step
-  at m = 160 (52k parameters, a 2000 × 52k Jacobian) cost tens of seconds on one core,
-  so the width sweep uses one (`--depth 2` restores it). Equal weights, an intercept.
+  `examples/_peaks.py`, `feature_map(key, m, depth)` with `depth=1`: 2 → m → m, tanh
+  (m² + 4m parameters, as `peaks_lm.py`'s), not its default two hidden layers
+  (2 → m → m → m, 52k parameters at m = 160). Even so a step of the whole-network LM
+  costs about 9 s at m = 80 and 36 s at m = 160 on one core (a 2000 × 26k Jacobian at
+  m = 160), so these widths get a few steps in their budget; `--depth 0` is one tanh
+  layer, `tanh(Az + c)` (`examples/pde_varpro.py`'s `feature_map`, weights within
+  ±1/√2), cheap at every width; `--depth 2` the default MLP. Equal weights, an
+  intercept.
 - `poisson`, `heat`: the problems of `examples/pde_varpro.py` (its `Problem`s,
   `collocation`, `PDEFeatures`, `feature_map`, `plain_residual`, `test_error`, Adam's
-  step), 40 × 40 interior points and 40 per constrained side: 1760 rows for Poisson (four
-  sides), 1720 for heat (x = 0, x = 1, t = 0); boundary weight β = 100 (each block a
-  mean, the boundary block β times the interior's); features `tanh(Az + c)` of 2 inputs
-  (4m + 1 parameters with the readout); test error on the example's 101 × 101 grid.
+  step), 32 × 32 interior points and 32 per constrained side: 1152 rows for Poisson
+  (four sides), 1120 for heat (x = 0, x = 1, t = 0); boundary weight β = 100 (each
+  block a mean, the boundary block β times the interior's); features `tanh(Az + c)` of
+  2 inputs (4m + 1 parameters with the readout); test error on the example's 101 × 101
+  grid. (The example trains when imported, so its definitions are loaded without its
+  top-level statements: `load_definitions`.)
 - `helmholtz`: `u'' + k²u = f` on (0, 1), k = 4, with `u(x) = sin(3πx) + x²` (so
-  `f = (k² − 9π²) sin(3πx) + 2 + k²x²`, `u(0) = 0`, `u(1) = 1`), in the same style: 2000
-  interior points at cell midpoints and the two end points, β = 100, features
-  `tanh(ax + c)` (`a`, `c` uniform within ±4) with the operator applied by
+  `f = (k² − 9π²) sin(3πx) + 2 + k²x²`, `u(0) = 0`, `u(1) = 1`), in the same style: 1000
+  interior points at cell midpoints and the two end points (1002 rows), β = 100,
+  features `tanh(ax + c)` (`a`, `c` uniform within ±4) with the operator applied by
   `PDEFeatures` (which applies it to the constant feature too: k² here, not 0); test
   error on 1001 uniform points.
 
@@ -38,7 +44,7 @@ Methods, from the same hidden parameters in each seed:
   `update`, compiled once per problem and width and reused across seeds).
 - `adam`: `optax.adam` on half the sum of squares of the same plain residual (full
   batch), at the best of the learning rates 1e-3, 3e-3, 1e-2 (the lowest final test error
-  of seed 0; the other seeds use it).
+  of seed 0; the other seeds use it). Its test error is evaluated after every 10th step.
 
 Timing: every run trains for the same budget (`--budget` seconds at m ≤ 40, scaled by
 m/40 above: 2× at m = 80, 4× at m = 160; `--flat-budget` keeps it fixed), compilation
