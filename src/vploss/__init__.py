@@ -19,6 +19,13 @@ from ._ggn import (
     ggn_operator as ggn_operator,
     vpggn as vpggn,
 )
+from ._least_squares.levenberg_marquardt import (
+    least_squares as least_squares,
+    LeastSquaresProgress as LeastSquaresProgress,
+    LeastSquaresSolution as LeastSquaresSolution,
+    LeastSquaresStats as LeastSquaresStats,
+    VarProLevenbergMarquardt as VarProLevenbergMarquardt,
+)
 from ._readout_losses.base import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,

@@ -362,12 +362,12 @@ class CholeskyRidge(AbstractNormalEquationsMethod):
         return _refine(solve, residual, solve(rhs), self.refine_steps)
 
 
-def _svd(design: Stack, alpha2: Scalar):
-    r"""The thin SVD $Z = USV^\top$ and the filter factors: $1/(s^2 + \alpha)$ on every
-    direction when $\alpha > 0$ (the filter is bounded, cutting would discard real
-    directions), and on the singular values above $\varepsilon\max(N, m)s_{\max}$ with
-    $\alpha = 0$, zero below (the pseudo-inverse, as `numpy.linalg.lstsq`)."""
-    matrix = design.dense()
+def svd_filter(matrix: Float[Array, "R m"], alpha2: Scalar):
+    r"""The thin SVD $Z = USV^\top$ of a dense design and the filter factors:
+    $1/(s^2 + \alpha)$ on every direction when $\alpha > 0$ (the filter is bounded,
+    cutting would discard real directions), and on the singular values above
+    $\varepsilon\max(N, m)s_{\max}$ with $\alpha = 0$, zero below (the pseudo-inverse,
+    as `numpy.linalg.lstsq`)."""
     u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
     eps = jnp.finfo(matrix.dtype).eps
     cutoff = jnp.where(alpha2 > 0, 0, eps * max(matrix.shape) * s[0])
@@ -393,7 +393,7 @@ class SVDRidge(AbstractNormalEquationsMethod):
     """
 
     def lstsq(self, design, response, alpha2):
-        u, s, vt, inverse = _svd(design, alpha2)
+        u, s, vt, inverse = svd_filter(design.dense(), alpha2)
         return matmul(vt.T, (s * inverse)[:, None] * matmul(u.T, response.dense()))
 
     def solve(self, design: Stack, alpha2: Scalar, rhs: Float[Array, "m k"]) -> Float[Array, "m k"]:
@@ -401,7 +401,7 @@ class SVDRidge(AbstractNormalEquationsMethod):
         $V\operatorname{diag}(1/(s_i^2 + \alpha))V^\top$ `rhs`; with $\alpha = 0$ on the
         kept singular directions only (the derivative of the pseudo-inverse has further
         terms across the null space, not included)."""
-        _, _, vt, inverse = _svd(design, alpha2)
+        _, _, vt, inverse = svd_filter(design.dense(), alpha2)
         return matmul(vt.T, inverse[:, None] * matmul(vt, rhs))
 
 
