@@ -41,7 +41,14 @@ Methods, from the same hidden parameters in each seed:
   (hidden parameters and the linear head together; the readout initialised uniform
   within ±1/√m), with its own defaults (geodesic acceleration, its Jacobian, the
   Cholesky auto form), stepped by hand with `init`/`update` (one `eqx.filter_jit` of
-  `update`, compiled once per problem and width and reused across seeds).
+  `update`, compiled once per problem and width and reused across seeds). Its own
+  Jacobian pushes the identity basis of the smaller side through the whole batch
+  (`jax.linearize`, then `vmap` over parameters or residual entries), which does not use
+  that each row depends on one sample only.
+- `nlls-ps` (not run by default): the same solver and residual, its derivative the
+  per-sample Jacobian (`jax.vmap` of `jax.grad` of each row, one reverse pass per
+  sample, handed over through a `jax.custom_jvp`), as `benchmarks/peaks_lm.py`'s
+  reference; at m = 40 its steps cost 1/5 to 1/30 of `nlls`'s.
 - `adam`: `optax.adam` on half the sum of squares of the same plain residual (full
   batch), at the best of the learning rates 1e-3, 3e-3, 1e-2 (the lowest final test error
   of seed 0; the other seeds use it). Its test error is evaluated after every 10th step.
@@ -60,14 +67,15 @@ error at 10%, 33% and 100% of the budget (that of the last step finished by then
 when none had), steps taken, ms/step (training seconds / steps), and the step cost: the
 median of a run's per-step times after its first 3 steps, accepted and rejected steps
 alike (a rejected step reuses the Jacobian in both LM solvers, so is cheaper). Then the
-step-cost ratio VarPro / nlls-gram for every problem and width (median over seeds of the
-per-run ratio of step costs; both measured in their own runs of the same seed, one after
-the other, so under the same load), and the method with the lowest median error at each
-time mark.
+step-cost ratio VarPro / nlls-gram (and / `nlls-ps` when run) for every problem and
+width (median over seeds of the per-run ratio of step costs; both measured in their own
+runs of the same seed, one after the other, so under the same load), and the method
+with the lowest median error at each time mark.
 
 Usage: `python benchmarks/least_squares.py [--quick] [--seeds 3] [--budget 10]
 [--problems peaks poisson heat helmholtz] [--widths 20 40 80 160]
-[--methods varpro nlls adam] [--jacobian golub_pereyra|kaufman] [--alpha2 A|gcv]`;
+[--methods varpro nlls nlls-ps adam] [--jacobian golub_pereyra|kaufman]
+[--alpha2 A|gcv] [--depth 1]`;
 `--quick` is a smoke test (tiny sizes, one seed, 1.5 s per run), not a measurement.
 """
 
@@ -94,12 +102,19 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _common import peaks  # noqa: E402  (puts examples/ on the path)
 from _peaks import feature_map as peaks_feature_map, relative_error  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import vploss  # noqa: E402
 
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-METHODS = {"varpro": "VarPro-LM", "nlls": "LM, whole network (nlls-gram)", "adam": "Adam"}
+METHODS = {
+    "varpro": "VarPro-LM",
+    "nlls": "LM, whole network (nlls-gram)",
+    "nlls-ps": "the same, per-sample Jacobian",
+    "adam": "Adam",
+}
+DEFAULT_METHODS = ("varpro", "nlls", "adam")
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 MARKS = (0.1, 1 / 3, 1.0)  # fractions of the budget
 SKIP = 3  # steps left out of the step cost at the start of a run
@@ -361,34 +376,65 @@ def run_varpro(task, model, budget, options, warm_up):
     return record
 
 
-# nlls-gram's LM, its defaults, on the example's plain residual; one compiled `update`.
-NLLS = nlls_gram.LevenbergMarquardt(pde.plain_residual)
+def per_sample_residual(params, args):
+    """`pde.plain_residual` whose derivative is the per-sample Jacobian (`jax.vmap` of
+    `jax.grad` of each row), formed once per linearisation: the method `nlls-ps`
+    (`benchmarks/peaks_lm.py`'s reference), where `nlls` takes nlls-gram's own."""
+    static, (samples, targets, weights) = args
+    scale = jnp.sqrt(weights / jnp.sum(weights))
+
+    def row(p, sample):
+        features, readout = eqx.combine(p, static)
+        return features(sample) @ readout
+
+    @jax.custom_jvp
+    def residual(p):
+        return pde.plain_residual(p, args)
+
+    @residual.defjvp
+    def residual_jvp(primals, tangents):
+        (p,), (tangent,) = primals, tangents
+        gradient = lambda sample: ravel_pytree(jax.grad(row)(p, sample))[0]
+        jacobian = jax.vmap(gradient)(samples) * scale[:, None]
+        return residual(p), jacobian @ ravel_pytree(tangent)[0]
+
+    return residual(params)
+
+
+# nlls-gram's LM, its defaults, on the example's plain residual (with its own Jacobian,
+# or the per-sample one); one compiled `update` per problem and width.
+NLLS = {
+    "nlls": nlls_gram.LevenbergMarquardt(pde.plain_residual),
+    "nlls-ps": nlls_gram.LevenbergMarquardt(per_sample_residual),
+}
 
 
 @eqx.filter_jit
-def nlls_init(params, static, data):
-    return NLLS.init(params, (static, data))
+def nlls_init(solver, params, static, data):
+    return solver.init(params, (static, data))
 
 
 @eqx.filter_jit
-def nlls_update(params, state, static, data):
-    params, state, info = NLLS.update(params, state, (static, data))
+def nlls_update(solver, params, state, static, data):
+    params, state, info = solver.update(params, state, (static, data))
     return params, state, info.accepted
 
 
-def run_nlls(task, network, budget, warm_up):
+def run_nlls(task, network, budget, method, warm_up):
     record = Record()
+    solver = NLLS[method]
     params, static = eqx.partition(network, eqx.is_inexact_array)
     data = task.data
     if warm_up:
         start = time.perf_counter()
-        jax.block_until_ready(nlls_update(params, nlls_init(params, static, data), static, data))
+        state = nlls_init(solver, params, static, data)
+        jax.block_until_ready(nlls_update(solver, params, state, static, data))
         record.compile = time.perf_counter() - start
     rejected, elapsed = 0, 0.0
     start = time.perf_counter()
-    state = nlls_init(params, static, data)
+    state = nlls_init(solver, params, static, data)
     while elapsed < budget:
-        params, state, accepted = nlls_update(params, state, static, data)
+        params, state, accepted = nlls_update(solver, params, state, static, data)
         jax.block_until_ready((params, state))
         elapsed += time.perf_counter() - start
         features, readout = eqx.combine(params, static)
@@ -484,7 +530,9 @@ def main():
     parser.add_argument("--flat-budget", action="store_true", help="the same budget at all m")
     parser.add_argument("--problems", nargs="+", default=["peaks", "poisson", "heat", "helmholtz"])
     parser.add_argument("--widths", nargs="+", type=int, default=[20, 40, 80, 160])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS)
+    )
     parser.add_argument("--depth", type=int, default=1, help="peaks' MLP depth (0: one tanh layer)")
     parser.add_argument(
         "--jacobian", choices=["golub_pereyra", "kaufman"], help="VarPro's (default: its own)"
@@ -525,8 +573,8 @@ def main():
                 for method in args.methods:
                     if method == "varpro":
                         record = run_varpro(task, model, seconds, options, warm)
-                    elif method == "nlls":
-                        record = run_nlls(task, network, seconds, warm)
+                    elif method in NLLS:
+                        record = run_nlls(task, network, seconds, method, warm)
                     elif learning_rate is None:
                         tried = [
                             run_adam(task, network, seconds, lr, warm and lr == LEARNING_RATES[0])
@@ -548,21 +596,26 @@ def main():
                         flush=True,
                     )
             print_width(task, width, seconds, runs, seeds, learning_rate)
-            if "varpro" in runs and "nlls" in runs:
-                ratios[task.name, width] = median(
-                    [
-                        v.step_cost() / n.step_cost()
-                        for v, n in zip(runs["varpro"], runs["nlls"], strict=True)
-                    ]
-                )
+            for lm in NLLS:
+                if "varpro" in runs and lm in runs:
+                    ratios[lm, task.name, width] = median(
+                        [
+                            v.step_cost() / n.step_cost()
+                            for v, n in zip(runs["varpro"], runs[lm], strict=True)
+                        ]
+                    )
             leads[task.name, width, seconds] = leaders(runs, seconds)
 
-    if ratios:
-        print("\nStep cost, VarPro-LM / nlls-gram (median over seeds of the per-run ratio)")
-        names = list(dict.fromkeys(problem for problem, _ in ratios))
+    for lm in NLLS:
+        names = list(dict.fromkeys(problem for key, problem, _ in ratios if key == lm))
+        if not names:
+            continue
+        print(
+            f"\nStep cost, varpro / {lm} (median over seeds of the per-run ratio of the step costs)"
+        )
         print(f"{'problem':>10} " + " ".join(f"{f'm={w}':>8}" for w in args.widths))
         for problem in names:
-            values = [ratios.get((problem, w), np.nan) for w in args.widths]
+            values = [ratios.get((lm, problem, w), np.nan) for w in args.widths]
             print(f"{problem:>10} " + " ".join(cell(v, "8.2f") for v in values))
     print("\nLowest median test error at 10%, 33% and 100% of the budget")
     print(f"{'problem':>10} {'m':>4} {'budget':>7} " + " ".join(f"{f'{f:.0%}':>26}" for f in MARKS))
