@@ -250,7 +250,8 @@ def test_weights_are_repeated_samples():
 
 def test_gcv_penalty_is_reported():
     t, y = exponential_data(noise=0.05)
-    solution = vploss.least_squares(Exponentials(jnp.array([0.3, 3.0])), t, y, max_steps=50)
+    model = Exponentials(jnp.array([0.3, 3.0]))
+    solution = vploss.least_squares(model, t, y, alpha2="gcv", max_steps=50)
     assert isinstance(solution.readout.stats, vploss.GCVStats)
     np.testing.assert_allclose(solution.readout.stats.alpha2, solution.stats.alpha2)
     _, readout = vploss.vploss_msereg(solution.model, t, y, alpha2="gcv", solver="svd")

@@ -145,34 +145,37 @@ class VarProLevenbergMarquardt(eqx.Module):
     damping follows Nielsen's rule (1999) on the gain ratio $\rho$ of actual to predicted
     reduction: an accepted step ($\rho > 0$) multiplies $\lambda$ by $\max(1/3, 1 -
     (2\rho - 1)^3)$, a rejected one by $\nu$ (then $\nu \leftarrow 2\nu$); the first is
-    `initial_damping` times the curvature of the model along the gradient, $\|Jg\|^2/\|g\|^2$. With
-    `geodesic_acceleration` (Transtrum and Sethna, 2012) the step becomes $\delta +
+    `initial_damping` times the curvature of the model along the gradient $g = J^\top
+    r$, $\|Jg\|^2/\|g\|^2$. With `geodesic_acceleration` (Transtrum and Sethna, 2012) the step becomes $\delta +
     \frac12 a$, $a$ the damped solution for the residual's second directional derivative
     $r''[\delta, \delta] \approx 2(r(\theta + \delta) - r - J\delta)$ (from the trial
     point the step evaluates anyway), when $2\|a\| \le$ `acceleration_ratio`
-    $\|\delta\|$ and it lowers the loss further. A rejected step keeps the Jacobian of
-    the dense forms.
+    $\|\delta\|$ and it lowers the loss further.
 
     **The Jacobian** (`jacobian`), from the structure of the problem: with the centred
-    design $Z$ (features, `N + 1` rows), its SVD, the readout $c$ and data residual
-    $\rho$, a direction $v$ costs one forward pass of the features' tangent $\dot Z$ and
-    $O(Nqk)$ for $q$ readout coefficients and $k$ outputs:
+    design $Z$ (features, `N + 1` rows), its thin SVD, the readout $c$, the data
+    residual $\rho$ and, for a direction $v$, the features' tangent $\dot Z$ and $a =
+    \dot Zc$:
 
-    - `"golub_pereyra"` (default): the exact Jacobian of the reduced residual, the
-        readout's derivative $\dot c = -H^{-1}(Z^\top\dot Zc + \dot Z^\top\rho)$ included;
-    - `"kaufman"`: Kaufman's (1975) approximation, without the term $\dot Z^\top\rho$
-        proportional to the residual. Here it costs the same (the tangent $\dot Z$ is
-        formed either way), so the exact one is the default.
+    - `"kaufman"` (default): Kaufman's (1975) Jacobian, $J \approx [a + Z\dot c;
+        \sqrt\alpha\,\dot c]$ with $\dot c = -H^{-1}Z^\top a$: the term of the
+        readout's derivative proportional to the residual, $\dot Z^\top\rho$, is
+        dropped. It gives the exact gradient $J^\top r$ and the exact Jacobian where the
+        residual vanishes, and costs $k$ reverse passes of one sample per sample.
+    - `"golub_pereyra"`: the exact Jacobian of the reduced residual, with $\dot c =
+        -H^{-1}(Z^\top\dot Zc + \dot Z^\top\rho)$. The extra term costs $pk$ reverse
+        passes over the whole batch ($p$ readout coefficients): about $p$ times
+        Kaufman's, for steps that were not better per second on the benchmarks.
 
-    The dense forms assemble $J$ by forward products over the parameters when $P \le
-    R$, else by reverse products over the residual, in batches that bound the memory.
-    A step costs one Jacobian ($\min(P, R)$ passes), one Gram matrix ($RP\min(P, R)$
-    flops), one Cholesky factorisation and two or three evaluations of the residual
-    (each a forward pass and a thin SVD of the design).
+    The dense forms assemble $J$ from per-sample gradients; the matrix-free form uses
+    one forward and one reverse pass over the batch per product. A dense step costs
+    one Jacobian, one Gram matrix ($RP\min(P, R)$ flops), one Cholesky factorisation
+    and two or three evaluations of the residual (each a forward pass and a thin SVD of
+    the design); a rejected step keeps the Jacobian and its Gram matrix.
 
     **Arguments:**
 
-    - `jacobian`: `"golub_pereyra"` or `"kaufman"`.
+    - `jacobian`: `"kaufman"` (default) or `"golub_pereyra"`.
     - `linear_solver`: the damped system's form: `"auto"` (the smaller dense form, or
         `"cg"` past $2^{26}$ Jacobian entries), `"primal"`, `"dual"` or `"cg"`.
     - `geodesic_acceleration`, `acceleration_ratio`: as above.
@@ -184,7 +187,7 @@ class VarProLevenbergMarquardt(eqx.Module):
     - `cg_rtol`, `cg_max_steps`: the conjugate-gradient solves of `"cg"`.
     """
 
-    jacobian: JacobianName | str = eqx.field(static=True, default="golub_pereyra")
+    jacobian: JacobianName | str = eqx.field(static=True, default="kaufman")
     linear_solver: DampedSystemName | str = eqx.field(static=True, default="auto")
     geodesic_acceleration: bool = eqx.field(static=True, default=True)
     acceleration_ratio: float = eqx.field(static=True, default=0.75)
@@ -425,7 +428,7 @@ def least_squares(
     *,
     solver: VarProLevenbergMarquardt | None = None,
     alpha1: ArrayLike = 0.0,
-    alpha2: ArrayLike | str = "gcv",
+    alpha2: ArrayLike | str = 0.0,
     use_bias: bool = True,
     weights: Real[ArrayLike, " _N"] | None = None,
     max_steps: int = 100,
@@ -448,18 +451,21 @@ def least_squares(
     `solver`'s tests (see `LeastSquaresStats.termination`), `max_steps`, a `callback`
     returning true, or `validation` failing to improve for `patience` accepted steps.
 
-    **The penalty.** With `alpha2="gcv"` (the default) the readout penalty is chosen by
-    generalised cross-validation at every new point and held fixed within a step (so
-    that the step's acceptance compares losses of one objective). It follows the misfit
-    down, so it never caps the accuracy, as a fixed penalty does once
-    $\sqrt{\alpha_2}\|\hat W\|$ is comparable to the error; a fixed number is accepted
-    too (0 for the unregularised least squares).
+    **The penalty.** The default `alpha2=0` fits the least-squares readout (the
+    pseudo-inverse of the features, through their SVD), as in Golub and Pereyra's
+    method: nothing limits the accuracy but the features. A fixed penalty caps the
+    relative error near $\sqrt{\alpha_2}\|\hat W\|/\mathrm{rms}(y)$, where the
+    training starts trading the fit for a smaller readout; use one for noisy targets,
+    with early stopping (`validation`). `alpha2="gcv"` chooses the penalty by
+    generalised cross-validation at every new point (held fixed within a step, so that
+    the acceptance test compares losses of one objective); on noiseless targets it
+    chooses penalties that level the error off early.
 
     **Arguments:**
 
     - `model`, `x`, `y`, `alpha1`, `use_bias`, `weights`: as `vploss_msereg` (the model
         maps one sample to its features).
-    - `alpha2`: a number $\ge 0$ or `"gcv"`.
+    - `alpha2`: a number $\ge 0$ (default 0) or `"gcv"`.
     - `solver`: a `VarProLevenbergMarquardt` (default: `VarProLevenbergMarquardt()`).
     - `max_steps`: the most steps (accepted or rejected).
     - `callback`: called after every step with a `LeastSquaresProgress`; a true return
