@@ -146,11 +146,11 @@ class VarProLevenbergMarquardt(eqx.Module):
     reduction: an accepted step ($\rho > 0$) multiplies $\lambda$ by $\max(1/3, 1 -
     (2\rho - 1)^3)$, a rejected one by $\nu$ (then $\nu \leftarrow 2\nu$); the first is
     `initial_damping` times the curvature of the model along the gradient $g = J^\top
-    r$, $\|Jg\|^2/\|g\|^2$. With `geodesic_acceleration` (Transtrum and Sethna, 2012) the step becomes $\delta +
-    \frac12 a$, $a$ the damped solution for the residual's second directional derivative
-    $r''[\delta, \delta] \approx 2(r(\theta + \delta) - r - J\delta)$ (from the trial
-    point the step evaluates anyway), when $2\|a\| \le$ `acceleration_ratio`
-    $\|\delta\|$ and it lowers the loss further.
+    r$, $\|Jg\|^2/\|g\|^2$. With `geodesic_acceleration` (Transtrum and Sethna, 2012)
+    the step becomes $\delta + \frac12 a$, $a$ the damped solution for the residual's
+    second directional derivative $r''[\delta, \delta] \approx 2(r(\theta + \delta) -
+    r - J\delta)$ (from the trial point the step evaluates anyway), when $2\|a\| \le$
+    `acceleration_ratio` $\|\delta\|$ and it lowers the loss further.
 
     **The Jacobian** (`jacobian`), from the structure of the problem: with the centred
     design $Z$ (features, `N + 1` rows), its thin SVD, the readout $c$, the data
