@@ -2,48 +2,31 @@
 # # Outer second-order training: Levenberg–Marquardt on the VarPro residual
 #
 # MATLAB's `peaks` surface, 2000 training points on [-3, 3]², a tanh MLP feature map
-# 2→32→32 (1,152 parameters, plus the 33 of the affine readout), float64. Four methods,
+# 2→32→32 (1,152 parameters, plus the 33 of the affine readout), float64. Five methods,
 # the first two from `examples/peaks_approximation.py`:
 #
 # 1. **Adam, plain head**: θ and the head `(w, b)` trained together on the mean squared
 #    error (best of three learning rates).
 # 2. **Adam, VarPro**: θ trained on the reduced loss `vploss_msereg` (best of three).
-# 3. **LM, VarPro**: `optimistix.LevenbergMarquardt` on `vploss.vpresidual_msereg`, the
-#    reduced residual `r(θ) = [(F̂Ŵ*(θ) − Y)/√N ; √alpha2·Ŵ*(θ)]`, whose derivative
-#    (Golub–Pereyra) includes the derivative of the fitted readout `dŴ*/dθ`.
-# 4. **LM, full network**: the same optimistix solver on the plain residual
-#    `(ŷ − y)/√N` of θ and the head together.
+# 3. **LM, VarPro**: `vploss.least_squares`, Levenberg–Marquardt on the reduced residual
+#    `r(θ) = (F̂Ŵ*(θ) − Y)/√N` with the readout `Ŵ*(θ)` solved exactly at every point
+#    (its defaults: Kaufman's Jacobian, the unregularised readout `alpha2 = 0`, Nielsen's
+#    damping, geodesic acceleration).
+# 4. **LM, full network (optimistix)**: `optimistix.LevenbergMarquardt` on the plain
+#    residual `(ŷ − y)/√N` of θ and the head together.
+# 5. **LM, full network (nlls-gram)**: the Levenberg–Marquardt of the optional package
+#    `nlls-gram` (geodesic acceleration, the smaller of the normal and dual systems) on
+#    the same residual, when it is importable (not in `--quick` mode).
 #
-# When the optional package `nlls-gram` (a Levenberg–Marquardt with geodesic acceleration
-# and a Gram/dual linear algebra for overparameterised systems) is importable, it runs on
-# both residuals as well (not in `--quick` mode).
+# Both full-network solvers get the per-sample Jacobian of the residual (below).
 
 # %% [markdown]
 # ## What the full run measured
 #
-#     python examples/outer_second_order.py            # ~25 minutes on 2 CPU cores
+#     python examples/outer_second_order.py            # ~TODO minutes on one CPU core
 #     python examples/outer_second_order.py --quick    # under a minute
 #
-# Measured (2000 training points, MLP 2→32→32 tanh features, 1,152 parameters, float64;
-# medians of 3 seeds, a 2-core CPU; the notebook in `docs/examples/` holds the full output):
-#
-#     method                  s/step  error@30  error@100  seconds to 1e-3  steps to Adam@2000
-#     Adam, plain head        0.0007                       not reached      2000 (1.4e-2)
-#     Adam, VarPro            0.0008                       not reached       700
-#     LM, VarPro (optimistix)   0.14    7.4e-3     8.0e-4           11.5      21
-#     LM, full network          0.14    2.7e-2     8.2e-4           12.9      35
-#     nlls-gram, VarPro         0.13    1.5e-3     7.6e-4            7.3      15
-#     nlls-gram, full network   0.62    1.5e-2     5.6e-5           27.7      31
-#
-# After 5000 steps Adam reaches 8.6e-3 (plain) and 3.4e-3 (VarPro). No method reached 1e-5
-# within its budget (400 steps or 100 s): with the default `alpha2 = 1e-6` the VarPro runs
-# level off near 8e-4 and then rise (their test error grows while the training residual
-# falls), while the full-network runs keep falling (nlls-gram to 1.4e-5).
-#
-# The Jacobian decides the cost of a step. optimistix's automatic Jacobian works on
-# `vpresidual_msereg` in both modes, `options={"jac": "fwd"}` (its default) and `"bwd"`,
-# at 2.0 s and 1.8 s a step; with the Jacobian assembled by `vploss.vpjacobian_msereg`
-# a step takes 0.18 s (`lx.Normal(lx.Cholesky())`; 0.34 s with the default `lx.QR()`).
+# TODO
 
 # %%
 import argparse
@@ -93,8 +76,7 @@ parser.add_argument("--adam-steps", type=int, default=5000)
 parser.add_argument("--lm-steps", type=int, default=400)
 parser.add_argument("--lm-seconds", type=float, default=100.0, help="time budget of one LM run")
 parser.add_argument("--stop-error", type=float, default=1e-5, help="LM runs stop at this error")
-parser.add_argument("--no-timing", action="store_true", help="skip the LM timing study")
-parser.add_argument("--alpha2", type=float, default=1e-6, help="readout penalty")
+parser.add_argument("--alpha2", type=float, default=1e-6, help="readout penalty of Adam, VarPro")
 # `parse_known_args`: a notebook kernel passes arguments of its own.
 args, _ = parser.parse_known_args()
 
@@ -107,7 +89,7 @@ else:
     adam_steps, lm_steps, lm_seconds = args.adam_steps, args.lm_steps, args.lm_seconds
     learning_rates = (3e-3, 1e-2, 3e-2)
 depth = 1  # 2 → width → width
-alpha2, stop_error = args.alpha2, args.stop_error
+stop_error = args.stop_error
 
 
 def make_data(seed):
@@ -117,30 +99,23 @@ def make_data(seed):
     return (x, peaks(x), x_test, peaks(x_test)), key_model
 
 
+def network(key):
+    """The feature map and a linear head, split into parameters and the rest."""
+    head = eqx.nn.Linear(width, "scalar", key=jax.random.split(key)[1])
+    return eqx.partition((feature_map(key, width, depth), head), eqx.is_inexact_array)
+
+
 # %% [markdown]
-# ## The Jacobian
+# ## The full network's Jacobian
 #
-# Each Levenberg–Marquardt step needs the Jacobian `J` of the residual (`N + 33` rows,
-# 1,152 columns). Automatic differentiation forms it column by column (forward mode,
-# `options={"jac": "fwd"}`, optimistix's default) or row by row (`"bwd"`); both work on
-# `vpresidual_msereg`, whose readout carries its exact derivative. But each forward-mode
-# column pushes a tangent through the whole batch: the feature tangents alone are an
-# `N × m × n` array (590 MB here), and a step takes seconds. Reverse mode is no better.
-#
-# The chain rule splits the reduced residual `r(θ) = r(θ, Ŵ*(θ))` into two cheap parts:
-#
-#     J = ∂r/∂θ |_Ŵ*  +  ∂r/∂Ŵ · dŴ*/dθ.
-#
-# The first is the Jacobian with the readout frozen: row j is the gradient of ONE
-# sample's prediction `Ŵ*·f̂_θ(x_j)` (a per-sample gradient, `jax.vmap` over samples of
-# `jax.grad`, about the cost of three forward passes in all). The second is a product of
-# the known matrix `[F̂/√N ; √alpha2·I]` with `dŴ*/dθ`, which reverse mode through the
-# differentiable readout gives in 33 reverse passes (it is the implicit-function
-# derivative, a linear solve with the ridge Cholesky factor). `vploss.vpjacobian_msereg`
-# assembles it this way. The same per-sample trick gives the plain network's Jacobian
-# (only its first part), so both LM methods below use it. `dense_jacobian` hands such a
-# Jacobian to any solver through a custom JVP rule: the linearisation that optimistix (or
-# nlls-gram) takes is then the matrix–vector product with the precomputed `J`.
+# Each Levenberg–Marquardt step of the full network needs the Jacobian of its residual
+# (`N` rows, 1,185 columns). Row `j` depends on sample `j` only: it is the gradient of
+# one sample's prediction, and `jax.vmap` over samples of `jax.grad` forms all rows in
+# one batched reverse pass. optimistix's Jacobian (and nlls-gram's) instead pushes every
+# parameter direction through the whole batch, several times the cost. `per_sample`
+# hands this Jacobian to either solver through a custom JVP rule: the linearisation the
+# solver takes is the product with the matrix, formed once per linearisation.
+# `vploss.least_squares` forms the Jacobian of the reduced residual in the same way.
 
 
 # %%
@@ -148,86 +123,49 @@ def flat(tree):
     return ravel_pytree(tree)[0]
 
 
-def per_sample_rows(predict, params, x):
-    """The Jacobian of `predict(params, x_j)` in `params`, one block of rows per sample:
-    shape `(N·k, n)` (`k` outputs per sample)."""
-
-    def rows(xj):
-        jac = jax.jacrev(lambda p: jnp.atleast_1d(predict(p, xj)))(params)
-        return jax.vmap(flat)(jac)
-
-    per_sample = jax.vmap(rows)(x)
-    return per_sample.reshape(-1, per_sample.shape[-1])
-
-
-def varpro_residual(params, static, x, y):
-    return vploss.vpresidual_msereg(eqx.combine(params, static), x, y, alpha2=alpha2)
-
-
-def varpro_jacobian(params, static, x, y):
-    """The Golub–Pereyra Jacobian of `vpresidual_msereg`, `(N·k + rest, n)`, assembled
-    by `vploss.vpjacobian_msereg`."""
-    jacobian, residual, readout = vploss.vpjacobian_msereg(
-        eqx.combine(params, static), x, y, alpha2=alpha2
-    )
-    return jacobian, (residual, readout)
+def predict(params, static, xj):
+    features, head = eqx.combine(params, static)
+    return head(features(xj))
 
 
 def plain_residual(params, static, x, y):
-    features, head = eqx.combine(params, static)
-    pred = jax.vmap(lambda xi: head(features(xi)))(x)
-    return (pred - y) / jnp.sqrt(jnp.asarray(x.shape[0], pred.dtype)), None
+    """The full network's residual `(ŷ − y)/√N`."""
+    prediction = jax.vmap(predict, in_axes=(None, None, 0))(params, static, x)
+    return (prediction - y) / jnp.sqrt(x.shape[0])
 
 
-def plain_jacobian(params, static, x, y):
-    def predict(p, xj):
-        features, head = eqx.combine(p, static)
-        return head(features(xj))
-
-    scale = jnp.sqrt(jnp.asarray(x.shape[0], y.dtype))
-    return per_sample_rows(predict, params, x) / scale, plain_residual(params, static, x, y)
+def per_sample_jacobian(params, static, x):
+    """The Jacobian of `plain_residual` in the flattened parameters, `(N, P)`."""
+    row = lambda xj: flat(jax.grad(predict)(params, static, xj))  # noqa: E731
+    return jax.vmap(row)(x) / jnp.sqrt(x.shape[0])
 
 
-def dense_jacobian(residual, jacobian):
-    """`params, static, x, y -> (r, aux)` whose derivative in `params` is the matrix
-    `jac` of `jacobian(params, static, x, y) = (jac, (r, aux))`, formed once per
-    linearisation (the auxiliary output is not differentiated)."""
+def per_sample(static, x, y):
+    """`params -> plain_residual(params, static, x, y)` whose derivative is the
+    per-sample Jacobian."""
 
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-    def wrapped(params, static, x, y):
-        return residual(params, static, x, y)
+    @jax.custom_jvp
+    def residual(params):
+        return plain_residual(params, static, x, y)
 
-    @wrapped.defjvp
-    def wrapped_jvp(static, primals, tangents):
-        params, x, y = primals
-        jac, (out, aux) = jacobian(params, static, x, y)
-        return (out, aux), (jac @ flat(tangents[0]), jax.tree_util.tree_map(jnp.zeros_like, aux))
+    @residual.defjvp
+    def residual_jvp(primals, tangents):
+        (params,), (tangent,) = primals, tangents
+        return residual(params), per_sample_jacobian(params, static, x) @ flat(tangent)
 
-    return wrapped
+    return residual
 
 
-# %% [markdown]
-# A check of the assembled Jacobian against plain forward-mode differentiation of
-# `vpresidual_msereg` (a small batch, so that the slow way is quick).
-
-
-# %%
 def check_jacobian(seed=0):
+    """The per-sample Jacobian against `jax.jacfwd`, on a small batch."""
     (x, y, _, _), key = make_data(seed)
-    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
+    params, static = network(key)
     x, y = x[:64], y[:64]
     theta, unflatten = ravel_pytree(params)
-    reference = jax.jacfwd(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
-    reverse = jax.jacrev(lambda t: varpro_residual(unflatten(t), static, x, y)[0])(theta)
-    assembled, _ = varpro_jacobian(params, static, x, y)
-    deviation = lambda jac: jnp.max(jnp.abs(jac - reference)) / jnp.max(jnp.abs(reference))  # noqa: E731
-    print(
-        "Jacobian of vpresidual_msereg, max deviation from jacfwd relative to its largest "
-        f"entry: jacrev {deviation(reverse):.1e}, assembled {deviation(assembled):.1e}"
-    )
-    # The readout's derivative is a solve with the ridge matrix, whose condition number
-    # grows like 1/alpha2: a looser bound than rounding for small alpha2.
-    assert deviation(assembled) < 1e-5
+    reference = jax.jacfwd(lambda t: plain_residual(unflatten(t), static, x, y))(theta)
+    deviation = jnp.max(jnp.abs(per_sample_jacobian(params, static, x) - reference))
+    print(f"per-sample Jacobian, max deviation from jax.jacfwd: {deviation:.1e}")
+    assert deviation < 1e-12 * jnp.max(jnp.abs(reference))
 
 
 check_jacobian()
@@ -236,43 +174,57 @@ check_jacobian()
 # %% [markdown]
 # ## Levenberg–Marquardt runs
 #
-# The optimistix solver is stepped by hand (`init`/`step`) to record the test error
-# after every step; the error evaluation is not timed. `lx.Normal(lx.Cholesky())` solves
-# the damped step by the normal equations of `[J; √λ I]` (an `n × n` Cholesky factor)
-# instead of QR of the tall stacked matrix.
+# The clock runs over the steps only: compilation comes before (a first call), and the
+# test error after each step is evaluated with the clock paused. `vploss.least_squares`
+# reports every step, accepted or rejected, to its `callback`, which records the test
+# error of the current model and readout and stops the run at the time budget or the
+# error goal. The full-network solvers are stepped by hand (optimistix's `init`/`step`,
+# nlls-gram's `init`/`update`); optimistix solves the damped system by the normal
+# equations, `lx.Normal(lx.Cholesky())`.
 
 
 # %%
-def evaluate_varpro(params, static, x, y, x_test, y_test):
-    model = eqx.combine(params, static)
-    _, readout = vploss.vpresidual_msereg(model, x, y, alpha2=alpha2)
-    return relative_error(jax.vmap(lambda xi: readout(model(xi)))(x_test), y_test)
-
-
-def evaluate_plain(params, static, x, y, x_test, y_test):
-    features, head = eqx.combine(params, static)
-    return relative_error(jax.vmap(lambda xi: head(features(xi)))(x_test), y_test)
-
-
-def optimistix_stepper(fn, params, static, x, y, linear_solver=None, jac="fwd"):
-    solver = optx.LevenbergMarquardt(
-        rtol=0.0, atol=0.0, linear_solver=linear_solver or lx.Normal(lx.Cholesky())
+def run_varpro_lm(model, data):
+    x, y, x_test, y_test = data
+    test_error = eqx.filter_jit(
+        lambda model, readout: relative_error(
+            jax.vmap(lambda xj: readout(model(xj)))(x_test), y_test
+        )
     )
-    problem = lambda p, args: fn(p, static, x, y)  # noqa: E731
-    options = {"jac": jac}
+    vploss.least_squares(model, x, y, max_steps=1)  # compiles
+    initial = vploss.least_squares(model, x, y, max_steps=0)
+    errors, times, paused = [float(test_error(model, initial.readout))], [0.0], 0.0
+
+    def callback(progress):
+        nonlocal paused
+        jax.block_until_ready(progress.model)
+        now = time.perf_counter()
+        times.append(now - start - paused)
+        errors.append(float(test_error(progress.model, progress.readout)))
+        paused += time.perf_counter() - now
+        return times[-1] > lm_seconds or errors[-1] <= stop_error
+
+    start = time.perf_counter()
+    vploss.least_squares(model, x, y, max_steps=lm_steps, callback=callback)
+    return np.arange(len(errors)), np.array(errors), np.array(times)
+
+
+def optimistix_stepper(residual, params):
+    solver = optx.LevenbergMarquardt(rtol=0.0, atol=0.0, linear_solver=lx.Normal(lx.Cholesky()))
+    problem = lambda p, args: (residual(p), None)  # noqa: E731
     f_struct, aux_struct = jax.eval_shape(lambda: problem(params, None))
-    state = solver.init(problem, params, None, options, f_struct, aux_struct, frozenset())
+    state = solver.init(problem, params, None, {}, f_struct, aux_struct, frozenset())
 
     @eqx.filter_jit
     def step(params, state):
-        params, state, _ = solver.step(problem, params, None, options, state, frozenset())
+        params, state, _ = solver.step(problem, params, None, {}, state, frozenset())
         return params, state
 
     return step, state
 
 
-def nlls_gram_stepper(fn, params, static, x, y):
-    solver = nlls_gram.LevenbergMarquardt(lambda p: fn(p, static, x, y), has_aux=True)
+def nlls_gram_stepper(residual, params):
+    solver = nlls_gram.LevenbergMarquardt(residual)
     state = solver.init(params)
 
     @jax.jit
@@ -283,90 +235,26 @@ def nlls_gram_stepper(fn, params, static, x, y):
     return step, state
 
 
-def run_lm(make_stepper, fn, evaluate, params, static, data, max_steps, max_seconds):
+def run_network_lm(make_stepper, params, static, data):
     x, y, x_test, y_test = data
-    step, state = make_stepper(fn, params, static, x, y)
-    error = eqx.filter_jit(lambda p: evaluate(p, static, *data))
-    jax.block_until_ready(step(params, state))  # compile outside the timed loop
-    errors, times, elapsed = [float(error(params))], [0.0], 0.0
-    for _ in range(max_steps):
+    step, state = make_stepper(per_sample(static, x, y), params)
+    test_error = eqx.filter_jit(
+        lambda p: relative_error(
+            jax.vmap(predict, in_axes=(None, None, 0))(p, static, x_test), y_test
+        )
+    )
+    jax.block_until_ready(step(params, state))  # compiles
+    errors, times, elapsed = [float(test_error(params))], [0.0], 0.0
+    for _ in range(lm_steps):
         start = time.perf_counter()
         params, state = step(params, state)
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - start
-        errors.append(float(error(params)))
+        errors.append(float(test_error(params)))
         times.append(elapsed)
-        if elapsed > max_seconds or errors[-1] <= stop_error:
+        if elapsed > lm_seconds or errors[-1] <= stop_error:
             break
     return np.arange(len(errors)), np.array(errors), np.array(times)
-
-
-# %% [markdown]
-# ## Timing the options
-#
-# One LM step on `vpresidual_msereg` (and on the plain residual) with each way of forming
-# the Jacobian and each linear solver: the mean of three steps after the first (which
-# compiles). nlls-gram keeps the Jacobian after a rejected step, so its mean depends on
-# how many of the three were rejected; the runs below give its cost over a whole run.
-
-
-# %%
-def time_steps(make_stepper, fn, params, static, x, y, steps=3):
-    step, state = make_stepper(fn, params, static, x, y)
-    params, state = jax.block_until_ready(step(params, state))  # compiles
-    start = time.perf_counter()
-    for _ in range(steps):
-        params, state = step(params, state)
-    jax.block_until_ready(params)
-    return (time.perf_counter() - start) / steps
-
-
-def timing_study(seed=0):
-    (x, y, _, _), key = make_data(seed)
-    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
-    plain_params, plain_static = eqx.partition(
-        (feature_map(key, width, depth), eqx.nn.Linear(width, "scalar", key=key)),
-        eqx.is_inexact_array,
-    )
-    normal, qr = lx.Normal(lx.Cholesky()), lx.QR()
-    stepper = lambda **kw: functools.partial(optimistix_stepper, **kw)  # noqa: E731
-    assembled_varpro = dense_jacobian(varpro_residual, varpro_jacobian)
-    assembled_plain = dense_jacobian(plain_residual, plain_jacobian)
-    rows = [
-        ("VarPro", "jac='fwd'", "QR", stepper(jac="fwd", linear_solver=qr), varpro_residual),
-        ("VarPro", "jac='fwd'", "Normal(Cholesky)", stepper(linear_solver=normal), varpro_residual),
-        ("VarPro", "jac='bwd'", "Normal(Cholesky)", stepper(jac="bwd", linear_solver=normal),
-         varpro_residual),
-        ("VarPro", "assembled", "QR", stepper(linear_solver=qr), assembled_varpro),
-        ("VarPro", "assembled", "Normal(Cholesky)", stepper(linear_solver=normal),
-         assembled_varpro),
-        ("full", "jac='fwd'", "Normal(Cholesky)", stepper(linear_solver=normal), plain_residual),
-        ("full", "per-sample", "Normal(Cholesky)", stepper(linear_solver=normal), assembled_plain),
-    ]  # fmt: skip
-    if nlls_gram is not None:
-        rows += [
-            ("VarPro", "assembled", "nlls-gram", nlls_gram_stepper, assembled_varpro),
-            ("full", "own (fwd)", "nlls-gram", nlls_gram_stepper, plain_residual),
-        ]
-    if args.quick:  # each row compiles a solver: a few rows only
-        rows = [rows[4]]
-    print(f"\nSeconds per LM step (N = {n_train}, {count(params)} parameters)")
-    print(f"{'residual':>8} {'Jacobian':>12} {'linear solver':>18} {'s/step':>8}")
-    results = {}
-    for residual, jacobian, solver, make_stepper, fn in rows:
-        p, s = (params, static) if residual == "VarPro" else (plain_params, plain_static)
-        seconds = time_steps(make_stepper, fn, p, s, x, y)
-        results[(residual, jacobian, solver)] = seconds
-        print(f"{residual:>8} {jacobian:>12} {solver:>18} {seconds:8.3f}", flush=True)
-    return results
-
-
-def count(params):
-    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
-
-
-if not args.no_timing:
-    timing_study()
 
 
 # %% [markdown]
@@ -374,8 +262,8 @@ if not args.no_timing:
 #
 # Each method from the same initialisation per seed (data and initialisation change with
 # the seed). Adam runs at three learning rates on the first seed; the best (lowest final
-# test error) runs on the other seeds. The LM runs stop at the `--stop-error` test error
-# or after `--lm-seconds` of training.
+# test error) runs on the other seeds. The LM runs stop at the `--stop-error` test error,
+# after `--lm-steps` steps or after `--lm-seconds` of training.
 
 
 # %%
@@ -388,7 +276,7 @@ def run_all(seed, learning_rates):
     adam = {
         "Adam, plain head": lambda lr: train_plain(key, data, adam_steps, lr, width, record, depth),
         "Adam, VarPro": lambda lr: train_varpro(
-            key, data, adam_steps, lr, width, alpha2, record, depth
+            key, data, adam_steps, lr, width, args.alpha2, record, depth
         ),
     }
     runs = {}
@@ -400,28 +288,12 @@ def run_all(seed, learning_rates):
                 np.array([errors[s] for s in record]),
                 np.array([times[s] for s in record]),
             )
-    params, static = eqx.partition(feature_map(key, width, depth), eqx.is_inexact_array)
-    hkey = jax.random.split(key)[1]
-    plain_params, plain_static = eqx.partition(
-        (feature_map(key, width, depth), eqx.nn.Linear(width, "scalar", key=hkey)),
-        eqx.is_inexact_array,
-    )
-    lm = functools.partial(run_lm, max_steps=lm_steps, max_seconds=lm_seconds)
-    assembled_varpro = dense_jacobian(varpro_residual, varpro_jacobian)
-    assembled_plain = dense_jacobian(plain_residual, plain_jacobian)
-    runs[("LM, VarPro", None)] = lm(
-        optimistix_stepper, assembled_varpro, evaluate_varpro, params, static, data
-    )
-    runs[("LM, full network", None)] = lm(
-        optimistix_stepper, assembled_plain, evaluate_plain, plain_params, plain_static, data
-    )
+    runs[("LM, VarPro (least_squares)", None)] = run_varpro_lm(feature_map(key, width, depth), data)
+    params, static = network(key)
+    lm = functools.partial(run_network_lm, params=params, static=static, data=data)
+    runs[("LM, full network (optimistix)", None)] = lm(optimistix_stepper)
     if nlls_gram is not None and not args.quick:
-        runs[("nlls-gram, VarPro", None)] = lm(
-            nlls_gram_stepper, assembled_varpro, evaluate_varpro, params, static, data
-        )
-        runs[("nlls-gram, full network", None)] = lm(
-            nlls_gram_stepper, plain_residual, evaluate_plain, plain_params, plain_static, data
-        )
+        runs[("LM, full network (nlls-gram)", None)] = lm(nlls_gram_stepper)
     return runs
 
 
@@ -472,14 +344,14 @@ curves = {name: median_curve(runs) for name, runs in seed_curves.items()}
 adam_mark = min(2000, adam_steps)
 adam_level = np.median([c[1][list(c[0]).index(adam_mark)] for c in seed_curves["Adam, plain head"]])
 marks = [m for m in (30, 100) if m <= lm_steps]
+levels = (1e-3, 1e-4, 1e-5)
 print(
     f"\nTest relative error on peaks (N = {n_train}, MLP 2→{width}→{width}, float64; medians "
-    f"over {seeds} seed{'s' * (seeds > 1)}; times on a shared machine)"
+    f"over {seeds} seed{'s' * (seeds > 1)})"
 )
 columns = ["lr", "steps", "s/step"] + [f"@{m}" for m in marks] + ["final"]
-columns += [f"steps→A{adam_mark}", "s→1e-3", "s→1e-5"]
-print(f"{'method':>24} " + " ".join(f"{c:>9}" for c in columns))
-table = {}
+columns += [f"steps→A{adam_mark}"] + [f"s→1e{np.log10(level):.0f}" for level in levels]
+print(f"{'method':>29} " + " ".join(f"{c:>9}" for c in columns))
 for name, lr in best.items():
     runs = seed_curves[name]
     row = {
@@ -492,10 +364,11 @@ for name, lr in best.items():
     row[f"steps→A{adam_mark}"] = (
         f"{np.median([first_reaching(r, adam_level)[0] for r in runs]):.0f}"
     )
-    row["s→1e-3"] = f"{np.median([first_reaching(r, 1e-3)[1] for r in runs]):.1f}"
-    row["s→1e-5"] = f"{np.median([first_reaching(r, 1e-5)[1] for r in runs]):.1f}"
-    table[name] = row
-    print(f"{name:>24} " + " ".join(f"{row[c]:>9}" for c in columns))
+    for level in levels:
+        row[f"s→1e{np.log10(level):.0f}"] = (
+            f"{np.median([first_reaching(r, level)[1] for r in runs]):.1f}"
+        )
+    print(f"{name:>29} " + " ".join(f"{row[c]:>9}" for c in columns))
 print(
     f"(@n: error after n steps; final: at the last step; steps→A{adam_mark}: steps to plain "
     f"Adam's error at step {adam_mark}, {adam_level:.2e}; s→e: seconds to error e; inf: "

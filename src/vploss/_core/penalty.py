@@ -13,16 +13,17 @@ from jaxtyping import Array, Float, Scalar
 from .checks import as_alpha
 
 
-PenaltyRule: TypeAlias = Literal["gcv", "sgcv", "evidence"]
+PenaltyRule: TypeAlias = Literal["gcv", "sgcv", "evidence", "rounding"]
 
 #: Every rule that chooses the readout penalty, by the string that asks for it, with
 #: what it does (for messages). Each function accepts the ones that fit its problem
 #: (`as_penalty`'s `rules`): `vploss_msereg` "gcv", `SlimTik` "sgcv",
-#: `WindowedReadout` "evidence".
+#: `WindowedReadout` "evidence", `least_squares` "gcv" and "rounding".
 PENALTY_RULES: dict[PenaltyRule, str] = {
     "gcv": "generalised cross-validation",
     "sgcv": "sampled generalised cross-validation of the current batch",
     "evidence": "the evidence fixed point",
+    "rounding": "the rounding level of the initial features' Gram matrix",
 }
 
 #: Points of the log-spaced grid over the penalty (see `choose_log_penalty`).

@@ -387,7 +387,7 @@ def _problem(
     weights, x, targets = drop_zero_weight_samples(weights, x, targets)
     use_bias = as_flag("use_bias", use_bias)
     alpha1 = as_alpha("alpha1", alpha1, positive=False)
-    rule_or_penalty = as_penalty(alpha2, ("gcv",), positive=False)
+    rule_or_penalty = as_penalty(alpha2, ("gcv", "rounding"), positive=False)
     for name, value in (("x", x), ("y", targets)):
         if not bool(all_finite(value)):
             raise ValueError(f"`{name}` of {what} is not finite: it contains NaN or inf.")
@@ -399,21 +399,42 @@ def _problem(
             "leaves): there is nothing to train. Pass the feature map whose parameters "
             "are to be fitted."
         )
-    penalty = None if isinstance(rule_or_penalty, str) else rule_or_penalty
+    penalty = None if rule_or_penalty == "gcv" else rule_or_penalty
     problem = ReducedProblem(
         static,
         x,
         targets,
         weights,
         alpha1,
-        penalty,
+        None if isinstance(penalty, str) else penalty,
         unravel,
         use_bias,
         scalar_output,
-        penalty is None or concrete_value(penalty) != 0,
+        isinstance(penalty, str) or penalty is None or concrete_value(penalty) != 0,
         concrete_value(alpha1) != 0,
     )
+    if penalty == "rounding":
+        problem = eqx.tree_at(
+            lambda p: p.alpha2,
+            problem,
+            _rounding_penalty(problem, flat),
+            is_leaf=lambda a: a is None,
+        )
     return problem, flat
+
+
+#: The "rounding" penalty, in units of eps times the largest squared singular value.
+_ROUNDING_PENALTY = 10
+
+
+@eqx.filter_jit
+def _rounding_penalty(problem: ReducedProblem, params: Array) -> Scalar:
+    r"""$10\,\varepsilon\,s_{\max}^2$ of the design at `params`: the rounding level of
+    its Gram matrix $Z^\top Z$, the smallest penalty that keeps $H$ invertible and the
+    reduced loss smooth as features become collinear."""
+    design, _ = problem.design(params)
+    largest = jnp.linalg.norm(design, ord=2)
+    return _ROUNDING_PENALTY * jnp.finfo(design.dtype).eps * largest**2
 
 
 _NU_START = 2.0
@@ -428,7 +449,7 @@ def least_squares(
     *,
     solver: VarProLevenbergMarquardt | None = None,
     alpha1: ArrayLike = 0.0,
-    alpha2: ArrayLike | str = 0.0,
+    alpha2: ArrayLike | str = "rounding",
     use_bias: bool = True,
     weights: Real[ArrayLike, " _N"] | None = None,
     max_steps: int = 100,
@@ -451,21 +472,31 @@ def least_squares(
     `solver`'s tests (see `LeastSquaresStats.termination`), `max_steps`, a `callback`
     returning true, or `validation` failing to improve for `patience` accepted steps.
 
-    **The penalty.** The default `alpha2=0` fits the least-squares readout (the
-    pseudo-inverse of the features, through their SVD), as in Golub and Pereyra's
-    method: nothing limits the accuracy but the features. A fixed penalty caps the
-    relative error near $\sqrt{\alpha_2}\|\hat W\|/\mathrm{rms}(y)$, where the
-    training starts trading the fit for a smaller readout; use one for noisy targets,
-    with early stopping (`validation`). `alpha2="gcv"` chooses the penalty by
-    generalised cross-validation at every new point (held fixed within a step, so that
-    the acceptance test compares losses of one objective); on noiseless targets it
-    chooses penalties that level the error off early.
+    **The penalty** (`alpha2`, held fixed within a step, so that the acceptance test
+    compares losses of one objective):
+
+    - `"rounding"` (default): $\alpha_2 = 10\,\varepsilon\,s_{\max}^2$, with $s_{\max}$
+        the largest singular value of the (weighted, centred) features at the initial
+        parameters: the rounding level of their Gram matrix, fixed for the solve. It
+        keeps the reduced loss smooth and its derivative exact when features become
+        nearly collinear, which they do as the fit improves, and is far below any
+        accuracy the features reach.
+    - `0`: the least-squares readout (the pseudo-inverse through the SVD, small singular
+        values cut). Where the cut-off binds, the reduced loss has kinks and its
+        derivative misses the cut directions: the iteration stalls at a point whose
+        gradient is not small.
+    - a number: a fixed penalty caps the relative error near
+        $\sqrt{\alpha_2}\|\hat W\|/\mathrm{rms}(y)$, where training starts trading the
+        fit for a smaller readout; for noisy targets, with early stopping
+        (`validation`).
+    - `"gcv"`: chosen by generalised cross-validation at every new point; on noiseless
+        targets it chooses penalties that level the error off early.
 
     **Arguments:**
 
     - `model`, `x`, `y`, `alpha1`, `use_bias`, `weights`: as `vploss_msereg` (the model
         maps one sample to its features).
-    - `alpha2`: a number $\ge 0$ (default 0) or `"gcv"`.
+    - `alpha2`: `"rounding"` (default), a number $\ge 0$ or `"gcv"`.
     - `solver`: a `VarProLevenbergMarquardt` (default: `VarProLevenbergMarquardt()`).
     - `max_steps`: the most steps (accepted or rejected).
     - `callback`: called after every step with a `LeastSquaresProgress`; a true return
