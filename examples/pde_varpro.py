@@ -71,7 +71,9 @@ parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, 
 parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."))
 parser.add_argument("--seeds", type=int, default=3, help="median over this many seeds")
 parser.add_argument("--seconds", type=float, default=8.0, help="training time of one run")
-parser.add_argument("--alpha2", type=float, default=1e-12, help="readout penalty")
+parser.add_argument(
+    "--alpha2", default="rounding", help='readout penalty: a number, "rounding" or "gcv"'
+)
 parser.add_argument(
     "--boundary-weight", type=float, default=100.0, help="of the boundary block, interior 1"
 )
@@ -92,7 +94,8 @@ else:
         25.0,
     )
 study_fixed_points, study_fixed_features = max(study_points), max(study_features)
-alpha2, boundary_weight = args.alpha2, args.boundary_weight
+alpha2 = args.alpha2 if args.alpha2 in ("rounding", "gcv") else float(args.alpha2)
+boundary_weight = args.boundary_weight
 
 
 # %% [markdown]
@@ -237,19 +240,19 @@ test_points = jnp.asarray(np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).r
 # %% [markdown]
 # ## The three methods
 #
-# - **VarPro-LM**: optimistix `LevenbergMarquardt` on `vpresidual_msereg` of the
-#   operator features (`use_bias=False`, the rows' `weights=`), with the Golub–Pereyra
-#   Jacobian assembled by `vpjacobian_msereg` and handed to the solver as a dense matrix
-#   by a custom JVP rule (as in `outer_second_order.py`); only θ is trained. The ridge
-#   problem is solved by the SVD: with a penalty as small as `--alpha2` it is the
-#   accurate solver, and it compiles in a fraction of the time of the others.
+# - **VarPro-LM**: `vploss.least_squares`, Levenberg–Marquardt on the reduced residual
+#   of the operator features (`use_bias=False`, the rows' `weights=`); only θ is
+#   trained, the readout is solved exactly at every point (its defaults: Kaufman's
+#   Jacobian, the readout penalty at the rounding level of the features, geodesic
+#   acceleration). Its `callback` records the test error and stops at the time budget.
 # - **PINN, Adam**: the same features with a trainable readout $c$: the residual rows
 #   are $\sqrt{w_j/S}\,([\mathcal L f_\theta, 1](z_j)\,c - f(z_j))$ inside and
 #   $\sqrt{w_j/S}\,([f_\theta, 1](z_j)\,c - g(z_j))$ on the boundary (linearity again),
 #   the loss half their sum of squares.
 # - **LM, full network**: nlls-gram's `LevenbergMarquardt` on that residual, θ and $c$
-#   together, with its own Jacobian (optimistix's `LevenbergMarquardt` with a
-#   forward-mode Jacobian when nlls-gram is not installed).
+#   together, with the Jacobian formed per sample (each row depends on one sample: one
+#   reverse pass of one sample per row, far cheaper than nlls-gram's own Jacobian here);
+#   optimistix's `LevenbergMarquardt` when nlls-gram is not installed.
 #
 # Each step is compiled once per problem size: the model's non-array parts, the data
 # and Adam's learning rate are arguments, so seeds, weights and rates reuse it.
@@ -258,32 +261,6 @@ test_points = jnp.asarray(np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).r
 # %%
 def flat(tree):
     return ravel_pytree(tree)[0]
-
-
-def ridge_arguments(data):
-    samples, targets, weights = data
-    keywords = {"weights": weights, "alpha2": alpha2, "use_bias": False, "solver": "svd"}
-    return (samples, targets), keywords
-
-
-def varpro_residual(params, args):
-    """`vpresidual_msereg` whose derivative in `params` is the matrix of
-    `vpjacobian_msereg` (one Jacobian per linearisation, not one pass per direction)."""
-    static, data = args
-    positional, keywords = ridge_arguments(data)
-
-    @jax.custom_jvp
-    def residual(params):
-        return vploss.vpresidual_msereg(eqx.combine(params, static), *positional, **keywords)
-
-    @residual.defjvp
-    def residual_jvp(primals, tangents):
-        model = eqx.combine(primals[0], static)
-        jacobian, out, readout = vploss.vpjacobian_msereg(model, *positional, **keywords)
-        zero_readout = jax.tree_util.tree_map(jnp.zeros_like, readout)
-        return (out, readout), (jacobian @ flat(tangents[0]), zero_readout)
-
-    return residual(params)
 
 
 def plain_residual(params, args):
@@ -300,38 +277,54 @@ class Method(NamedTuple):
     solution: Callable  # (model, state) -> (PDEFeatures, readout coefficients)
 
 
-def optimistix_lm(residual, solution):
-    """A `Method` stepping optimistix's Levenberg–Marquardt on `residual(params, args)
-    -> (r, aux)`."""
+def optimistix_lm(residual):
+    """A `Method` stepping optimistix's Levenberg–Marquardt on `residual(params, args)`."""
     solver = optx.LevenbergMarquardt(rtol=0.0, atol=0.0, linear_solver=lx.Normal(lx.Cholesky()))
-    options = {"jac": "fwd"}  # the custom JVP rule of `varpro_residual` serves forward mode
 
     # Compiled, so that every state has the same non-array part: the state holds a
     # jaxpr, compared by identity, and a new one would recompile `step` for every run.
     @eqx.filter_jit
     def init(params, static, data):
-        f_struct, aux_struct = jax.eval_shape(lambda: residual(params, (static, data)))
-        args = (static, data)
-        return solver.init(residual, params, args, options, f_struct, aux_struct, frozenset())
+        f_struct = jax.eval_shape(lambda: residual(params, (static, data)))
+        args, aux_struct = (static, data), None
+        return solver.init(residual, params, args, {}, f_struct, aux_struct, frozenset())
 
     @eqx.filter_jit
     def step(params, state, static, data):
-        params, state, _ = solver.step(
-            residual, params, (static, data), options, state, frozenset()
-        )
+        params, state, _ = solver.step(residual, params, (static, data), {}, state, frozenset())
         return params, state
 
-    return Method(init, step, solution)
+    return Method(init, step, lambda model, state: model)
 
 
-# The solver's state holds the auxiliary output at the accepted parameters: the readout.
-varpro_lm = optimistix_lm(varpro_residual, lambda model, state: (model, state.aux.weight[0]))
+def per_sample_residual(params, args):
+    """`plain_residual` whose Jacobian is formed once per linearisation, row by row:
+    row j depends on sample j only, so one reverse pass of one sample gives it."""
+    static, (samples, targets, weights) = args
+    scale = jnp.sqrt(weights / jnp.sum(weights))
+
+    def row(p, sample):
+        model, readout = eqx.combine(p, static)
+        return model(sample) @ readout
+
+    @jax.custom_jvp
+    def residual(p):
+        return (jax.vmap(lambda s: row(p, s))(samples) - targets) * scale
+
+    @residual.defjvp
+    def residual_jvp(primals, tangents):
+        (p,), (t,) = primals, tangents
+        jacobian = jax.vmap(lambda s: flat(jax.grad(row)(p, s)))(samples) * scale[:, None]
+        return residual(p), jacobian @ flat(t)
+
+    return residual(params)
+
 
 if nlls_gram is None:
-    full_lm = optimistix_lm(lambda p, args: (plain_residual(p, args), None), lambda m, s: m)
+    full_lm = optimistix_lm(per_sample_residual)
     full_name = "LM, full network (optimistix)"
 else:
-    full_solver = nlls_gram.LevenbergMarquardt(plain_residual)
+    full_solver = nlls_gram.LevenbergMarquardt(per_sample_residual)
 
     @eqx.filter_jit
     def full_step(params, state, static, data):
@@ -395,21 +388,66 @@ def train(problem, method, model, data, budget, max_steps=None):
     state = method.init(params, static, data)
     step = lambda params, state: method.step(params, state, static, data)  # noqa: E731
     jax.block_until_ready(step(params, state))  # compile outside the timed loop
-    steps, errors, times = [], [], []
-    elapsed, count, next_record = 0.0, 0, 1
-    while elapsed < budget and count != max_steps:
+    record = Recorder(problem, budget, max_steps)
+    elapsed = 0.0
+    while not record.done(elapsed):
         start = time.perf_counter()
         params, state = step(params, state)
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - start
-        count += 1
-        if count >= next_record or elapsed >= budget or count == max_steps:
-            solution = method.solution(eqx.combine(params, static), state)
-            steps.append(count)
-            errors.append(float(test_error(problem, *solution)))
-            times.append(elapsed)
-            next_record = max(count + 1, int(count * 1.1))
-    return np.array(steps), np.array(errors), np.array(times)
+        solution = lambda p=params, s=state: method.solution(eqx.combine(p, static), s)  # noqa: E731
+        record(elapsed, solution)
+    return record.arrays()
+
+
+class Recorder:
+    """The test error at geometrically spaced steps (and the last), with the seconds."""
+
+    def __init__(self, problem, budget, max_steps):
+        self.problem, self.budget, self.max_steps = problem, budget, max_steps
+        self.steps, self.errors, self.times = [], [], []
+        self.count, self.next_record = 0, 1
+
+    def done(self, elapsed):
+        return elapsed >= self.budget or self.count == self.max_steps
+
+    def __call__(self, elapsed, solution):
+        self.count += 1
+        if self.count >= self.next_record or self.done(elapsed):
+            self.steps.append(self.count)
+            self.errors.append(float(test_error(self.problem, *solution())))
+            self.times.append(elapsed)
+            self.next_record = max(self.count + 1, int(self.count * 1.1))
+
+    def arrays(self):
+        return np.array(self.steps), np.array(self.errors), np.array(self.times)
+
+
+def train_varpro(problem, model, data, budget, max_steps=None):
+    """`vploss.least_squares` for `budget` seconds or `max_steps` steps: its callback
+    records the error (not timed) and stops the solve."""
+    samples, targets, weights = data
+    keywords = {"use_bias": False, "weights": weights, "alpha2": alpha2}
+    vploss.least_squares(model, samples, targets, max_steps=1, **keywords)  # compile
+    record = Recorder(problem, budget, max_steps)
+    clock = {"start": time.perf_counter(), "paused": 0.0}
+
+    def callback(progress):
+        now = time.perf_counter()
+        elapsed = now - clock["start"] - clock["paused"]
+        record(elapsed, lambda: (progress.model, coefficients(progress.readout)))
+        clock["paused"] += time.perf_counter() - now
+        return record.done(elapsed)
+
+    vploss.least_squares(
+        model, samples, targets, max_steps=max_steps or 10**6, callback=callback, **keywords
+    )
+    return record.arrays()
+
+
+def coefficients(readout):
+    """The readout's coefficients over `[f_θ, 1]` (the ones column is a feature)."""
+    return jnp.reshape(readout.weight, -1)
 
 
 # %% [markdown]
@@ -429,7 +467,7 @@ def compare(problem):
     for seed in range(seeds):
         key = jax.random.PRNGKey(seed)
         varpro, plain = varpro_model(problem, key, features), plain_model(problem, key, features)
-        runs["VarPro-LM"].append(train(problem, varpro_lm, varpro, data, seconds))
+        runs["VarPro-LM"].append(train_varpro(problem, varpro, data, seconds))
         runs[full_name].append(train(problem, full_lm, plain, data, seconds))
         if tuned is None:
             tried = {
@@ -454,7 +492,7 @@ for problem in problems:
     results[problem.name] = runs
     print(
         f"\n{problem.name}: {points}×{points} interior points, {features} features, "
-        f"boundary weight {boundary_weight:g}, alpha2 {alpha2:g}; relative L2 test error, "
+        f"boundary weight {boundary_weight:g}, alpha2 {alpha2}; relative L2 test error, "
         f"median of {seeds} seed{'s' * (seeds > 1)}"
     )
     header = " ".join(f"{f'@{m:.3g}s':>9}" for m in marks)
@@ -505,7 +543,7 @@ for problem in problems:
     errors = []
     for beta in (1.0, 10.0, 100.0):
         data = (samples, targets, jnp.where(on_boundary, weights * beta / boundary_weight, weights))
-        errors.append(train(problem, varpro_lm, model, data, seconds)[1][-1])
+        errors.append(train_varpro(problem, model, data, seconds)[1][-1])
     print(f"{problem.name:>8} " + " ".join(f"{e:9.2e}" for e in errors), flush=True)
 
 
@@ -534,7 +572,7 @@ def study_error(problem, q, width):
     """`(error, steps)` at the end of the run."""
     model = varpro_model(problem, jax.random.PRNGKey(0), width)
     data = collocation(problem, q)
-    steps, errors, _ = train(problem, varpro_lm, model, data, study_seconds, study_steps)
+    steps, errors, _ = train_varpro(problem, model, data, study_seconds, study_steps)
     return errors[-1], steps[-1]
 
 

@@ -362,3 +362,36 @@ def test_errors():
         vploss.VarProLevenbergMarquardt(linear_solver="qr")
     with pytest.raises(ValueError, match="initial_damping"):
         vploss.VarProLevenbergMarquardt(initial_damping=0.0)
+
+
+def test_rounding_penalty_is_the_default():
+    t, y = exponential_data()
+    model = Exponentials(jnp.array([0.3, 3.0]))
+    solution = vploss.least_squares(model, t, y, max_steps=3)
+    # The centred design: rows (f_j - mean)/sqrt(N) with a zero for the bias, and the
+    # row [mean, 1], whose Gram matrix is that of the features with a ones column.
+    features = np.exp(-np.outer(t, model.rates))
+    mean = features.mean(0)
+    rows = np.column_stack([(features - mean) / np.sqrt(t.size), np.zeros(t.size)])
+    design = np.vstack([rows, [*mean, 1.0]])
+    expected = 10 * np.finfo(np.float64).eps * np.linalg.norm(design, 2) ** 2
+    np.testing.assert_allclose(solution.stats.alpha2, expected, rtol=1e-10)
+
+
+class CountingExponentials(Exponentials):
+    def __call__(self, t):
+        TRACES.append(1)  # Python runs this only when JAX traces it
+        return super().__call__(t)
+
+
+TRACES = []
+
+
+def test_one_compilation_per_problem_structure():
+    """A second solve of a problem of the same structure (new arrays, new model) traces
+    nothing again: the compiled start and step are reused."""
+    t, y = exponential_data()
+    vploss.least_squares(CountingExponentials(jnp.array([0.3, 3.0])), t, y, max_steps=3)
+    traced = len(TRACES)
+    vploss.least_squares(CountingExponentials(jnp.array([0.4, 2.0])), t, 2 * y, max_steps=3)
+    assert len(TRACES) == traced

@@ -4,7 +4,6 @@ from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
@@ -30,6 +29,7 @@ from .reduced import (
     JacobianName,
     Linearisation,
     linearise,
+    ravel,
     reduced_residual,
     ReducedProblem,
 )
@@ -117,6 +117,8 @@ class _Point(eqx.Module):
     residual: Float[Array, " R"]
     loss: Float[Array, ""]
     gradient: Float[Array, " P"]
+    gradient_max: Float[Array, ""]  # its max norm
+    params_norm: Float[Array, ""]
     coef: Float[Array, "p k"]
     alpha2: Float[Array, ""]
     damping_scale: Float[Array, ""]
@@ -228,25 +230,37 @@ class VarProLevenbergMarquardt(eqx.Module):
         return "primal" if num_params <= num_residuals else "dual"
 
 
-def _dense_point(
-    solver: VarProLevenbergMarquardt, problem: ReducedProblem, params: Array, form: str
-) -> _Point:
+def _point(
+    solver: VarProLevenbergMarquardt, problem: ReducedProblem, params: Array
+) -> tuple[_Point, Linearisation]:
+    """The linearisation at `params`, with the dense Jacobian and its Gram matrix in the
+    form the shapes call for (known when tracing)."""
     lin, gcv_stats = linearise(problem, params, solver.jacobian)
-    jacobian = dense_jacobian(problem, lin)
-    gram = matmul(jacobian.T, jacobian) if form == "primal" else matmul(jacobian, jacobian.T)
-    gradient = matmul(jacobian.T, lin.residual)
-    return _Point(
+    form = solver.form(lin.residual.size, params.size)
+    if form == "cg":
+        jacobian = gram = None
+        gradient = lin.rmv(lin.residual)
+        mv = lin.mv
+    else:
+        jacobian = dense_jacobian(problem, lin)
+        gram = matmul(jacobian.T, jacobian) if form == "primal" else matmul(jacobian, jacobian.T)
+        gradient = matmul(jacobian.T, lin.residual)
+        mv = lambda v: matmul(jacobian, v)  # noqa: E731
+    point = _Point(
         params,
         lin.residual,
         0.5 * jnp.sum(lin.residual**2),
         gradient,
+        jnp.max(jnp.abs(gradient)),
+        jnp.linalg.norm(params),
         lin.coef,
         lin.alpha2,
-        _damping_scale(gradient, lambda v: matmul(jacobian, v)),
+        _damping_scale(gradient, mv),
         gcv_stats,
         jacobian,
         gram,
     )
+    return point, lin
 
 
 def _damping_scale(gradient: Array, mv: Callable[[Array], Array]) -> Scalar:
@@ -311,12 +325,28 @@ def _cholesky_solver(matrix: Array, damping: Scalar) -> Callable[[Array], Array]
 
 
 @eqx.filter_jit
-def _dense_start(solver, problem, params, form):
-    return _dense_point(solver, problem, params, form)
+def _start(solver, problem, params):
+    return _point(solver, problem, params)[0]
 
 
 @eqx.filter_jit
-def _dense_step(solver, problem, point: _Point, damping, form):
+def _step(solver, problem, point: _Point, damping):
+    """A proposed step from `point`. The dense forms reuse its Jacobian and Gram matrix
+    (kept across rejected steps); the matrix-free form linearises again."""
+    form = solver.form(point.residual.size, point.params.size)
+    if form == "cg":
+        _, lin = _point(solver, problem, point.params)
+        operator = lx.FunctionLinearOperator(
+            lambda v: lin.rmv(lin.mv(v)) + damping * v,
+            jax.ShapeDtypeStruct(point.params.shape, point.params.dtype),
+            lx.positive_semidefinite_tag,
+        )
+        cg = lx.CG(rtol=solver.cg_rtol, atol=0.0, max_steps=solver.cg_max_steps)
+
+        def damped_solve(e):
+            return lx.linear_solve(operator, -lin.rmv(e), cg, throw=False).value
+
+        return _propose(solver, problem, point, lin.mv, damped_solve)
     jacobian, gram = point.jacobian, point.gram
     assert jacobian is not None and gram is not None
     solve = _cholesky_solver(gram, damping)
@@ -325,46 +355,6 @@ def _dense_step(solver, problem, point: _Point, damping, form):
     else:
         damped_solve = lambda e: -matmul(jacobian.T, solve(e))  # noqa: E731
     return _propose(solver, problem, point, lambda v: matmul(jacobian, v), damped_solve)
-
-
-def _matrix_free(solver, problem, params) -> tuple[_Point, Linearisation]:
-    lin, gcv_stats = linearise(problem, params, solver.jacobian)
-    gradient = lin.rmv(lin.residual)
-    point = _Point(
-        params,
-        lin.residual,
-        0.5 * jnp.sum(lin.residual**2),
-        gradient,
-        lin.coef,
-        lin.alpha2,
-        _damping_scale(gradient, lin.mv),
-        gcv_stats,
-        None,
-        None,
-    )
-    return point, lin
-
-
-@eqx.filter_jit
-def _matrix_free_start(solver, problem, params):
-    return _matrix_free(solver, problem, params)[0]
-
-
-@eqx.filter_jit
-def _matrix_free_step(solver, problem, params, damping):
-    point, lin = _matrix_free(solver, problem, params)
-    operator = lx.FunctionLinearOperator(
-        lambda v: lin.rmv(lin.mv(v)) + damping * v,
-        jax.ShapeDtypeStruct(params.shape, params.dtype),
-        lx.positive_semidefinite_tag,
-    )
-    cg = lx.CG(rtol=solver.cg_rtol, atol=0.0, max_steps=solver.cg_max_steps)
-
-    def damped_solve(e):
-        rhs = -lin.rmv(e)
-        return lx.linear_solve(operator, rhs, cg, throw=False).value
-
-    return point, _propose(solver, problem, point, lin.mv, damped_solve)
 
 
 def _problem(
@@ -392,7 +382,7 @@ def _problem(
         if not bool(all_finite(value)):
             raise ValueError(f"`{name}` of {what} is not finite: it contains NaN or inf.")
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    flat, unravel = jfu.ravel_pytree(params)
+    flat, unravel = ravel(params)
     if flat.size == 0:
         raise ValueError(
             f"The model given to {what} has no trainable parameters (no inexact-array "
@@ -525,12 +515,7 @@ def least_squares(
         raise ValueError(f"`patience` must be a positive int; got {patience!r}.")
     problem, params = _problem(model, x, y, alpha1, alpha2, use_bias, weights)
 
-    num_residuals = _num_residuals(problem, params)
-    form = solver.form(num_residuals, params.size)
-    if form == "cg":
-        start = lambda p: _matrix_free_start(solver, problem, p)  # noqa: E731
-    else:
-        start = lambda p: _dense_start(solver, problem, p, form)  # noqa: E731
+    start = lambda p: _start(solver, problem, p)  # noqa: E731
     point = _checked(start(params), 0)
     dtype = point.residual.dtype
     params = params.astype(dtype)
@@ -545,21 +530,13 @@ def least_squares(
     termination: Termination = "max_steps"
     step = 0
 
-    def current(point):
-        readout = readout_from_coefficients(
-            point.coef, problem.use_bias, problem.scalar_output, point.gcv_stats
-        )
-        return problem.model(point.params), readout
+    current = lambda point: _model_and_readout(problem, point)  # noqa: E731
 
     first = _first_stop(point, solver)
     if first is not None:
         termination = first
     for step in range(1, max_steps + 1) if first is None else ():
-        if form == "cg":
-            damping_array = jnp.asarray(damping, dtype)
-            _, proposal = _matrix_free_step(solver, problem, point.params, damping_array)
-        else:
-            proposal = _dense_step(solver, problem, point, jnp.asarray(damping, dtype), form)
+        proposal = _step(solver, problem, point, jnp.asarray(damping, dtype))
         loss_old = float(point.loss)
         new_loss = float(proposal.loss)
         predicted = float(proposal.predicted)
@@ -583,7 +560,7 @@ def least_squares(
                 damping,
                 bool(accepted),
                 bool(proposal.accelerated) and bool(accepted),
-                float(jnp.max(jnp.abs(point.gradient))),
+                float(point.gradient_max),
                 step_norm,
                 model_now,
                 readout_now,
@@ -602,7 +579,7 @@ def least_squares(
                     break
         if accepted:
             reason = _first_stop(point, solver)
-            if reason is None and step_norm <= rtol * (float(jnp.linalg.norm(point.params)) + rtol):
+            if reason is None and step_norm <= rtol * (float(point.params_norm) + rtol):
                 reason = "step"
             if (
                 reason is None
@@ -627,7 +604,7 @@ def least_squares(
         jnp.asarray(step),
         jnp.asarray(num_accepted),
         point.loss,
-        jnp.max(jnp.abs(point.gradient)),
+        point.gradient_max,
         jnp.asarray(damping, dtype),
         point.alpha2,
         termination,
@@ -635,17 +612,22 @@ def least_squares(
     return LeastSquaresSolution(model_out, readout_out, stats)
 
 
+@eqx.filter_jit
+def _model_and_readout(problem: ReducedProblem, point: _Point) -> tuple[Any, VPLinear]:
+    """The model at the point and its fitted readout (compiled: the loop's only other
+    work on arrays)."""
+    readout = readout_from_coefficients(
+        point.coef, problem.use_bias, problem.scalar_output, point.gcv_stats
+    )
+    return problem.model(point.params), readout
+
+
 def _first_stop(point: _Point, solver: VarProLevenbergMarquardt) -> Termination | None:
     if float(point.loss) <= solver.atol:
         return "loss"
-    if float(jnp.max(jnp.abs(point.gradient))) <= solver.gtol:
+    if float(point.gradient_max) <= solver.gtol:
         return "gradient"
     return None
-
-
-def _num_residuals(problem: ReducedProblem, params: Array) -> int:
-    shape = jax.eval_shape(lambda p: reduced_residual(problem, p, jnp.zeros(()))[0], params)
-    return shape.shape[0]
 
 
 def _checked(point: _Point, step: int) -> _Point:

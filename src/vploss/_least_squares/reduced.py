@@ -2,6 +2,8 @@ r"""The reduced residual of the ridge loss and its Jacobian-vector products, fro
 structure of variable projection: one linearisation of the features and one thin SVD
 of the design per point, shared by every product."""
 
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -19,6 +21,40 @@ from .._ridge.lstsq import centred_problem, svd_filter
 JacobianName: TypeAlias = Literal["golub_pereyra", "kaufman"]
 
 
+class Unravel(eqx.Module):
+    """The inverse of flattening a pytree of arrays into one vector (as
+    `jax.flatten_util.ravel_pytree`'s), defined by static, hashable data so that a
+    compiled step is reused by every problem of the same structure."""
+
+    treedef: Any = eqx.field(static=True)
+    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    dtypes: tuple[Any, ...] = eqx.field(static=True)
+
+    def __call__(self, flat: Float[Array, " P"]) -> Any:
+        sizes = [math.prod(shape) for shape in self.shapes]
+        pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
+        leaves = [
+            piece.reshape(shape).astype(dtype)
+            for piece, shape, dtype in zip(pieces, self.shapes, self.dtypes, strict=True)
+        ]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def ravel(tree: Any) -> tuple[Float[Array, " P"], Unravel]:
+    """The arrays of `tree` as one vector (in their promoted dtype) and the inverse."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    flat = (
+        jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+        if leaves
+        else jnp.zeros(0)
+    )
+    unravel = Unravel(
+        treedef, tuple(leaf.shape for leaf in leaves), tuple(leaf.dtype for leaf in leaves)
+    )
+    return flat, unravel
+
+
 class ReducedProblem(eqx.Module):
     r"""The data of a reduced least-squares problem, fixed while the parameters move:
     the model's non-trainable part, the checked batch, the targets `(N, k)`, the
@@ -31,7 +67,7 @@ class ReducedProblem(eqx.Module):
     weights: Float[Array, " N"] | None
     alpha1: Scalar
     alpha2: Scalar | None  # `None`: chosen by GCV
-    unravel: Callable[[Array], Any] = eqx.field(static=True)
+    unravel: Unravel
     use_bias: bool = eqx.field(static=True)
     scalar_output: bool = eqx.field(static=True)
     penalty_rows: bool = eqx.field(static=True)  # the `sqrt(alpha2) c` block
