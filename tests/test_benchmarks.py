@@ -1,6 +1,7 @@
 """The GPU check (`benchmarks/gpu_check.py`) runs in its tiny CPU version: every loss's
 float32 accuracy row passes, and every `benchmarks/suite.py` cell is measured; the
-second-order classification benchmark runs in its quick mode."""
+second-order classification benchmark and the least-squares benchmark run in their
+quick modes."""
 
 import pathlib
 import subprocess
@@ -50,3 +51,14 @@ def test_ggn_classification_runs_quick(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = {path.suffix for path in tmp_path.iterdir()}
     assert {".json", ".csv", ".png"} <= written, written
+
+
+@pytest.mark.slow
+def test_least_squares_benchmark_runs_quick():
+    script = SCRIPT.parent / "least_squares.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for table in ("Step cost, VarPro-LM", "Lowest median test error"):
+        assert table in result.stdout, result.stdout[-3000:]
