@@ -60,5 +60,5 @@ def test_least_squares_benchmark_runs_quick():
         [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for table in ("Step cost, VarPro-LM", "Lowest median test error"):
+    for table in ("Step cost, varpro / nlls", "Lowest median test error"):
         assert table in result.stdout, result.stdout[-3000:]
