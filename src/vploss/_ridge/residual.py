@@ -53,7 +53,10 @@ def vpresidual_msereg(
     `jax.jacfwd` (one implicit solve per parameter direction, all with one
     factorisation) and `jax.jacrev`; so `optimistix.least_squares` works with either
     `options={"jac": "fwd"}` (its default) or `{"jac": "bwd"}`. Forward mode is the
-    faster when the residual has more entries than the model has parameters.
+    faster when the residual has more entries than the model has parameters. To train a
+    model by Levenberg–Marquardt on this residual, `vploss.least_squares` does it in one
+    call, with a Jacobian assembled from the problem's structure; for another
+    least-squares solver:
 
     ```python
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -155,14 +158,12 @@ def vpjacobian_msereg(
     $\sqrt{\alpha_2}\,\mathrm{d}\hat W^*/\mathrm{d}\theta$ and $\sqrt{\alpha_1}\,I$.
     In all, about $k + pk$ reverse passes of the model over the batch, against $P$
     forward passes for `jax.jacfwd` of the residual, and $N k$ full-batch reverse passes
-    for `jax.jacrev`, so a Levenberg–Marquardt step with it is several times cheaper
-    than with optimistix's automatic Jacobian in either mode (timed in
-    `examples/outer_second_order.py`; see the page 'Outer second-order training',
-    'Measured on peaks').
+    for `jax.jacrev`.
 
     The result equals `jax.jacfwd` of `vpresidual_msereg` in the flattened parameters
-    (tested); pass it to a least-squares solver as a dense matrix, e.g. with a
-    `jax.custom_jvp` residual whose tangent is `jacobian @ tangent` (see the example).
+    (tested). `vploss.least_squares` trains by Levenberg–Marquardt without it: it
+    assembles Kaufman's or this Jacobian from per-sample gradients, far cheaper than the
+    $pk$ passes above.
 
     **Arguments:** as `vploss_msereg`.
 
