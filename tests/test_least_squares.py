@@ -395,3 +395,20 @@ def test_one_compilation_per_problem_structure():
     traced = len(TRACES)
     vploss.least_squares(CountingExponentials(jnp.array([0.4, 2.0])), t, 2 * y, max_steps=3)
     assert len(TRACES) == traced
+
+
+def test_bfloat16_model():
+    """A bfloat16 network trains with float32 steps and comes back in bfloat16."""
+    model = jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a,
+        mlp(in_size=2, width=6, depth=1, features=4),
+    )
+    x = jax.random.normal(jax.random.PRNGKey(8), (40, 2), jnp.float32)
+    y = jnp.sin(x[:, 0]) + x[:, 1] ** 2
+    loss0, _ = vploss.vploss_msereg(model, x, y, alpha2=0.0, solver="svd")
+    solution = vploss.least_squares(model, x, y, max_steps=20)
+    leaves = jax.tree.leaves(eqx.filter(solution.model, eqx.is_inexact_array))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+    assert solution.stats.loss.dtype == jnp.float32
+    assert np.isfinite(float(solution.stats.loss))
+    assert float(solution.stats.loss) < 0.5 * float(loss0)

@@ -43,7 +43,8 @@ class Unravel(eqx.Module):
 def ravel(tree: Any) -> tuple[Float[Array, " P"], Unravel]:
     """The arrays of `tree` as one vector (in their promoted dtype) and the inverse."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    # At least float32: a bfloat16 model's steps would be lost in its own rounding.
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32) if leaves else jnp.float32
     flat = (
         jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
         if leaves
