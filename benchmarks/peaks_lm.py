@@ -12,8 +12,8 @@ Methods:
 
 - `full network, per-sample J` (the reference): the plain residual `(ŷ − y)/√N` of θ and
   the head, its Jacobian formed per sample (`jax.vmap` of `jax.grad`) and handed over as
-  a dense matrix; `full network`: the same residual with nlls-gram's own Jacobian (as in
-  `examples/outer_second_order.py`; the same iterates up to rounding, more seconds per
+  a dense matrix (as in `examples/outer_second_order.py`); `full network`: the same
+  residual with nlls-gram's own Jacobian (the same iterates up to rounding, more seconds per
   step).
 - `VarPro, alpha2=A`: a fixed readout penalty (the library default is 1e-6; `alpha2=0`
   uses `solver="svd"`); `VarPro, alpha2=gcv`: chosen by generalised cross-validation at

@@ -454,7 +454,7 @@ def least_squares(
 
     ```python
     solution = vploss.least_squares(model, x, y, max_steps=200)
-    prediction = solution.readout(jax.vmap(solution.model)(x_test))
+    prediction = jax.vmap(solution.readout)(jax.vmap(solution.model)(x_test))
     ```
 
     The loop runs in Python over compiled steps (one compilation per problem shape),
