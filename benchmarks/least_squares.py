@@ -102,7 +102,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _common import peaks  # noqa: E402  (puts examples/ on the path)
 from _peaks import feature_map as peaks_feature_map, relative_error  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import vploss  # noqa: E402
 
@@ -376,36 +375,11 @@ def run_varpro(task, model, budget, options, warm_up):
     return record
 
 
-def per_sample_residual(params, args):
-    """`pde.plain_residual` whose derivative is the per-sample Jacobian (`jax.vmap` of
-    `jax.grad` of each row), formed once per linearisation: the method `nlls-ps`
-    (`benchmarks/peaks_lm.py`'s reference), where `nlls` takes nlls-gram's own."""
-    static, (samples, targets, weights) = args
-    scale = jnp.sqrt(weights / jnp.sum(weights))
-
-    def row(p, sample):
-        features, readout = eqx.combine(p, static)
-        return features(sample) @ readout
-
-    @jax.custom_jvp
-    def residual(p):
-        return pde.plain_residual(p, args)
-
-    @residual.defjvp
-    def residual_jvp(primals, tangents):
-        (p,), (tangent,) = primals, tangents
-        gradient = lambda sample: ravel_pytree(jax.grad(row)(p, sample))[0]
-        jacobian = jax.vmap(gradient)(samples) * scale[:, None]
-        return residual(p), jacobian @ ravel_pytree(tangent)[0]
-
-    return residual(params)
-
-
 # nlls-gram's LM, its defaults, on the example's plain residual (with its own Jacobian,
-# or the per-sample one); one compiled `update` per problem and width.
+# or the example's per-sample one); one compiled `update` per problem and width.
 NLLS = {
     "nlls": nlls_gram.LevenbergMarquardt(pde.plain_residual),
-    "nlls-ps": nlls_gram.LevenbergMarquardt(per_sample_residual),
+    "nlls-ps": nlls_gram.LevenbergMarquardt(pde.per_sample_residual),
 }
 
 
