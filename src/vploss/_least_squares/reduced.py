@@ -93,7 +93,7 @@ class ReducedProblem(eqx.Module):
         )
         return design.dense(), response.dense()
 
-    def row_map(self, params_dtype: Any, rows: Float[Array, "N k"]) -> Float[Array, "R0 k"]:
+    def row_map(self, rows: Float[Array, "N k"]) -> Float[Array, "R0 k"]:
         r"""The linear map from per-sample rows $X$ (one row per sample, as the features)
         to the design's rows: $X \mapsto Z(X)$ with the ones column left out (the
         tangent of the centring, weighting and mean row that `design` applies)."""
@@ -269,7 +269,7 @@ def dense_jacobian(problem: ReducedProblem, lin: Linearisation) -> Float[Array, 
     per_sample = jax.vmap(sample_rows)(problem.inputs)  # (N, k, P)
     num_params = params.size
     # The design's row map acts on the sample axis: one (N, k) matrix per parameter.
-    frozen = jax.vmap(lambda g: problem.row_map(params.dtype, g), in_axes=2, out_axes=2)(
+    frozen = jax.vmap(problem.row_map, in_axes=2, out_axes=2)(
         per_sample.astype(coef.dtype)
     )  # (R0, k, P)
     projected = p.s[:, None, None] * jnp.einsum("rq,rkP->qkP", p.u, frozen, precision=_HIGHEST)
