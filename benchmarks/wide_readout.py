@@ -66,6 +66,7 @@ def shapes(loss, labels, width):
         jax.ShapeDtypeStruct((N, width + 1), jnp.float32),
         jax.ShapeDtypeStruct(values.shape, jnp.float32),
         jax.ShapeDtypeStruct((), jnp.float32),
+        use_bias=True,
     )
 
 

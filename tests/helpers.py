@@ -366,6 +366,7 @@ READOUT_SOLVERS = {
     "newton": vploss.Newton,
     "newton-cg": vploss.NewtonCG,
     "kernel-newton": vploss.KernelNewton,
+    "budgeted-newton-cg": vploss.BudgetedNewtonCG,
     # Cauchy criteria off: the gradient test stops them.
     "bfgs": functools.partial(vploss.QuasiNewton, optx.BFGS(rtol=0.0, atol=0.0)),
     "lbfgs": functools.partial(vploss.QuasiNewton, optx.LBFGS(rtol=0.0, atol=0.0)),

@@ -131,6 +131,7 @@ def chosen(loss, num_samples, width, num_outputs):
         jnp.zeros((num_samples, width + 1)),
         jnp.zeros((num_samples, num_outputs)),
         jnp.asarray(ALPHA2),
+        use_bias=True,
     )
     return type(AutoNewton().choose(ReadoutObjective(loss), args))
 

@@ -113,7 +113,7 @@ def test_data_hessian_eigenvalues(classes):
     labels = y[:, None] if classes is None else np.eye(classes)[y]
     coef = rng.normal(size=(features.shape[1], labels.shape[1]))
     objective = ReadoutObjective(loss_fn)
-    args = ReadoutArgs(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(0.1))
+    args = ReadoutArgs(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(0.1), use_bias=True)
     eigenvalues = np.sort(np.asarray(data_hessian_eigenvalues(objective, jnp.asarray(coef), args)))
     if classes is None:
         p = 1 / (1 + np.exp(-features @ coef[:, 0]))

@@ -47,6 +47,7 @@ from ._readout_losses.softmax import (
 from ._readout_losses.solvers import (
     AbstractGLMSolver as AbstractGLMSolver,
     AutoNewton as AutoNewton,
+    BudgetedNewtonCG as BudgetedNewtonCG,
     KernelNewton as KernelNewton,
     Newton as Newton,
     NewtonCG as NewtonCG,

@@ -104,7 +104,7 @@ def _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias):
     features, labels = readout_features(model, x, labels, use_bias)
     dtype = features.dtype
     weights = None if weights is None else weights.astype(dtype)
-    args = ReadoutArgs(features, labels, jnp.zeros((), dtype), weights)
+    args = ReadoutArgs(features, labels, jnp.zeros((), dtype), weights, use_bias=use_bias)
     value, gradient = jax.value_and_grad(objective)(coef, args)
     curvature = objective.hessian(coef, args).as_matrix()
     n = features.shape[0]

@@ -579,3 +579,127 @@ class TruncatedNewtonDescent(optx.AbstractDescent):
 
     def step(self, step_size, state):
         return -step_size * state.newton, optx.RESULTS.successful
+
+
+#: Step halvings of `BudgetedTruncatedNewton`'s line search at most: past them its step is
+#: 2^-20 (about 1e-6) of the full one, and the solve ends as a failed line search.
+BUDGETED_BACKTRACKS = 20
+
+
+class _BudgetedState(eqx.Module):
+    value: Scalar
+    gradient: PyTree[Array]
+    converged: Bool[Array, ""]
+    # The last line search found no acceptable step.
+    stuck: Bool[Array, ""]
+    fallbacks: Int[Array, ""]
+    cg_steps: Int[Array, ""]
+
+
+class BudgetedTruncatedNewton(optx.AbstractMinimiser):
+    r"""Newton–CG in a fixed budget of work: each optimistix step is one whole update,
+    so that a solve of `max_updates` steps (`minimise_updates`) does a known amount
+    of work, with few and large operations (the training loop's inner solve, where a
+    solve's fixed costs, not its arithmetic, set its time).
+
+    A step at $y$ with gradient $g$ (kept from the previous step: one evaluation of the
+    objective and its gradient per accepted point):
+
+    1. the direction $d$ from at most `max_cg_steps` iterations of CG (`lx.CG`) on the
+        Hessian operator `hessian(y)`, preconditioned by the inverse of
+        `hessian_diagonal(y)` (Jacobi: features of uneven scale), stopped at the
+        relative residual $\min(0.5, \sqrt{\|g\|_s})$ ($\|g\|_s$ the scaled gradient
+        norm); any CG iterate is a descent direction, so a truncated one is a step.
+        Where rounding makes it unusable (not finite, or $g^\top d \le 0$), the Cauchy
+        step $d = g\,g^\top g / g^\top Hg$ replaces it (counted as a fallback);
+    2. a backtracking line search from the full step, $y - td$ with $t = 1, 1/2,
+        \dots$, accepted by `armijo_accepts` (which allows for the objective's
+        rounding), at most `BUDGETED_BACKTRACKS` halvings: one evaluation of the
+        objective per trial. A search that accepts nothing ends the solve (`stuck`).
+
+    It stops early once `inner_converged` holds without a Newton decrement (the scaled
+    gradient within `gtol` and the strong-convexity bound $\|g\|^2/(2\alpha_2)$ within
+    the loss tolerance), the start included. Unlike `DampedNewton` it never computes a
+    direction it does not take, and it does no Kronecker or Gram set-up.
+    """
+
+    hessian: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
+    hessian_diagonal: Callable[[PyTree[Array]], PyTree[Array]]
+    gtol: float
+    scale: Float[Array, "p 1"]
+    alpha2: Scalar
+    max_cg_steps: int
+    rtol: float = 0.0
+    atol: float = 0.0
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+
+    def _evaluate(self, fn, y, args):
+        (value, aux), gradient = jax.value_and_grad(lambda z: fn(z, args), has_aux=True)(y)
+        converged = inner_converged(value, gradient, self.scale, self.alpha2, self.gtol)
+        return value, gradient, aux, converged
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        value, gradient, _, converged = self._evaluate(fn, y, args)
+        zero = jnp.zeros((), jnp.int32)
+        return _BudgetedState(value, gradient, converged, jnp.array(False), zero, zero)
+
+    def step(self, fn, y, args, options, state, tags):
+        gradient = state.gradient
+        operator = self.hessian(y)
+        diagonal = self.hessian_diagonal(y)
+        preconditioner = lx.FunctionLinearOperator(
+            lambda v: v / diagonal,
+            jax.ShapeDtypeStruct(y.shape, y.dtype),
+            lx.positive_semidefinite_tag,
+        )
+        forcing = jnp.minimum(0.5, jnp.sqrt(scaled_gradient_norm(gradient, self.scale)))
+        # `atol` makes lineax's elementwise test a max-norm one: without it, an entry of
+        # the gradient that is exactly zero (a basis's last column) ends CG at once.
+        atol = forcing * optx.max_norm(gradient)
+        # lineax annotates the tolerances as floats; traced scalars work the same.
+        cg = lx.CG(rtol=forcing, atol=atol, max_steps=self.max_cg_steps)  # pyright: ignore[reportArgumentType]
+        # A truncated CG solve is a valid step here, so `max_steps_reached` is no error.
+        solution = lx.linear_solve(
+            operator, gradient, cg, options={"preconditioner": preconditioner}, throw=False
+        )
+        ok = _is_descent(gradient, solution.value)
+
+        def cauchy():
+            curvature = jnp.vdot(gradient, operator.mv(gradient), precision=jax.lax.Precision.HIGHEST)
+            return gradient * (jnp.vdot(gradient, gradient, precision=jax.lax.Precision.HIGHEST) / curvature)
+
+        direction = jax.lax.cond(ok, lambda: solution.value, cauchy)
+        predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
+        trial = lambda t: fn(y - t * direction, args)[0]
+
+        def rejected(carry):
+            t, value, halvings = carry
+            accepted = armijo_accepts(state.value, value, t * predicted)
+            return ~accepted & (halvings < BUDGETED_BACKTRACKS)
+
+        def halve(carry):
+            t, _, halvings = carry
+            t = t * BACKTRACK_FACTOR
+            return t, trial(t), halvings + 1
+
+        one = jnp.ones((), state.value.dtype)
+        t, value, _ = jax.lax.while_loop(rejected, halve, (one, trial(one), 0))
+        accepted = armijo_accepts(state.value, value, t * predicted)
+        new_y = jnp.where(accepted, y - t * direction, y)
+        value, gradient, aux, converged = self._evaluate(fn, new_y, args)
+        new_state = _BudgetedState(
+            value,
+            gradient,
+            converged,
+            ~accepted,
+            state.fallbacks + (~ok).astype(jnp.int32),
+            state.cg_steps + solution.stats["num_steps"].astype(jnp.int32),
+        )
+        return new_y, new_state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        return state.converged | state.stuck, optx.RESULTS.successful
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return y, aux, {}
+

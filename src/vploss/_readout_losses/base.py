@@ -5,7 +5,7 @@ Hessian products, the Kronecker preconditioner, the refit's sums) is derived fro
 in `objective.py`."""
 
 import abc
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import numpy as np
@@ -58,6 +58,12 @@ class AbstractReadoutLoss(eqx.Module):
 
     #: How error messages name the loss, e.g. "the logistic loss `vploss_bce`".
     name: eqx.AbstractClassVar[str]
+
+    #: An upper bound $\beta$ of the curvature's largest eigenvalue at every logit,
+    #: $\partial_z^2\ell \preceq \beta I$ (the Lipschitz constant of $\partial_z\ell$),
+    #: or `None` where there is none (the Poisson loss's $e^z$). It gives the bound of
+    #: the envelope gradient's error of an inexact solve (`InnerStats.gradient_error_bound`).
+    curvature_bound: ClassVar[float | None] = None
 
     @abc.abstractmethod
     def labels(self, y: ArrayLike, num_samples: int) -> Labels:

@@ -22,6 +22,8 @@ class SigmoidBinaryCrossEntropy(AbstractReadoutLoss):
     `vploss_bce`."""
 
     name: ClassVar[str] = "the logistic loss `vploss_bce`"
+    # σ(z)(1 − σ(z)) ≤ 1/4.
+    curvature_bound: ClassVar[float | None] = 0.25
 
     def labels(self, y, num_samples):
         values, scalar_output = as_targets("y", y, num_samples)

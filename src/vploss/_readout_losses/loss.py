@@ -183,7 +183,7 @@ def vploss_glm(
     value, coef, stats = envelope_minimise(
         objective,
         InnerMinimise(inner_solver),
-        ReadoutArgs(features, values, alpha2.astype(dtype), weights),
+        ReadoutArgs(features, values, alpha2.astype(dtype), weights, use_bias=use_bias),
         as_readout_init(init, objective, use_bias, shape, dtype),
         check=RuntimeChecks(
             loss.name,

@@ -22,12 +22,14 @@ class ReadoutArgs(eqx.Module):
     - `alpha2`: the readout penalty, a scalar.
     - `weights`: per-sample weights normalised to mean 1, shape `(N,)`, or `None`
         (all 1).
+    - `use_bias`: whether the last column of `features` is the bias's column of ones.
     """
 
     features: Float[Array, "N p"]
     labels: Real[Array, "N k"]
     alpha2: Scalar
     weights: Float[Array, " N"] | None = None
+    use_bias: bool = eqx.field(static=True, kw_only=True)
 
 
 def _weighted_rows(rows: Float[Array, "N k"], weights: Float[Array, " N"] | None) -> Array:
@@ -151,11 +153,79 @@ class ReadoutObjective(eqx.Module):
         r"""The same Hessian as products $V \mapsto \hat F^\top(\Omega\, C(\hat F V
         T^\top))T/N + \alpha_2 V$, never formed: two matmuls over samples, $O(Npk)$."""
         diagonal, rank_one, curved = self._curvature(coef, args)
+        # Transposed once per operator, not in every product: XLA's CPU matmul over the
+        # rows of a `(N, p)` array copied its transpose at each call (4-6x the matmul
+        # with one output).
         apply = jtu.Partial(
-            _hessian_product, args.features, args.alpha2, diagonal, rank_one, curved
+            _hessian_product,
+            args.features,
+            transposed(args.features),
+            args.alpha2,
+            diagonal,
+            rank_one,
+            curved,
         )
         structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
         return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+
+    def hessian_diagonal(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "p k"]:
+        r"""The diagonal of the Hessian, $rac1N\sum_j\omega_j(T^	op C_jT)_{cc}\hat
+        f_{ja}^2 + lpha_2$ at `(a, c)` (and $lpha_2$ on the basis's last column):
+        one matmul over samples, with $(T^	op C_jT)_{cc} = \sum_i d_{ji}T_{ic}^2 -
+        (u_j^	op T_{:c})^2$."""
+        diagonal, rank_one, curved = self._curvature(coef, args)
+        if curved is not None:
+            diagonal = matmul(diagonal, curved**2)
+        if rank_one is not None:
+            diagonal = diagonal - (rank_one if curved is None else matmul(rank_one, curved)) ** 2
+        data = matmul((args.features**2).T, diagonal) / args.features.shape[0]
+        if curved is not None:
+            data = jnp.pad(data, ((0, 0), (0, 1)))
+        return data + args.alpha2
+
+    def gradient_error_bounds(
+        self, coef: Float[Array, "p k"], gradient: Float[Array, "p k"], args: ReadoutArgs
+    ) -> tuple[Scalar, Scalar]:
+        r"""Bounds of what an inexact readout $\tilde W$ (`coef`, with the inner gradient
+        `gradient` there) changes against the exact one $\hat W^*$:
+
+        - the readout's error, $\|\tilde W - \hat W^*\|_F \le \delta = \|\nabla
+            J(\tilde W)\|_F/\alpha_2$ ($J$ is $\alpha_2$-strongly convex and $\nabla
+            J(\hat W^*) = 0$);
+        - the relative error of the envelope gradient in the features, $G_j = \frac
+            {\omega_j}{N}W^\top\rho_j$ ($W$ the readout's weight, without the bias;
+            $\rho_j = \partial_z\ell(z_j, y_j)$): with $\|\rho_j(\tilde W) -
+            \rho_j(\hat W^*)\| \le \beta\|\tilde W - \hat W^*\|_2\|\hat f_j\|$ for a
+            loss whose curvature is at most $\beta$ (`AbstractReadoutLoss.curvature_bound`),
+
+            $$\|\tilde G - G^*\|_F \le \frac{\delta}{N}\big(\|\Omega\tilde R\|_F +
+            \beta(\|\tilde W\|_F + \delta)\|\Omega\hat F\|_F\big),$$
+
+            divided by $\|\tilde G\|_F$ (`inf` for a loss without a curvature bound,
+            or a zero gradient).
+
+        One more pass over the samples (the logits' residuals $\tilde R$)."""
+        readout_error = jnp.sqrt(jnp.sum(gradient**2)) / args.alpha2
+        bound = self.loss.curvature_bound
+        if bound is None:
+            return readout_error, jnp.full((), jnp.inf, gradient.dtype)
+        logits = self.logits(coef, args)
+        residuals = jax.grad(lambda z: jnp.sum(self.loss.loss(z, args.labels)))(logits)
+        residuals = _weighted_rows(residuals, args.weights)
+        weight = self.in_outputs(coef)
+        if args.use_bias:
+            weight = weight[:-1]
+        features_norm = jnp.sqrt(jnp.sum(_weighted_rows(args.features, args.weights) ** 2))
+        error = (
+            readout_error
+            / args.features.shape[0]
+            * (
+                jnp.sqrt(jnp.sum(residuals**2))
+                + bound * (jnp.sqrt(jnp.sum(weight**2)) + readout_error) * features_norm
+            )
+        )
+        envelope = matmul(residuals, weight.T) / args.features.shape[0]
+        return readout_error, error / jnp.sqrt(jnp.sum(envelope**2))
 
     def mean_curvature(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "k k"]:
         r"""$\frac1N\sum_j\omega_j T^\top C_j T$, the output factor of the Kronecker
@@ -206,12 +276,18 @@ def curvature_product(
     return out - rank_one * along[:, None]
 
 
-def _hessian_product(features, alpha2, diagonal, rank_one, curved, vector):
+def transposed(a: Float[Array, "N p"]) -> Float[Array, "p N"]:
+    """`a.T` as an array of its own (a copy), which XLA cannot fold back into the
+    matmuls that use it."""
+    return jax.lax.optimization_barrier(a.T)
+
+
+def _hessian_product(features, features_t, alpha2, diagonal, rank_one, curved, vector):
     in_outputs = vector if curved is None else matmul(vector[:, :-1], curved.T)
     directions = matmul(features, in_outputs)
     # The rank-one rows carry √ω each, so ω u uᵀ appears once.
     curved_directions = curvature_product(diagonal, rank_one, directions)
-    data = matmul(features.T, curved_directions) / features.shape[0]
+    data = matmul(features_t, curved_directions) / features.shape[0]
     if curved is not None:
         data = jnp.pad(matmul(data, curved), ((0, 0), (0, 1)))
     return data + alpha2 * vector

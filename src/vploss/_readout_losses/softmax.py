@@ -116,6 +116,9 @@ class SoftmaxCrossEntropy(AbstractReadoutLoss):
 
     num_classes: int | None = eqx.field(default=None, static=True)
     name: ClassVar[str] = "the softmax loss `vploss_ce`"
+    # vᵀ(diag(s) − ssᵀ)v is the variance of v under s, at most (max v − min v)²/4 ≤ 1/2
+    # for a unit v.
+    curvature_bound: ClassVar[float | None] = 0.5
 
     def labels(self, y, num_samples):
         values, invalid, message = as_class_labels(y, num_samples, self.num_classes)

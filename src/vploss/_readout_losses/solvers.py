@@ -6,7 +6,7 @@ that carry their tolerances, and the `AbstractInnerSolver` that runs them for
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import equinox as eqx
 import jax
@@ -19,6 +19,7 @@ from jaxtyping import Array, Float
 from .._core.envelope import AbstractInnerSolver, dense_hessian_solve, implicit_solution_jvp
 from .._core.newton import (
     AtArgs,
+    BudgetedTruncatedNewton,
     DampedNewton,
     default_gtol,
     descent_loss_error,
@@ -36,7 +37,9 @@ from .kernel_newton import kernel_hessian_solve, KernelNewtonDescent, RowSpace
 from .objective import KroneckerPreconditioner, ReadoutArgs, ReadoutObjective
 
 
-SolverName: TypeAlias = Literal["auto", "newton", "newton-cg", "kernel-newton", "bfgs", "lbfgs"]
+SolverName: TypeAlias = Literal[
+    "auto", "newton", "newton-cg", "kernel-newton", "budgeted-newton-cg", "bfgs", "lbfgs"
+]
 
 #: `AutoNewton` uses the exact Newton method while one of its Hessians costs at most
 #: this many Hessian-vector products (`exact_newton_cost`), and Newton–CG beyond.
@@ -88,6 +91,10 @@ class AbstractGLMSolver(eqx.Module):
 
     gtol: eqx.AbstractVar[float | None]
     max_steps: eqx.AbstractVar[int]
+
+    #: Whether the solver stops at a fixed budget by design (`BudgetedNewtonCG`): a
+    #: spent budget is then `RESULTS.budget_spent`, not an error.
+    fixed_budget: ClassVar[bool] = False
 
     def __check_init__(self):
         _check_options(self.gtol, self.max_steps)
@@ -168,6 +175,64 @@ class NewtonCG(AbstractGLMSolver):
         )
         newton = DampedNewton(hessian=AtArgs(objective.hessian_product, args), descent=descent)
         return _terminated(newton, objective, args, gtol)
+
+
+class BudgetedNewtonCG(AbstractGLMSolver):
+    r"""The inexact mode for mini-batch training loops: a fixed budget of at most
+    `max_steps` Newton–CG updates of `max_cg_steps` CG iterations each
+    (`BudgetedTruncatedNewton`: Jacobi-preconditioned CG on Hessian-vector products, a
+    backtracking line search, no Gram matrix or eigendecomposition), from the warm
+    start `init`. It stops earlier where the tolerance of `Newton` is met; otherwise
+    the readout is inexact, by design, and the solve reports `RESULTS.budget_spent`,
+    which is not an error (`throw=True` raises only for real failures).
+
+    The returned loss and gradient are then those of the inner objective at the
+    returned readout $\tilde W$: the loss $J(\theta, \tilde W) \ge L(\theta)$ and its
+    gradient $\partial_\theta J(\theta, \tilde W)$, exact for that fixed readout (so a
+    step of the network and a few Newton steps of the readout alternate, as in block
+    coordinate descent). `readout.stats` bounds the gap to the exact reduced loss:
+    `loss_error_bound` ($\|\nabla J\|^2/(2\alpha_2)$), `readout_error_bound` and
+    `gradient_error_bound` (the envelope gradient's relative error in the features).
+    The bounds are rigorous and loose at small `alpha2`. The readout's implicit
+    derivative is that of the exact minimiser evaluated at $\tilde W$.
+
+    Pass the previous step's readout as `init` every step: the budget then refines a
+    readout that has followed the training, rather than solving each batch anew.
+    Where the docs promise exactness (the default solvers), nothing changes.
+
+    **Arguments:**
+
+    - `max_steps`: Newton updates per call at most, default 1.
+    - `max_cg_steps`: CG iterations per update at most, default 10.
+    - `gtol`: the tolerance of `Newton` at which it stops early; `None` (default):
+        $\sqrt\varepsilon$ of the dtype.
+    """
+
+    max_steps: int = 1
+    max_cg_steps: int = 10
+    gtol: float | None = None
+    fixed_budget: ClassVar[bool] = True
+
+    def __check_init__(self):
+        if (
+            isinstance(self.max_cg_steps, bool)
+            or not isinstance(self.max_cg_steps, int)
+            or self.max_cg_steps < 1
+        ):
+            raise ValueError(
+                f"`max_cg_steps` must be a positive Python int; got {self.max_cg_steps!r}."
+            )
+
+    def optimistix_minimiser(self, objective, args, gtol, num_coefficients):
+        del num_coefficients
+        return BudgetedTruncatedNewton(
+            hessian=AtArgs(objective.hessian_product, args),
+            hessian_diagonal=AtArgs(objective.hessian_diagonal, args),
+            gtol=gtol,
+            scale=objective.gradient_scale(args),
+            alpha2=args.alpha2,
+            max_cg_steps=self.max_cg_steps,
+        )
 
 
 def exact_newton_cost(objective: ReadoutObjective, args: ReadoutArgs) -> float:
@@ -374,6 +439,7 @@ _SOLVERS: dict[str, AbstractGLMSolver] = {
     "newton": Newton(),
     "newton-cg": NewtonCG(),
     "kernel-newton": KernelNewton(),
+    "budgeted-newton-cg": BudgetedNewtonCG(),
     # Cauchy criteria off: the gradient test stops them.
     "bfgs": QuasiNewton(minimiser=optx.BFGS(rtol=0.0, atol=0.0)),
     "lbfgs": QuasiNewton(minimiser=optx.LBFGS(rtol=0.0, atol=0.0)),
@@ -393,12 +459,15 @@ def as_readout_solver(solver: Any, gtol: float | None, max_steps: int | None) ->
                 f"gtol={gtol!r}, max_steps={max_steps!r}."
             )
         return solver
-    max_steps = _DEFAULT_MAX_STEPS if max_steps is None else max_steps
-    _check_options(gtol, max_steps)
     if isinstance(solver, optx.AbstractMinimiser):
+        max_steps = _DEFAULT_MAX_STEPS if max_steps is None else max_steps
+        _check_options(gtol, max_steps)
         return OptimistixMinimiser(minimiser=solver, gtol=gtol, max_steps=max_steps)
     if isinstance(solver, str) and solver in _SOLVERS:
-        return dataclasses.replace(_SOLVERS[solver], gtol=gtol, max_steps=max_steps)
+        default = _SOLVERS[solver]
+        max_steps = default.max_steps if max_steps is None else max_steps
+        _check_options(gtol, max_steps)
+        return dataclasses.replace(default, gtol=gtol, max_steps=max_steps)
     raise ValueError(
         f"`solver` must be one of {tuple(_SOLVERS)}, a vploss solver object (e.g. "
         "`vploss.Newton()`) or an `optimistix.AbstractMinimiser`; got "
@@ -449,20 +518,30 @@ class InnerMinimise(AbstractInnerSolver):
         decrement = descent_loss_error(state)
         stopped = solution.result == optx.RESULTS.successful
         converged = stopped & inner_converged(value, gradient, scale, args.alpha2, gtol, decrement)
-        descent_state = getattr(state, "descent_state", None)
-        fallback_steps = getattr(descent_state, "fallbacks", jnp.zeros((), jnp.int32))
+        # `BudgetedTruncatedNewton` keeps its counts in its own state.
+        counts = getattr(state, "descent_state", state)
+        fallback_steps = getattr(counts, "fallbacks", jnp.zeros((), jnp.int32))
         # A minimiser that stopped by its own criterion (`OptimistixMinimiser`) may
         # stop short of the gradient test.
         failure = RESULTS.where(
             stopped, RESULTS.tolerance_not_met, RESULTS.promote(solution.result)
         )
+        result = solve_result(converged, fallback_steps, failure)
+        if self.solver.fixed_budget:
+            spent = solution.result == optx.RESULTS.nonlinear_max_steps_reached
+            stuck = state.stuck
+            result = RESULTS.where(converged | ~spent, result, RESULTS.budget_spent)
+            result = RESULTS.where(stuck & ~converged, RESULTS.line_search_failed, result)
+        readout_error, gradient_error = objective.gradient_error_bounds(coef, gradient, args)
         return coef, InnerStats(
             num_steps=solution.state.updates,
             gradient_norm=scaled_gradient_norm(gradient, scale),
-            result=solve_result(converged, fallback_steps, failure),
+            result=result,
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
             fallback_steps=fallback_steps,
-            cg_steps=getattr(descent_state, "cg_steps", None),
+            cg_steps=getattr(counts, "cg_steps", None),
+            readout_error_bound=readout_error,
+            gradient_error_bound=gradient_error,
         )
 
     def solution_jvp(

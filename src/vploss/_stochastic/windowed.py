@@ -254,7 +254,7 @@ class WindowedReadout(AbstractStochasticReadout[WindowedState]):
             stored = jnp.repeat(state.filled, n).astype(dtype)
             weights = normalised_weights(jnp.concatenate([stored, jnp.ones(n, dtype)]))
         alpha2 = state.alpha2.astype(dtype)
-        args = ReadoutArgs(window_features, window_labels, alpha2, weights)
+        args = ReadoutArgs(window_features, window_labels, alpha2, weights, use_bias=self.use_bias)
         objective = ReadoutObjective(self.loss)
         _, coef, stats = envelope_minimise(
             objective,
