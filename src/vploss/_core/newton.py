@@ -606,8 +606,8 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     objective and its gradient per accepted point):
 
     1. the direction $d$ from at most `max_cg_steps` iterations of CG (`lx.CG`) on the
-        Hessian operator `hessian(y)`, preconditioned by the inverse of
-        `hessian_diagonal(y)` (Jacobi: features of uneven scale), stopped at the
+        Hessian operator `hessian(y)`, preconditioned by `preconditioner(y)` (a
+        positive definite approximate inverse Hessian), stopped at the
         relative residual $\min(0.5, \sqrt{\|g\|_s})$ ($\|g\|_s$ the scaled gradient
         norm); any CG iterate is a descent direction, so a truncated one is a step.
         Where rounding makes it unusable (not finite, or $g^\top d \le 0$), the Cauchy
@@ -615,7 +615,9 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     2. a backtracking line search from the full step, $y - td$ with $t = 1, 1/2,
         \dots$, accepted by `armijo_accepts` (which allows for the objective's
         rounding), at most `BUDGETED_BACKTRACKS` halvings: one evaluation of the
-        objective per trial. A search that accepts nothing ends the solve (`stuck`).
+        objective per trial. A search that accepts nothing, or only a step below the
+        rounding of $y$, ends the solve (`stuck`): the rounding floor, or a start
+        outside the objective's domain.
 
     It stops early once `inner_converged` holds without a Newton decrement (the scaled
     gradient within `gtol` and the strong-convexity bound $\|g\|^2/(2\alpha_2)$ within
@@ -624,7 +626,7 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     """
 
     hessian: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
-    hessian_diagonal: Callable[[PyTree[Array]], PyTree[Array]]
+    preconditioner: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
     gtol: float
     scale: Float[Array, "p 1"]
     alpha2: Scalar
@@ -646,12 +648,7 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     def step(self, fn, y, args, options, state, tags):
         gradient = state.gradient
         operator = self.hessian(y)
-        diagonal = self.hessian_diagonal(y)
-        preconditioner = lx.FunctionLinearOperator(
-            lambda v: v / diagonal,
-            jax.ShapeDtypeStruct(y.shape, y.dtype),
-            lx.positive_semidefinite_tag,
-        )
+        preconditioner = self.preconditioner(y)
         forcing = jnp.minimum(0.5, jnp.sqrt(scaled_gradient_norm(gradient, self.scale)))
         # `atol` makes lineax's elementwise test a max-norm one: without it, an entry of
         # the gradient that is exactly zero (a basis's last column) ends CG at once.
@@ -665,8 +662,9 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
         ok = _is_descent(gradient, solution.value)
 
         def cauchy():
-            curvature = jnp.vdot(gradient, operator.mv(gradient), precision=jax.lax.Precision.HIGHEST)
-            return gradient * (jnp.vdot(gradient, gradient, precision=jax.lax.Precision.HIGHEST) / curvature)
+            highest = jax.lax.Precision.HIGHEST
+            curvature = jnp.vdot(gradient, operator.mv(gradient), precision=highest)
+            return gradient * (jnp.vdot(gradient, gradient, precision=highest) / curvature)
 
         direction = jax.lax.cond(ok, lambda: solution.value, cauchy)
         predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
@@ -686,6 +684,8 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
         t, value, _ = jax.lax.while_loop(rejected, halve, (one, trial(one), 0))
         accepted = armijo_accepts(state.value, value, t * predicted)
         new_y = jnp.where(accepted, y - t * direction, y)
+        # A step below the rounding of `y` is no progress either (the rounding floor).
+        accepted = accepted & ~jnp.array_equal(new_y, y)
         value, gradient, aux, converged = self._evaluate(fn, new_y, args)
         new_state = _BudgetedState(
             value,
@@ -702,4 +702,3 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         return y, aux, {}
-

@@ -19,8 +19,9 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     - `tolerance_not_met`: the minimiser of an `OptimistixMinimiser` stopped by its own
         criterion short of `gtol`.
     - `budget_spent`: a fixed-budget solver (`BudgetedNewtonCG`) took all its steps
-        short of `gtol`: the inexact readout it promises, never an error (`throw=True`
-        does not raise for it), though `stats.converged` is false.
+        (or rounding ended its progress) short of `gtol`: the inexact readout it
+        promises, never an error (`throw=True` does not raise for it), though
+        `stats.converged` is false.
     - `nonfinite`: the result is not finite (not finite data).
 
     A user's optimistix minimiser may report any other of `optimistix.RESULTS`.
@@ -44,9 +45,10 @@ class RESULTS(optx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "The minimiser stopped by its own criterion before the scaled gradient met `gtol`."
     )
     budget_spent = (
-        "A fixed-budget solver (`vploss.BudgetedNewtonCG`) took all its steps before the "
-        "tolerance was met: an inexact readout, by design, within the bounds in "
-        "`stats.loss_error_bound` and `stats.gradient_error_bound`; not an error."
+        "A fixed-budget solver (`vploss.BudgetedNewtonCG`) took all its steps, or stopped "
+        "where rounding ended its progress, before the tolerance was met: an inexact "
+        "readout, by design, within the bounds in `stats.loss_error_bound` and "
+        "`stats.gradient_error_bound`; not an error."
     )
 
 

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Real, Scalar
 
-from .._core.numerics import matmul, weighted_mean
+from .._core.numerics import column_mean, matmul, weighted_mean
 from .base import AbstractReadoutLoss
 
 
@@ -168,20 +168,56 @@ class ReadoutObjective(eqx.Module):
         structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
         return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
 
-    def hessian_diagonal(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "p k"]:
-        r"""The diagonal of the Hessian, $rac1N\sum_j\omega_j(T^	op C_jT)_{cc}\hat
-        f_{ja}^2 + lpha_2$ at `(a, c)` (and $lpha_2$ on the basis's last column):
-        one matmul over samples, with $(T^	op C_jT)_{cc} = \sum_i d_{ji}T_{ic}^2 -
-        (u_j^	op T_{:c})^2$."""
+    def centred_jacobi(
+        self, coef: Float[Array, "p k"], args: ReadoutArgs
+    ) -> lx.FunctionLinearOperator:
+        r"""An approximate inverse Hessian for CG that costs one pass over the samples:
+        the inverse diagonal of the Hessian in the coefficients of the centred features
+        (Jacobi after centring).
+
+        With a bias, the readout $z = W f + b$ is reparametrised exactly as $z = W(f -
+        \mu) + b'$, $b' = b + W\mu$ ($\mu$ the weighted mean of the features), i.e.
+        $\hat C = S\hat C'$ with $S$ unit triangular; the preconditioner is $S D'^{-1}
+        S^\top$ with $D'$ the diagonal of $S^\top HS$:
+
+        $$D'_{ac} = \frac1N\sum_j\omega_j(T^\top C_jT)_{cc}(\hat f_{ja} - \mu_a)^2 +
+        \alpha_2(1 + \mu_a^2),$$
+
+        ($\mu_a = 0$ and no $\alpha_2\mu_a^2$ on the bias's row, whose column stays
+        ones), with $(T^\top C_jT)_{cc} = \sum_i d_{ji}T_{ic}^2 - (u_j^\top T_{:c})^2$, and
+        $\alpha_2$ alone on a basis's last column. Uncentred features (an offset of
+        300, pixels 0-255) put one large eigenvalue in the Hessian along the mean,
+        which plain Jacobi scaling does not remove (CG stalled in float32); features of
+        uneven scale are what Jacobi scaling is for. Without a bias it is plain
+        Jacobi."""
         diagonal, rank_one, curved = self._curvature(coef, args)
         if curved is not None:
             diagonal = matmul(diagonal, curved**2)
         if rank_one is not None:
             diagonal = diagonal - (rank_one if curved is None else matmul(rank_one, curved)) ** 2
-        data = matmul((args.features**2).T, diagonal) / args.features.shape[0]
+        features = args.features
+        p = features.shape[1]
+        if args.use_bias:
+            mean = column_mean(features[:, :-1], args.weights)
+            mean = jnp.concatenate([mean, jnp.zeros((1,), mean.dtype)])
+            features = features - mean
+        else:
+            mean = jnp.zeros((p,), features.dtype)
+        data = matmul(transposed(features**2), diagonal) / features.shape[0]
         if curved is not None:
             data = jnp.pad(data, ((0, 0), (0, 1)))
-        return data + args.alpha2
+        scale = data + args.alpha2 * (1 + mean**2)[:, None]
+
+        def apply(vector):
+            if not args.use_bias:
+                return vector / scale
+            # Sᵀv, then S: S (W', b') = (W', b' - μᵀW').
+            centred = vector.at[:-1].add(-mean[:-1, None] * vector[-1])
+            centred = centred / scale
+            return centred.at[-1].add(-matmul(mean[:-1], centred[:-1]))
+
+        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
+        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
 
     def gradient_error_bounds(
         self, coef: Float[Array, "p k"], gradient: Float[Array, "p k"], args: ReadoutArgs

@@ -180,7 +180,8 @@ class NewtonCG(AbstractGLMSolver):
 class BudgetedNewtonCG(AbstractGLMSolver):
     r"""The inexact mode for mini-batch training loops: a fixed budget of at most
     `max_steps` Newton–CG updates of `max_cg_steps` CG iterations each
-    (`BudgetedTruncatedNewton`: Jacobi-preconditioned CG on Hessian-vector products, a
+    (`BudgetedTruncatedNewton`: CG on Hessian-vector products preconditioned by
+    `ReadoutObjective.centred_jacobi` (one pass over the samples), a
     backtracking line search, no Gram matrix or eigendecomposition), from the warm
     start `init`. It stops earlier where the tolerance of `Newton` is met; otherwise
     the readout is inexact, by design, and the solve reports `RESULTS.budget_spent`,
@@ -227,7 +228,7 @@ class BudgetedNewtonCG(AbstractGLMSolver):
         del num_coefficients
         return BudgetedTruncatedNewton(
             hessian=AtArgs(objective.hessian_product, args),
-            hessian_diagonal=AtArgs(objective.hessian_diagonal, args),
+            preconditioner=AtArgs(objective.centred_jacobi, args),
             gtol=gtol,
             scale=objective.gradient_scale(args),
             alpha2=args.alpha2,
@@ -510,11 +511,15 @@ class InnerMinimise(AbstractInnerSolver):
             adjoint=optx.RecursiveCheckpointAdjoint(),
         )
         coef = solution.value
-        value, gradient = jax.value_and_grad(objective)(coef, args)
+        state = solution.state.inner
+        if self.solver.fixed_budget:
+            # `BudgetedTruncatedNewton` holds them at the returned iterate.
+            value, gradient = state.value, state.gradient
+        else:
+            value, gradient = jax.value_and_grad(objective)(coef, args)
         scale = objective.gradient_scale(args)
         # The descent's state holds its direction at the last accepted iterate, the
         # returned one.
-        state = solution.state.inner
         decrement = descent_loss_error(state)
         stopped = solution.result == optx.RESULTS.successful
         converged = stopped & inner_converged(value, gradient, scale, args.alpha2, gtol, decrement)
@@ -528,10 +533,13 @@ class InnerMinimise(AbstractInnerSolver):
         )
         result = solve_result(converged, fallback_steps, failure)
         if self.solver.fixed_budget:
+            # A spent budget, or progress stopped by rounding, is the inexact readout
+            # this solver promises; a line search that found no finite value is not.
             spent = solution.result == optx.RESULTS.nonlinear_max_steps_reached
-            stuck = state.stuck
+            spent = spent | (state.stuck & jnp.isfinite(value))
             result = RESULTS.where(converged | ~spent, result, RESULTS.budget_spent)
-            result = RESULTS.where(stuck & ~converged, RESULTS.line_search_failed, result)
+            failed = state.stuck & ~jnp.isfinite(value)
+            result = RESULTS.where(failed & ~converged, RESULTS.line_search_failed, result)
         readout_error, gradient_error = objective.gradient_error_bounds(coef, gradient, args)
         return coef, InnerStats(
             num_steps=solution.state.updates,
