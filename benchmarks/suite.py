@@ -1,10 +1,12 @@
 """Benchmark suite: step time, memory and compile time of every loss over a grid of sizes.
 
-For each loss (`vploss_msereg`, `vploss_bce`, `vploss_ce` with K = 10 classes), batch
-size N and feature count m, the feature map is an MLP 2 → 64 → 64 → m (tanh, float32,
-on the default device) and the script compiles one `value_and_grad` step of
+For each loss (`vploss_msereg`, `vploss_bce`, `vploss_ce` with K = 10 classes, and the
+two logistic losses again with the inexact mode for training loops,
+`solver=vploss.BudgetedNewtonCG()`, over mini-batch sizes N = 128-4,096), batch size N
+and feature count m, the feature map is an MLP 2 → 64 → 64 → m (tanh, float32, on the
+default device) and the script compiles one `value_and_grad` step of
 
-- the VarPro loss (`solver="auto"`), after 100 Adam steps of VarPro training on
+- the VarPro loss (`solver="auto"`, or the budgeted one), after 100 Adam steps of VarPro training on
   mini-batches of 1024 samples, the logistic losses warm started from the readout of
   the last of those steps (fitted on another batch, as in a training loop), and
 - the baseline: the same MLP with a plain trainable head (mean squared error, sigmoid
@@ -23,6 +25,9 @@ and tall (N = 4096, m = 256), where it picks the primal Cholesky form.
 
     python benchmarks/suite.py            # N in {1k, 4k, 16k, 64k}, m in {16, 64, 256}
     python benchmarks/suite.py --quick    # N in {1k, 4k}, m in {16, 64}, fewer repeats
+    python benchmarks/suite.py --losses bce-budgeted ce-budgeted --skip-shapes
+
+The budgeted losses run over N in {128, 512, 1k, 4k} (quick: {128, 1k}).
 
 OpenBLAS is single-threaded unless `OPENBLAS_NUM_THREADS` is set (see `ridge_step.py`).
 """
@@ -50,13 +55,23 @@ from _common import (  # noqa: E402
     peaks,
 )
 
-from vploss import CholeskyRidge, vploss_bce, vploss_ce, vploss_msereg  # noqa: E402
+from vploss import (  # noqa: E402
+    BudgetedNewtonCG,
+    CholeskyRidge,
+    RESULTS,
+    vploss_bce,
+    vploss_ce,
+    vploss_msereg,
+)
 
 
 SIZES = (1024, 4096, 16384, 65536)
 WIDTHS = (16, 64, 256)
 QUICK_SIZES = (1024, 4096)
 QUICK_WIDTHS = (16, 64)
+# The mini-batch sizes of the inexact mode for training loops.
+MINIBATCH_SIZES = (128, 512, 1024, 4096)
+QUICK_MINIBATCH_SIZES = (128, 1024)
 NUM_CLASSES = 10
 RIDGE_ALPHA2 = 1e-6
 LOGISTIC_ALPHA2 = 1e-4
@@ -67,9 +82,10 @@ WARMUP_BATCH = 1024
 class _Loss:
     """One benchmarked loss: its labels, its VarPro call and its plain-head baseline."""
 
-    def __init__(self, name, labels, outputs, varpro, plain, warm):
+    def __init__(self, name, labels, outputs, varpro, plain, warm, minibatch=False):
         self.name, self.labels, self.outputs = name, labels, outputs
         self.varpro, self.plain, self.warm = varpro, plain, warm
+        self.minibatch = minibatch
 
 
 LOSSES = {
@@ -98,6 +114,34 @@ LOSSES = {
         ),
         lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
         warm=True,
+    ),
+    "bce-budgeted": _Loss(
+        "vploss_bce",
+        inside_circle,
+        "scalar",
+        lambda m, x, y, init: vploss_bce(
+            m, x, y, alpha2=LOGISTIC_ALPHA2, init=init, solver=BudgetedNewtonCG()
+        ),
+        lambda logits, y: jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y)),
+        warm=True,
+        minibatch=True,
+    ),
+    "ce-budgeted": _Loss(
+        "vploss_ce",
+        functools.partial(angle_classes, num_classes=NUM_CLASSES),
+        NUM_CLASSES,
+        lambda m, x, y, init: vploss_ce(
+            m,
+            x,
+            y,
+            alpha2=LOGISTIC_ALPHA2,
+            num_classes=NUM_CLASSES,
+            init=init,
+            solver=BudgetedNewtonCG(),
+        ),
+        lambda logits, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
+        warm=True,
+        minibatch=True,
     ),
 }
 
@@ -138,6 +182,13 @@ def varpro_flops(name, n, m, outputs, stats):
     """
     p, k = m + 1, outputs
     features = n * _mlp_flops(m)
+    if name.endswith("-budgeted"):
+        # The start's value and gradient (4Npk), per update the curvature, the
+        # preconditioner's pass, one trial value and the new value and gradient
+        # (10Npk), the CG products (4Npk each), then the error bounds' pass and the
+        # loss's gradient in the features (4Npk).
+        steps = int(stats.num_steps)
+        return features + n * p * k * (8 + 10 * steps + 4 * int(stats.cg_steps))
     if name == "msereg":
         refine_steps = CholeskyRidge().refine_steps
         return features + n * (2 * p * p + (6 + 4 * refine_steps) * p * k) + 2 * p**3 / 3
@@ -232,7 +283,8 @@ def inner_summary(stats):
     cg = (
         "" if stats.cg_steps is None or int(stats.cg_steps) == 0 else f" ({int(stats.cg_steps)} CG)"
     )
-    return f"{int(stats.num_steps)}{cg} {bool(stats.converged)}"
+    outcome = "budget" if stats.result == RESULTS.budget_spent else str(bool(stats.converged))
+    return f"{int(stats.num_steps)}{cg} {outcome}"
 
 
 TABLE_HEADER = (
@@ -260,7 +312,8 @@ def _growth_exponent(sizes, times):
 def run_loss(name, sizes, widths, repeats):
     loss = LOSSES[name]
     warm = ", warm started" if loss.warm else ""
-    print(f"\n### `{loss.name}` (float32, CPU{warm})\n")
+    mode = ", `solver=vploss.BudgetedNewtonCG()`" if loss.minibatch else ""
+    print(f"\n### `{loss.name}` (float32, CPU{warm}{mode})\n")
     print(TABLE_HEADER)
     print("|" + "---|" * (TABLE_HEADER.count("|") - 1))
     exponents = {}
@@ -315,11 +368,12 @@ def main():
     parser.add_argument("--skip-shapes", action="store_true", help="skip the ridge shapes")
     args = parser.parse_args()
     sizes, widths = (QUICK_SIZES, QUICK_WIDTHS) if args.quick else (SIZES, WIDTHS)
+    minibatch_sizes = QUICK_MINIBATCH_SIZES if args.quick else MINIBATCH_SIZES
     repeats = args.repeats or (5 if args.quick else 10)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, repeats {repeats}, ", end="")
     print(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     for name in args.losses:
-        run_loss(name, sizes, widths, repeats)
+        run_loss(name, minibatch_sizes if LOSSES[name].minibatch else sizes, widths, repeats)
     if not args.skip_shapes:
         ridge_shapes(repeats)
 

@@ -18,7 +18,15 @@ N, M = 40, 6
 X = jax.random.normal(jax.random.PRNGKey(0), (N, M))
 SCORE = X[:, 0] + 0.5 * X[:, 1] - 0.3 * X[:, 2]
 WEIGHTS = jax.random.uniform(jax.random.PRNGKey(2), (N,), minval=0.2, maxval=3.0)
-CASES = pytest.mark.parametrize("name", list(READOUT_CASES))
+# The softmax loss, the mini-batch mode's main case, in the default run; the others
+# with `-m slow`.
+CASES = pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[] if name == "ce" else [pytest.mark.slow])
+        for name in READOUT_CASES
+    ],
+)
 
 
 def identity(features):
@@ -131,7 +139,7 @@ def test_a_large_budget_converges_to_the_minimiser(name):
 
 
 @pytest.mark.parametrize("offset, scale", [(300.0, 1.0), (0.0, 255.0)])
-@pytest.mark.parametrize("name", ["bce", "ce"])
+@pytest.mark.parametrize("name", ["ce", pytest.param("bce", marks=pytest.mark.slow)])
 def test_raw_units_in_float32(name, offset, scale):
     """Uncentred features (an offset of 300) and pixel-sized ones (0-255) in float32:
     every budgeted update lowers the loss and stays finite, and a large budget reaches
@@ -162,9 +170,10 @@ def test_vmap_and_gradient_only():
     def loss(x):
         return vploss.vploss_ce(identity, x, labels, alpha2=1e-2, num_classes=3, solver=solver)[0]
 
-    batched = jax.vmap(loss)(xs)
+    batched = jax.jit(jax.vmap(loss))(xs)
+    single = jax.jit(loss)
     for x, value in zip(xs, batched, strict=True):
-        np.testing.assert_allclose(float(value), float(loss(x)), rtol=1e-12)
+        np.testing.assert_allclose(float(value), float(single(x)), rtol=1e-12)
     gradient = jax.jit(jax.grad(loss))(X)
     _, _, reference = fit("ce", X, 1e-2, solver)
     np.testing.assert_allclose(gradient, reference, rtol=1e-12)
