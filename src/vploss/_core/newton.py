@@ -680,8 +680,11 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
             t = t * BACKTRACK_FACTOR
             return t, trial(t), halvings + 1
 
-        one = jnp.ones((), state.value.dtype)
-        t, value, _ = jax.lax.while_loop(rejected, halve, (one, trial(one), 0))
+        # The loop's first pass evaluates the full step (one copy of the objective in
+        # the compiled loop, not two).
+        before = jnp.asarray(1 / BACKTRACK_FACTOR, state.value.dtype)
+        infinite = jnp.full((), jnp.inf, state.value.dtype)
+        t, value, _ = jax.lax.while_loop(rejected, halve, (before, infinite, -1))
         accepted = armijo_accepts(state.value, value, t * predicted)
         new_y = jnp.where(accepted, y - t * direction, y)
         # A step below the rounding of `y` is no progress either (the rounding floor).

@@ -98,6 +98,11 @@ def vploss_bce(
     - `vploss.KernelNewton()` or `"kernel-newton"`: the Newton step of `"newton"`
         in the span of the features' rows (fewer samples than coefficients, $N <
         m + 1$): an `(Nk, Nk)` Hessian, never the `(m+1, m+1)` Gram matrix.
+    - `vploss.BudgetedNewtonCG()` or `"budgeted-newton-cg"`: the inexact mode for
+        mini-batch training loops: one Newton–CG update (`max_steps`, default 1) of at
+        most 10 CG iterations from `init`, with rigorous error bounds of the loss,
+        readout and gradient in `readout.stats`; a spent budget is
+        `RESULTS.budget_spent`, not an error.
     - `vploss.QuasiNewton(optx.BFGS(rtol=0.0, atol=0.0))`, or `"bfgs"`, `"lbfgs"`:
         `optimistix.BFGS` / `optimistix.LBFGS`. Their Armijo line
         search cannot resolve the objective's last digits, so they often stall above

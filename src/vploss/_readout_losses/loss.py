@@ -132,9 +132,10 @@ def vploss_glm(
         `sample_weight`, normalised).
     - `use_bias`: whether the readout has a bias $b$.
     - `solver`: a solver object (`vploss.AutoNewton()` by default, `vploss.Newton`,
-        `vploss.NewtonCG`, `vploss.KernelNewton`, `vploss.QuasiNewton`), a name as a
-        shorthand (`"auto"`, `"newton"`, `"newton-cg"`, `"kernel-newton"`, `"bfgs"`,
-        `"lbfgs"`), or any
+        `vploss.NewtonCG`, `vploss.KernelNewton`, `vploss.BudgetedNewtonCG` (the
+        inexact mode for training loops), `vploss.QuasiNewton`), a name as a
+        shorthand (`"auto"`, `"newton"`, `"newton-cg"`, `"kernel-newton"`,
+        `"budgeted-newton-cg"`, `"bfgs"`, `"lbfgs"`), or any
         `optimistix.AbstractMinimiser` (used as it is, with its own stopping rule).
     - `gtol`, `max_steps`: with a name or an optimistix minimiser, the solver's
         tolerance on the scaled gradient (default $\sqrt\varepsilon$ of the dtype)
