@@ -88,6 +88,7 @@ def test_a_solver_name_is_its_object_with_the_options():
         "newton": vploss.Newton(gtol=1e-3, max_steps=7),
         "newton-cg": vploss.NewtonCG(gtol=1e-3, max_steps=7),
         "kernel-newton": vploss.KernelNewton(gtol=1e-3, max_steps=7),
+        "budgeted-newton-cg": vploss.BudgetedNewtonCG(gtol=1e-3, max_steps=7),
         "bfgs": vploss.QuasiNewton(minimiser=optx.BFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7),
         "lbfgs": vploss.QuasiNewton(
             minimiser=optx.LBFGS(rtol=0.0, atol=0.0), gtol=1e-3, max_steps=7
@@ -96,8 +97,11 @@ def test_a_solver_name_is_its_object_with_the_options():
     assert list(expected) == list(_SOLVERS)
     for name, solver in expected.items():
         assert as_readout_solver(name, 1e-3, 7) == solver
+        # Without `max_steps` a name keeps its object's own budget (100; one update for
+        # the fixed-budget solver).
+        default = 1 if name == "budgeted-newton-cg" else 100
         assert as_readout_solver(name, None, None) == dataclasses.replace(
-            solver, gtol=None, max_steps=100
+            solver, gtol=None, max_steps=default
         )
     for name, solver in _RIDGE_SOLVERS.items():
         assert as_ridge_solver(name) is solver
