@@ -1,5 +1,8 @@
 """Mini-batch training with a plain head, a per-batch VarPro readout and the stochastic
 readouts (`vploss.SlimTik` for least squares, `vploss.WindowedReadout` for softmax).
+`mnist1d` also runs `vp-budget`: the per-batch softmax readout solved inexactly by
+`vploss.BudgetedNewtonCG()` (one Newton–CG update of at most 10 CG iterations per
+step), warm-started from the previous step's readout.
 
 Three experiments, each over 3 seeds (medians), all methods timed in the same run:
 
@@ -19,8 +22,9 @@ Three experiments, each over 3 seeds (medians), all methods timed in the same ru
 Learning rates are tuned per method on a grid (the best final test metric of seed 0),
 so each method is compared at its own best, as a user would run it.
 
-Usage: `python benchmarks/stochastic.py {peaks,mnist1d,grid} [--quick]`; `--quick` runs
-a few steps of each on one seed (a smoke test, not a measurement).
+Usage: `python benchmarks/stochastic.py {peaks,mnist1d,grid} [--quick]
+[--methods M ...]`; `--quick` runs a few steps of each on one seed (a smoke test, not a
+measurement); `--methods` (mnist1d only) restricts the methods run.
 """
 
 import argparse
@@ -103,7 +107,8 @@ def trainer(
         readout_state = None
     else:
         params = model
-        if method == "per-batch":
+        if method in ("per-batch", "vp-budget"):
+            solver = vploss.BudgetedNewtonCG() if method == "vp-budget" else "auto"
             if problem.num_classes is None:
 
                 def loss_fn(net, xb, yb, state):
@@ -115,7 +120,14 @@ def trainer(
 
                 def loss_fn(net, xb, yb, state):
                     loss, readout = vploss.vploss_ce(
-                        net, xb, yb, alpha2=alpha2, num_classes=k, init=state, throw=False
+                        net,
+                        xb,
+                        yb,
+                        alpha2=alpha2,
+                        num_classes=k,
+                        init=state,
+                        solver=solver,
+                        throw=False,
                     )
                     return loss, (readout, readout)
 
@@ -349,15 +361,19 @@ def experiment_peaks(quick):
                 print(f"{method:>10} {lr:6.0e} {len(reached):>4}/{seeds} {text} {final:11.2e}")
 
 
-def experiment_mnist1d(quick):
+MNIST1D_METHODS = ("plain", "per-batch", "vp-budget", "windowed")
+
+
+def experiment_mnist1d(quick, methods=MNIST1D_METHODS):
+    # Plain Adam is always run: the reference of the step costs.
+    methods = ("plain",) + tuple(m for m in methods if m != "plain")
     problem = mnist1d_problem()
     steps, seeds = (100, 1) if quick else (3000, 3)
     lrs = (3e-3,) if quick else (1e-3, 3e-3, 1e-2)
     for kind in ("mlp", "cnn"):
         make_model = lambda seed, kind=kind: mnist1d_model(kind, seed)  # noqa: E731
         costs = {
-            method: step_cost(method, problem, make_model(0), 1e-3, memory=4)
-            for method in ("plain", "per-batch", "windowed")
+            method: step_cost(method, problem, make_model(0), 1e-3, memory=4) for method in methods
         }
         print(f"\nMNIST-1D, {kind}: held-out accuracy (median of {seeds} seeds) against time")
         print(
@@ -366,7 +382,7 @@ def experiment_mnist1d(quick):
                 f"{m} {c / costs['plain']:.2f} ({1e3 * c:.2f} ms)" for m, c in costs.items()
             )
         )
-        for method in ("plain", "per-batch", "windowed"):
+        for method in methods:
             lr, _ = _tuned(method, problem, make_model, lrs, steps, "max", memory=4)
             runs = [
                 train(method, problem, make_model(s), lr, steps, s, memory=4)[0]
@@ -433,8 +449,17 @@ if __name__ == "__main__":
     parser.add_argument(
         "--adam-eps", type=float, default=1e-8, help="grid only: Adam's eps (default 1e-8)"
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=MNIST1D_METHODS,
+        default=list(MNIST1D_METHODS),
+        help="mnist1d only: the methods to run (plain is always run)",
+    )
     args = parser.parse_args()
     if args.experiment == "grid":
         experiment_grid(args.quick, args.adam_eps)
+    elif args.experiment == "mnist1d":
+        experiment_mnist1d(args.quick, tuple(args.methods))
     else:
         EXPERIMENTS[args.experiment](args.quick)
