@@ -238,7 +238,7 @@ class ReadoutObjective(eqx.Module):
             \beta(\|\tilde W\|_F + \delta)\|\Omega\hat F\|_F\big),$$
 
             divided by $\|\tilde G\|_F$ (`inf` for a loss without a curvature bound,
-            or a zero gradient).
+            or a zero gradient with a nonzero bound; 0 at a zero inner gradient).
 
         One more pass over the samples (the logits' residuals $\tilde R$)."""
         readout_error = jnp.sqrt(jnp.sum(gradient**2)) / args.alpha2
@@ -261,7 +261,9 @@ class ReadoutObjective(eqx.Module):
             )
         )
         envelope = matmul(residuals, weight.T) / args.features.shape[0]
-        return readout_error, error / jnp.sqrt(jnp.sum(envelope**2))
+        # An exact readout has no error, even where the gradient is zero.
+        relative = jnp.where(error == 0, 0, error / jnp.sqrt(jnp.sum(envelope**2)))
+        return readout_error, relative
 
     def mean_curvature(self, coef: Float[Array, "p k"], args: ReadoutArgs) -> Float[Array, "k k"]:
         r"""$\frac1N\sum_j\omega_j T^\top C_j T$, the output factor of the Kronecker
