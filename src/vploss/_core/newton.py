@@ -605,9 +605,11 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     A step at $y$ with gradient $g$ (kept from the previous step: one evaluation of the
     objective and its gradient per accepted point):
 
-    1. the direction $d$ from at most `max_cg_steps` iterations of CG (`lx.CG`) on the
-        Hessian operator `hessian(y)`, preconditioned by `preconditioner(y)` (a
-        positive definite approximate inverse Hessian), stopped at the
+    1. the direction $d = Lu$ from at most `max_cg_steps` iterations of CG (`lx.CG`)
+        on $L^\top HL\,u = L^\top g$, with the Hessian operator `hessian(y)` and the
+        factor `(L, Lᵀ) = preconditioner(y)` of an approximate inverse Hessian
+        $LL^\top$ (CG preconditioned by $LL^\top$, with its stopping test in the
+        preconditioned coordinates), stopped at the
         relative residual $\min(0.5, \sqrt{\|g\|_s})$ ($\|g\|_s$ the scaled gradient
         norm); any CG iterate is a descent direction, so a truncated one is a step.
         Where rounding makes it unusable (not finite, or $g^\top d \le 0$), the Cauchy
@@ -626,7 +628,7 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     """
 
     hessian: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
-    preconditioner: Callable[[PyTree[Array]], lx.AbstractLinearOperator]
+    preconditioner: Callable[[PyTree[Array]], tuple[Callable, Callable]]
     gtol: float
     scale: Float[Array, "p 1"]
     alpha2: Scalar
@@ -648,25 +650,32 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
     def step(self, fn, y, args, options, state, tags):
         gradient = state.gradient
         operator = self.hessian(y)
-        preconditioner = self.preconditioner(y)
+        factor, factor_transpose = self.preconditioner(y)
+        # CG on LᵀHL: its stopping test then measures the residual in the
+        # preconditioner's coordinates, where no direction dwarfs the others.
+        scaled = lx.FunctionLinearOperator(
+            lambda u: factor_transpose(operator.mv(factor(u))),
+            jax.ShapeDtypeStruct(y.shape, y.dtype),
+            lx.positive_semidefinite_tag,
+        )
+        rhs = factor_transpose(gradient)
         forcing = jnp.minimum(0.5, jnp.sqrt(scaled_gradient_norm(gradient, self.scale)))
         # `atol` makes lineax's elementwise test a max-norm one: without it, an entry of
         # the gradient that is exactly zero (a basis's last column) ends CG at once.
-        atol = forcing * optx.max_norm(gradient)
+        atol = forcing * optx.max_norm(rhs)
         # lineax annotates the tolerances as floats; traced scalars work the same.
         cg = lx.CG(rtol=forcing, atol=atol, max_steps=self.max_cg_steps)  # pyright: ignore[reportArgumentType]
         # A truncated CG solve is a valid step here, so `max_steps_reached` is no error.
-        solution = lx.linear_solve(
-            operator, gradient, cg, options={"preconditioner": preconditioner}, throw=False
-        )
-        ok = _is_descent(gradient, solution.value)
+        solution = lx.linear_solve(scaled, rhs, cg, throw=False)
+        newton = factor(solution.value)
+        ok = _is_descent(gradient, newton)
 
         def cauchy():
             highest = jax.lax.Precision.HIGHEST
             curvature = jnp.vdot(gradient, operator.mv(gradient), precision=highest)
             return gradient * (jnp.vdot(gradient, gradient, precision=highest) / curvature)
 
-        direction = jax.lax.cond(ok, lambda: solution.value, cauchy)
+        direction = jax.lax.cond(ok, lambda: newton, cauchy)
         predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
         trial = lambda t: fn(y - t * direction, args)[0]
 

@@ -143,7 +143,8 @@ def vploss_bce(
         (2\alpha_2)$ and the Newton decrement's), so the loss does not depend on the
         warm start beyond that.
     - `max_steps`: with a solver name, the step budget of the inner solver (default
-        100). A solver object carries its own `gtol` and `max_steps`.
+        100; 1 for `"budgeted-newton-cg"`). A solver object carries its own `gtol` and
+        `max_steps`.
     - `throw`: if `True`, an inner solve that did not converge raises a runtime error
         (`eqx.error_if`); if `False`, read `readout.stats.converged`.
     - `init`: a warm start: the readout returned by a previous call (e.g. the last

@@ -139,7 +139,8 @@ def vploss_glm(
         `optimistix.AbstractMinimiser` (used as it is, with its own stopping rule).
     - `gtol`, `max_steps`: with a name or an optimistix minimiser, the solver's
         tolerance on the scaled gradient (default $\sqrt\varepsilon$ of the dtype)
-        and its step budget (default 100); a solver object carries its own.
+        and its step budget (default 100; 1 for `"budgeted-newton-cg"`); a solver
+        object carries its own.
     - `throw`: if `True`, an inner solve that did not converge raises a runtime error
         (`eqx.error_if`); if `False`, read `readout.stats.converged`.
     - `init`: a warm start: the readout returned by a previous call (e.g. the last

@@ -2,6 +2,8 @@ r"""The inner objective of a readout loss (`ReadoutObjective`), derived once for
 from its `AbstractReadoutLoss` methods: value, gradient, Hessian (dense, or as products),
 the Kronecker preconditioner, and the Gram matrices the evidence and refit use."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -170,10 +172,10 @@ class ReadoutObjective(eqx.Module):
 
     def centred_jacobi(
         self, coef: Float[Array, "p k"], args: ReadoutArgs
-    ) -> lx.FunctionLinearOperator:
-        r"""An approximate inverse Hessian for CG that costs one pass over the samples:
-        the inverse diagonal of the Hessian in the coefficients of the centred features
-        (Jacobi after centring).
+    ) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+        r"""A factor $L$ of an approximate inverse Hessian $LL^\top$ for CG that costs one
+        pass over the samples: the inverse diagonal of the Hessian in the coefficients
+        of the centred features (Jacobi after centring), as `(L, Lᵀ)`.
 
         With a bias, the readout $z = W f + b$ is reparametrised exactly as $z = W(f -
         \mu) + b'$, $b' = b + W\mu$ ($\mu$ the weighted mean of the features), i.e.
@@ -181,7 +183,7 @@ class ReadoutObjective(eqx.Module):
         S^\top$ with $D'$ the diagonal of $S^\top HS$:
 
         $$D'_{ac} = \frac1N\sum_j\omega_j(T^\top C_jT)_{cc}(\hat f_{ja} - \mu_a)^2 +
-        \alpha_2(1 + \mu_a^2),$$
+        \alpha_2(1 + \mu_a^2), \qquad L = SD'^{-1/2},$$
 
         ($\mu_a = 0$ and no $\alpha_2\mu_a^2$ on the bias's row, whose column stays
         ones), with $(T^\top C_jT)_{cc} = \sum_i d_{ji}T_{ic}^2 - (u_j^\top T_{:c})^2$, and
@@ -189,7 +191,10 @@ class ReadoutObjective(eqx.Module):
         300, pixels 0-255) put one large eigenvalue in the Hessian along the mean,
         which plain Jacobi scaling does not remove (CG stalled in float32); features of
         uneven scale are what Jacobi scaling is for. Without a bias it is plain
-        Jacobi."""
+        Jacobi. CG runs on $L^\top HL$ (`BudgetedTruncatedNewton`), so that its
+        stopping test sees the residual in these coordinates: measured in the original
+        ones, the residual along the mean direction dwarfs the rest, and CG stopped
+        after one iteration on features with an offset of 1e3."""
         diagonal, rank_one, curved = self._curvature(coef, args)
         if curved is not None:
             diagonal = matmul(diagonal, curved**2)
@@ -206,18 +211,22 @@ class ReadoutObjective(eqx.Module):
         data = matmul(transposed(features**2), diagonal) / features.shape[0]
         if curved is not None:
             data = jnp.pad(data, ((0, 0), (0, 1)))
-        scale = data + args.alpha2 * (1 + mean**2)[:, None]
+        root = jnp.sqrt(data + args.alpha2 * (1 + mean**2)[:, None])
 
-        def apply(vector):
+        def factor(vector):
+            scaled = vector / root
             if not args.use_bias:
-                return vector / scale
-            # Sᵀv, then S: S (W', b') = (W', b' - μᵀW').
-            centred = vector.at[:-1].add(-mean[:-1, None] * vector[-1])
-            centred = centred / scale
-            return centred.at[-1].add(-matmul(mean[:-1], centred[:-1]))
+                return scaled
+            # S (W', b') = (W', b' - μᵀW').
+            return scaled.at[-1].add(-matmul(mean[:-1], scaled[:-1]))
 
-        structure = jax.ShapeDtypeStruct(coef.shape, coef.dtype)
-        return lx.FunctionLinearOperator(apply, structure, lx.positive_semidefinite_tag)
+        def factor_transpose(vector):
+            if args.use_bias:
+                # Sᵀ (u_W, u_b) = (u_W - μ u_b, u_b).
+                vector = vector.at[:-1].add(-mean[:-1, None] * vector[-1])
+            return vector / root
+
+        return factor, factor_transpose
 
     def gradient_error_bounds(
         self, coef: Float[Array, "p k"], gradient: Float[Array, "p k"], args: ReadoutArgs
