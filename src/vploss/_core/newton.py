@@ -610,7 +610,7 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
         factor `(L, Lᵀ) = preconditioner(y)` of an approximate inverse Hessian
         $LL^\top$ (CG preconditioned by $LL^\top$, with its stopping test in the
         preconditioned coordinates), stopped at the
-        relative residual $\min(0.5, \sqrt{\|g\|_s})$ ($\|g\|_s$ the scaled gradient
+        relative residual $\min(0.5, \|g\|_s)$ ($\|g\|_s$ the scaled gradient
         norm); any CG iterate is a descent direction, so a truncated one is a step.
         Where rounding makes it unusable (not finite, or $g^\top d \le 0$), the Cauchy
         step $d = g\,g^\top g / g^\top Hg$ replaces it (counted as a fallback);
@@ -659,7 +659,9 @@ class BudgetedTruncatedNewton(optx.AbstractMinimiser):
             lx.positive_semidefinite_tag,
         )
         rhs = factor_transpose(gradient)
-        forcing = jnp.minimum(0.5, jnp.sqrt(scaled_gradient_norm(gradient, self.scale)))
+        # The forcing term |g| (quadratic convergence near the optimum; Eisenstat and
+        # Walker's choice 1): a budget is for the whole of its CG iterations far from it.
+        forcing = jnp.minimum(0.5, scaled_gradient_norm(gradient, self.scale))
         # `atol` makes lineax's elementwise test a max-norm one: without it, an entry of
         # the gradient that is exactly zero (a basis's last column) ends CG at once.
         atol = forcing * optx.max_norm(rhs)
