@@ -173,6 +173,6 @@ fig.savefig(f"{args.out}/stochastic_readout.png", dpi=120)
 # %% [markdown]
 # ## What the run shows
 #
-# See the [mini-batch training page](../stochastic.md) for the measured medians over
-# seeds, the learning-rate and penalty sensitivity grid, and where the stochastic readout
-# does not pay off.
+# The documentation's page Mini-batch training (`docs/stochastic.md`) has the measured
+# medians over seeds, the learning-rate and penalty sensitivity grid, and where the
+# stochastic readout does not pay off.

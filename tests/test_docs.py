@@ -305,3 +305,220 @@ def test_every_list_of_solver_names_names_them_all():
         if f'"{name}"' not in text
     ]
     assert not missing, "\n".join(missing)
+
+
+def _section(text, heading):
+    """The section of a markdown page under the level-2 `heading`, to the next one."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _page(name):
+    return (ROOT / "docs" / name).read_text(encoding="utf-8")
+
+
+def test_the_home_page_table_of_the_losses_has_every_loss_function():
+    """The table "The losses" of the home page has a row for every public `vploss_*`
+    loss function, and for no other name."""
+    table = _section(_page("index.md"), "The losses")
+    rows = re.findall(r"^\| \[?`(\w+)`", table, flags=re.MULTILINE)
+    functions = [name for name in _public_names() if name.startswith("vploss_")]
+    assert sorted(rows) == functions, (
+        f"docs/index.md's table of the losses has rows {sorted(rows)}, not {functions}"
+    )
+
+
+def test_the_home_page_table_of_the_losses_names_every_solver():
+    """The solver column of the home page's table names every `solver="..."` of both
+    families."""
+    from vploss._readout_losses.solvers import _SOLVERS
+    from vploss._ridge.loss import _RIDGE_SOLVERS
+
+    table = _section(_page("index.md"), "The losses")
+    missing = [name for name in [*_SOLVERS, *_RIDGE_SOLVERS] if f'"{name}"' not in table]
+    assert not missing, f"docs/index.md's table of the losses lacks the solvers {missing}"
+
+
+_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+        "fourteen fifteen sixteen seventeen eighteen nineteen".split()
+    )
+} | {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60}
+
+
+def _number(word):
+    """A count written in digits or in words ("twenty", "twenty-five")."""
+    word = word.lower()
+    if word.isdigit():
+        return int(word)
+    tens, _, unit = word.partition("-")
+    return _NUMBER_WORDS[tens] + (_NUMBER_WORDS[unit] if unit else 0)
+
+
+def test_the_getting_started_example_has_the_length_the_home_page_states():
+    """The home page says the getting-started page trains a network in so many lines:
+    the non-blank lines of that page's first Python block."""
+    stated = re.search(
+        r"\(getting_started\.md\) trains a network in\s+([\w-]+)\s+lines", _page("index.md")
+    )
+    assert stated, "docs/index.md no longer states the example's length: drop this test"
+    block = re.search(r"^```python\n(.*?)^```", _page("getting_started.md"), re.S | re.M)
+    lines = [line for line in block.group(1).split("\n") if line.strip()]
+    assert _number(stated.group(1)) == len(lines), (
+        f"docs/index.md says {stated.group(1)!r} lines; the example in "
+        f"docs/getting_started.md has {len(lines)} non-blank lines"
+    )
+    assert _number("twenty") == 20 and _number("twenty-three") == 23 and _number("7") == 7
+
+
+def _hostile_rows():
+    """The ids of the rows of `ROWS` in tests/test_hostile_inputs.py, read from its
+    source (importing it builds its arrays)."""
+    tree = ast.parse((ROOT / "tests" / "test_hostile_inputs.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+            "ROWS"
+        ]:
+            return [key.value for key in node.value.keys]
+    raise AssertionError("tests/test_hostile_inputs.py has no `ROWS = {...}`")
+
+
+def _stated_hostile_counts(text):
+    """`(count, sentence)` for each sentence of `text` that mentions the hostile inputs
+    and states a number of cases or rows ("lists 71 cases", "113 hostile-input rows"),
+    outside tables."""
+    text = "\n".join(line for line in text.split("\n") if not line.lstrip().startswith("|"))
+    for sentence in re.split(r"(?<=[.!?])\s+|\n\s*\n", text):
+        if re.search(r"hostile|edge[- ]input", sentence, flags=re.IGNORECASE):
+            for match in re.finditer(r"\b(\d+)\s+(?:[\w-]+\s+){0,3}?(?:cases|rows)\b", sentence):
+                yield int(match.group(1)), " ".join(sentence.split())
+
+
+def test_stated_counts_of_the_hostile_inputs_are_the_rows():
+    """A page or docstring that states how many hostile inputs are tabulated states the
+    number of rows of the test (`ROWS`), which `test_doc_table_matches_rows` keeps one to
+    one with the table of docs/hostile_inputs.md."""
+    rows = _hostile_rows()
+    table = re.findall(r"^\| \d+ \|", _page("hostile_inputs.md"), flags=re.MULTILINE)
+    assert len(table) == len(rows), (len(table), len(rows))
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *SOURCES]
+    wrong = [
+        f"{path.relative_to(ROOT)}: states {count}, there are {len(rows)}: {sentence!r}"
+        for path in paths
+        for count, sentence in _stated_hostile_counts(path.read_text(encoding="utf-8"))
+        if count != len(rows)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_hostile_count_check_finds_counts():
+    """The check above, on small strings."""
+    found = [
+        count
+        for text in [
+            "[Hostile and edge inputs](hostile_inputs.md) lists 71 cases and what each does.",
+            "The 113 hostile-input rows are tested.",
+            "Edge inputs: 12 tested\ncases. A 3 rows matrix.",
+            "| 5 | `ridge-x` | hostile | 3 rows |",
+        ]
+        for count, _ in _stated_hostile_counts(text)
+    ]
+    assert found == [71, 113, 12]
+
+
+def test_the_hostile_inputs_prose_names_existing_rows():
+    """The row ids (or parts of them) that the text above the table of
+    docs/hostile_inputs.md names in backquotes are in the table."""
+    text = _page("hostile_inputs.md")
+    prose = text[: text.index("\n| # |")]
+    rows = _hostile_rows()
+    named = re.findall(r"`(-?[a-z0-9]+(?:-[a-z0-9]+)+-?)`", prose)
+    assert named, "no row named: drop this test or fix its pattern"
+    unknown = [name for name in named if not any(name in row for row in rows)]
+    assert not unknown, f"docs/hostile_inputs.md names rows that do not exist: {unknown}"
+
+
+def _module_constants():
+    """`{name: [value, ...]}` of the module-level constants (`NAME = literal`) of the
+    package's sources."""
+    constants = {}
+    for path in SOURCES:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target = node.targets[0]
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                target = node.target
+            else:
+                continue
+            if isinstance(target, ast.Name) and re.fullmatch(r"[A-Z][A-Z0-9_]+", target.id):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                constants.setdefault(target.id, []).append(value)
+    return constants
+
+
+_QUOTED_CONSTANT = re.compile(r"`([A-Z][A-Z0-9_]+) = ([^`]+)`")
+
+
+def test_quoted_constants_have_their_values():
+    """A page or docstring that quotes a constant of the package with its value, e.g.
+    "`MAX_EXACT_NEWTON_COST = 220`", quotes the value the code has."""
+    constants = _module_constants()
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *SOURCES]
+    wrong = []
+    for path in paths:
+        for name, value in _QUOTED_CONSTANT.findall(path.read_text(encoding="utf-8")):
+            if name not in constants:
+                wrong.append(f"{path.relative_to(ROOT)}: {name} is no constant of src/vploss")
+            elif any(known != ast.literal_eval(value) for known in constants[name]):
+                wrong.append(
+                    f"{path.relative_to(ROOT)}: `{name} = {value}`, the code has {constants[name]}"
+                )
+    assert not wrong, "\n".join(wrong)
+    assert _QUOTED_CONSTANT.findall("at most `MAX_BACKTRACKS = 60` trials") == [
+        ("MAX_BACKTRACKS", "60")
+    ]
+
+
+def test_the_notebooks_link_only_to_absolute_addresses():
+    """The markdown cells of the example notebooks hold no relative link: mkdocs-jupyter
+    neither rewrites nor checks them (a link to `../stochastic.md` resolves against the
+    notebook's page, `examples/NAME/`, where there is no such page), unlike the links of
+    the pages, which `mkdocs build --strict` checks."""
+
+    def links(markdown):
+        text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|`[^`]*`", "", markdown, flags=re.DOTALL)
+        return re.findall(r"\]\(\s*<?([^)\s>]+)", text)
+
+    relative = [
+        f"examples/{script.name}: {link}"
+        for script in EXAMPLES
+        for kind, source in percent_cells(script.read_text(encoding="utf-8"))
+        if kind == "markdown"
+        for link in links(source)
+        if not re.match(r"[a-z][a-z0-9+.-]*://", link)
+    ]
+    assert links("see $[f, 1](z)$, `a[0](b)` and [here](../x.md)") == ["../x.md"]
+    assert not relative, "relative links in the notebooks' markdown:\n" + "\n".join(relative)
+
+
+def test_the_stated_python_version_is_the_required_one():
+    """The version in "Python ≥ X.Y" of the README and the pages is the
+    `requires-python` of pyproject.toml."""
+    import tomllib
+
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "requires-python"
+    ]
+    wrong = [
+        f"{path.relative_to(ROOT)}: Python ≥ {version}, pyproject.toml: {required}"
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+        for version in re.findall(r"Python\s+(?:≥|>=)\s*([\d.]+\d)", path.read_text("utf-8"))
+        if required != f">={version}"
+    ]
+    assert not wrong, "\n".join(wrong)
