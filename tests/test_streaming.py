@@ -1,6 +1,7 @@
 """`refit_readout`: the readout fitted on batches equals the one-shot fit on the
 concatenated data."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,17 @@ import pytest
 
 import vploss
 
-from .helpers import armijo_updates, logistic_problem, logistic_reference, mlp, newton_step
+from .helpers import (
+    armijo_updates,
+    cases,
+    inner_objective64,
+    logistic_problem,
+    logistic_reference,
+    mlp,
+    newton_step,
+    READOUT_CASES,
+    ridge_reference,
+)
 
 
 N, IN, M = 50, 3, 6
@@ -47,9 +58,10 @@ def test_ridge_in_one_pass_equals_one_shot(target):
     batches = (batch for batch in _split(x, y))
     streamed = vploss.refit_readout(model, batches, loss=vploss.vploss_msereg, alpha2=1e-4)
     _assert_same_readout(streamed, one_shot, rtol=1e-10, atol=1e-12)
-    assert int(streamed.stats.num_steps) == 1
-    assert bool(streamed.stats.converged)
-    assert float(streamed.stats.gradient_norm) <= 1e-12
+    # One pytree structure for one loss's readout, whatever fitted it.
+    assert jax.tree.structure(streamed) == jax.tree.structure(one_shot)
+    _, reference = ridge_reference(jax.vmap(model)(x), np.reshape(y, (N, -1)), 1e-4)
+    np.testing.assert_allclose(streamed.weight.T, reference[:-1], rtol=1e-10, atol=1e-12)
 
 
 def test_ridge_float32():
@@ -156,6 +168,16 @@ def _bad_inputs():
         (dict(loss=vploss.vploss_msereg, batches=[x]), TypeError, r"yield `\(x, y\)` pairs"),
         (dict(loss=jnp.sum, batches=pairs), ValueError, "`loss` must be"),
         (dict(loss=vploss.vploss_bce, batches=pairs, alpha2=0.0), ValueError, "alpha2"),
+        (
+            dict(loss=vploss.vploss_bce, batches=pairs, alpha2="gcv"),
+            ValueError,
+            '"evidence" \\(the evidence fixed point\\)',
+        ),
+        (
+            dict(loss=vploss.vploss_msereg, batches=pairs, alpha2="evidence"),
+            ValueError,
+            '"gcv" \\(generalised cross-validation\\), "sgcv"',
+        ),
         (dict(loss=vploss.vploss_bce, batches=pairs, max_passes=0), ValueError, "max_passes"),
         (dict(loss=vploss.vploss_bce, batches=pairs, gtol=-1.0), ValueError, "gtol"),
         (
@@ -209,6 +231,102 @@ def test_weighted_ridge_triples_equal_one_shot():
         model, _split(x, y, weights), loss=vploss.vploss_msereg, alpha2=1e-4
     )
     _assert_same_readout(streamed, one_shot, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["gcv", "sgcv"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_ridge_gcv_equals_one_shot(rule, weighted, use_bias):
+    """`alpha2="gcv"` (and SlimTik's `"sgcv"`, exact on the whole data) minimises the
+    GCV curve of `vploss_msereg(..., alpha2="gcv")` on the concatenated batches, from
+    the merged sums. Near its minimum the curve is flat to second order, so rounding
+    (relative eps) moves the minimiser by about sqrt(eps) relatively: the two penalties
+    agree to 1e-5 and their GCV values to their rounding, and the readout is the one-shot
+    readout at the streamed penalty. The features have an offset of 30, which the
+    centred sums never form."""
+    labels, x = _data()
+    y = labels["regression"] + 0.3 * jax.random.normal(jax.random.PRNGKey(3), (N, 2))
+    weights = None
+    batches = _split(x, y)
+    if weighted:
+        weights = np.random.default_rng(1).uniform(0, 2, N)
+        batches = _split(x, y, weights)
+        weights = jnp.asarray(weights)
+    model = _Offset(mlp(IN, features=M), 30.0)
+    _, one_shot = vploss.vploss_msereg(
+        model, x, y, alpha2="gcv", weights=weights, use_bias=use_bias
+    )
+    streamed = vploss.refit_readout(
+        model, batches, loss=vploss.vploss_msereg, alpha2=rule, use_bias=use_bias
+    )
+    assert jax.tree.structure(streamed) == jax.tree.structure(one_shot)
+    alpha = streamed.stats.alpha2
+    np.testing.assert_allclose(alpha, one_shot.stats.alpha2, rtol=1e-5)
+    # Without a bias the residual is |Y|² less the fitted part, over features with an
+    # offset: its rounding is about 1e-10 relative here.
+    np.testing.assert_allclose(streamed.stats.gcv, one_shot.stats.gcv, rtol=1e-8)
+    np.testing.assert_allclose(streamed.stats.dof, one_shot.stats.dof, rtol=1e-4)
+    _, at_alpha = vploss.vploss_msereg(
+        model, x, y, alpha2=alpha, weights=weights, use_bias=use_bias, solver="svd"
+    )
+    # The streamed readout solves the (centred, with a bias) normal equations: its
+    # relative error is at most about cond(G)·eps, G their matrix.
+    features = np.asarray(jax.vmap(model)(x))
+    features = features - features.mean(axis=0) if use_bias else features
+    gram = features.T @ features / N + float(alpha) * np.eye(M)
+    tolerance = 10 * np.linalg.cond(gram) * np.finfo(np.float64).eps
+    error = np.linalg.norm(streamed.weight - at_alpha.weight) / np.linalg.norm(at_alpha.weight)
+    assert error <= tolerance
+    if use_bias:
+        np.testing.assert_allclose(streamed.bias, at_alpha.bias, rtol=tolerance)
+    # An interior minimum of the curve, not the edge of the search.
+    assert 1e-12 < float(alpha) < 1.0
+
+
+class _Offset(eqx.Module):
+    model: eqx.Module
+    offset: float = eqx.field(static=True)
+
+    def __call__(self, x):
+        return self.model(x) + self.offset
+
+
+@pytest.mark.parametrize("case", cases(READOUT_CASES, default=["bce"]))
+def test_evidence_fixed_point(case):
+    """`alpha2="evidence"`: at the returned penalty, MacKay's fixed point holds,
+    `alpha = γ/(N|Ŵ|²)` with `γ = Σ μ/(μ + alpha)` over the eigenvalues μ of the data
+    term's Hessian (a dense NumPy Hessian, float64) to the 0.1% the iteration stops
+    at; the readout is that of `refit_readout` at that penalty; and the stats say
+    which penalty it used."""
+    labels, x = _data()
+    score = x[:, 0] + 0.8 * x[:, 1] + 0.5 * jax.random.normal(jax.random.PRNGKey(4), (N,))
+    y = case.labels(score)
+    model = mlp(IN, features=M)
+    batches = _split(x, y)
+    fit = vploss.refit_readout(
+        model, batches, loss=case.function, alpha2="evidence", gtol=GTOL, **case.kwargs
+    )
+    alpha = float(fit.stats.alpha2)
+    assert bool(fit.stats.converged) and alpha > 0
+    fixed = vploss.refit_readout(
+        model, batches, loss=case.function, alpha2=alpha, gtol=GTOL, **case.kwargs
+    )
+    # Both are within their readout error bounds of the exact minimiser at `alpha`.
+    difference = np.sqrt(
+        np.sum((fit.weight - fixed.weight) ** 2) + np.sum((fit.bias - fixed.bias) ** 2)
+    )
+    assert difference <= fit.stats.readout_error_bound + fixed.stats.readout_error_bound
+    evaluate, shape = inner_objective64(case.reference, jax.vmap(model)(x), case.targets(y), alpha)
+    coef = np.r_[np.asarray(fit.weight).T, np.asarray(fit.bias)[None]]
+    # The softmax readout is determined up to a common shift of the classes' logits,
+    # and it has none (its coefficients sum to zero over the classes): `|Ŵ|` is
+    # the norm in the solver's coordinates.
+    _, gradient, hessian = evaluate(coef)
+    assert np.max(np.abs(gradient)) <= 1e-8
+    eigenvalues = np.clip(np.linalg.eigvalsh(hessian - alpha * np.eye(hessian.shape[0])), 0, None)
+    gamma = np.sum(eigenvalues / (eigenvalues + alpha))
+    assert 0 < gamma < coef.size
+    np.testing.assert_allclose(alpha, gamma / (N * np.sum(coef**2)), rtol=3e-3)
 
 
 def _bad_weights():

@@ -26,6 +26,7 @@ from ._least_squares.levenberg_marquardt import (
     LeastSquaresStats as LeastSquaresStats,
     VarProLevenbergMarquardt as VarProLevenbergMarquardt,
 )
+from ._model import load_model as load_model, save_model as save_model, VPModel as VPModel
 from ._readout_losses.base import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,

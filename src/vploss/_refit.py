@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from ._core.checks import (
-    as_alpha,
     as_array,
     as_batch,
     as_flag,
@@ -24,15 +23,18 @@ from ._core.newton import (
     armijo_accepts,
     BACKTRACK_FACTOR,
     default_gtol,
+    loss_error_bound,
     MAX_BACKTRACKS,
     newton_direction,
     scaled_gradient_norm,
 )
 from ._core.numerics import all_finite, matmul
+from ._core.penalty import as_penalty, is_penalty_rule, PenaltyRule
 from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats, RESULTS, solve_result
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
+from ._readout_losses.evidence import evidence_update
 from ._readout_losses.loss import as_readout_init
 from ._readout_losses.objective import (
     gradient_scale,
@@ -40,6 +42,7 @@ from ._readout_losses.objective import (
     ReadoutArgs,
     ReadoutObjective,
 )
+from ._ridge.gcv import centred_spectrum, primal_spectrum, spectrum_penalty
 from ._ridge.intercept import centre, eliminated_row, with_intercept
 from ._ridge.lstsq import gram_lstsq, gram_residual
 
@@ -47,13 +50,15 @@ from ._ridge.lstsq import gram_lstsq, gram_residual
 class _Moments(eqx.Module):
     r"""The count (with per-sample weights, their total), the (weighted) column means
     and the (weighted) centred sums of products of one or more batches of features and
-    targets (without an intercept: uncentred, the means zero)."""
+    targets, and of the targets' squares per column (without an intercept: uncentred,
+    the means zero)."""
 
     count: Array
     mean: Float[Array, " m"]
     target_mean: Float[Array, " k"]
     gram: Float[Array, "m m"]
     cross: Float[Array, "m k"]
+    target_squares: Float[Array, " k"]
 
     def __add__(self, other: "_Moments") -> "_Moments":
         r"""Merged moments (Chan, Golub & LeVeque, 1983): the centred sums of the union
@@ -70,6 +75,7 @@ class _Moments(eqx.Module):
             self.target_mean + weight * target_delta,
             self.gram + other.gram + between * jnp.outer(delta, delta),
             self.cross + other.cross + between * jnp.outer(delta, target_delta),
+            self.target_squares + other.target_squares + between * target_delta**2,
         )
 
 
@@ -91,8 +97,10 @@ def _ridge_moments(model, x, targets, use_bias, weights=None):
     weighted = data.features if weights is None else weights[:, None] * data.features
     gram = matmul(weighted.T, data.features)
     cross = matmul(weighted.T, data.targets)
-    moments = _Moments(count, data.mean, data.target_mean, gram, cross)
-    return moments, all_finite((x, gram, cross))
+    weighted_targets = data.targets if weights is None else weights[:, None] * data.targets
+    target_squares = jnp.sum(weighted_targets * data.targets, axis=0)
+    moments = _Moments(count, data.mean, data.target_mean, gram, cross, target_squares)
+    return moments, all_finite((x, gram, cross, target_squares))
 
 
 @eqx.filter_jit
@@ -179,7 +187,7 @@ def _not_finite(index):
     )
 
 
-def _refit_ridge(model, batches, alpha2, use_bias):
+def _refit_ridge(model, batches, penalty, use_bias):
     moments = first = None
     what = "`vploss_msereg`"
     for index, x, parsed, weights in _batches(batches, what, _ridge_labels):
@@ -196,10 +204,33 @@ def _refit_ridge(model, batches, alpha2, use_bias):
             f"`weights` of {what} sum to zero over all batches: at least one sample needs "
             "a positive weight."
         )
-    coef, norm = _moments_readout(moments, alpha2.astype(moments.gram.dtype), use_bias)
-    result = RESULTS.where(jnp.isfinite(norm), RESULTS.successful, RESULTS.nonfinite)
-    stats = InnerStats(num_steps=jnp.asarray(1), gradient_norm=norm, result=result)
+    if is_penalty_rule(penalty):
+        alpha2, stats = _moments_gcv(moments, use_bias)
+    else:
+        alpha2, stats = penalty.astype(moments.gram.dtype), None
+    coef, norm = _moments_readout(moments, alpha2, use_bias)
+    if not bool(jnp.isfinite(norm)):
+        raise ValueError(
+            f"`refit_readout` for {what}: the readout is not finite (scaled gradient norm "
+            f"{float(norm)}): the features' sums overflow their dtype, or `alpha2` = 0 "
+            "leaves them singular. Scale the features, compute in float64, or increase "
+            "`alpha2`."
+        )
     return readout_from_coefficients(coef, use_bias, first[1], stats)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _moments_gcv(moments, use_bias):
+    r"""The GCV penalty of the data the moments summarise and its `GCVStats`: the same
+    curve as `vploss_msereg(..., alpha2="gcv")` on the concatenated batches, from the
+    centred mean sums (`centred_spectrum`; without a bias, the uncentred ones)."""
+    n = moments.count
+    sums = (moments.gram / n, moments.cross / n, jnp.sum(moments.target_squares) / n)
+    if use_bias:
+        spectrum = centred_spectrum(*sums, moments.mean, moments.target_mean, n)
+    else:
+        spectrum = primal_spectrum(*sums, n)
+    return spectrum_penalty(spectrum)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -220,6 +251,42 @@ def _moments_readout(moments, alpha2, use_bias):
         gradient = jnp.concatenate([gradient, jnp.zeros_like(gradient[:1])])
         mean_square = jnp.concatenate([mean_square, jnp.ones_like(mean_square[:1])])
     return weight, scaled_gradient_norm(gradient, gradient_scale(mean_square, alpha2))
+
+
+class _Evaluation(eqx.Module):
+    r"""One pass over the data at `coef`: the mean data term, its gradient and its
+    Hessian as a `(p, k, p, k)` matrix (the penalty not included), and the scale of
+    each coefficient's gradient at penalty 0 (`gradient_scale` adds the penalty)."""
+
+    value: Array
+    gradient: Array
+    curvature: Array
+    squares: Array
+    total: Array
+
+    def objective(self, coef, alpha2):
+        """The penalised objective, its gradient, its Hessian and the stopping scale."""
+        return (
+            self.value + 0.5 * alpha2 * jnp.sum(coef**2),
+            self.gradient + alpha2 * coef,
+            hessian_operator(self.curvature, alpha2),
+            gradient_scale(self.squares, alpha2),
+        )
+
+
+class _NewtonResult(eqx.Module):
+    coef: Array
+    evaluation: _Evaluation
+    passes: int = eqx.field(static=True)
+    updates: int = eqx.field(static=True)
+    fallbacks: int = eqx.field(static=True)
+    found: bool = eqx.field(static=True)
+
+
+#: The evidence fixed point stops once one update changes the penalty by less than this
+#: relative amount, or after `_EVIDENCE_STEPS` updates.
+_EVIDENCE_RTOL = 1e-3
+_EVIDENCE_STEPS = 50
 
 
 def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, throw):
@@ -248,8 +315,7 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
     objective = ReadoutObjective(loss)
 
     def evaluate(coef):
-        r"""One pass: the objective, its gradient and Hessian at `coef`, and the
-        stopping scale."""
+        """One pass: the data term and its derivatives at `coef` (`_Evaluation`)."""
         sums = None
         for index, x, parsed, weights in _batches(batches, what, loss.labels):
             _check_shapes(index, parsed.values, parsed.scalar_output, first)
@@ -266,61 +332,106 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
                 "needs a positive weight."
             )
         value, gradient, curvature, squares = (s / total for s in sums)
-        hessian = hessian_operator(curvature.reshape(*shape, *shape), alpha2)
-        return (
-            value + 0.5 * alpha2 * jnp.sum(coef**2),
-            gradient + alpha2 * coef,
-            hessian,
-            gradient_scale(squares, alpha2),
-        )
+        return _Evaluation(value, gradient, curvature.reshape(*shape, *shape), squares, total)
 
-    alpha2 = alpha2.astype(dtype)
+    def newton(coef, evaluation, alpha2, passes):
+        r"""The damped Newton method of the one-shot losses (`newton.py`: its
+        direction, line-search test and constants), its loop in Python as the batches
+        stream from an iterable: every evaluation, trial points included, is one pass
+        over the data. `passes` counts those made so far, against `max_passes`."""
+        value, gradient, hessian, scale = evaluation.objective(coef, alpha2)
+        updates = fallbacks = 0
+        found = True
+        while found and passes < max_passes and scaled_gradient_norm(gradient, scale) > gtol:
+            direction, is_newton = _newton_direction(hessian, gradient)
+            fallbacks += int(not bool(is_newton))
+            predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
+            found = False
+            for backtracks in range(min(MAX_BACKTRACKS + 1, max_passes - passes)):
+                size = BACKTRACK_FACTOR**backtracks
+                trial = coef - size * direction
+                trial_evaluation = evaluate(trial)
+                passes += 1
+                trial_objective = trial_evaluation.objective(trial, alpha2)
+                if armijo_accepts(value, trial_objective[0], size * predicted):
+                    coef, evaluation = trial, trial_evaluation
+                    value, gradient, hessian, scale = trial_objective
+                    updates += 1
+                    found = True
+                    break
+        return _NewtonResult(coef, evaluation, passes, updates, fallbacks, found)
+
     gtol = default_gtol(dtype) if gtol is None else gtol
     coef = as_readout_init(init, objective, use_bias, shape, dtype)
     coef = jnp.zeros(shape, dtype) if coef is None else coef
-    value, gradient, hessian, scale = evaluate(coef)
-    passes = 1
-    updates = 0
-    fallbacks = 0
-    found = True
-    # The damped Newton method of the one-shot losses (`newton.py`: its direction,
-    # line-search test and constants), its loop in Python as the batches stream from
-    # an iterable: every evaluation, trial points included, is one pass over the data.
-    while found and passes < max_passes and scaled_gradient_norm(gradient, scale) > gtol:
-        direction, newton = _newton_direction(hessian, gradient)
-        fallbacks += int(not bool(newton))
-        predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
-        found = False
-        for backtracks in range(min(MAX_BACKTRACKS + 1, max_passes - passes)):
-            size = BACKTRACK_FACTOR**backtracks
-            trial = coef - size * direction
-            evaluation = evaluate(trial)
-            passes += 1
-            if armijo_accepts(value, evaluation[0], size * predicted):
-                coef = trial
-                value, gradient, hessian, scale = evaluation
-                updates += 1
-                found = True
+    evaluation = evaluate(coef)
+    evidence = is_penalty_rule(alpha2)
+    if evidence:
+        # MacKay's fixed point from a penalty 1% of the data Hessian's mean eigenvalue,
+        # each solve warm-started at the last; every solve gets `max_passes`.
+        penalty = 0.01 * jnp.trace(evaluation.curvature.reshape(shape[0] * shape[1], -1))
+        penalty = jnp.maximum(penalty / (shape[0] * shape[1]), jnp.finfo(dtype).tiny)
+        for _ in range(_EVIDENCE_STEPS):
+            solve = newton(coef, evaluation, penalty, 1)
+            coef, evaluation = solve.coef, solve.evaluation
+            new_penalty, _ = _evidence_update(evaluation.curvature, coef, penalty, evaluation.total)
+            settled = abs(float(new_penalty / penalty) - 1) <= _EVIDENCE_RTOL
+            penalty = new_penalty
+            if settled:
                 break
+        else:
+            if throw:
+                raise RuntimeError(
+                    f"`refit_readout` for {what}: the evidence fixed point did not settle "
+                    f"within {_EVIDENCE_STEPS} updates (last penalty {float(penalty):.3e}). "
+                    "Pass a number `alpha2`, or `throw=False` and inspect `readout.stats`."
+                )
+            settled = False
+        solve = newton(coef, evaluation, penalty, 1)
+        alpha2 = penalty
+    else:
+        alpha2 = alpha2.astype(dtype)
+        solve = newton(coef, evaluation, alpha2, 1)
+        settled = True
+    coef, evaluation = solve.coef, solve.evaluation
+    _, gradient, _, scale = evaluation.objective(coef, alpha2)
     norm = scaled_gradient_norm(gradient, scale)
     converged = norm <= gtol
     if throw and not bool(converged):
-        cause = f"within {max_passes} passes" if passes >= max_passes else "(no line-search step)"
+        cause = (
+            f"within {max_passes} passes" if solve.passes >= max_passes else "(no line-search step)"
+        )
         raise RuntimeError(
             f"`refit_readout` for {what} did not converge {cause} (scaled gradient norm "
             f"{float(norm):.2e} > gtol = {gtol:.2e}). Raise `max_passes`, increase "
             "`alpha2`, or pass `throw=False` and inspect `readout.stats`."
         )
-    spent = found or passes >= max_passes
+    spent = solve.found or solve.passes >= max_passes
     failure = RESULTS.nonlinear_max_steps_reached if spent else RESULTS.line_search_failed
-    result = solve_result(converged, jnp.asarray(fallbacks), failure)
+    result = solve_result(converged & settled, jnp.asarray(solve.fallbacks), failure)
     stats = InnerStats(
-        num_steps=jnp.asarray(updates),
+        num_steps=jnp.asarray(solve.updates),
         gradient_norm=norm,
         result=result,
-        fallback_steps=jnp.asarray(fallbacks),
+        alpha2=jnp.asarray(alpha2, dtype),
+        loss_error_bound=loss_error_bound(gradient, alpha2),
+        fallback_steps=jnp.asarray(solve.fallbacks),
+        cg_steps=jnp.zeros((), jnp.int32),
+        readout_error_bound=jnp.sqrt(jnp.sum(gradient**2)) / alpha2,
+        # Nothing is differentiated, so no envelope gradient is bounded.
+        gradient_error_bound=jnp.full((), jnp.inf, dtype),
     )
     return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
+
+
+@jax.jit
+def _evidence_update(curvature, coef, alpha2, count):
+    r"""MacKay's update $\alpha \leftarrow \gamma/(S\|\hat W\|_F^2)$ (`evidence_penalty`)
+    with the exact eigenvalues of the full data Hessian (streamed, so a `(pk, pk)`
+    matrix is at hand): `(alpha_new, gamma)`."""
+    size = coef.size
+    eigenvalues = jnp.maximum(jnp.linalg.eigvalsh(curvature.reshape(size, size)), 0)
+    return evidence_update(eigenvalues, coef, alpha2, count)
 
 
 _newton_direction = jax.jit(newton_direction)
@@ -332,7 +443,7 @@ def refit_readout(
     batches: Iterable[Any],
     *,
     loss: Callable[..., Any] | AbstractReadoutLoss,
-    alpha2: ArrayLike,
+    alpha2: ArrayLike | PenaltyRule,
     num_classes: int | None = None,
     use_bias: bool = True,
     gtol: float | None = None,
@@ -392,8 +503,20 @@ def refit_readout(
         table `READOUT_LOSSES`, listed on the page "Losses") or any readout loss object
         (`vploss.AbstractReadoutLoss`, e.g. `vploss.SoftmaxCrossEntropy(10)`): the
         inner problem to solve.
-    - `alpha2`: the readout penalty (the one used in training); `> 0` for the
-        readout losses.
+    - `alpha2`: the readout penalty (the one used in training), or the rule that
+        chose it in training, applied to the whole data set:
+        - for `vploss_msereg`, a number `>= 0`, or `"gcv"` (as
+            `vploss_msereg(..., alpha2="gcv")`: generalised cross-validation, from the
+            same centred sums, so the curve is that of the concatenated batches) or
+            `"sgcv"` (`SlimTik`'s sampled GCV estimates this curve from batches; on
+            the whole data set it is computed exactly, as `"gcv"`);
+        - for a readout loss, a number `> 0`, or `"evidence"` (as `WindowedReadout`'s
+            default): MacKay's fixed point of the Laplace evidence,
+            $\alpha \leftarrow \gamma/(S\|\hat W_\alpha\|_F^2)$, $\gamma =
+            \sum_i\mu_i/(\mu_i + \alpha)$, with the exact eigenvalues $\mu_i$ of the
+            full data Hessian that each pass accumulates; from 1% of their mean, each
+            Newton solve warm-started at the last, until one update changes
+            $\alpha$ by under 0.1% (at most 50 updates).
     - `num_classes`: K, for `vploss_ce` with integer labels.
     - `use_bias`: whether the readout has a bias.
     - `gtol`: a readout loss's tolerance on the scaled gradient norm (as in
@@ -407,11 +530,13 @@ def refit_readout(
 
     **Returns:**
 
-    The fitted `VPLinear`, predicting like the one `loss` returns. Its `stats`
-    (`vploss.InnerStats`) count in `num_steps` the Newton updates (accepted steps; 1
-    for the ridge loss's one solve), with the scaled gradient norm of the full
-    objective at the returned readout and whether it met `gtol` (for the ridge loss:
-    whether it is finite).
+    The fitted `VPLinear`, predicting like the one `loss` returns and of the same
+    pytree structure (its `stats` of the same kind). For the ridge loss, `stats` is
+    `None`, or with `alpha2="gcv"` the `vploss.GCVStats` of the chosen penalty. For a
+    readout loss, `vploss.InnerStats`: `num_steps` counts the Newton updates (accepted
+    steps; of the last solve for `"evidence"`), with the penalty used (`alpha2`, the
+    fixed point for `"evidence"`), the scaled gradient norm of the full objective at
+    the returned readout, and whether it met `gtol` (and the fixed point settled).
 
     **Raises:**
 
@@ -419,7 +544,8 @@ def refit_readout(
     `(x, y, w)` triples (or a mix), targets whose shape changes between batches,
     invalid labels, weights of the wrong shape or dtype, negative or not finite, or
     summing to zero over all batches, or non-finite data or features (naming the
-    batch); `RuntimeError` as described for `throw`.
+    batch), or a ridge readout that is not finite; `RuntimeError` as described for
+    `throw`, and for an evidence fixed point that does not settle.
     """
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
@@ -431,9 +557,9 @@ def refit_readout(
         raise ValueError(f"`gtol` must be a positive Python float or None; got {gtol!r}.")
     readout_loss = loss_family(loss, num_classes).readout_loss
     if readout_loss is None:
-        alpha2 = as_alpha("alpha2", alpha2, positive=False)
-        return _refit_ridge(model, batches, alpha2, use_bias)
-    alpha2 = as_alpha("alpha2", alpha2, positive=True)
+        penalty = as_penalty(alpha2, ("gcv", "sgcv"), positive=False)
+        return _refit_ridge(model, batches, penalty, use_bias)
+    alpha2 = as_penalty(alpha2, ("evidence",), positive=True)
     return _refit_readout_loss(
         model, batches, readout_loss, alpha2, use_bias, gtol, max_passes, init, throw
     )

@@ -83,15 +83,17 @@ class AbstractStats(eqx.Module):
 
 class InnerStats(AbstractStats):
     r"""Diagnostics of an iterative inner solve, carried by the fitted readout as
-    `readout.stats`.
+    `readout.stats`. Every solver of the readout losses and `refit_readout` fill every
+    field, so readouts of one loss have one pytree structure whatever fitted them (to
+    save a readout with `equinox.tree_serialise_leaves`, or carry it through
+    `jax.lax.scan`).
 
     **Fields:**
 
     - `num_steps`: the number of updates the inner solver took: iterates it moved to
         (for the Newton and quasi-Newton solvers, steps their line search accepted,
         over all centerings for `LogBarrier`; the evaluation of the start and rejected
-        trial steps do not count; a direct solve, like the ridge loss's in
-        `refit_readout`, is one update). The solvers' `max_steps` bounds it, so
+        trial steps do not count). The solvers' `max_steps` bounds it, so
         `max_steps=1` takes one update.
     - `gradient_norm`: the max-norm of the gradient of the minimised objective at the
         returned solution, a measure of how far from optimal the readout is: for the
@@ -103,28 +105,29 @@ class InnerStats(AbstractStats):
     - `result`: the outcome, a `vploss.RESULTS`: `successful` when the solver met its
         tolerance within its step budget, else why not (`nonlinear_max_steps_reached`,
         `indefinite_hessian`, ...). `stats.converged` is `result == successful`.
+    - `alpha2`: the readout penalty $\alpha_2$ the readout was fitted with (given, or
+        chosen by a rule such as `refit_readout(..., alpha2="evidence")`).
     - `loss_error_bound`: an upper bound of the inner objective's excess over its
         minimum, $J(\hat W) - J^* \le \|\nabla J\|_2^2/(2\alpha_2)$ (strong
-        convexity), so the returned loss is at most this above the exact reduced loss;
-        `None` where the solver does not report it.
+        convexity), so the returned loss is at most this above the exact reduced loss.
     - `fallback_steps`: how many Newton directions were unusable (not finite, or not
         a descent direction: a Hessian that is not numerically positive definite in
         the working precision) and were replaced by a shifted Newton or gradient
-        direction; `None` where the solver does not report it.
+        direction (0 for solvers without Newton directions).
     - `cg_steps`: the conjugate-gradient iterations of all Newton directions together
         (each one Hessian-vector product, two matmuls over the samples; 0 for the
-        Cholesky directions of `Newton`), the main cost of `NewtonCG`; `None` where
-        the solver does not report it.
+        Cholesky directions of `Newton`, the quasi-Newton solvers and `refit_readout`),
+        the main cost of `NewtonCG`.
     - `readout_error_bound`: an upper bound of the readout's distance from the exact
         minimiser, $\|\hat W - \hat W^*\|_F \le \|\nabla J\|_F/\alpha_2$ (strong
-        convexity); `None` where the solver does not report it.
+        convexity).
     - `gradient_error_bound`: an upper bound of the relative error of the envelope
         gradient in the features against the exact minimiser's, $\|\tilde G -
         G^*\|_F/\|\tilde G\|_F$ (`ReadoutObjective.gradient_error_bounds`; the
         parameters' gradient is this times the features' Jacobian), `inf` for a loss
         without a curvature bound (and where the envelope gradient is zero, e.g. all
-        features zero); `None` where the solver does not report it. Both are rigorous,
-        and loose at small `alpha2` (they divide by it): about 1e3 and 1e6-1e7 in a
+        features zero, and from `refit_readout`, which differentiates nothing). Both
+        are rigorous, and loose at small `alpha2` (they divide by it): about 1e3 and 1e6-1e7 in a
         float32 training loop at `alpha2` = 1e-3, and the gradient bound is about 0.4
         even at the exact float32 readout there.
     """
@@ -132,11 +135,12 @@ class InnerStats(AbstractStats):
     num_steps: Int[Array, ""]
     gradient_norm: Float[Array, ""]
     result: RESULTS
-    loss_error_bound: Float[Array, ""] | None = eqx.field(default=None, kw_only=True)
-    fallback_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
-    cg_steps: Int[Array, ""] | None = eqx.field(default=None, kw_only=True)
-    readout_error_bound: Float[Array, ""] | None = eqx.field(default=None, kw_only=True)
-    gradient_error_bound: Float[Array, ""] | None = eqx.field(default=None, kw_only=True)
+    alpha2: Float[Array, ""] = eqx.field(kw_only=True)
+    loss_error_bound: Float[Array, ""] = eqx.field(kw_only=True)
+    fallback_steps: Int[Array, ""] = eqx.field(kw_only=True)
+    cg_steps: Int[Array, ""] = eqx.field(kw_only=True)
+    readout_error_bound: Float[Array, ""] = eqx.field(kw_only=True)
+    gradient_error_bound: Float[Array, ""] = eqx.field(kw_only=True)
 
 
 def check_converged(

@@ -1,5 +1,5 @@
 r"""The readout penalty of a readout loss by the Laplace approximation of the evidence
-(MacKay's fixed point), for the stochastic readout `WindowedReadout`."""
+(MacKay's fixed point), for the stochastic readout `WindowedReadout` and `refit_readout`."""
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Scalar
@@ -29,8 +29,8 @@ def data_hessian_eigenvalues(
     return jnp.outer(gram_eigenvalues, curvature_eigenvalues).reshape(-1)
 
 
-def evidence_penalty(
-    objective: ReadoutObjective, coef: Float[Array, "p k"], args: ReadoutArgs, count: ArrayLike
+def evidence_update(
+    eigenvalues: Float[Array, " q"], coef: Float[Array, "p k"], alpha2: Scalar, count: ArrayLike
 ) -> tuple[Scalar, Scalar]:
     r"""MacKay's fixed-point update of the readout penalty (MacKay, "Bayesian
     interpolation", Neural Comput. 4(3), 1992; "The evidence framework applied to
@@ -41,12 +41,12 @@ def evidence_penalty(
     $$\alpha_{\rm new} = \frac{\gamma}{N\|\hat W_\alpha\|_F^2},\qquad \gamma =
     \sum_i\frac{\mu_i}{\mu_i + \alpha},$$
 
-    with $\mu_i$ the eigenvalues of the data term's Hessian at $\hat W_\alpha$
-    (`data_hessian_eigenvalues`) and $\gamma$ the effective number of parameters the
-    data determine. A fixed point $\alpha = \alpha_{\rm new}$ is a stationary point of
-    the Laplace approximation of the evidence (the marginal likelihood of the labels
-    under the likelihood $e^{-\sum_j\omega_j\ell_j}$ and the prior $\hat W \sim
-    \mathcal N(0, (N\alpha)^{-1}I)$),
+    with $\mu_i$ = `eigenvalues` those of the data term's Hessian at $\hat W_\alpha$
+    and $\gamma$ the effective number of parameters the data determine. A fixed point
+    $\alpha = \alpha_{\rm new}$ is a stationary point of the Laplace approximation of
+    the evidence (the marginal likelihood of the labels under the likelihood
+    $e^{-\sum_j\omega_j\ell_j}$ and the prior $\hat W \sim \mathcal N(0,
+    (N\alpha)^{-1}I)$),
 
     $$\log Z(\alpha) = -N J(\hat W_\alpha) + \frac{pk}2\log\alpha - \frac12\sum_i
     \log(\mu_i + \alpha) + \mathrm{const},$$
@@ -58,7 +58,14 @@ def evidence_penalty(
 
     `(alpha_new, gamma)`.
     """
+    gamma = jnp.sum(eigenvalues / (eigenvalues + alpha2))
+    return gamma / (count * jnp.sum(coef**2)), gamma
+
+
+def evidence_penalty(
+    objective: ReadoutObjective, coef: Float[Array, "p k"], args: ReadoutArgs, count: ArrayLike
+) -> tuple[Scalar, Scalar]:
+    """`evidence_update` at the penalty `args.alpha2`, with the eigenvalues of
+    `data_hessian_eigenvalues`: `(alpha_new, gamma)`."""
     eigenvalues = data_hessian_eigenvalues(objective, coef, args)
-    gamma = jnp.sum(eigenvalues / (eigenvalues + args.alpha2))
-    norm = jnp.sum(coef**2)
-    return gamma / (count * norm), gamma
+    return evidence_update(eigenvalues, coef, args.alpha2, count)

@@ -545,9 +545,10 @@ class InnerMinimise(AbstractInnerSolver):
             num_steps=solution.state.updates,
             gradient_norm=scaled_gradient_norm(gradient, scale),
             result=result,
+            alpha2=args.alpha2,
             loss_error_bound=loss_error_bound(gradient, args.alpha2, decrement),
             fallback_steps=fallback_steps,
-            cg_steps=getattr(counts, "cg_steps", None),
+            cg_steps=getattr(counts, "cg_steps", jnp.zeros((), jnp.int32)),
             readout_error_bound=readout_error,
             gradient_error_bound=gradient_error,
         )

@@ -136,7 +136,6 @@ def _gcv_spectrum(
     weights: Float[Array, " N"] | None,
 ) -> _GCVSpectrum:
     num_samples, num_coefficients = features.shape
-    spectral = True
     if weights is None:
         count = num_samples
         rows = lambda a: a  # noqa: E731
@@ -149,69 +148,127 @@ def _gcv_spectrum(
         features, targets = rows(features), rows(targets)
         kernel = matmul(features, features.T) / num_samples
         eigenvalues, vectors = jnp.linalg.eigh(kernel)
-        trace = jnp.trace(kernel)
         projected = matmul(vectors.T, targets) / math.sqrt(num_samples)
-        cancelled = jnp.zeros((), targets.dtype)
-        # Every direction of the targets is in the kernel's range (up to its null
-        # space, whose terms are in the sum with λ = 0).
-        total = jnp.zeros((), targets.dtype)
-    elif intercept:
-        # With a large common offset the Gram matrix is dominated by it, and its small
-        # eigenvalues are lost in float32. It factors exactly as LᵀBL with B =
-        # diag(C, 1), C the centred Gram matrix, L = [[I, 0], [μᵀ, 1]]: so F̂/√N has the
-        # singular values and right singular vectors of the small matrix
-        # [[Λ^½Uᵀ, 0], [μᵀ, 1]] (C = UΛUᵀ), with no cancellation. Sums over samples only.
+        return _GCVSpectrum(
+            # Rounding can make the eigenvalues of a singular matrix slightly negative.
+            eigenvalues=jnp.maximum(eigenvalues, 0),
+            weights=jnp.sum(projected**2, axis=1),
+            # Every direction of the targets is in the kernel's range (up to its null
+            # space, whose terms are in the sum with λ = 0).
+            total=jnp.zeros((), targets.dtype),
+            trace=jnp.trace(kernel),
+            cancelled=jnp.zeros((), targets.dtype),
+            count=count,
+            spectral=True,
+        )
+    if intercept:
         data = centre(features[:, :-1], targets, weights)
-        mean, target_mean = data.mean, data.target_mean
         centred, targets = rows(data.features), rows(data.targets)
-        centred_gram = matmul(centred.T, centred) / num_samples
-        centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
-        root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T
-        factor = jnp.block(
-            [
-                [root, jnp.zeros_like(root[:, :1])],
-                [mean[None, :], jnp.ones_like(mean[:1])[None, :]],
-            ]
+        return centred_spectrum(
+            matmul(centred.T, centred) / num_samples,
+            matmul(centred.T, targets) / num_samples,
+            jnp.sum(targets**2) / num_samples,
+            data.mean,
+            data.target_mean,
+            count,
         )
-        left, singular_values, vt = jnp.linalg.svd(factor)
-        # Ascending, as `eigh` would give them.
-        singular_values, left = singular_values[::-1], left[:, ::-1]
-        eigenvalues = singular_values**2
-        # F̂/√N = Q̃·factor with orthonormal Q̃ = [F_c U Λ^-½/√N, 1/√N], so the
-        # coefficients of Y in the left singular vectors are c = leftᵀ Q̃ᵀY/√N and
-        # b = s·c: the centred cross products, never the offset's.
-        centred_cross = matmul(centred_vectors.T, matmul(centred.T, targets)) / num_samples
-        safe = jnp.where(centred_eigenvalues > 0, centred_eigenvalues, 1)
-        whitened = jnp.where(
-            centred_eigenvalues[:, None] > 0, centred_cross / jnp.sqrt(safe)[:, None], 0
-        )
-        coordinates = jnp.concatenate([whitened, target_mean[None]])
-        projected = matmul(left.T, coordinates)
+    # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
+    # like the Cholesky solver.
+    features, targets = rows(features), rows(targets)
+    return primal_spectrum(
+        matmul(features.T, features) / num_samples,
+        matmul(features.T, targets) / num_samples,
+        jnp.sum(targets**2) / num_samples,
+        count,
+    )
+
+
+def centred_spectrum(
+    centred_gram: Float[Array, "m m"],
+    centred_cross: Float[Array, "m k"],
+    target_squares: Scalar,
+    mean: Float[Array, " m"],
+    target_mean: Float[Array, " k"],
+    count: Scalar | int,
+) -> _GCVSpectrum:
+    r"""The GCV spectrum of features with an intercept from their (weighted) means and
+    centred mean sums: $C = F_c^\top\Omega F_c/S$, $F_c^\top\Omega Y_c/S$ and
+    $\|\Omega^{1/2}Y_c\|_F^2/S$ ($\Omega$ the weights, $S$ = `count` their total), so
+    that batches streamed through `refit_readout` give the same curve as one array.
+
+    With a large common offset the Gram matrix of $\hat F = [F, 1]$ is dominated by it,
+    and its small eigenvalues are lost in float32. It factors exactly as $L^\top BL$
+    with $B = \operatorname{diag}(C, 1)$, $L = [[I, 0], [\mu^\top, 1]]$: so $\hat
+    F/\sqrt S$ has the singular values and right singular vectors of the small matrix
+    $[[\Lambda^{1/2}U^\top, 0], [\mu^\top, 1]]$ ($C = U\Lambda U^\top$), with no
+    cancellation, and the offsets never enter a sum."""
+    centred_eigenvalues, centred_vectors = jnp.linalg.eigh(centred_gram)
+    root = jnp.sqrt(jnp.maximum(centred_eigenvalues, 0))[:, None] * centred_vectors.T
+    factor = jnp.block(
+        [
+            [root, jnp.zeros_like(root[:, :1])],
+            [mean[None, :], jnp.ones_like(mean[:1])[None, :]],
+        ]
+    )
+    left, singular_values, _ = jnp.linalg.svd(factor)
+    # Ascending, as `eigh` would give them.
+    singular_values, left = singular_values[::-1], left[:, ::-1]
+    # F̂/√S = Q̃·factor with orthonormal Q̃ = [F_c U Λ^-½/√S, 1/√S], so the coefficients
+    # of Y in the left singular vectors are c = leftᵀ Q̃ᵀY/√S and b = s·c: the centred
+    # cross products, never the offset's.
+    projected_cross = matmul(centred_vectors.T, centred_cross)
+    safe = jnp.where(centred_eigenvalues > 0, centred_eigenvalues, 1)
+    whitened = jnp.where(
+        centred_eigenvalues[:, None] > 0, projected_cross / jnp.sqrt(safe)[:, None], 0
+    )
+    projected = matmul(left.T, jnp.concatenate([whitened, target_mean[None]]))
+    return _GCVSpectrum(
+        eigenvalues=singular_values**2,
+        weights=jnp.sum(projected**2, axis=1),
         # The part of Y outside the range of F̂ = span(F_c, 1): of Y_c outside that of
         # F_c (the offset ȳ never enters).
-        cancelled = jnp.sum(targets**2) / num_samples
-        total = jnp.maximum(cancelled - jnp.sum(whitened**2), 0)
-        trace = jnp.trace(centred_gram) + 1
-    else:
-        # The Gram matrix is a sum over samples (a matmul), so it shards along the batch
-        # like the Cholesky solver.
-        features, targets = rows(features), rows(targets)
-        gram = matmul(features.T, features) / num_samples
-        eigenvalues, vectors = jnp.linalg.eigh(gram)
-        trace = jnp.trace(gram)
-        projected = matmul(vectors.T, matmul(features.T, targets) / num_samples)
-        total = cancelled = jnp.sum(targets**2) / num_samples
-        spectral = False
+        total=jnp.maximum(target_squares - jnp.sum(whitened**2), 0),
+        trace=jnp.trace(centred_gram) + 1,
+        cancelled=target_squares,
+        count=count,
+        spectral=True,
+    )
+
+
+def primal_spectrum(
+    gram: Float[Array, "p p"],
+    cross: Float[Array, "p k"],
+    target_squares: Scalar,
+    count: Scalar | int,
+) -> _GCVSpectrum:
+    r"""The GCV spectrum of features without an intercept from their (weighted) mean
+    sums $G = \hat F^\top\Omega\hat F/S$, $\hat F^\top\Omega Y/S$ and
+    $\|\Omega^{1/2}Y\|_F^2/S$ ($S$ = `count`): the residual is $\|Y\|^2/S$ less the
+    fitted part, exact for $N \le p$ too (the zero eigenvalues count in the trace)."""
+    eigenvalues, vectors = jnp.linalg.eigh(gram)
+    projected = matmul(vectors.T, cross)
     return _GCVSpectrum(
         # Rounding can make the eigenvalues of a singular matrix slightly negative.
         eigenvalues=jnp.maximum(eigenvalues, 0),
         weights=jnp.sum(projected**2, axis=1),
-        total=total,
-        trace=trace,
-        cancelled=cancelled,
+        total=target_squares,
+        trace=jnp.trace(gram),
+        cancelled=target_squares,
         count=count,
-        spectral=spectral,
+        spectral=False,
     )
+
+
+def spectrum_penalty(spectrum: _GCVSpectrum) -> tuple[Scalar, GCVStats]:
+    r"""The minimiser of the GCV curve `spectrum` (see `gcv_penalty`) and its
+    `GCVStats`."""
+    top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
+    # All-zero features: every alpha fits nothing, and any scale will do.
+    top = 100 * jnp.where(top > 0, top, 1)
+    log_alpha = choose_log_penalty(spectrum, spectrum.trace, top)
+    gcv, dof, _ = spectrum(log_alpha)
+    alpha = jnp.exp(log_alpha)
+    return alpha, GCVStats(alpha2=alpha, gcv=gcv, dof=dof)
 
 
 # Compiled once per shape and dtype: called eagerly, the golden-section loop would
@@ -250,11 +307,4 @@ def gcv_penalty(
 
     `(alpha, stats)`: $\alpha^*$ and its `GCVStats`.
     """
-    spectrum = _gcv_spectrum(features, targets, intercept, weights)
-    top = spectrum.eigenvalues[-1]  # eigh sorts in ascending order
-    # All-zero features: every alpha fits nothing, and any scale will do.
-    top = 100 * jnp.where(top > 0, top, 1)
-    log_alpha = choose_log_penalty(spectrum, spectrum.trace, top)
-    gcv, dof, _ = spectrum(log_alpha)
-    alpha = jnp.exp(log_alpha)
-    return alpha, GCVStats(alpha2=alpha, gcv=gcv, dof=dof)
+    return spectrum_penalty(_gcv_spectrum(features, targets, intercept, weights))
