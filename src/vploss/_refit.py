@@ -7,6 +7,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._core.checks import (
@@ -103,7 +104,6 @@ def _ridge_moments(model, x, targets, use_bias, weights=None):
     return moments, all_finite((x, gram, cross, target_squares))
 
 
-@eqx.filter_jit
 def _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias):
     r"""The sums over one batch of the (weighted) data term of a readout loss's inner
     objective, its gradient and its Hessian (as a `(pk, pk)` matrix) at `coef`, the
@@ -120,6 +120,15 @@ def _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias):
     total = jnp.asarray(n, dtype) if weights is None else jnp.sum(weights)
     sums = (n * value, n * gradient, n * curvature, jnp.sum(squares, axis=0), total)
     return sums, all_finite((x, sums))
+
+
+@eqx.filter_jit
+def _add_readout_loss_sums(sums, objective, model, x, labels, weights, coef, use_bias):
+    """`sums` plus those of one batch (`_readout_loss_sums`), and whether the batch's
+    are finite: one compiled function per batch shape, which every pass reuses (each
+    eager operation between passes would compile its own kernel)."""
+    batch, finite = _readout_loss_sums(objective, model, x, labels, weights, coef, use_bias)
+    return jax.tree.map(jnp.add, sums, batch), finite
 
 
 def _ridge_labels(y, num_samples):
@@ -265,12 +274,14 @@ class _Evaluation(eqx.Module):
     total: Array
 
     def objective(self, coef, alpha2):
-        """The penalised objective, its gradient, its Hessian and the stopping scale."""
+        """The penalised objective, its gradient, its Hessian and the scaled norm of
+        the gradient (the quantity `gtol` bounds)."""
+        gradient = self.gradient + alpha2 * coef
         return (
             self.value + 0.5 * alpha2 * jnp.sum(coef**2),
-            self.gradient + alpha2 * coef,
+            gradient,
             hessian_operator(self.curvature, alpha2),
-            gradient_scale(self.squares, alpha2),
+            scaled_gradient_norm(gradient, gradient_scale(self.squares, alpha2)),
         )
 
 
@@ -314,48 +325,49 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
     shape = (features.shape[1], y.shape[1])
     objective = ReadoutObjective(loss)
 
+    zero_sums = None
+
     def evaluate(coef):
         """One pass: the data term and its derivatives at `coef` (`_Evaluation`)."""
-        sums = None
+        nonlocal zero_sums
+        sums = zero_sums
         for index, x, parsed, weights in _batches(batches, what, loss.labels):
             _check_shapes(index, parsed.values, parsed.scalar_output, first)
-            batch_sums, finite = _readout_loss_sums(
-                objective, model, x, parsed.values, weights, coef, use_bias
-            )
+            args = (objective, model, x, parsed.values, weights, coef, use_bias)
+            if zero_sums is None:
+                shapes, _ = eqx.filter_eval_shape(_readout_loss_sums, *args)
+                zero_sums = sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            sums, finite = _add_readout_loss_sums(sums, *args)
             if not bool(finite):
                 raise _not_finite(index)
-            sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-        *sums, total = (None,) if sums is None else sums
-        if total is None or not bool(total > 0):
+        if sums is None or not float(sums[-1]) > 0:
             raise ValueError(
                 f"`weights` of {what} sum to zero over all batches: at least one sample "
                 "needs a positive weight."
             )
-        value, gradient, curvature, squares = (s / total for s in sums)
-        return _Evaluation(value, gradient, curvature.reshape(*shape, *shape), squares, total)
+        return _evaluation(sums, shape)
 
     def newton(coef, evaluation, alpha2, passes):
         r"""The damped Newton method of the one-shot losses (`newton.py`: its
         direction, line-search test and constants), its loop in Python as the batches
         stream from an iterable: every evaluation, trial points included, is one pass
         over the data. `passes` counts those made so far, against `max_passes`."""
-        value, gradient, hessian, scale = evaluation.objective(coef, alpha2)
+        value, gradient, hessian, norm = _objective(evaluation, coef, alpha2)
         updates = fallbacks = 0
         found = True
-        while found and passes < max_passes and scaled_gradient_norm(gradient, scale) > gtol:
-            direction, is_newton = _newton_direction(hessian, gradient)
+        while found and passes < max_passes and float(norm) > gtol:
+            direction, is_newton, predicted = _newton_update(hessian, gradient)
             fallbacks += int(not bool(is_newton))
-            predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
             found = False
             for backtracks in range(min(MAX_BACKTRACKS + 1, max_passes - passes)):
                 size = BACKTRACK_FACTOR**backtracks
-                trial = coef - size * direction
+                trial = _trial_point(coef, direction, size)
                 trial_evaluation = evaluate(trial)
                 passes += 1
-                trial_objective = trial_evaluation.objective(trial, alpha2)
-                if armijo_accepts(value, trial_objective[0], size * predicted):
+                trial_objective = _objective(trial_evaluation, trial, alpha2)
+                if bool(_armijo_accepts(value, trial_objective[0], size * predicted)):
                     coef, evaluation = trial, trial_evaluation
-                    value, gradient, hessian, scale = trial_objective
+                    value, gradient, hessian, norm = trial_objective
                     updates += 1
                     found = True
                     break
@@ -369,13 +381,15 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
     if evidence:
         # MacKay's fixed point from a penalty 1% of the data Hessian's mean eigenvalue,
         # each solve warm-started at the last; every solve gets `max_passes`.
-        penalty = 0.01 * jnp.trace(evaluation.curvature.reshape(shape[0] * shape[1], -1))
-        penalty = jnp.maximum(penalty / (shape[0] * shape[1]), jnp.finfo(dtype).tiny)
+        size = shape[0] * shape[1]
+        curvature = np.asarray(evaluation.curvature).reshape(size, size)
+        penalty = max(0.01 * float(np.trace(curvature)) / size, float(jnp.finfo(dtype).tiny))
+        penalty = np.asarray(penalty, dtype)
         for _ in range(_EVIDENCE_STEPS):
             solve = newton(coef, evaluation, penalty, 1)
             coef, evaluation = solve.coef, solve.evaluation
             new_penalty, _ = _evidence_update(evaluation.curvature, coef, penalty, evaluation.total)
-            settled = abs(float(new_penalty / penalty) - 1) <= _EVIDENCE_RTOL
+            settled = abs(float(new_penalty) / float(penalty) - 1) <= _EVIDENCE_RTOL
             penalty = new_penalty
             if settled:
                 break
@@ -390,14 +404,13 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
         solve = newton(coef, evaluation, penalty, 1)
         alpha2 = penalty
     else:
-        alpha2 = alpha2.astype(dtype)
+        alpha2 = np.asarray(alpha2, dtype)
         solve = newton(coef, evaluation, alpha2, 1)
         settled = True
     coef, evaluation = solve.coef, solve.evaluation
-    _, gradient, _, scale = evaluation.objective(coef, alpha2)
-    norm = scaled_gradient_norm(gradient, scale)
-    converged = norm <= gtol
-    if throw and not bool(converged):
+    _, gradient, _, norm = _objective(evaluation, coef, alpha2)
+    converged = float(norm) <= gtol
+    if throw and not converged:
         cause = (
             f"within {max_passes} passes" if solve.passes >= max_passes else "(no line-search step)"
         )
@@ -408,20 +421,64 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
         )
     spent = solve.found or solve.passes >= max_passes
     failure = RESULTS.nonlinear_max_steps_reached if spent else RESULTS.line_search_failed
-    result = solve_result(converged & settled, jnp.asarray(solve.fallbacks), failure)
-    stats = InnerStats(
-        num_steps=jnp.asarray(solve.updates),
+    stats = _readout_loss_stats(
+        gradient,
+        norm,
+        alpha2,
+        converged and settled,
+        failure,
+        np.asarray(solve.updates, np.int32),
+        np.asarray(solve.fallbacks, np.int32),
+    )
+    coef = _in_outputs(objective, coef)
+    return readout_from_coefficients(coef, use_bias, first[1], stats)
+
+
+@jax.jit
+def _readout_loss_stats(gradient, norm, alpha2, converged, failure, updates, fallbacks):
+    """The `InnerStats` of a streamed Newton solve (jitted: one compiled function where
+    each eager operation would compile its own kernel)."""
+    return InnerStats(
+        num_steps=updates,
         gradient_norm=norm,
-        result=result,
-        alpha2=jnp.asarray(alpha2, dtype),
+        result=solve_result(converged, fallbacks, failure),
+        alpha2=alpha2,
         loss_error_bound=loss_error_bound(gradient, alpha2),
-        fallback_steps=jnp.asarray(solve.fallbacks),
+        fallback_steps=fallbacks,
         cg_steps=jnp.zeros((), jnp.int32),
         readout_error_bound=jnp.sqrt(jnp.sum(gradient**2)) / alpha2,
         # Nothing is differentiated, so no envelope gradient is bounded.
-        gradient_error_bound=jnp.full((), jnp.inf, dtype),
+        gradient_error_bound=jnp.full((), jnp.inf, gradient.dtype),
     )
-    return readout_from_coefficients(objective.in_outputs(coef), use_bias, first[1], stats)
+
+
+# The steps of the streamed Newton method between passes, each compiled once (eager
+# operations would compile a kernel each: about 70 of them, seconds on a first call).
+@functools.partial(jax.jit, static_argnums=1)
+def _evaluation(sums, shape):
+    """The means of one pass's sums (`_add_readout_loss_sums`) as an `_Evaluation`."""
+    *sums, total = sums
+    value, gradient, curvature, squares = (s / total for s in sums)
+    return _Evaluation(value, gradient, curvature.reshape(*shape, *shape), squares, total)
+
+
+_objective = jax.jit(_Evaluation.objective)
+_in_outputs = eqx.filter_jit(ReadoutObjective.in_outputs)
+_armijo_accepts = jax.jit(armijo_accepts)
+
+
+@jax.jit
+def _trial_point(coef, direction, size):
+    return coef - size * direction
+
+
+@jax.jit
+def _newton_update(hessian, gradient):
+    """The Newton direction (`newton_direction`), whether it is the plain one, and the
+    decrease it predicts, $g^\top d$."""
+    direction, is_newton = newton_direction(hessian, gradient)
+    predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)
+    return direction, is_newton, predicted
 
 
 @jax.jit
@@ -432,9 +489,6 @@ def _evidence_update(curvature, coef, alpha2, count):
     size = coef.size
     eigenvalues = jnp.maximum(jnp.linalg.eigvalsh(curvature.reshape(size, size)), 0)
     return evidence_update(eigenvalues, coef, alpha2, count)
-
-
-_newton_direction = jax.jit(newton_direction)
 
 
 def refit_readout(
