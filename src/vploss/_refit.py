@@ -1,6 +1,7 @@
 r"""The readout fitted on a whole data set streamed in batches, in O(m²) memory."""
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -206,9 +207,9 @@ def _refit_ridge(model, batches, penalty, use_bias):
         batch, finite = _ridge_moments(model, x, y, use_bias, weights)
         if not bool(finite):
             raise _not_finite(index)
-        moments = batch if moments is None else moments + batch
+        moments = batch if moments is None else _merge_moments(moments, batch)
     # `_batches` raised on an empty iterable; it skips batches of total weight zero.
-    if moments is None or first is None or not bool(moments.count > 0):
+    if moments is None or first is None or not float(moments.count) > 0:
         raise ValueError(
             f"`weights` of {what} sum to zero over all batches: at least one sample needs "
             "a positive weight."
@@ -216,9 +217,9 @@ def _refit_ridge(model, batches, penalty, use_bias):
     if is_penalty_rule(penalty):
         alpha2, stats = _moments_gcv(moments, use_bias)
     else:
-        alpha2, stats = penalty.astype(moments.gram.dtype), None
+        alpha2, stats = np.asarray(penalty, moments.gram.dtype), None
     coef, norm = _moments_readout(moments, alpha2, use_bias)
-    if not bool(jnp.isfinite(norm)):
+    if not math.isfinite(float(norm)):
         raise ValueError(
             f"`refit_readout` for {what}: the readout is not finite (scaled gradient norm "
             f"{float(norm)}): the features' sums overflow their dtype, or `alpha2` = 0 "
@@ -226,6 +227,9 @@ def _refit_ridge(model, batches, penalty, use_bias):
             "`alpha2`."
         )
     return readout_from_coefficients(coef, use_bias, first[1], stats)
+
+
+_merge_moments = jax.jit(_Moments.__add__)
 
 
 @functools.partial(jax.jit, static_argnums=1)
