@@ -478,7 +478,7 @@ def _trial_point(coef, direction, size):
 
 @jax.jit
 def _newton_update(hessian, gradient):
-    """The Newton direction (`newton_direction`), whether it is the plain one, and the
+    r"""The Newton direction (`newton_direction`), whether it is the plain one, and the
     decrease it predicts, $g^\top d$."""
     direction, is_newton = newton_direction(hessian, gradient)
     predicted = -jnp.vdot(gradient, direction, precision=jax.lax.Precision.HIGHEST)

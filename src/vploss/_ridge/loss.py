@@ -295,7 +295,11 @@ def vploss_msereg(
     - `x`: the inputs, batch-first, shape `(N, ...)`: an array or any pytree of arrays
         the model takes (of any dtype: token ids, pixels, masks), with one batch size N.
     - `y`: the targets, shape `(N,)` or `(N, k)`.
-    - `alpha1`: penalty weight on the model's parameters, `>= 0`.
+    - `alpha1`: penalty weight on the model's parameters, `>= 0`. It is compared with
+        the data term, so it has the units of the targets squared: choose it as
+        $\lambda\,\mathrm{var}(y)$, $\lambda$ on a validation split (the page
+        "Choosing the penalties"); with the default 0 on noisy targets the features
+        fit the noise within tens of steps.
     - `alpha2`: penalty weight on the readout, `>= 0`, or `"gcv"` to choose it by
         generalised cross-validation, as above.
     - `use_bias`: whether the readout has a bias $b$ (a column of ones in $\hat F$).
