@@ -67,6 +67,8 @@ def train_varpro(key, data, steps, lr, width, alpha2, record, depth=2):
 
     @eqx.filter_jit
     def test_error(model):
+        # The loss on the whole training set fits the readout to the current features
+        # (as `vploss.refit_readout` does), not the stale one of the last step.
         _, readout = loss_fn(model)
         return relative_error(jax.vmap(lambda xi: readout(model(xi)))(x_test), y_test)
 

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 import optax
 from tqdm import tqdm
 
+import vploss
 from vploss import vploss_bce
 
 
@@ -43,9 +44,12 @@ ALPHA2 = 1e-4
 # ## Data, model and training loop
 #
 # Both kinds share one loop. The VarPro loss returns `(loss, readout)`; the readout is
-# carried from step to step as the warm start and is what predicts at test time. The
-# plain loss returns its `readout` argument unchanged (`None`) so that both kinds have
-# the same signature.
+# carried from step to step as the warm start. The plain loss returns its `readout`
+# argument unchanged (`None`) so that both kinds have the same signature. A step's
+# readout was fitted to the features before that step's update, so to predict,
+# `vploss.refit_readout` fits it again to the current features (a few Newton passes
+# over the 512 points from the carried readout) and `vploss.VPModel` joins the two into
+# the network that classifies one point.
 
 
 # %%
@@ -78,19 +82,22 @@ def train(kind, x, y, x_test, y_test, steps, checkpoints, key):
         updates, state = optimiser.update(grads, state)
         return eqx.apply_updates(params, updates), state, loss, readout
 
-    def predictor(params, readout):
+    def trained_network(params, readout):
         net, head = eqx.combine(params, static)
-        head = readout if kind == "varpro" else head
-        return lambda xs: jax.vmap(lambda xi: head(net(xi)))(xs)
+        if kind == "plain":
+            return eqx.nn.Sequential([net, head])
+        readout = vploss.refit_readout(net, [(x, y)], loss=vploss_bce, alpha2=ALPHA2, init=readout)
+        return vploss.VPModel(net, readout)
 
     readout = vploss_bce(model[0], x, y, alpha2=ALPHA2)[1] if kind == "varpro" else None
     rows = []
     for i in tqdm(range(1, steps + 1), desc=kind, leave=False, disable=None):
         params, state, loss, readout = step(params, state, readout)
         if i in checkpoints:
-            accuracy = jnp.mean((predictor(params, readout)(x_test) > 0) == (y_test > 0.5))
+            network = trained_network(params, readout)
+            accuracy = jnp.mean((jax.vmap(network)(x_test) > 0) == (y_test > 0.5))
             rows.append((i, float(loss), float(accuracy)))
-    return rows, predictor(params, readout)
+    return rows, trained_network(params, readout)
 
 
 # %% [markdown]
@@ -124,7 +131,9 @@ for (i, pl, pa), (_, vl, va) in zip(results["plain"][0], results["varpro"][0], s
 # readout finite and the loss above zero, while the plain network's unpenalised
 # cross-entropy keeps falling as its head grows. Compare the test accuracies instead: on
 # this easy problem, in the run stored here, both classifiers are at about 99% from the
-# first checkpoint (125 steps) on.
+# first checkpoint (125 steps) on. Each step fits the readout on the whole training set,
+# so the step's own readout is only one update behind the features: in this run it
+# predicted the test points with the same accuracies as the refitted one.
 #
 # ## Decision boundaries
 #
@@ -137,7 +146,7 @@ gx, gy = jnp.meshgrid(grid, grid)
 points = jnp.stack([gx.ravel(), gy.ravel()], axis=1)
 fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
 for ax, kind in zip(axes, ("plain", "varpro"), strict=True):
-    logits = results[kind][1](points).reshape(gx.shape)
+    logits = jax.vmap(results[kind][1])(points).reshape(gx.shape)
     ax.contourf(gx, gy, logits > 0, levels=1, cmap="RdBu", alpha=0.3)
     ax.contour(gx, gy, logits, levels=[0], colors="k")
     ax.add_patch(plt.Circle((0, 0), 1, fill=False, ls="--", color="gray"))

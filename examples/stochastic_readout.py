@@ -21,6 +21,13 @@
 #
 # The gradient for $\theta$ is that of the current batch's loss at $\hat W_k$.
 #
+# The readout a step returns was fitted to a few batches, and to the features before
+# that step's update, so it does not predict: each evaluation refits the readout to the
+# current features on the whole training set (`vploss.refit_readout`, with the training's
+# $\alpha_2 = 10^{-3}$, or for the windowed run the evidence rule, now applied to the
+# 4000 signals) and predicts with `vploss.VPModel`. The table also shows the accuracy
+# with the step's own readout ("as trained").
+#
 # As a script: `python examples/stochastic_readout.py [--quick] [--out DIR]`. The
 # outputs stored with this notebook were computed on a 2-core CPU shared with other
 # jobs: the wall times are indicative only.
@@ -44,6 +51,10 @@ import vploss
 
 NUM_CLASSES = 10
 BATCH = 128
+ALPHA2 = 1e-3
+#: The penalty each VarPro run's readout is refitted with: the one it trained with, or the
+#: rule that chose it.
+REFIT_ALPHA2 = {"per-batch": ALPHA2, "windowed": "evidence"}
 
 # %% [markdown]
 # ## The training step
@@ -62,7 +73,7 @@ def make_step(kind, optimiser, rule):
             return rule.update(params, xb, yb, state)
         if kind == "per-batch":
             loss, readout = vploss.vploss_ce(
-                params, xb, yb, alpha2=1e-3, num_classes=NUM_CLASSES, init=state
+                params, xb, yb, alpha2=ALPHA2, num_classes=NUM_CLASSES, init=state
             )
             return loss, (readout, readout)
         net, head = params
@@ -89,17 +100,29 @@ def train(kind, data, steps, evaluate_every, key, lr=3e-3):
         params, state = (net, eqx.nn.Linear(32, NUM_CLASSES, key=hkey)), None
     elif kind == "per-batch":
         params = net
-        state = vploss.vploss_ce(net, x[:BATCH], y[:BATCH], alpha2=1e-3, num_classes=NUM_CLASSES)[1]
+        _, state = vploss.vploss_ce(
+            net, x[:BATCH], y[:BATCH], alpha2=ALPHA2, num_classes=NUM_CLASSES
+        )
     else:
         params, state = net, rule.init(net, x[:BATCH], y[:BATCH])
     optimiser = optax.adam(lr)
     opt_state = optimiser.init(eqx.filter(params, eqx.is_inexact_array))
     step = make_step(kind, optimiser, rule)
-    predict = eqx.filter_jit(
-        lambda net, readout: jnp.mean(
-            jnp.argmax(jax.vmap(lambda xi: readout(net(xi)))(x_test), axis=1) == y_test
-        )
+    accuracy = eqx.filter_jit(
+        lambda network: jnp.mean(jnp.argmax(jax.vmap(network)(x_test), axis=1) == y_test)
     )
+
+    def evaluate(params, readout):
+        """Test accuracy of the network (VarPro: with the readout refitted to the current
+        features on the whole training set) and, for VarPro, with the step's readout."""
+        if kind == "plain":
+            return float(accuracy(eqx.nn.Sequential(params))), np.nan
+        refitted = vploss.refit_readout(
+            params, [(x, y)], loss=rule.loss, alpha2=REFIT_ALPHA2[kind], init=readout
+        )
+        network = vploss.VPModel(params, refitted)
+        return float(accuracy(network)), float(accuracy(vploss.VPModel(params, readout)))
+
     batches = np.asarray(jax.random.randint(bkey, (steps, BATCH), 0, x.shape[0]))
     # Compile outside the timed loop (on a copy: the state is not advanced).
     jax.block_until_ready(step(params, opt_state, state, x[batches[0]], y[batches[0]]))
@@ -114,15 +137,15 @@ def train(kind, data, steps, evaluate_every, key, lr=3e-3):
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - start
         if i % evaluate_every == 0:
-            net = params[0] if kind == "plain" else params
-            rows.append((i, elapsed, float(predict(net, readout)), float(penalty)))
+            rows.append((i, elapsed, *evaluate(params, readout), float(penalty)))
     return np.array(rows)
 
 
 # %% [markdown]
 # ## Training
 #
-# 3000 steps (about 100 epochs), evaluated every 100 (60 steps with `--quick`).
+# 3000 steps (about 100 epochs), evaluated every 100 (60 steps with `--quick`). The
+# seconds count the training steps only: neither the evaluations nor the refits.
 
 # %%
 parser = argparse.ArgumentParser(description="MNIST-1D with a stochastic VarPro readout.")
@@ -142,24 +165,35 @@ results = {
     kind: train(kind, data, steps, every, key) for kind in ("plain", "per-batch", "windowed")
 }
 
-print(f"{'step':>6}" + "".join(f"{kind + ' s':>13}{kind + ' acc':>15}" for kind in results))
+# The VarPro runs' accuracy with the readout refitted, then with the step's own readout.
+print(
+    f"{'step':>6}{'plain s':>9}{'plain acc':>11}"
+    + "".join(f"{kind + ' s':>13}{kind + ' acc':>15}{'as trained':>12}" for kind in REFIT_ALPHA2)
+)
 for i in range(len(results["plain"])):
-    cells = "".join(f"{rows[i, 1]:13.1f}{rows[i, 2]:15.3f}" for rows in results.values())
-    print(f"{int(results['plain'][i, 0]):>6}{cells}")
+    plain = results["plain"][i]
+    cells = "".join(
+        f"{results[kind][i, 1]:13.1f}{results[kind][i, 2]:15.3f}{results[kind][i, 3]:12.3f}"
+        for kind in REFIT_ALPHA2
+    )
+    print(f"{int(plain[0]):>6}{plain[1]:9.1f}{plain[2]:11.3f}{cells}")
 
 # %% [markdown]
 # ## Accuracy and the chosen penalty
 #
-# Left: held-out accuracy against steps; middle: against training time (a windowed step
-# solves a 330-unknown softmax regression over 640 samples, so it costs several plain
-# steps); right: the penalty the evidence chose at each step.
+# Left: held-out accuracy against steps (dashed: the VarPro runs with their step's own
+# readout); middle: against training time (a windowed step solves a 330-unknown softmax
+# regression over 640 samples, so it costs several plain steps); right: the penalty the
+# evidence chose at each step.
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 4))
 for kind, rows in results.items():
-    axes[0].plot(rows[:, 0], rows[:, 2], marker="o", ms=3, label=kind)
+    (line,) = axes[0].plot(rows[:, 0], rows[:, 2], marker="o", ms=3, label=kind)
     axes[1].plot(rows[:, 1], rows[:, 2], marker="o", ms=3, label=kind)
-axes[2].semilogy(results["windowed"][:, 0], results["windowed"][:, 3], marker="o", ms=3)
+    if kind in REFIT_ALPHA2:
+        axes[0].plot(rows[:, 0], rows[:, 3], ls="--", lw=1, color=line.get_color())
+axes[2].semilogy(results["windowed"][:, 0], results["windowed"][:, 4], marker="o", ms=3)
 axes[0].set_xlabel("Adam steps")
 axes[1].set_xlabel("training seconds")
 for ax in axes[:2]:
@@ -172,6 +206,14 @@ fig.savefig(f"{args.out}/stochastic_readout.png", dpi=120)
 
 # %% [markdown]
 # ## What the run shows
+#
+# In the run stored here, refitting raises the per-batch run's accuracy by 9 to 14
+# points over the first 1000 steps and by 2 to 9 over the last 1000 (0.582 against
+# 0.559 at step 3000), but not to plain Adam's 0.66: the features that per-batch VarPro
+# trains are worse too, not only its readout. The windowed readout predicts almost as
+# well as the refitted one (1 to 4 points below it over the first 500 steps, within 1.5
+# points after), and the windowed run is ahead of plain Adam over the first 600 steps
+# (by 3 to 10 points) and level with it after (0.673 against 0.663 at step 3000).
 #
 # The documentation's page Mini-batch training (`docs/stochastic.md`) has the measured
 # medians over seeds, the learning-rate and penalty sensitivity grid, and where the
