@@ -41,10 +41,11 @@ def test_predicts_the_readout_of_the_features():
     expected = jax.vmap(lambda xi: readout.weight @ model(xi) + readout.bias[0])(x)
     prediction = jax.vmap(net)(x)
     assert prediction.shape == (N,)
-    np.testing.assert_allclose(prediction, expected[:, 0], rtol=1e-13)
+    # Summed in another order: rounding of the sum's terms, about eps each.
+    np.testing.assert_allclose(prediction, expected[:, 0], rtol=1e-13, atol=1e-14)
     # Under jit, as a pytree argument.
     jitted = eqx.filter_jit(lambda net, x: jax.vmap(net)(x))(net, x)
-    np.testing.assert_allclose(jitted, prediction, rtol=1e-13)
+    np.testing.assert_allclose(jitted, prediction, rtol=1e-13, atol=1e-14)
 
 
 def test_one_structure_whatever_fitted_the_readout():
@@ -135,9 +136,27 @@ def test_errors():
     with pytest.raises(ValueError, match="files written by `vploss.save_model`"):
         vploss.load_model(buffer, model)
     net = vploss.VPModel(model, readout)
-    for other in (mlp(IN, width=9, features=M), mlp(IN, features=M + 1), mlp(IN, depth=3)):
-        buffer = io.BytesIO()
-        vploss.save_model(buffer, net)
-        buffer.seek(0)
-        with pytest.raises(ValueError, match="does not fit the template `features`"):
-            vploss.load_model(buffer, other)
+    buffer = io.BytesIO()
+    vploss.save_model(buffer, net)
+    saved = buffer.getvalue()
+    templates = {
+        "width": (mlp(IN, width=9, features=M), r"array 0 has shape \(8, 3\) .* \(9, 3\)"),
+        "features": (mlp(IN, features=M + 1), r"shape \(5, 8\) .* shape \(6, 8\)"),
+        "deeper": (mlp(IN, depth=3), "shape"),
+        "dtype": (mlp(IN, features=M, dtype=jnp.float32), "dtype float64 .* dtype float32"),
+    }
+    for template, match in templates.values():
+        with pytest.raises(ValueError, match=f"does not fit the template `features`.*{match}"):
+            vploss.load_model(io.BytesIO(saved), template)
+    # A template with fewer arrays, the rest of whose arrays match: the counts differ.
+    shallow = eqx.tree_at(lambda m: m.layers, model, model.layers[:1])
+    with pytest.raises(
+        ValueError, match="the file has 6 arrays of the feature map, the template 2"
+    ):
+        vploss.load_model(io.BytesIO(saved), shallow)
+    with pytest.raises(TypeError, match="got a `VPModel`"):
+        vploss.load_model(io.BytesIO(saved), net)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        vploss.load_model(io.BytesIO(saved[:-8]), model)
+    with pytest.raises(ValueError, match="data after the saved model"):
+        vploss.load_model(io.BytesIO(saved + b"extra"), model)

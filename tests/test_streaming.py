@@ -357,6 +357,27 @@ def test_bad_weights_raise_clear_errors(loss, batches, error, match):
         vploss.refit_readout(mlp(IN, features=M), batches, loss=loss, alpha2=1e-3)
 
 
+@pytest.mark.parametrize("traced", ["model", "batches", "alpha2"])
+def test_traced_arguments_raise_clear_errors(traced):
+    """Its loop over batches is Python: under `jit` (or `grad`, `vmap`) it says so."""
+    labels, x = _data()
+    model = mlp(IN, features=M)
+    y = labels["scalar"]
+
+    def refit(model, x, alpha2):
+        batches = [(x[:25], y[:25]), (x[25:], y[25:])]
+        return vploss.refit_readout(model, batches, loss=vploss.vploss_msereg, alpha2=alpha2)
+
+    jitted = {
+        "model": eqx.filter_jit(lambda m: refit(m, x, 1e-3)),
+        "batches": jax.jit(lambda x: refit(model, x, 1e-3)),
+        "alpha2": jax.jit(lambda a: refit(model, x, a)),
+    }[traced]
+    argument = {"model": model, "batches": x, "alpha2": 1e-3}[traced]
+    with pytest.raises(TypeError, match="called outside `jax.jit`, `jax.grad` and `jax.vmap`"):
+        jitted(argument)
+
+
 @pytest.mark.parametrize("kwargs, error, match", _bad_inputs())
 def test_bad_input_raises_clear_errors(kwargs, error, match):
     kwargs = dict(alpha2=1e-3) | kwargs

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
@@ -126,12 +127,20 @@ def save_model(file: str | os.PathLike | io.IOBase, model: Any) -> None:  # chec
         "use_bias": readout.bias is not None,
         "scalar_output": bool(readout.scalar_output),
         "dtype": jnp.dtype(readout.weight.dtype).name,
+        "features": _array_specs(model.features),
     }
     if isinstance(file, str | os.PathLike):
         with open(file, "wb") as f:
             _write(f, header, model)
     else:
         _write(file, header, model)
+
+
+def _array_specs(tree: Any) -> list[list[Any]]:
+    """`[shape, dtype]` of every array leaf that `equinox.tree_serialise_leaves` saves,
+    in its order."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    return [[list(jnp.shape(leaf)), jnp.dtype(leaf.dtype).name] for leaf in leaves]
 
 
 def _write(f: Any, header: dict[str, Any], model: VPModel) -> None:
@@ -146,10 +155,12 @@ def load_model(file: str | os.PathLike | io.IOBase, features: Callable[..., Any]
 
     - `file`: a path, or a file opened for binary reading.
     - `features`: a feature map of the same architecture as the saved one (e.g. built
-        by the same code with any key): a template whose arrays are replaced by the
-        saved ones (`equinox.tree_deserialise_leaves`). The readout's template is built
-        from the file's header, so its shape, bias, scalar output and dtype are those
-        saved.
+        by the same code with any key, and the same `jax_enable_x64` setting, which
+        decides the default dtype): a template whose arrays are replaced by the saved
+        ones (`equinox.tree_deserialise_leaves`). Only arrays are saved: what is not an
+        array (an activation function, a static size) is the template's. The
+        readout's template is built from the file's header, so its shape, bias, scalar
+        output and dtype are those saved.
 
     **Returns:**
 
@@ -157,9 +168,17 @@ def load_model(file: str | os.PathLike | io.IOBase, features: Callable[..., Any]
 
     **Raises:**
 
-    `ValueError` when the file was not written by `save_model`, or when its arrays do
-    not fit the template `features` (naming the shapes or dtypes that differ).
+    `TypeError` when `features` is a `VPModel` (pass its feature map); `ValueError` when
+    the file was not written by `save_model`, is truncated or has data after the
+    model, or when its arrays do not fit the template `features` (the header lists the
+    saved feature map's arrays: the first whose shape or dtype differs is named, or
+    the counts when they differ).
     """
+    if isinstance(features, VPModel):
+        raise TypeError(
+            "`features` is the template of the feature map alone; got a `VPModel`: pass "
+            "its `features` (the readout's template comes from the file)."
+        )
     if isinstance(file, str | os.PathLike):
         with open(file, "rb") as f:
             return _read(f, features)
@@ -181,6 +200,7 @@ def _read(f: Any, features: Callable[..., Any]) -> VPModel:
             f"This file is of format version {header.get('version')!r}; this vploss reads "
             f"version {_FORMAT_VERSION}."
         )
+    _check_template(header["features"], _array_specs(features))
     dtype = jnp.dtype(header["dtype"])
     k, m = header["out_features"], header["in_features"]
     readout = VPLinear(
@@ -190,9 +210,28 @@ def _read(f: Any, features: Callable[..., Any]) -> VPModel:
     )
     template = VPModel(features, readout)
     try:
-        return eqx.tree_deserialise_leaves(f, template)
-    except (RuntimeError, ValueError) as error:
+        model = eqx.tree_deserialise_leaves(f, template)
+    except (RuntimeError, ValueError, EOFError) as error:
+        raise ValueError(f"The file is truncated or corrupt: {error}") from error
+    if f.read(1):
+        raise ValueError("The file has data after the saved model: it is corrupt.")
+    return model
+
+
+def _check_template(saved: list[list[Any]], template: list[list[Any]]) -> None:
+    advice = (
+        "build the feature map with the same architecture as the saved one (the same "
+        "code, and the same `jax_enable_x64` setting)."
+    )
+    for index, (was, now) in enumerate(zip(saved, template, strict=False)):
+        if was != now:
+            raise ValueError(
+                f"The saved model does not fit the template `features`: its array {index} "
+                f"has shape {tuple(was[0])} and dtype {was[1]} in the file, shape "
+                f"{tuple(now[0])} and dtype {now[1]} in the template: {advice}"
+            )
+    if len(saved) != len(template):
         raise ValueError(
-            "The saved model does not fit the template `features`: build the feature map "
-            f"with the same architecture (and dtype) as the saved one. ({error})"
-        ) from error
+            f"The saved model does not fit the template `features`: the file has "
+            f"{len(saved)} arrays of the feature map, the template {len(template)}: {advice}"
+        )

@@ -132,6 +132,16 @@ def _add_readout_loss_sums(sums, objective, model, x, labels, weights, coef, use
     return jax.tree.map(jnp.add, sums, batch), finite
 
 
+def _check_concrete(tree, what):
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree)):
+        raise TypeError(
+            "`refit_readout` loops over the batches in Python (its passes are compiled "
+            "functions), so it is called outside `jax.jit`, `jax.grad` and `jax.vmap`; "
+            f"{what} is traced here. Call it on concrete arrays, e.g. after the training "
+            "step returns."
+        )
+
+
 def _ridge_labels(y, num_samples):
     targets, scalar_output = as_targets("y", y, num_samples)
     return Labels(targets, scalar_output, jnp.array(False), "")
@@ -159,6 +169,7 @@ def _batches(batches, what, labels):
                 f"{what}: batch {index} is {kinds[len(batch)]}, but batch 0 was "
                 f"{kinds[size]}: all batches must be of the same kind."
             )
+        _check_concrete(batch, f"batch {index}")
         x = as_batch("x", batch[0])
         num_samples = batch_size(x)
         y = batch[1]
@@ -544,7 +555,8 @@ def refit_readout(
     Memory: one batch plus $O((m+1)^2)$ for the ridge loss, $O(((m+1)k)^2)$ for the
     Hessian of a readout loss ($k$ outputs or classes). Each batch's sums are
     computed by a jitted function (compiled once per batch shape); the loop over
-    batches runs in Python, so this function is called outside `jit`. The sums are
+    batches runs in Python, so this function is called outside `jax.jit`, `jax.grad`
+    and `jax.vmap` (a traced argument is a `TypeError` saying so). The sums are
     accumulated in the working dtype (the features' dtype, promoted by floating-point
     targets and to at least float32, so a bfloat16 or float16 model is solved in
     float32, and so is its readout): use float64 for very large data sets in float32
@@ -605,6 +617,7 @@ def refit_readout(
     batch), or a ridge readout that is not finite; `RuntimeError` as described for
     `throw`, and for an evidence fixed point that does not settle.
     """
+    _check_concrete((model, alpha2), "the model or `alpha2`")
     use_bias = as_flag("use_bias", use_bias)
     throw = as_flag("throw", throw)
     if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
