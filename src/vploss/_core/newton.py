@@ -457,33 +457,41 @@ def _is_descent(gradient, direction):
 def newton_direction(
     hessian: lx.AbstractLinearOperator, gradient: Float[Array, "*shape"]
 ) -> tuple[Float[Array, "*shape"], Bool[Array, ""]]:
-    r"""The Newton direction $H^{-1}g$ by Cholesky (`lx.Cholesky`), with fallbacks for
-    a Hessian that is not numerically positive definite (rounding of large or uneven
-    features in float32): where the Newton direction is not finite or not a descent
-    direction ($g^\top d \le 0$), the shifted Newton direction $(H + \delta I)^{-1}g$
-    with $\delta = n\,\varepsilon \max_i H_{ii}$ for $n$ unknowns (above the rounding
-    of the computed Hessian's eigenvalues), and where that fails too, the gradient step
-    $g/\operatorname{tr} H$ (a step no longer than $1/L$). Returns the direction and
-    whether it is the plain Newton direction. The one Cholesky solve of every Newton
-    method here (the one-shot losses, the streaming refit, `LogBarrier`); `gradient`
-    has the shape of the operator's input (`(p, k)` coefficients, or a flat vector)."""
-    newton = lx.linear_solve(hessian, gradient, lx.Cholesky(), throw=False).value
-    ok = _is_descent(gradient, newton)
+    r"""The Newton direction $H^{-1}g$ by Cholesky (`jax.scipy.linalg.cho_factor`, as
+    `lx.Cholesky`), with fallbacks for a Hessian that is not numerically positive
+    definite (rounding of large or uneven features in float32): where the Newton
+    direction is not finite or not a descent direction ($g^\top d \le 0$), the shifted
+    Newton direction $(H + \delta I)^{-1}g$ with $\delta = n\,\varepsilon \max_i H_{ii}$
+    for $n$ unknowns (above the rounding of the computed Hessian's eigenvalues), and
+    where that fails too, the gradient step $g/\operatorname{tr} H$ (a step no longer
+    than $1/L$). Returns the direction and whether it is the plain Newton direction.
+    The one Cholesky solve of every Newton method here (the one-shot losses, the
+    streaming refit, `LogBarrier`); `gradient` has the shape of the operator's input
+    (`(p, k)` coefficients, or a flat vector)."""
+    matrix = hessian.as_matrix()
+    n = matrix.shape[0]
+    diagonal = jnp.diag(matrix)
+    shift = n * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.abs(diagonal))
 
-    def fallback(_):
-        matrix = hessian.as_matrix()
-        diagonal = jnp.diag(matrix)
-        shift = matrix.shape[0] * jnp.finfo(matrix.dtype).eps * jnp.max(jnp.abs(diagonal))
-        shifted = lx.MatrixLinearOperator(
-            matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype),
-            lx.positive_semidefinite_tag,
-        )
-        flat = lx.linear_solve(shifted, gradient.reshape(-1), lx.Cholesky(), throw=False)
-        direction = flat.value.reshape(gradient.shape)
-        steepest = gradient / jnp.sum(jnp.abs(diagonal))
-        return jnp.where(_is_descent(gradient, direction), direction, steepest)
+    # The plain and the shifted factorisation are the two passes of one loop, so that
+    # XLA compiles one Cholesky solve, not two (compile time); the second pass runs
+    # only where the first fails. Adding a zero shift leaves the Hessian as it is.
+    def retry(carry):
+        tries, _, found = carry
+        return ~found & (tries < 2)
 
-    return jax.lax.cond(ok, lambda _: newton, fallback, None), ok
+    def solve(carry):
+        tries, _, _ = carry
+        delta = jnp.where(tries == 0, 0, shift)
+        factor, lower = jax.scipy.linalg.cho_factor(matrix + delta * jnp.eye(n, dtype=matrix.dtype))
+        flat = jax.scipy.linalg.cho_solve((factor, lower), gradient.reshape(-1))
+        direction = flat.reshape(gradient.shape)
+        return tries + 1, direction, _is_descent(gradient, direction)
+
+    start = (jnp.zeros((), jnp.int32), jnp.zeros_like(gradient), jnp.array(False))
+    tries, direction, found = jax.lax.while_loop(retry, solve, start)
+    steepest = gradient / jnp.sum(jnp.abs(diagonal))
+    return jnp.where(found, direction, steepest), found & (tries == 1)
 
 
 class FallbackNewtonDescent(optx.AbstractDescent):

@@ -515,6 +515,11 @@ class InnerMinimise(AbstractInnerSolver):
         if self.solver.fixed_budget:
             # `BudgetedTruncatedNewton` holds them at the returned iterate.
             value, gradient = state.value, state.gradient
+        elif hasattr(getattr(state, "f_info", None), "grad"):
+            # A quasi-Newton state (`DampedNewton`'s, BFGS's) holds them at the last
+            # accepted iterate, the returned one: no second copy of the objective and
+            # its gradient to compile.
+            value, gradient = state.f_info.f, state.f_info.grad
         else:
             value, gradient = jax.value_and_grad(objective)(coef, args)
         scale = objective.gradient_scale(args)
