@@ -68,3 +68,23 @@ def test_least_squares_benchmark_runs_quick():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for table in ("Step cost, varpro / nlls", "Lowest median test error"):
         assert table in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_compile_time_benchmark_runs_quick():
+    """The compile-time benchmark in its quick mode: a row for each of its 16 steps, each
+    in a fresh process, with its ratio to the plain step of its task (1.00 for the five
+    plain steps)."""
+    script = SCRIPT.parent / "compile_time.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=1800
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [
+        line.split(" | ")
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| task")
+    ]
+    assert len(rows) == 16, result.stdout
+    plain = [cells for cells in rows if "plain" in cells[1]]
+    assert len(plain) == 5 and all(cells[3] == "1.00" for cells in plain), result.stdout
