@@ -26,6 +26,7 @@ from .helpers import READOUT_CASES
 
 
 RTOL = 1e-10  # float64: the twins differ only in the order of a matmul's operands
+LEARNING_RATE = 1e-2
 
 
 class NNXMLP(nnx.Module):
@@ -92,7 +93,7 @@ def test_an_nnx_module_is_a_pytree_of_its_parameters():
 def train(model, x, y, steps=20):
     """Adam on `vploss_msereg`, the training loop of the getting-started page: the
     trained model, the last readout, the losses and the first gradient."""
-    optimiser = optax.adam(1e-2)
+    optimiser = optax.adam(LEARNING_RATE)
     opt_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
@@ -122,10 +123,18 @@ def test_training_with_optax_matches_equinox():
     assert isinstance(grads, NNXMLP)  # the gradient of a module is a module
     assert_mlps_match(grads, grads_twin, atol=1e-14)
     np.testing.assert_allclose(losses, losses_twin, rtol=RTOL)
-    np.testing.assert_allclose(readout.weight, readout_twin.weight, rtol=RTOL)
     assert readout.bias is not None and readout_twin.bias is not None
-    np.testing.assert_allclose(readout.bias, readout_twin.bias, rtol=RTOL)
-    assert_mlps_match(trained, trained_twin)
+    # Normwise: an entry near zero keeps only the readout's absolute accuracy.
+    for fitted, fitted_twin in (
+        (readout.weight, readout_twin.weight),
+        (readout.bias, readout_twin.bias),
+    ):
+        atol = RTOL * float(jnp.max(jnp.abs(fitted_twin)))
+        np.testing.assert_allclose(fitted, fitted_twin, rtol=RTOL, atol=atol)
+    # Each Adam step moves a parameter by about the learning rate times a normalised
+    # direction, so directions agreeing to RTOL leave parameters within steps·lr·RTOL
+    # (a parameter near zero has no relative accuracy to keep).
+    assert_mlps_match(trained, trained_twin, atol=len(losses) * LEARNING_RATE * RTOL)
 
     # The trained model is an NNX module again (a new one: the step is functional);
     # `nnx.update` writes its state into the original object.
