@@ -1,7 +1,7 @@
 """The GPU check (`benchmarks/gpu_check.py`) runs in its tiny CPU version: every loss's
 float32 accuracy row passes, and every `benchmarks/suite.py` cell is measured; the
-second-order classification benchmark and the least-squares benchmark run in their
-quick modes."""
+second-order classification benchmark, the least-squares benchmark and the BLAS-threads
+benchmark run in their quick modes."""
 
 import pathlib
 import subprocess
@@ -68,6 +68,28 @@ def test_least_squares_benchmark_runs_quick():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for table in ("Step cost, varpro / nlls", "Lowest median test error"):
         assert table in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_blas_threads_benchmark_runs_quick():
+    """The BLAS-threads benchmark in its quick mode: four configurations, each path's
+    row with both ratios and its LAPACK calls (the ridge default's only `potrf` and
+    `trsm`, the SVD solver's `gesdd`)."""
+    script = SCRIPT.parent / "blas_threads.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=1800
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        line.split("`")[1]: line.split(" | ")
+        for line in result.stdout.splitlines()
+        if line.startswith("| `")
+    }
+    assert len(rows) >= 14, result.stdout
+    assert all(len(cells) == 9 for cells in rows.values()), result.stdout
+    assert rows["vploss_msereg (default: cholesky)"][-1].strip(" |") == "spotrf, strsm"
+    assert rows['vploss_msereg solver="svd"'][-1].strip(" |") == "sgesdd"
+    assert "libscipy_openblas" in result.stdout
 
 
 @pytest.mark.slow
