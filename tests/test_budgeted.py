@@ -74,6 +74,7 @@ def perturbed_start(name, alpha2, seed):
     return eqx.tree_at(lambda r: r.weight, readout, readout.weight + 0.3 * noise)
 
 
+@pytest.mark.slow
 @CASES
 @pytest.mark.parametrize("alpha2", [1e-1, 1e-3])
 def test_error_bounds_hold(name, alpha2):
@@ -121,6 +122,7 @@ def test_a_spent_budget_is_no_error(name):
     assert exact_loss < float(value) < start
 
 
+@pytest.mark.slow
 @CASES
 def test_a_large_budget_converges_to_the_minimiser(name):
     """With budget to spare it stops as soon as the tolerance of `Newton` is met, at the
@@ -138,6 +140,7 @@ def test_a_large_budget_converges_to_the_minimiser(name):
     assert bool(again.stats.converged) and int(again.stats.num_steps) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset, scale", [(300.0, 1.0), (0.0, 255.0)])
 @pytest.mark.parametrize("name", ["ce", pytest.param("bce", marks=pytest.mark.slow)])
 def test_raw_units_in_float32(name, offset, scale):
@@ -160,6 +163,7 @@ def test_raw_units_in_float32(name, offset, scale):
     assert abs(float(value) - exact_loss) <= eps**0.5 * exact_loss + 64 * eps * (1 + exact_loss)
 
 
+@pytest.mark.slow
 def test_vmap_and_gradient_only():
     """Under `vmap` over problems the loss is each problem's; a gradient-only step is
     the same gradient."""
@@ -179,6 +183,7 @@ def test_vmap_and_gradient_only():
     np.testing.assert_allclose(gradient, reference, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_options_are_checked():
     with pytest.raises(ValueError, match="max_cg_steps"):
         vploss.BudgetedNewtonCG(max_cg_steps=0)

@@ -64,6 +64,7 @@ def objective_args(model, x):
     return (jnp.moveaxis(jac, 1, -1), jnp.moveaxis(hess, 1, -1), x, jnp.asarray(ALPHA2), None)
 
 
+@pytest.mark.slow
 def test_inner_solution_against_scipy(model, data, fitted):
     loss, flow = fitted
     args = objective_args(model, data)
@@ -157,6 +158,7 @@ def test_inverse_max_steps_counts_updates(model, fitted):
     np.testing.assert_allclose(x, z - size * gradient, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_density_integrates_to_one(model, fitted):
     _, flow = fitted
     # The inverse flow of a circle of radius 6 in z-space bounds all but 1.5e-8 of the
@@ -221,6 +223,7 @@ def test_shapes(model, data):
         )
 
 
+@pytest.mark.slow
 def test_non_convex_model_is_detected(data):
     def concave(x):
         return jnp.stack([jnp.sum(x**2), -jnp.sum(x**2) + x[0]])

@@ -98,6 +98,7 @@ def recording_objective(w, args):
     return quartic_objective(w, args)
 
 
+@pytest.mark.slow
 def test_undifferentiated_arguments_get_no_tangent():
     """Only `s` is differentiated: `a` must not receive a materialised tangent (the
     backward pass of a large batch would carry N×m zeros). Run eagerly, `a` is a

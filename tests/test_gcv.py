@@ -56,6 +56,7 @@ def brute_force_gcv(features, targets, alphas, use_bias, weights=None):
     return np.array(values), np.array(traces), singular[0] ** 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n, m, k, use_bias, noise",
     [
@@ -97,6 +98,7 @@ def _mlp_problem(dtype=jnp.float64):
     return model, x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver", [pytest.param(s, marks=pytest.mark.slow) for s in ("auto", "svd")] + ["cholesky"]
 )
@@ -180,6 +182,7 @@ def test_float32_chooses_the_float64_penalty():
     assert abs(np.log(alpha32 / alpha64)) <= np.sqrt(2 * tolerance / curvature)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset", [300.0, 1e6])
 @pytest.mark.parametrize("target_offset", [0.0, 1e4])
 def test_float32_gcv_with_a_feature_offset(offset, target_offset):
@@ -214,6 +217,7 @@ def test_unknown_string_is_an_error(bad):
         vploss_msereg(identity, features, targets, alpha2=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n, m, k, use_bias, noise",
     # The centred, primal and dual forms.
@@ -267,6 +271,7 @@ def _noise_free(n, m, dtype, seed=0):
     return features.astype(dtype), (features @ rng.normal(size=m)).astype(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n, m, use_bias, dtype, weighted",
     [

@@ -317,6 +317,7 @@ def test_errors_name_what_was_expected():
         )
 
 
+@pytest.mark.slow
 def test_curvature_products_batched_and_compiled_in_float32():
     """The per-sample curvature products of the GGN and of the inner Hessian, compiled
     and batched in float32, against NumPy: XLA's CPU compiler miscompiled the row dot

@@ -1113,8 +1113,14 @@ ROWS = {
 
 
 # Rows whose compile alone takes half a minute run with the slow tests, and so do the
-# longer of two rows that check the same input on related paths (the other stays).
+# longer of two rows that check the same input on related paths (the other stays), so
+# that the default suite fits in five minutes on two cores.
 SLOW_ROWS = {
+    "ridge-dual-readout-hessian-repeated-singular-values",
+    "bce-duplicated-features",
+    "ridge-dual-alpha2-0-repeated-inputs",
+    "ce-separable-alpha2-1e-6",
+    "ridge-offset-1e6-float64",
     "slimtik-noise-free-batch",
     "bce-wide-repeated-samples",
     "poisson-wide-zero-weights",

@@ -59,6 +59,7 @@ def _readout_close(a, b, rtol=1e-9):
 # The inputs are checked and the features evaluated by the same code for every loss:
 # the default run keeps the closed-form one (every other loss, a new one too, runs with
 # the slow tests).
+@pytest.mark.slow
 @pytest.mark.parametrize("case", cases(default=("msereg",)))
 def test_integer_and_boolean_inputs_in_a_pytree(case):
     """Token ids (int32) and a mask (bool) as a tuple: the loss, readout and gradient

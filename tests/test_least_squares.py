@@ -95,6 +95,7 @@ def _linearisation(model, x, y, kwargs, jacobian):
     return problem, flat, lin
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", JACOBIAN_CASES)
 def test_jacobian_is_that_of_the_reduced_residual(case):
     """The residual here has the centred rows (one more than the samples per output),
@@ -153,6 +154,7 @@ def test_kaufman_jacobian():
     np.testing.assert_allclose(j_kaufman, j_exact, atol=1e-9 * np.max(np.abs(j_exact)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jacobian", ["golub_pereyra", "kaufman"])
 def test_exponential_fit_matches_the_whole_problem_minimiser(jacobian):
     t, y = exponential_data()
@@ -397,6 +399,7 @@ def test_one_compilation_per_problem_structure():
     assert len(TRACES) == traced
 
 
+@pytest.mark.slow
 def test_bfloat16_model():
     """A bfloat16 network trains with float32 steps and comes back in bfloat16."""
     model = jax.tree.map(

@@ -36,6 +36,7 @@ def _data(k=None, soft=False, seed=0):
     return x, y.reshape(shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "k, soft, use_bias",
     [
@@ -77,6 +78,7 @@ def test_other_solvers_agree(solver):
     assert bool(readout.stats.converged)
 
 
+@pytest.mark.slow
 def test_newton_last_step_below_rounding():
     """Features of size 5-10 and alpha2 = 1: the last Newton step predicts a decrease
     below the rounding of the objective (the plain Armijo search rejected it forever
@@ -93,6 +95,7 @@ def test_newton_last_step_below_rounding():
     assert float(readout.stats.gradient_norm) <= 1.5e-8
 
 
+@pytest.mark.slow
 def test_newton_cg_multi_output_matches_numpy_newton():
     model = mlp()
     x, y = _data(k=3, soft=True)
@@ -114,6 +117,7 @@ def test_newton_cg_float32_small_alpha2():
         assert bool(readout.stats.converged), (alpha2, readout.stats)
 
 
+@pytest.mark.slow
 def test_gradient_wrt_alpha2_and_labels():
     model = mlp()
     x, y = _data(soft=True)
@@ -136,6 +140,7 @@ def _fixed_readout_bce(model, x, y, coef, alpha2):
     return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * alpha2 * jnp.sum(coef**2)
 
 
+@pytest.mark.slow
 def test_float32_gradient_close_to_float64():
     """The float32 envelope gradient is off by the float32 readout's error, propagated
     by the gradient's sensitivity to the readout, plus the float32 evaluation of the
@@ -294,6 +299,7 @@ def test_validation_loss_through_the_readout(solver):
     assert abs(fd - ad) <= 1e-6 * abs(ad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_concrete_array_hyperparameters_under_jit(dtype):
     """Concrete `jnp` scalars closed over inside a jitted function act like Python floats."""
@@ -332,6 +338,7 @@ def test_reduced_loss_independent_of_the_warm_start():
         assert float(readout.stats.loss_error_bound) <= tolerance
 
 
+@pytest.mark.slow
 def test_second_derivative_newton_cg(monkeypatch):
     """Second derivatives on the Newton-CG path, where the readout's derivative solves
     by preconditioned CG (forced here at a small size): the preconditioner built from

@@ -33,6 +33,7 @@ def _readouts(model, x, y):
     }
 
 
+@pytest.mark.slow
 def test_predicts_the_readout_of_the_features():
     x, y = _data()
     model = mlp(IN, features=M)
@@ -48,6 +49,7 @@ def test_predicts_the_readout_of_the_features():
     np.testing.assert_allclose(jitted, prediction, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_one_structure_whatever_fitted_the_readout():
     """The readout's `stats` differ by producer (None, `GCVStats`, `InnerStats`); the
     model keeps the readout without them, so every `VPModel` of one architecture has
@@ -102,6 +104,7 @@ def test_save_load_path(tmp_path):
     np.testing.assert_array_equal(jax.vmap(loaded)(x), jax.vmap(net)(x))
 
 
+@pytest.mark.slow
 def test_refit_final_model_beats_the_stale_readout():
     """The readout a training step returns was fitted before the step's update; the
     model refitted after the last step fits the training data at least as well (the

@@ -111,6 +111,7 @@ def train(model, x, y, steps=20):
     return model, readout, np.array(losses), gradients[0]
 
 
+@pytest.mark.slow
 def test_training_with_optax_matches_equinox():
     x, y = regression_data()
     model = NNXMLP(rngs=nnx.Rngs(0))
@@ -260,6 +261,7 @@ def test_a_model_in_training_mode_is_a_clear_error(layer):
     jax.eval_shape(lambda: vploss.vploss_msereg(model, x, y))  # traces, so no error
 
 
+@pytest.mark.slow
 def test_vploss_imports_without_flax():
     """Flax is optional: with it made unimportable, vploss imports (and never tries)."""
     code = "import sys; sys.modules['flax'] = None; import vploss"  # `import flax` would raise

@@ -63,6 +63,7 @@ LONG_CHECK = pytest.mark.parametrize("case", cases(LOSSES, default=(DEFAULT_RUN_
 WEIGHTS = np.resize([1, 0, 2, 1, 3], N)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", cases(LOSSES))
 def test_loss_gradient_and_curvature_match_the_reference(case):
     """On random logits, the loss object's `loss` is the reference's per-sample loss, its
@@ -170,6 +171,7 @@ def test_float32_loss_matches_float64_on_the_same_features(case):
     assert abs(float(loss32) - float(loss64)) <= eps**0.5 * value + 32 * eps * (1 + value)
 
 
+@pytest.mark.slow
 @LONG_CHECK
 def test_solver_objects_equal_their_names(case):
     """Every solver name is sugar for its object (`READOUT_SOLVERS`): the same loss."""
@@ -220,6 +222,7 @@ def test_the_shared_lists_hold_every_loss_and_solver():
     assert _solver_names(vploss.vploss_msereg) == set(RIDGE_SOLVERS)
 
 
+@pytest.mark.slow
 @LONG_CHECK
 def test_the_generic_loss_and_the_refit_take_the_loss_object(case):
     """`vploss_glm(loss, ...)` is the named function; `refit_readout` takes the loss
@@ -239,6 +242,7 @@ def test_the_generic_loss_and_the_refit_take_the_loss_object(case):
         np.testing.assert_allclose(refit.weight, readout.weight, rtol=1e-8, atol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", cases(LOSSES))
 def test_bad_weights(case):
     model = mlp()
@@ -311,6 +315,7 @@ def test_weights_of_any_scale(function):
         np.testing.assert_allclose(scale * scaled_grad, grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_chooses_newton_by_the_cost_of_a_hessian():
     """`"auto"` takes exact Newton where a Hessian costs few Hessian-vector products (one
     output, 300 features: about 50) and Newton–CG where it costs many (ten classes, 48

@@ -22,6 +22,7 @@ def _data(seed=0):
     return x, jnp.stack([jnp.sin(2 * x[:, 0]) * x[:, 1], jnp.cos(x[:, 1])], axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "alpha1, alpha2, extra",
     [
@@ -74,6 +75,7 @@ def test_jacobian_against_finite_differences_both_modes():
     assert float(jnp.max(jnp.abs(partial.ravel() / np.sqrt(N) - jvp[: 2 * N]))) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jac", [pytest.param("fwd", marks=pytest.mark.slow), "bwd"])
 def test_levenberg_marquardt_lowers_the_loss(jac):
     model = mlp(IN, features=M)

@@ -81,6 +81,7 @@ def test_loss_equals_objective_at_readout(solver):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver", [pytest.param(s, marks=pytest.mark.slow) for s in ("cholesky", "dual")] + ["svd"]
 )
@@ -96,6 +97,7 @@ def test_gradient_finite_differences_and_taylor(solver):
     np.testing.assert_allclose(ratios, 4.0, rtol=0.15)
 
 
+@pytest.mark.slow
 def test_gradients_in_targets_and_alpha2_are_envelope_gradients():
     model = mlp(IN, features=M)
     x, y = _data(k=2)
@@ -116,6 +118,7 @@ def test_gradients_in_targets_and_alpha2_are_envelope_gradients():
     np.testing.assert_allclose(g_alpha2, fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_forward_mode_matches_reverse_mode():
     model = mlp(IN, features=M)
     x, y = _data()
@@ -131,6 +134,7 @@ def test_forward_mode_matches_reverse_mode():
     np.testing.assert_allclose(jvp, vjp, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS[:-1] + [pytest.param("dual", marks=pytest.mark.slow)])
 def test_rank_deficient_features_give_the_pseudo_inverse(solver):
     """Duplicated and all-zero feature columns with alpha2 = 0: the minimum-norm
@@ -259,6 +263,7 @@ def test_dual_equals_primal_when_overparameterised():
             np.testing.assert_allclose(readout.weight, primal[1].weight, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_scalar_model_output_and_numpy_inputs():
     """A model returning a scalar counts as m = 1; NumPy inputs are accepted."""
     x = np.linspace(-1.0, 1.0, 20)[:, None]
@@ -400,6 +405,7 @@ def test_readout_call():
     np.testing.assert_allclose(readout(jnp.ones(3)), [3.0, 3.0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver", [pytest.param(s, marks=pytest.mark.slow) for s in ("cholesky", "dual")] + ["svd"]
 )
@@ -424,6 +430,7 @@ def test_validation_loss_through_the_readout(solver):
     np.testing.assert_allclose(jvp, ad, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["cholesky", "svd", "dual"])
 def test_readout_jacobian_in_targets_is_the_hat_map(solver):
     """dŴ*ᵀ/dY = (F̂ᵀF̂/N + alpha2 I)⁻¹F̂ᵀ/N, a closed form."""
@@ -436,6 +443,7 @@ def test_readout_jacobian_in_targets_is_the_hat_map(solver):
     np.testing.assert_allclose(jax.jacrev(weight)(y)[0], expected[:M], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_second_derivative_of_the_loss():
     """A Hessian-vector product of the reduced loss (forward over reverse) against
     central differences of its gradient: it needs the readout's derivative."""
@@ -659,6 +667,7 @@ class _Bottleneck(eqx.Module):
         return self.b @ jnp.tanh(self.a @ x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_samples, features, solver",
     # A tall problem solved in the dual; a wide one, where "auto" picks the dual.

@@ -48,6 +48,7 @@ def _stacked(readout):
     return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]], axis=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("memory", "alpha2"),
     [(0, "sgcv"), (2, 0.05), pytest.param(8, "sgcv", marks=pytest.mark.slow)],
@@ -108,6 +109,7 @@ def _brute_force_sgcv(features, targets, previous_coef, remembered, a_prev, pena
     return np.array(values), np.array(traces)
 
 
+@pytest.mark.slow
 def test_sampled_gcv_minimises_a_brute_force_curve():
     """At every step, the chosen cumulative penalty a_k minimises the sGCV curve formed
     explicitly here (a grid of 2000 points over the search interval): its value is at
@@ -148,6 +150,7 @@ def test_first_step_without_memory_is_ordinary_gcv():
     np.testing.assert_allclose(readout.weight, fitted.weight, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_gradient_is_that_of_the_batch_loss_at_the_fixed_updated_readout():
     """The model's gradient is that of ½ mean ‖F̂(θ)Ŵ_k − Y‖² + alpha1/2 ‖θ‖² with the
     updated readout Ŵ_k held fixed (slimTrain): checked against autodiff of that
@@ -284,6 +287,7 @@ def test_errors():
     assert vploss.SlimTik is SlimTik
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, pytest.param(np.float32, marks=pytest.mark.slow)])
 def test_noise_free_batches_choose_resolved_reproducible_penalties(dtype):
     """Batches the features fit exactly: sGCV falls below its rounding error as the

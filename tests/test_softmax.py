@@ -82,6 +82,7 @@ def test_newton_cg_matches_numpy_newton(alpha2):
     assert bool(readout.stats.converged)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "alpha2", [pytest.param(a, marks=pytest.mark.slow) for a in (1e-2, 1e-4)] + [1e-6]
 )
@@ -107,6 +108,7 @@ def test_newton_cg_float32_converges(alpha2):
     assert bool(warm.stats.converged), warm.stats
 
 
+@pytest.mark.slow
 def test_label_errors():
     model = mlp()
     x, y = _data()
@@ -224,6 +226,7 @@ def test_reduced_loss_independent_of_the_warm_start():
         assert float(readout.stats.loss_error_bound) <= tolerance
 
 
+@pytest.mark.slow
 def test_float32_newton_on_uncentred_pixels():
     """Pixels 0-255 in float32: the Hessian formed in the classes' basis rounded to an
     indefinite matrix (its data term is singular along the logits' shift), and the
@@ -399,6 +402,7 @@ def assert_matches_zero_sum_reference(readout, labels, use_bias=True, weights=No
         np.testing.assert_allclose(readout.bias, coef[1], rtol=rtol, atol=rtol * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "labels, kwargs",
     [

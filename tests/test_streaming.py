@@ -216,6 +216,7 @@ def _bad_inputs():
     ]
 
 
+@pytest.mark.slow
 def test_weighted_ridge_triples_equal_one_shot():
     """`(x, y, w)` triples: the readout of the one-shot weighted loss on the
     concatenated data, with a batch whose weights are all zero (it adds nothing)."""

@@ -154,6 +154,7 @@ def _shapes(jaxpr):
                 yield from _shapes(sub)
 
 
+@pytest.mark.slow
 def test_issue_shape_forms_no_primal_array_and_is_exact():
     """N = 200, m = 2000 (the issue's case): the default solver's loss, its gradient and
     the readout's derivative form no array with two axes of length m + 1 (no Gram
@@ -195,6 +196,7 @@ def test_jit_vmap_two_outputs_no_bias_against_numpy_newton():
         assert_minimiser("bce", readout, ref_coef, y=y, use_bias=False)
 
 
+@pytest.mark.slow
 def test_weighted_softmax_against_scipy_and_primal_newton():
     """Softmax (rank-one curvature, the classes' basis) with per-sample weights, three of
     them zero: against SciPy's `trust-exact` on the weighted objective, and against
@@ -209,6 +211,7 @@ def test_weighted_softmax_against_scipy_and_primal_newton():
     assert int(readout.stats.num_steps) == int(primal.stats.num_steps)
 
 
+@pytest.mark.slow
 def test_float32():
     """Softmax with float32 features (exact in float64): the float32 readout's
     objective, evaluated in float64, is within the solver's loss tolerance
@@ -233,6 +236,7 @@ def central_difference(fn, scale, h=1e-5):
     return jax.tree.map(lambda a, b: (a - b) / (2 * h), fn(scale + h), fn(scale - h))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, kwargs",
     [

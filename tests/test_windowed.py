@@ -50,6 +50,7 @@ def _stacked(readout):
     return np.concatenate([np.asarray(readout.weight).T, np.asarray(readout.bias)[None]], axis=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("classes", "memory"), [pytest.param(None, 0, marks=pytest.mark.slow), (3, 2)]
 )
@@ -131,6 +132,7 @@ def test_data_hessian_eigenvalues(classes):
     np.testing.assert_allclose(eigenvalues, np.maximum(expected, 0), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradient_is_that_of_the_batch_loss_at_the_fixed_readout():
     """The model's gradient is that of the current batch's mean loss at the window's
     readout held fixed, plus alpha1/2 ‖θ‖²."""
