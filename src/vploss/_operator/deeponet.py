@@ -153,7 +153,7 @@ def vploss_deeponet(
     use_bias: bool = True,
     weights_functions: Real[ArrayLike, " _n"] | None = None,
     weights_points: Real[ArrayLike, " _m"] | None = None,
-    refine_steps: int = 2,
+    refine_steps: int = 1,
 ) -> tuple[Float[Array, ""], DeepONetReadout]:
     r"""Variable projection loss for operator learning: a DeepONet whose bilinear readout
     between the branch and the trunk network is solved exactly.
@@ -182,8 +182,11 @@ def vploss_deeponet(
     (\lambda_b\lambda_t^\top + \alpha_2)\bigr]V_t^\top,$$
 
     two eigendecompositions ($O(p^3 + q^3)$) and passes over the data, never the
-    $pq\times pq$ system; two steps of iterative refinement (`refine_steps`) with the
-    residual formed from the data make it accurate in float32.
+    $pq\times pq$ system. They are computed as the SVDs of the scaled, centred feature
+    matrices (`(n, p + 1)` and `(m, q + 1)`, so the targets are projected on singular
+    vectors and never squared into a Gram matrix: float32 keeps the accuracy of the
+    condition number, not of its square), followed by `refine_steps` of iterative
+    refinement with the residual formed on the grid.
 
     **The bias.** $D = \begin{bmatrix}C & \beta_b\\ \beta_t^\top & \beta_0\end{bmatrix}$
     holds the interaction $C$ `(p, q)`, terms linear in the branch or the trunk
@@ -206,8 +209,8 @@ def vploss_deeponet(
     `vmap`): the loss by the envelope theorem, one vector-Jacobian product of each
     network at the fitted $D^*$; the readout by the implicit function theorem, with the
     Hessian $G_b\otimes G_t + \alpha_2 I$ solved through the same eigendecompositions
-    inside a `jax.lax.custom_linear_solve` (no eigendecomposition is differentiated,
-    so derivatives are finite at repeated eigenvalues).
+    inside a `jax.lax.custom_linear_solve` (no decomposition is differentiated, so
+    derivatives are finite at repeated singular values).
 
     **Not supported:** a query grid that differs between the functions, or a mask of
     missing points (either breaks the Kronecker structure; weights of zero drop a
@@ -227,8 +230,9 @@ def vploss_deeponet(
     - `targets`: $G(u_i)(y_j)$, shape `(n, m)`.
     - `alpha1`: penalty weight on the parameters of both networks, `>= 0`.
     - `alpha2`: penalty weight on the readout $D$, `>= 0`. With `0` and rank-deficient
-        features the minimum-norm least-squares readout (eigenvalue products below
-        $\varepsilon\max(p, q)$ times the largest are dropped).
+        features the minimum-norm least-squares readout (products of singular values
+        $s_{b,k}s_{t,l}$ below $\varepsilon\max(n, m, p, q)$ times the largest are
+        dropped).
     - `use_bias`: whether the readout has the bias terms above (a constant feature
         appended to both networks, after centring).
     - `weights_functions`: weights $w_f \ge 0$ of the functions, shape `(n,)`, with a
