@@ -118,7 +118,7 @@ def main():
     grids = (
         {"varpro": (3e-3,), "adam": (3e-3,)}
         if args.quick
-        else {"varpro": (1e-3, 3e-3), "adam": (1e-3, 3e-3, 1e-2)}
+        else {"varpro": (1e-3, 3e-3), "adam": (3e-4, 1e-3, 3e-3, 1e-2)}
     )
     n_train, n_test = (100, 100) if args.quick else (500, 500)
     train_set = antiderivative_data(n_train, seed=1000)

@@ -120,8 +120,7 @@ def test_readout_and_loss_match_the_dense_normal_equations(weighted, bias):
 def test_feature_offsets_change_nothing():
     """Offsets of 1e2 on every branch and trunk feature: the loss and the predictions are
     those of the unshifted features to float64 rounding (the penalty is on the centred
-    coefficients), and the raw coefficients match the dense solve of the shifted
-    features."""
+    coefficients) and of their dense solve, and so are the gradients."""
     branch, trunk = networks()
     u, y, targets, wf, wp = data()
     kwargs = dict(alpha2=1e-4, weights_functions=wf, weights_points=wp)
@@ -132,9 +131,20 @@ def test_feature_offsets_change_nothing():
     b, t = features(branch, trunk, u, y)
     bs, ts = features(shifted_b, shifted_t, u, y)
     np.testing.assert_allclose(readout_s.predict(bs, ts), readout.predict(b, t), atol=1e-11)
-    _, ref = dense_solve(np.asarray(bs), np.asarray(ts), np.asarray(targets), 1e-4,
+    # The dense solve of the unshifted features (the shifted one's normal equations
+    # hold the offsets squared: in float64 it lost two digits here, 1.4e-2 relative).
+    _, ref = dense_solve(np.asarray(b), np.asarray(t), np.asarray(targets), 1e-4,
                          np.asarray(wf), np.asarray(wp))  # fmt: skip
-    np.testing.assert_allclose(readout_s.coefficients(), ref, rtol=1e-6, atol=1e-6)
+    raw = np.c_[b, np.ones(len(b))] @ ref @ np.c_[t, np.ones(len(t))].T
+    np.testing.assert_allclose(readout_s.predict(bs, ts), raw, atol=1e-10)
+    grads = [
+        eqx.filter_grad(lambda n: vploss.vploss_deeponet(n[0], n[1], u, y, targets, **kwargs)[0])(
+            nets
+        )
+        for nets in [(branch, trunk), (shifted_b, shifted_t)]
+    ]
+    for a, c in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-8, atol=1e-11)
 
 
 def test_alpha2_zero_with_rank_deficient_features_is_the_least_squares_fit():
@@ -313,7 +323,7 @@ def test_zero_weights_drop_functions_and_points():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(targets=np.zeros((6, 7))), ValueError, r"shape \(n, m\) = \(7, 6\).*got shape \(6, 7\)"),
+        (dict(targets=np.zeros((6, 7))), ValueError, r"\(n, m\) = \(7, 6\).*got shape \(6, 7\)"),
         (dict(targets=np.zeros(7)), ValueError, r"\(n, m\) = \(7, 6\)"),
         (dict(y_points=np.zeros((5, 1))), ValueError, r"\(n, m\) = \(7, 5\)"),
         (dict(weights_functions=np.ones(6)), ValueError, r"`weights_functions`.*shape \(7,\)"),

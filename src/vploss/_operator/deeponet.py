@@ -90,7 +90,7 @@ class DeepONetReadout(eqx.Module):
         return self.predict(b[None], t[None])[0, 0]
 
     def predict(
-        self, branch_features: Float[Array, "n p"], trunk_features: Float[Array, "m q"]
+        self, branch_features: Float[Array, "..."], trunk_features: Float[Array, "..."]
     ) -> Float[Array, "n m"]:
         """The predictions on a grid: `(n, m)` for the branch features of `n` functions
         `(n, p)` and the trunk features of `m` points `(m, q)`."""
@@ -146,13 +146,13 @@ def vploss_deeponet(
     trunk: Callable[..., Any],
     u_sensors: PyTree[ArrayLike],
     y_points: PyTree[ArrayLike],
-    targets: Shaped[ArrayLike, "_n _m"],
+    targets: Shaped[ArrayLike, "..."],
     *,
     alpha1: ArrayLike = 0.0,
     alpha2: ArrayLike = DEFAULT_DEEPONET_ALPHA2,
     use_bias: bool = True,
-    weights_functions: Real[ArrayLike, " _n"] | None = None,
-    weights_points: Real[ArrayLike, " _m"] | None = None,
+    weights_functions: Real[ArrayLike, "..."] | None = None,
+    weights_points: Real[ArrayLike, "..."] | None = None,
     refine_steps: int = 1,
 ) -> tuple[Float[Array, ""], DeepONetReadout]:
     r"""Variable projection loss for operator learning: a DeepONet whose bilinear readout

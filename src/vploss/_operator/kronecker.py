@@ -136,7 +136,7 @@ def kronecker_solve(
     $(\varepsilon\max(P, Q))^2$ times the largest are dropped)."""
     vb, lb, vt, lt = stats
     product = lb[:, None] * lt[None, :]
-    cut = (jnp.finfo(product.dtype).eps * max(product.shape)) ** 2
+    cut = float(jnp.finfo(product.dtype).eps * max(product.shape)) ** 2
     inner = matmul(matmul(vb.T, rhs), vt) * _inverse(product, alpha2, cut)
     return matmul(matmul(vb, inner), vt.T)
 
@@ -177,7 +177,7 @@ class KroneckerRidgeSolver(AbstractInnerSolver):
         ut, st, vt = _padded_svd(zt)
         product = sb[:, None] * st[None, :]
         size = max(*zb.shape, *zt.shape)
-        inverse = _inverse(product**2, alpha2, (jnp.finfo(zb.dtype).eps * size) ** 2)
+        inverse = _inverse(product**2, alpha2, float(jnp.finfo(zb.dtype).eps * size) ** 2)
 
         def project(residual):
             return matmul(matmul(ub.T, residual), ut)
