@@ -370,3 +370,20 @@ def test_readout_rejects_wrong_feature_shapes():
         readout(jnp.zeros(3), jnp.zeros(3))
     with pytest.raises(ValueError, match=r"\(n, 4\).*\(m, 3\)"):
         readout.predict(jnp.zeros((2, 4)), jnp.zeros(3))
+
+
+def test_second_derivatives_match_the_dense_solve():
+    """A Hessian-vector product of the loss (forward over reverse: the envelope rule
+    differentiated through the readout's implicit derivative) against the dense solve."""
+    nets = networks()
+    params, static = eqx.partition(nets, eqx.is_inexact_array)
+    tangent = eqx.filter(random_direction(nets, seed=7), eqx.is_inexact_array)
+
+    def hvp(loss):
+        grad = jax.grad(lambda p: loss(eqx.combine(p, static)))
+        return jax.tree.leaves(jax.jvp(grad, (params,), (tangent,))[1])
+
+    ours = hvp(lambda n: _loss(n, dict(alpha2=1e-3))[0])
+    dense = hvp(lambda n: _dense_loss(n, 1e-3)[0])
+    for a, b in zip(ours, dense, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)

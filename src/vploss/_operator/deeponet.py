@@ -199,8 +199,12 @@ def vploss_deeponet(
     keep the Kronecker structure (the constant feature is orthogonal to the centred
     ones, so both Gram matrices are block-diagonal). As a consequence the loss, the
     fit and its predictions are unchanged when a constant is added to any branch or
-    trunk feature, and no offset ever enters a Gram matrix: features with offsets of
-    $10^2$ (tested) to $10^6$ keep their accuracy. (Offsets of the targets are not
+    trunk feature, and no offset ever enters a Gram matrix or a decomposition. Measured
+    on a small DeepONet, offsets of $\pm o$ on every feature change the predictions by
+    $3\cdot10^{-14}$, $3\cdot10^{-12}$ and $2\cdot10^{-10}$ (relative) for $o = 10^2$,
+    $10^4$, $10^6$ in float64; in float32 by $10^{-5}$ for $o = 10^2$ and $3\cdot10^{-3}$
+    for $o = 10^4$, which is the rounding of the features themselves ($\varepsilon o$,
+    before any solve). (Offsets of the targets are not
     removed: they are fitted by $\beta_0$, and their rounding enters the residual in
     float32 as in an uncentred fit.) With $\alpha_2 \to 0$ both penalties give the
     same least-squares fit.
