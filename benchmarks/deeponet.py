@@ -19,7 +19,13 @@ functions (VarPro with the readout fitted on the training set for the final netw
 Learning rates are tuned per method on a grid (the median over the seeds of the final
 training loss decides), errors are medians over 3 seeds.
 
-Usage: `OPENBLAS_NUM_THREADS=1 python benchmarks/deeponet.py [--quick] [--seconds S]`;
+`--problem diffusion-reaction` learns instead the solution operator of $s_t = 0.01
+s_{xx} + 0.01 s^2 + u(x)$ on $[0, 1]^2$ (zero initial and boundary values; Lu et al.'s
+second example) from the source $u$ at 101 sensors to $s$ at 21 × 21 points $(x, t)$,
+by finite differences (`diffusion_reaction_data`), with a trunk of input size 2.
+
+Usage: `OPENBLAS_NUM_THREADS=1 python benchmarks/deeponet.py [--problem P] [--quick]
+[--seconds S]`;
 `--quick` trains 3 s per run on one seed at one learning rate each (a smoke test, not a
 measurement).
 """
@@ -37,7 +43,7 @@ import optax
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-from _antiderivative import antiderivative_data  # noqa: E402
+from _antiderivative import _field_factor, antiderivative_data  # noqa: E402
 
 import vploss  # noqa: E402
 
@@ -45,10 +51,38 @@ import vploss  # noqa: E402
 WIDTH = 40
 
 
-def networks(seed, sensors):
+def diffusion_reaction_data(num_functions, *, seed, diffusion=0.01, rate=0.01, grid=101):
+    r"""`(u, y, s)` for the diffusion-reaction operator of Lu et al. (2021): $s_t =
+    D s_{xx} + k s^2 + u(x)$ on $[0, 1]^2$ with zero initial and boundary values, $D
+    = k = 0.01$, the source $u$ a Gaussian random field of length scale 0.2 (at
+    `grid` sensors); finite differences on a `grid` × `grid` mesh in $(x, t)$,
+    implicit in the diffusion and explicit in the reaction and source; $s$ at the
+    21 × 21 points $(x, t)$ of every fifth mesh line, `y` of shape `(441, 2)`."""
+    fine, factor = _field_factor(0.2)
+    rng = np.random.default_rng(seed)
+    fields = rng.standard_normal((num_functions, factor.shape[1])) @ factor.T
+    x = np.linspace(0.0, 1.0, grid)
+    u = fields[:, np.round(np.linspace(0, len(fine) - 1, grid)).astype(int)]
+    h, dt = x[1] - x[0], 1.0 / (grid - 1)
+    inner = grid - 2
+    laplacian = (np.eye(inner, k=1) + np.eye(inner, k=-1) - 2 * np.eye(inner)) / h**2
+    step = np.linalg.inv(np.eye(inner) - dt * diffusion * laplacian)
+    state = np.zeros((num_functions, inner))
+    history = [np.zeros((num_functions, grid))]
+    for _ in range(grid - 1):
+        state = (state + dt * (rate * state**2 + u[:, 1:-1])) @ step.T
+        history.append(np.pad(state, ((0, 0), (1, 1))))
+    solution = np.stack(history, axis=2)  # (n, x, t)
+    lines = np.arange(0, grid, 5)
+    xx, tt = np.meshgrid(x[lines], x[lines], indexing="ij")
+    y = np.stack([xx.ravel(), tt.ravel()], axis=1)
+    return u, y, solution[:, lines][:, :, lines].reshape(num_functions, -1)
+
+
+def networks(seed, sensors, points_dim=1):
     kb, kt, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
     branch = eqx.nn.MLP(sensors, WIDTH, WIDTH, 2, activation=jnp.tanh, key=kb)
-    trunk = eqx.nn.MLP(1, WIDTH, WIDTH, 2, activation=jnp.tanh, key=kt)
+    trunk = eqx.nn.MLP(points_dim, WIDTH, WIDTH, 2, activation=jnp.tanh, key=kt)
     coef = jax.random.normal(kc, (WIDTH + 1, WIDTH + 1)) / np.sqrt(WIDTH)
     return branch, trunk, coef
 
@@ -70,7 +104,7 @@ def plain_prediction(params, u, y):
 def train(method, data, seed, lr, seconds):
     """`(test error, steps, final training loss)` after `seconds` of full-batch Adam."""
     (u, y, s), (u_test, _, s_test) = data
-    branch, trunk, coef = networks(seed, u.shape[1])
+    branch, trunk, coef = networks(seed, u.shape[1], y.shape[1])
     if method == "varpro":
         params = (branch, trunk)
 
@@ -112,6 +146,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few seconds")
     parser.add_argument("--seconds", type=float, default=None, help="training seconds per run")
+    parser.add_argument(
+        "--problem", choices=["antiderivative", "diffusion-reaction"], default="antiderivative"
+    )
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 20.0)
     seeds = (0,) if args.quick else (0, 1, 2)
@@ -121,10 +158,12 @@ def main():
         else {"varpro": (1e-3, 3e-3), "adam": (3e-4, 1e-3, 3e-3, 1e-2)}
     )
     n_train, n_test = (100, 100) if args.quick else (500, 500)
-    train_set = antiderivative_data(n_train, seed=1000)
-    test_set = antiderivative_data(n_test, seed=2000)
+    make = antiderivative_data if args.problem == "antiderivative" else diffusion_reaction_data
+    train_set = make(n_train, seed=1000)
+    test_set = make(n_test, seed=2000)
     data = tuple(tuple(jnp.asarray(a, jnp.float32) for a in d) for d in (train_set, test_set))
-    print(f"antiderivative: {n_train} training and {n_test} test functions, 101 points,")
+    points = train_set[1].shape[0]
+    print(f"{args.problem}: {n_train} training and {n_test} test functions, {points} points,")
     print(f"{seconds:g} s of training per run, seeds {seeds}, {jax.devices()[0].platform}")
     results = {}
     for method, rates in grids.items():
