@@ -27,6 +27,10 @@ from ._least_squares.levenberg_marquardt import (
     VarProLevenbergMarquardt as VarProLevenbergMarquardt,
 )
 from ._model import load_model as load_model, save_model as save_model, VPModel as VPModel
+from ._operator.deeponet import (
+    DeepONetReadout as DeepONetReadout,
+    vploss_deeponet as vploss_deeponet,
+)
 from ._readout_losses.base import (
     AbstractReadoutLoss as AbstractReadoutLoss,
     Curvature as Curvature,
