@@ -93,10 +93,14 @@ def _latent(posterior, features):
 
 
 @pytest.mark.parametrize(
-    "use_bias, offset, k, weighted",
-    [(True, 300.0, 2, False), (True, 0.0, 1, True), (False, 0.0, 1, False)],
+    "use_bias, offset, k, weighted, noise",
+    [
+        (True, 300.0, 2, False, "evidence"),
+        (True, 0.0, 1, True, "residual"),
+        (False, 0.0, 1, False, 0.3),
+        (True, 0.0, 2, True, "evidence"),
+    ],
 )
-@pytest.mark.parametrize("noise", ["evidence", "residual", 0.3])
 def test_ridge_is_bayesian_linear_regression(use_bias, offset, k, weighted, noise):
     model = _model(offset)
     x, rng = _data()
