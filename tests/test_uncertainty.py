@@ -192,6 +192,34 @@ def test_laplace_matches_a_dense_numpy_hessian(name, weighted):
     )
 
 
+def test_prior_alpha2_changes_the_covariance_only():
+    """A separate prior precision (Laplace Redux's post-hoc tuning): the mean is the
+    readout fitted with `alpha2`, the covariance (S(H_data + prior·I))⁻¹ there."""
+    case = LOSS_CASES["bce"]
+    model = _model(offset=5.0)
+    x, rng = _data()
+    features = _features(model, x)
+    y = _labels("bce", rng, 3 * (features - 5.0))
+    alpha2, prior = 1e-2, 0.3
+    posterior = vploss.readout_posterior(
+        model, x, y, loss=vploss.vploss_bce, alpha2=alpha2, prior_alpha2=prior
+    )
+    _, coef = newton_reference(case.reference, features, y[:, None], alpha2)
+    evaluate, (p, k) = inner_objective64(case.reference, features, y[:, None], alpha2)
+    hessian = evaluate(coef)[2] + (prior - alpha2) * np.eye(p * k)
+    covariance = np.linalg.inv(N * hessian)
+    test = _features(model, _data(3, 5)[0])
+    fh = _augmented(test, True)
+    mean, latent_cov = _latent(posterior, test)
+    np.testing.assert_allclose(mean, fh @ coef, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(
+        latent_cov[:, 0, 0], np.einsum("ip,pq,iq->i", fh, covariance, fh), rtol=1e-6
+    )
+    assert float(posterior.alpha2) == alpha2 and float(posterior.prior_alpha2) == prior
+    with pytest.raises(ValueError, match="prior_alpha2"):
+        vploss.readout_posterior(model, x, y, loss=vploss.vploss_bce, alpha2=1.0, prior_alpha2=0.0)
+
+
 def _sigmoid_expectation(mean, variance):
     """E[σ(z)], z ~ N(mean, variance), by 200-point Gauss–Hermite quadrature."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(200)
@@ -449,7 +477,14 @@ def test_errors():
         posterior.predict(jnp.ones(M), method="mc", key=jax.random.PRNGKey(0), num_samples=1)
     custom = eqx.tree_at(lambda p: p.noise, posterior, None)
     custom = vploss.ReadoutPosterior(
-        custom.readout, custom.centre, custom.factor, None, custom.alpha2, custom.count, "none"
+        custom.readout,
+        custom.centre,
+        custom.factor,
+        None,
+        custom.alpha2,
+        custom.prior_alpha2,
+        custom.count,
+        "none",
     )
     with pytest.raises(TypeError, match="latent"):
         custom.predict(jnp.ones(M))

@@ -76,8 +76,10 @@ class ReadoutPosterior(eqx.Module):
     - `factor`: $R$, shape `(p, k, r)`, $p = m + 1$ with a bias.
     - `noise`: for the ridge loss, the noise variance $\sigma_a^2$ of each output,
         shape `(k,)`; `None` for a readout loss.
-    - `alpha2`: the readout penalty the posterior is built at (the evidence or GCV
+    - `alpha2`: the readout penalty the mean was fitted with (the evidence or GCV
         choice when one was asked for).
+    - `prior_alpha2`: the prior precision per sample the covariance is built with
+        (`alpha2` unless `readout_posterior` was given another).
     - `count`: $S$, the number of samples (the total weight with `weights`).
     - `link`: how the outputs map to predictions (static): `"identity"` (the ridge
         loss), `"sigmoid"` (`vploss_bce`), `"softmax"` (`vploss_ce`), `"exp"`
@@ -89,6 +91,7 @@ class ReadoutPosterior(eqx.Module):
     factor: Float[Array, "p k r"]
     noise: Float[Array, " k"] | None
     alpha2: Scalar
+    prior_alpha2: Scalar
     count: Scalar
     link: Link = eqx.field(static=True)
 
@@ -397,6 +400,7 @@ def readout_posterior(
     use_bias: bool = True,
     num_classes: int | None = None,
     noise: str | Real[ArrayLike, "..."] = "evidence",
+    prior_alpha2: Real[ArrayLike, ""] | None = None,
 ) -> ReadoutPosterior:
     r"""The Gaussian posterior over the readout of a trained feature map: the readout
     is fitted by `loss` exactly as in training (its inner solver, its checks), and its
@@ -469,6 +473,13 @@ def readout_posterior(
     - `num_classes`: K, for `vploss_ce` with integer labels.
     - `noise`: ridge only: `"evidence"`, `"residual"`, or the noise variance (a
         scalar, or one per output).
+    - `prior_alpha2`: the prior precision (per sample, `> 0`) of the covariance,
+        $(S\nabla^2_{\rm data}J + S\alpha_{\rm prior}I)^{-1}$ (ridge: $\hat G +
+        \alpha_{\rm prior}I$, and $\gamma$ at it), with the mean still the readout
+        fitted with `alpha2`; default `alpha2` (the Bayesian reading of the loss).
+        This is the post-hoc prior precision of "Laplace Redux", to be tuned on a
+        validation split (or the evidence) when the training penalty's posterior is
+        under- or overconfident.
 
     **Returns:**
 
@@ -497,6 +508,12 @@ def readout_posterior(
             raise ValueError(
                 "`alpha2` must be > 0: the posterior's prior has precision proportional "
                 f"to it, and with 0 it is improper; got {alpha2!r}."
+            )
+    if prior_alpha2 is not None:
+        value = None if isinstance(prior_alpha2, str) else concrete_value(prior_alpha2)
+        if isinstance(prior_alpha2, str) or (value is not None and not value > 0):
+            raise ValueError(
+                f"`prior_alpha2` must be a number > 0 (or None: `alpha2`); got {prior_alpha2!r}."
             )
     if readout_loss is not None and not (isinstance(noise, str) and noise == "evidence"):
         raise ValueError(
@@ -533,10 +550,11 @@ def readout_posterior(
         dtype = features.dtype
         penalty = penalty.astype(dtype)
         weights_ = None if weights_ is None else weights_.astype(dtype)
+        prior = penalty if prior_alpha2 is None else jnp.asarray(prior_alpha2).astype(dtype)
         shift, factor, variance, count = _ridge_posterior(
-            features, targets, readout, penalty, weights_, use_bias, noise_value
+            features, targets, readout, prior, weights_, use_bias, noise_value
         )
-        return ReadoutPosterior(readout, shift, factor, variance, penalty, count, "identity")
+        return ReadoutPosterior(readout, shift, factor, variance, penalty, prior, count, "identity")
 
     objective = ReadoutObjective(readout_loss)
     fit = functools.partial(vploss_glm, readout_loss)
@@ -558,6 +576,9 @@ def readout_posterior(
         penalty = jnp.asarray(alpha2).astype(dtype)
     _, readout = fit(model, x, y, alpha2=penalty, weights=weights, use_bias=use_bias, init=init)
     coef = objective.from_outputs(coefficients_from_readout(readout, use_bias).astype(dtype))
-    args = eqx.tree_at(lambda a: a.alpha2, args, penalty)
+    prior = penalty if prior_alpha2 is None else jnp.asarray(prior_alpha2).astype(dtype)
+    args = eqx.tree_at(lambda a: a.alpha2, args, prior)
     shift, factor = _laplace_factor(objective, coef, args, count)
-    return ReadoutPosterior(readout, shift, factor, None, penalty, count, _link(readout_loss))
+    return ReadoutPosterior(
+        readout, shift, factor, None, penalty, prior, count, _link(readout_loss)
+    )
