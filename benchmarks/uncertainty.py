@@ -241,10 +241,15 @@ def median_table(results):
 
 
 def main():
+    global CE_ALPHA2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, small networks")
     parser.add_argument("--only", choices=("friedman", "digits"), help="run one part")
+    parser.add_argument(
+        "--alpha2", type=float, default=CE_ALPHA2, help="the readout penalty of the digits run"
+    )
     args = parser.parse_args()
+    CE_ALPHA2 = args.alpha2
     seeds = (0, 1, 2)
     f_steps, d_steps, width = (100, 60, 32) if args.quick else (1000, 600, 64)
 
