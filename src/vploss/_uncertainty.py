@@ -450,8 +450,9 @@ def readout_posterior(
     **`alpha2`**: the penalty of training (the posterior is that of the readout the
     loss fits with it), or `"gcv"` (ridge: `vploss_msereg`'s GCV choice), or
     `"evidence"` (readout losses: MacKay's fixed point $\alpha \leftarrow
-    \gamma/(S\|\hat W_\alpha\|_F^2)$ with the data Hessian's eigenvalues, as
-    `refit_readout(..., alpha2="evidence")`, each solve warm-started at the last, in
+    \gamma/(S\|\hat W_\alpha\|_F^2)$ with the data Hessian's eigenvalues (for the
+    softmax those of its Kronecker factorisation, as `WindowedReadout`; exact ones in
+    `refit_readout(..., alpha2="evidence")`), each solve warm-started at the last, in
     a `lax.while_loop`, until one update moves it by under 0.1%, at most 50). The
     penalty used is `posterior.alpha2`.
 
