@@ -1,7 +1,8 @@
 """The GPU check (`benchmarks/gpu_check.py`) runs in its tiny CPU version: every loss's
 float32 accuracy row passes, and every `benchmarks/suite.py` cell is measured; the
-second-order classification benchmark, the least-squares benchmark and the BLAS-threads
-benchmark run in their quick modes."""
+second-order classification benchmark, the least-squares benchmark, the BLAS-threads
+benchmark, the compile-time benchmark and the predictive-uncertainty benchmark run in
+their quick modes."""
 
 import pathlib
 import subprocess
@@ -110,3 +111,17 @@ def test_compile_time_benchmark_runs_quick():
     assert len(rows) == 16, result.stdout
     plain = [cells for cells in rows if "plain" in cells[1]]
     assert len(plain) == 5 and all(cells[3] == "1.00" for cells in plain), result.stdout
+
+
+@pytest.mark.slow
+def test_uncertainty_runs_quick():
+    """The predictive-uncertainty benchmark in its quick mode: both parts run and state
+    their goals."""
+    script = SCRIPT.parent / "uncertainty.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "coverage (%), noise=validation" in result.stdout
+    assert "Laplace, prior tuned (validation), probit" in result.stdout
+    assert result.stdout.count("goal") >= 4

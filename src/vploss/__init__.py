@@ -76,6 +76,10 @@ from ._ridge.residual import (
 from ._stochastic.base import AbstractStochasticReadout as AbstractStochasticReadout
 from ._stochastic.slimtik import SlimTik as SlimTik, SlimTikState as SlimTikState
 from ._stochastic.windowed import WindowedReadout as WindowedReadout, WindowedState as WindowedState
+from ._uncertainty import (
+    readout_posterior as readout_posterior,
+    ReadoutPosterior as ReadoutPosterior,
+)
 
 
 __version__ = importlib.metadata.version("vploss")
