@@ -206,6 +206,7 @@ def test_gradient_in_both_networks_taylor_finite_differences_and_dense_solve():
     assert np.all((ratios > 3.5) & (ratios < 4.5)), ratios
 
 
+@pytest.mark.slow
 def test_readout_implicit_derivative_matches_the_dense_solve():
     """The JVP of the fitted readout's raw coefficients in both networks' parameters
     (the implicit derivative of the envelope mechanism) against `jax.jvp` through the
@@ -284,6 +285,7 @@ def test_float32_within_the_perturbation_bound():
     assert np.linalg.norm(g32 - g64) / np.linalg.norm(g64) < min(bound, 1e-2)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap():
     branch, trunk = networks()
     u, y, targets, wf, wp = data()
@@ -372,6 +374,7 @@ def test_readout_rejects_wrong_feature_shapes():
         readout.predict(jnp.zeros((2, 4)), jnp.zeros(3))
 
 
+@pytest.mark.slow
 def test_second_derivatives_match_the_dense_solve():
     """A Hessian-vector product of the loss (forward over reverse: the envelope rule
     differentiated through the readout's implicit derivative) against the dense solve."""

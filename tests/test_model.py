@@ -143,7 +143,11 @@ def test_errors():
     vploss.save_model(buffer, net)
     saved = buffer.getvalue()
     templates = {
-        "width": (mlp(IN, width=9, features=M), r"array 0 has shape \(8, 3\) .* \(9, 3\)"),
+        "width": (
+            mlp(IN, width=9, features=M),
+            r"array 0 \(`features.layers\[0\].weight` in the template\) has shape \(8, 3\) .* "
+            r"\(9, 3\)",
+        ),
         "features": (mlp(IN, features=M + 1), r"shape \(5, 8\) .* shape \(6, 8\)"),
         "deeper": (mlp(IN, depth=3), "shape"),
         "dtype": (mlp(IN, features=M, dtype=jnp.float32), "dtype float64 .* dtype float32"),
@@ -163,3 +167,33 @@ def test_errors():
         vploss.load_model(io.BytesIO(saved[:-8]), model)
     with pytest.raises(ValueError, match="data after the saved model"):
         vploss.load_model(io.BytesIO(saved + b"extra"), model)
+    with pytest.raises(ValueError, match="header is truncated or corrupt"):
+        vploss.load_model(io.BytesIO(saved[:20]), model)
+
+
+class _KeyedFeatures(eqx.Module):
+    """A feature map that holds a typed PRNG key beside its weights (as a dropout layer
+    or a Flax NNX `Rngs` does)."""
+
+    linear: eqx.nn.Linear
+    key: jax.Array
+
+    def __call__(self, x):
+        return jnp.tanh(self.linear(x))
+
+
+def test_save_load_round_trips_prng_keys():
+    """Equinox's serialisation has no format for typed key arrays: they are saved as
+    their raw data and loaded back as keys of the template's implementation."""
+    model = _KeyedFeatures(eqx.nn.Linear(IN, M, key=jax.random.key(0)), jax.random.key(7))
+    x = jax.random.normal(jax.random.key(1), (20, IN))
+    _, readout = vploss.vploss_msereg(model, x, x[:, 0])
+    buffer = io.BytesIO()
+    vploss.save_model(buffer, vploss.VPModel(model, readout))
+    template = _KeyedFeatures(eqx.nn.Linear(IN, M, key=jax.random.key(2)), jax.random.key(3))
+    loaded = vploss.load_model(io.BytesIO(buffer.getvalue()), template)
+    assert jax.random.key_impl(loaded.features.key) == jax.random.key_impl(model.key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(loaded.features.key), jax.random.key_data(model.key)
+    )
+    np.testing.assert_array_equal(loaded.features.linear.weight, model.linear.weight)

@@ -401,6 +401,7 @@ def test_jit_and_vmap(name):
     np.testing.assert_allclose(jitted[1], eager[0][1], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["msereg", "ce"])
 def test_integer_weights_are_repeated_rows(name):
     case = LOSS_CASES[name]
@@ -426,6 +427,7 @@ def test_integer_weights_are_repeated_rows(name):
         np.testing.assert_allclose(weighted.noise, plain.noise, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_evidence_penalty_is_refit_readouts():
     model = _model()
     x, rng = _data(0, 100)

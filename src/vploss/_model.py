@@ -127,7 +127,7 @@ def save_model(file: str | os.PathLike | io.IOBase, model: Any) -> None:  # chec
         "use_bias": readout.bias is not None,
         "scalar_output": bool(readout.scalar_output),
         "dtype": jnp.dtype(readout.weight.dtype).name,
-        "features": _array_specs(model.features),
+        "features": _array_specs(_keys_as_data(model.features)),
     }
     if isinstance(file, str | os.PathLike):
         with open(file, "wb") as f:
@@ -143,9 +143,40 @@ def _array_specs(tree: Any) -> list[list[Any]]:
     return [[list(jnp.shape(leaf)), jnp.dtype(leaf.dtype).name] for leaf in leaves]
 
 
+def _array_paths(tree: Any) -> list[str]:
+    """The path of every array leaf of `tree` (as `_array_specs` orders them)."""
+    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(tree, eqx.is_array))
+    return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+def _is_key(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _keys_as_data(tree: Any) -> Any:
+    """`tree` with every typed PRNG key array (a Flax NNX `Rngs`, a key held by a
+    dropout layer) replaced by its raw `uint32` data, which Equinox's serialisation
+    stores (it has no format for key arrays)."""
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+
+
+def _keys_from_data(tree: Any, template: Any) -> Any:
+    """The inverse of `_keys_as_data`: the key data in `tree` wrapped again as keys of
+    the implementation of `template`'s keys."""
+    return jax.tree.map(
+        lambda leaf, like: (
+            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like))
+            if _is_key(like)
+            else leaf
+        ),
+        tree,
+        template,
+    )
+
+
 def _write(f: Any, header: dict[str, Any], model: VPModel) -> None:
     f.write(f"{_MAGIC} {json.dumps(header)}\n".encode())
-    eqx.tree_serialise_leaves(f, model)
+    eqx.tree_serialise_leaves(f, _keys_as_data(model))
 
 
 def load_model(file: str | os.PathLike | io.IOBase, features: Callable[..., Any]) -> VPModel:
@@ -194,13 +225,18 @@ def _read(f: Any, features: Callable[..., Any]) -> VPModel:
             f"start with {_MAGIC!r} (a file of `equinox.tree_serialise_leaves` alone "
             "loads with `equinox.tree_deserialise_leaves` and a template)."
         )
-    header = json.loads(header)
+    try:
+        header = json.loads(header)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"The file's header is truncated or corrupt: {error}") from error
     if header.get("version") != _FORMAT_VERSION:
         raise ValueError(
             f"This file is of format version {header.get('version')!r}; this vploss reads "
             f"version {_FORMAT_VERSION}."
         )
-    _check_template(header["features"], _array_specs(features))
+    _check_template(
+        header["features"], _array_specs(_keys_as_data(features)), _array_paths(features)
+    )
     dtype = jnp.dtype(header["dtype"])
     k, m = header["out_features"], header["in_features"]
     readout = VPLinear(
@@ -210,15 +246,15 @@ def _read(f: Any, features: Callable[..., Any]) -> VPModel:
     )
     template = VPModel(features, readout)
     try:
-        model = eqx.tree_deserialise_leaves(f, template)
+        model = eqx.tree_deserialise_leaves(f, _keys_as_data(template))
     except (RuntimeError, ValueError, EOFError) as error:
         raise ValueError(f"The file is truncated or corrupt: {error}") from error
     if f.read(1):
         raise ValueError("The file has data after the saved model: it is corrupt.")
-    return model
+    return _keys_from_data(model, template)
 
 
-def _check_template(saved: list[list[Any]], template: list[list[Any]]) -> None:
+def _check_template(saved: list[list[Any]], template: list[list[Any]], paths: list[str]) -> None:
     advice = (
         "build the feature map with the same architecture as the saved one (the same "
         "code, and the same `jax_enable_x64` setting)."
@@ -227,8 +263,9 @@ def _check_template(saved: list[list[Any]], template: list[list[Any]]) -> None:
         if was != now:
             raise ValueError(
                 f"The saved model does not fit the template `features`: its array {index} "
-                f"has shape {tuple(was[0])} and dtype {was[1]} in the file, shape "
-                f"{tuple(now[0])} and dtype {now[1]} in the template: {advice}"
+                f"(`features{paths[index]}` in the template) has shape {tuple(was[0])} and "
+                f"dtype {was[1]} in the file, shape {tuple(now[0])} and dtype {now[1]} in "
+                f"the template: {advice}"
             )
     if len(saved) != len(template):
         raise ValueError(
