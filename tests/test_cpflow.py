@@ -175,6 +175,7 @@ def test_density_integrates_to_one(model, fitted):
     assert abs(mass - 1) < 1e-2
 
 
+@pytest.mark.slow
 def test_samples(model, fitted):
     _, flow = fitted
     x = eqx.filter_jit(flow.sample)(model, jax.random.PRNGKey(4), 16)
@@ -205,6 +206,7 @@ def test_alpha2_must_be_positive(model, data, alpha2):
         vploss.vploss_cpflow(model, data, alpha2=alpha2)
 
 
+@pytest.mark.slow
 def test_shapes(model, data):
     with pytest.raises(ValueError, match=r"\(N, n\)"):
         vploss.vploss_cpflow(model, data[:, 0], alpha2=ALPHA2)

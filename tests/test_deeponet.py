@@ -245,6 +245,7 @@ def test_readout_implicit_derivative_matches_the_dense_solve():
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_float32_within_the_perturbation_bound():
     """The float32 readout (of float32 features) is within the Wedin bound
     `eps32·(2κ + κ²η)` of the stacked problem `[√w X_c; √alpha2 I]` (times 10, for the

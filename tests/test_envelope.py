@@ -138,6 +138,7 @@ def test_minimiser_carries_the_implicit_derivative():
     np.testing.assert_allclose(fwd_a, jac_a, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_second_derivatives_are_exact():
     """d²L/ds² = d(½‖w*‖²)/ds = ⟨w*, dw*/ds⟩ needs the minimiser's derivative, which the
     rule provides by differentiating itself; checked against finite differences."""

@@ -22,6 +22,7 @@ def _run(script, *args, timeout):
     )
 
 
+@pytest.mark.slow
 def test_readme_example_parses_its_command_line():
     (script,) = [p for p in EXAMPLES if p.stem == "peaks_approximation"]
     result = _run(script, "--help", timeout=120)

@@ -157,6 +157,7 @@ def _readout_of(case, features, y, kwargs):
     return newton_reference(case.reference, features, case.targets(y), alpha2, use_bias=False)[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, jacobian", _loss_cases(default=[("bce", "fixed_readout")]))
 def test_ggn_against_finite_differences(case, jacobian):
     """uᵀGv = (J_Z u)ᵀ H (J_Z v) + alpha2 (J_W u)·(J_W v) + alpha1 uᵀv with J u by central

@@ -17,6 +17,7 @@ def randomised(model, seed):
     return jax.tree.map(lambda p, d: p + 2 * d, model, direction)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
 )

@@ -80,6 +80,7 @@ def test_integer_and_boolean_inputs_in_a_pytree(case):
     np.testing.assert_allclose(grad.table, expected, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_uint8_pixels_and_big_endian_arrays():
     """uint8 pixels through a model that scales them, and NumPy arrays in non-native
     byte order (`x`, `y` and `weights`), give the native float64 result."""
@@ -128,6 +129,7 @@ def tanh_mlp():
 # The ridge and logistic losses have rows in docs/hostile_inputs.md; these add the
 # gradients. The default run keeps one loss read through a class-label parser (every
 # other loss, a new one too, runs with the slow tests).
+@pytest.mark.slow
 @pytest.mark.parametrize("case", cases(default=("ce",)))
 def test_zero_weight_samples_never_reach_the_arithmetic(case):
     """Huge, infinite and NaN inputs and an invalid target in zero-weight samples:

@@ -176,6 +176,7 @@ def test_exponential_fit_matches_the_whole_problem_minimiser(jacobian):
     np.testing.assert_allclose(solution.readout.weight, readout.weight, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["primal", "dual", "cg"])
 def test_damped_system_forms_take_the_same_steps(form):
     model = mlp(in_size=2, width=5, depth=1, features=4)

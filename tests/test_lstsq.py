@@ -117,6 +117,7 @@ def test_loss_matches_a_backward_stable_solve_in_the_same_precision(case, solver
     assert loss <= 1.1 * reference + floor, (loss, reference, floor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=SLOW)])
 @pytest.mark.parametrize("case", ["offset-1e6", "kelvin", "scales-offset-1e3", "pixels"])
 def test_streamed_refit_matches_a_backward_stable_solve(case, dtype):
@@ -129,6 +130,7 @@ def test_streamed_refit_matches_a_backward_stable_solve(case, dtype):
     assert loss <= 1.1 * reference + floor, (loss, reference, floor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["cholesky", "svd"])
 def test_weighted_float32_offset_matches_a_backward_stable_solve(solver):
     """Float32 features around 1e6 with per-sample weights (zeros included): the
@@ -157,6 +159,7 @@ def test_the_issue_line_example_in_float32():
     np.testing.assert_allclose(float(readout.weight[0, 0]), reference[0, 0], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("traced", [False, True])
 def test_alpha2_zero_rank_deficient_kernel_with_a_residual(traced):
     """Two inputs repeated three times with different targets, fewer samples than

@@ -67,7 +67,7 @@ def test_one_structure_whatever_fitted_the_readout():
     "targets, use_bias",
     [("scalar", True), ("vector", True), ("scalar", False), ("classes", True)],
 )
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float64, marks=pytest.mark.slow), jnp.float32])
 def test_save_load_round_trip(targets, use_bias, dtype):
     """Saved and loaded into a freshly initialised template of the same architecture
     (a different key), the model predicts exactly as before, with the same shape (a

@@ -283,6 +283,7 @@ def test_the_check_does_not_need_flax(monkeypatch):
         vploss.vploss_msereg(lambda sample: sample @ jnp.ones((3, 4)), x, y)
 
 
+@pytest.mark.slow
 def test_split_trains_the_parameters_only():
     """`eqx.is_inexact_array` also picks up BatchNorm's running statistics; splitting
     out the `nnx.Param`s (docs/nnx.md) differentiates the parameters alone, with the

@@ -102,6 +102,7 @@ SOLVER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "loss", [pytest.param(loss, id=name) for name, loss in LOSSES.items()] + SOLVER_CASES
 )

@@ -186,6 +186,7 @@ VALUE_AND_GRAD = {
 
 # The quick run keeps the ridge loss: the readout losses' shared checks are in
 # test_readout_losses.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("examples, shapes", EXAMPLES)
 @pytest.mark.parametrize("case", cases(default=("msereg",)))
 def test_loss_properties(case, examples, shapes):

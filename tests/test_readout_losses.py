@@ -212,9 +212,10 @@ def _solver_names(function):
 def test_the_shared_lists_hold_every_loss_and_solver():
     """`LOSS_CASES` holds every public `vploss_*` loss with labels (the flow's has none;
     `vploss_glm` takes a loss object, each case's `loss`), and `READOUT_SOLVERS` and
-    `RIDGE_SOLVERS` every solver name the losses accept."""
+    `RIDGE_SOLVERS` every solver name the losses accept. The DeepONet's loss has two
+    feature maps and its own tests (`test_deeponet.py`)."""
     public = {name for name in dir(vploss) if name.startswith("vploss_")}
-    assert public - {"vploss_cpflow", "vploss_glm"} == {
+    assert public - {"vploss_cpflow", "vploss_glm", "vploss_deeponet"} == {
         case.function.__name__ for case in LOSS_CASES.values()
     }
     for case in READOUT_CASES.values():
@@ -297,6 +298,7 @@ def test_solver_objects_check_their_minimiser():
         vploss.OptimistixMinimiser("bfgs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("function", [vploss.vploss_bce, vploss.vploss_msereg])
 def test_weights_of_any_scale(function):
     """The loss does not depend on the weights' overall scale, and its gradient in them

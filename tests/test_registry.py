@@ -18,8 +18,8 @@ from vploss._ridge.loss import _RIDGE_SOLVERS, as_ridge_solver, RidgeSolverName
 
 
 # The public loss functions that are no readout loss's: the ridge loss, the VarPro loss
-# of any readout loss object and the flow.
-NOT_READOUT_LOSSES = {"vploss_msereg", "vploss_glm", "vploss_cpflow"}
+# of any readout loss object, the flow and the DeepONet's bilinear ridge readout.
+NOT_READOUT_LOSSES = {"vploss_msereg", "vploss_glm", "vploss_cpflow", "vploss_deeponet"}
 
 
 def test_every_public_readout_loss_is_registered():

@@ -62,6 +62,7 @@ def test_loss_and_readout_against_lstsq(solver, k, use_bias):
     np.testing.assert_allclose(pred, ref_pred.reshape(y.shape), rtol=1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_loss_equals_objective_at_readout(solver):
     """The loss is J at the returned readout, with alpha1 over the model's leaves."""
@@ -81,7 +82,6 @@ def test_loss_equals_objective_at_readout(solver):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-10)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver", [pytest.param(s, marks=pytest.mark.slow) for s in ("cholesky", "dual")] + ["svd"]
 )
@@ -162,6 +162,7 @@ def test_rank_deficient_features_give_the_pseudo_inverse(solver):
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_repeated_singular_values_are_finite(solver):
     """Orthonormal features with equal singular values: no NaN in values or gradients."""
@@ -291,6 +292,7 @@ def test_jit_and_vmap_over_problems():
     assert grads.shape == xs.shape and np.all(np.isfinite(grads))
 
 
+@pytest.mark.slow
 def test_traced_alpha2_under_filter_jit():
     model = mlp(IN, features=M)
     x, y = _data()
@@ -477,6 +479,7 @@ def _weighted_value_and_grad(model, x, y, weights, solver, use_bias):
     return eqx.filter_value_and_grad(loss_fn, has_aux=True)(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "solver, use_bias",
     [("svd", False)]
@@ -588,6 +591,7 @@ def test_weight_dtype_errors_without_the_type_checker():
     assert weights is not None and jnp.issubdtype(weights.dtype, jnp.floating)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "weights, match",
     [
@@ -618,6 +622,7 @@ def _weights_gradient_alone(model, x, y, weights):
     return jax.grad(lambda w: vploss_msereg(model, x, y, weights=w)[0])(weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RIDGE_SOLVERS)
 def test_solver_objects_equal_their_strings(name):
     solver = RIDGE_SOLVERS[name]()

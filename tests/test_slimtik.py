@@ -78,6 +78,7 @@ def test_update_solves_the_windowed_problem(memory, alpha2):
     assert int(history[-1][2].step) == len(batches)
 
 
+@pytest.mark.slow
 def test_full_memory_is_the_ridge_readout_of_all_batches():
     """With a memory holding every batch and a fixed penalty increment alpha2, slimTik is
     recursive least squares: the readout of `vploss_msereg` on the union of the batches

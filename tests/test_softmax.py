@@ -173,6 +173,7 @@ def test_validation_loss_through_the_readout_large():
     assert abs(fd - ad) <= 1e-6 * abs(ad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_concrete_array_hyperparameters_under_jit(dtype):
     """Concrete `jnp` scalars closed over inside a jitted function (they stay concrete there,

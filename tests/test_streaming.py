@@ -234,6 +234,7 @@ def test_weighted_ridge_triples_equal_one_shot():
     _assert_same_readout(streamed, one_shot, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["gcv", "sgcv"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("use_bias", [True, False])

@@ -322,6 +322,7 @@ def _condition(posterior):
     return (singular[0] / singular[-1]) ** 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, offset", [("msereg", 100.0), ("ce", 10.0)])
 def test_float32_within_the_derived_tolerance(name, offset):
     r"""The float32 posterior (features with a common offset) against the float64 one,

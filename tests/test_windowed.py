@@ -84,6 +84,7 @@ def _fixed_point_residual(x, y, alpha):
     return np.log(alpha * x.shape[0] * np.sum(coef**2) / gamma)
 
 
+@pytest.mark.slow
 def test_evidence_penalty_converges_to_mackays_fixed_point():
     """Updates on one repeated batch (no memory) converge to the penalty solving
     alpha = γ/(N‖Ŵ_alpha‖²), found here by bisection on log alpha with NumPy solves."""
