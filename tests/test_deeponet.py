@@ -117,6 +117,7 @@ def test_readout_and_loss_match_the_dense_normal_equations(weighted, bias):
     assert readout(jnp.asarray(b[2]), jnp.asarray(t[4])) == pytest.approx(prediction[2, 4])
 
 
+@pytest.mark.slow
 def test_feature_offsets_change_nothing():
     """Offsets of 1e2 on every branch and trunk feature: the loss and the predictions are
     those of the unshifted features to float64 rounding (the penalty is on the centred

@@ -108,6 +108,7 @@ def test_errors_are_those_of_the_loss():
         vpresidual_msereg(model, x, y, alpha2=-1.0)
 
 
+@pytest.mark.slow
 def test_gcv_penalty():
     """With `alpha2="gcv"`, the residual uses the penalty GCV chose (in the stats)."""
     model = mlp(IN, features=M)

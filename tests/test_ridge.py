@@ -41,7 +41,7 @@ def _data(n=N, k=None, seed=0, dtype=jnp.float64):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("k", [None, 3])
-@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("use_bias", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_loss_and_readout_against_lstsq(solver, k, use_bias):
     model = mlp(IN, features=M)
     x, y = _data(k=k)
@@ -222,7 +222,9 @@ def float32_problem():
     return (m32, x32, y32), np.asarray(coef64), grad64, bound, condition, evaluation
 
 
-@pytest.mark.parametrize("solver", ["auto", "cholesky", "svd"])
+@pytest.mark.parametrize(
+    "solver", [pytest.param("auto", marks=pytest.mark.slow), "cholesky", "svd"]
+)
 def test_float32_matches_float64(solver, float32_problem):
     """Float32 is as accurate as the problem's conditioning allows, on any CPU: the
     readout within the least-squares perturbation bound `ridge_float32_error_bound`

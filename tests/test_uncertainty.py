@@ -494,6 +494,7 @@ def test_errors():
     assert custom.latent(jnp.ones(M))[1].shape == (1, 1)
 
 
+@pytest.mark.slow
 def test_float32_model_gives_a_float32_posterior():
     model = _model(dtype=jnp.float32)
     x, rng = _data()

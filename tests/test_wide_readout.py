@@ -281,6 +281,7 @@ def test_second_derivative_against_central_differences():
     np.testing.assert_allclose(second, fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_warm_start_from_another_batch():
     """A warm start fitted on other features has components outside these features'
     span, where the Hessian is alpha2·I: the kernel form solves them exactly too, and a
