@@ -36,7 +36,7 @@ from ._core.readout import readout_from_coefficients, VPLinear
 from ._core.stats import InnerStats, RESULTS, solve_result
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss, Labels
-from ._readout_losses.evidence import evidence_update
+from ._readout_losses.evidence import EVIDENCE_RTOL, EVIDENCE_STEPS, evidence_update
 from ._readout_losses.loss import as_readout_init
 from ._readout_losses.objective import (
     gradient_scale,
@@ -309,12 +309,6 @@ class _NewtonResult(eqx.Module):
     found: bool = eqx.field(static=True)
 
 
-#: The evidence fixed point stops once one update changes the penalty by less than this
-#: relative amount, or after `_EVIDENCE_STEPS` updates.
-_EVIDENCE_RTOL = 1e-3
-_EVIDENCE_STEPS = 50
-
-
 def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes, init, throw):
     what = loss.name
     if iter(batches) is batches:
@@ -400,11 +394,11 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
         curvature = np.asarray(evaluation.curvature).reshape(size, size)
         penalty = max(0.01 * float(np.trace(curvature)) / size, float(jnp.finfo(dtype).tiny))
         penalty = np.asarray(penalty, dtype)
-        for _ in range(_EVIDENCE_STEPS):
+        for _ in range(EVIDENCE_STEPS):
             solve = newton(coef, evaluation, penalty, 1)
             coef, evaluation = solve.coef, solve.evaluation
             new_penalty, _ = _evidence_update(evaluation.curvature, coef, penalty, evaluation.total)
-            settled = abs(float(new_penalty) / float(penalty) - 1) <= _EVIDENCE_RTOL
+            settled = abs(float(new_penalty) / float(penalty) - 1) <= EVIDENCE_RTOL
             penalty = new_penalty
             if settled:
                 break
@@ -412,7 +406,7 @@ def _refit_readout_loss(model, batches, loss, alpha2, use_bias, gtol, max_passes
             if throw:
                 raise RuntimeError(
                     f"`refit_readout` for {what}: the evidence fixed point did not settle "
-                    f"within {_EVIDENCE_STEPS} updates (last penalty {float(penalty):.3e}). "
+                    f"within {EVIDENCE_STEPS} updates (last penalty {float(penalty):.3e}). "
                     "Pass a number `alpha2`, or `throw=False` and inspect `readout.stats`."
                 )
             settled = False

@@ -26,7 +26,12 @@ from ._core.numerics import column_mean, matmul, normalised_weights
 from ._core.readout import coefficients_from_readout, VPLinear
 from ._loss_family import loss_family
 from ._readout_losses.base import AbstractReadoutLoss
-from ._readout_losses.evidence import data_hessian_eigenvalues, evidence_penalty
+from ._readout_losses.evidence import (
+    data_hessian_eigenvalues,
+    evidence_penalty,
+    EVIDENCE_RTOL,
+    EVIDENCE_STEPS,
+)
 from ._readout_losses.logistic import SigmoidBinaryCrossEntropy
 from ._readout_losses.loss import vploss_glm
 from ._readout_losses.objective import ReadoutArgs, ReadoutObjective
@@ -39,11 +44,6 @@ from ._ridge.lstsq import centred_problem
 Link: TypeAlias = Literal["identity", "sigmoid", "softmax", "exp", "none"]
 PredictiveMethod: TypeAlias = Literal["auto", "probit", "bridge", "mc"]
 
-#: The evidence fixed point of a readout loss's penalty stops once one update changes it
-#: by less than this relative amount, or after `_EVIDENCE_STEPS` updates (as
-#: `refit_readout(..., alpha2="evidence")`).
-_EVIDENCE_RTOL = 1e-3
-_EVIDENCE_STEPS = 50
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -378,7 +378,7 @@ def _evidence_fit(fit, objective, model, x, y, args, weights, use_bias, count):
 
     def cond(state):
         step, alpha2, previous, _ = state
-        return (step < _EVIDENCE_STEPS) & (jnp.abs(alpha2 / previous - 1) > _EVIDENCE_RTOL)
+        return (step < EVIDENCE_STEPS) & (jnp.abs(alpha2 / previous - 1) > EVIDENCE_RTOL)
 
     def body(state):
         step, alpha2, _, readout = state

@@ -7,6 +7,13 @@ from jaxtyping import Array, ArrayLike, Float, Scalar
 from .objective import class_grams, ReadoutArgs, ReadoutObjective, weighted_gram
 
 
+#: MacKay's fixed point of the penalty (`refit_readout` and `readout_posterior` with
+#: `alpha2="evidence"`) stops once one update changes the penalty by less than this
+#: relative amount, or after `EVIDENCE_STEPS` updates.
+EVIDENCE_RTOL = 1e-3
+EVIDENCE_STEPS = 50
+
+
 def data_hessian_eigenvalues(
     objective: ReadoutObjective, coef: Float[Array, "p k"], args: ReadoutArgs
 ) -> Float[Array, " q"]:
